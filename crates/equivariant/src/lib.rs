@@ -2,3 +2,17 @@
 //!
 //! SO(3)-equivariant building blocks for EquiformerV2 (eSCN-style SO(2) convolutions) as candle
 //! operations with gradients. (Being built: see the equivariant issue.)
+
+pub mod activation;
+pub mod error;
+pub mod frames;
+pub mod mapping;
+pub mod norms;
+pub mod radial;
+pub mod s2grid;
+pub mod segment;
+pub mod sh;
+pub mod so2;
+#[cfg(test)]
+pub(crate) mod testing;
+pub mod wigner;

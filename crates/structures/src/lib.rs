@@ -27,6 +27,7 @@ pub mod elements;
 pub mod emt;
 pub mod extxyz;
 pub mod generate;
+pub mod io;
 pub mod neighbors;
 pub mod pymatgen;
 pub mod structure;

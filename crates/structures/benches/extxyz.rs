@@ -1,0 +1,3 @@
+//! Benchmark (not yet written).
+
+fn main() {}
