@@ -1,1 +1,782 @@
-//! (not yet implemented)
+//! Equivariant normalisations and the degree-wise linear layer of EquiformerV2 (fairchem 1.x
+//! `equiformer_v2/layer_norm.py` and `so3.py`).
+//!
+//! All layers act on node embeddings `x[N, (lmax + 1)², C]` (l-major, component `(l, m)` at
+//! row `l² + m + l`) and are exactly SO(3)-equivariant: they only use rotation-invariant
+//! statistics (sums of squares over whole degrees) and act identically on the `2l + 1`
+//! components of a degree. Parameters are named like fairchem's state dict.
+//!
+//! * [`EquivariantLayerNormArray`] (`norm_type = "layer_norm"`): every degree separately. For
+//!   `l = 0` the channel mean is removed first; then `x_l / √(mean_c ‖x_l‖² + eps)` where `‖·‖²`
+//!   is the mean (`component`) or the sum (`norm`) over the `2l + 1` components; affine
+//!   `affine_weight [lmax+1, C]`, `affine_bias [C]` on `l = 0` only.
+//! * [`EquivariantLayerNormArraySphericalHarmonics`] (`"layer_norm_sh"`, EquiformerV2's
+//!   default): `l = 0` by a standard LayerNorm over the channels (`norm_l0.weight/bias`); all
+//!   `l > 0` share one scale `1 / √(mean_c σ² + eps)` with, for `component` normalisation and
+//!   `std_balance_degrees` (the default), `σ² = (1/lmax) Σ_{l≥1} (1/(2l+1)) Σ_m x_lm²` (each degree
+//!   weighs the same), otherwise the mean (`component`) or sum (`norm`) over all `l > 0` rows;
+//!   affine `affine_weight [lmax, C]` per degree `l ≥ 1` and channel, no bias.
+//! * [`EquivariantRmsNormArraySphericalHarmonicsV2`] (`"rms_norm_sh"`): one scale for all
+//!   degrees, `1 / √(mean_c σ² + eps)` with `σ² = (1/(lmax+1)) Σ_{l≥0} (1/(2l+1)) Σ_m x_lm²`
+//!   (balanced) or the plain mean/sum; with `centering` (default) the channel mean of the
+//!   `l = 0` row is removed first and `affine_bias [C]` is added to it afterwards;
+//!   `affine_weight [lmax+1, C]`.
+//! * [`So3LinearV2`]: fairchem `SO3_LinearV2`, `y[n, (l, m), o] = Σ_i W[l, o, i] x[n, (l, m), i]`
+//!   (+ `bias[o]` on `l = 0` only), weight `[lmax + 1, C_out, C_in]` initialised
+//!   `U(−1/√C_in, 1/√C_in)`, bias zeros.
+//! * [`LayerNorm`]: a plain LayerNorm over the last dimension built from differentiable ops
+//!   (candle-nn's `LayerNorm` takes a fused path without a backward for contiguous inputs).
+//!
+//! These run on nodes, not edges, so they are compositions of candle ops (differentiable to
+//! any order) rather than custom kernels.
+//!
+//! # Example
+//!
+//! ```
+//! use candle_core::{DType, Device, Tensor};
+//! use candle_nn::{VarBuilder, VarMap};
+//! use matscale_equivariant::norms::{EquivariantNorm, NormConfig, NormType, So3LinearV2};
+//!
+//! # fn main() -> matscale_equivariant::error::Result<()> {
+//! let varmap = VarMap::new();
+//! let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+//! let (lmax, channels) = (4, 8);
+//! let norm = EquivariantNorm::new(NormType::LayerNormSh, lmax, channels, NormConfig::default(), vb.pp("norm"))?;
+//! let linear = So3LinearV2::new(channels, 16, lmax, vb.pp("linear"))?;
+//! let x = Tensor::randn(0f32, 1.0, (10, 25, channels), &Device::Cpu)?;
+//! let y = linear.forward(&norm.forward(&x)?)?;
+//! assert_eq!(y.dims(), &[10, 25, 16]);
+//! # Ok(())
+//! # }
+//! ```
+
+use candle_core::{DType, Tensor, D};
+use candle_nn::{Init, VarBuilder};
+
+use crate::activation::check_float;
+use crate::error::{EquivariantError, Result};
+
+/// How the squared size of a degree is measured (fairchem's `normalization` argument).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FeatureNormalization {
+    /// Mean over the components (`'component'`, the default).
+    #[default]
+    Component,
+    /// Sum over the components (`'norm'`).
+    Norm,
+}
+
+/// Options shared by the equivariant norms (fairchem's constructor arguments and defaults).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NormConfig {
+    /// Added to the mean square before the inverse square root (default 1e-5).
+    pub eps: f64,
+    /// Whether the norm has learnable affine parameters (default true).
+    pub affine: bool,
+    /// `component` (default) or `norm`.
+    pub normalization: FeatureNormalization,
+    /// Weigh every degree equally in the shared statistic (`layer_norm_sh`, `rms_norm_sh`;
+    /// default true, as `get_normalization_layer` leaves it).
+    pub std_balance_degrees: bool,
+    /// `rms_norm_sh` only: remove the channel mean of the `l = 0` row and learn a bias for it
+    /// (default true).
+    pub centering: bool,
+}
+
+impl Default for NormConfig {
+    fn default() -> Self {
+        Self {
+            eps: 1e-5,
+            affine: true,
+            normalization: FeatureNormalization::Component,
+            std_balance_degrees: true,
+            centering: true,
+        }
+    }
+}
+
+/// Which normalisation (fairchem `norm_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NormType {
+    /// `"layer_norm"`: [`EquivariantLayerNormArray`].
+    LayerNorm,
+    /// `"layer_norm_sh"`: [`EquivariantLayerNormArraySphericalHarmonics`].
+    LayerNormSh,
+    /// `"rms_norm_sh"`: [`EquivariantRmsNormArraySphericalHarmonicsV2`].
+    RmsNormSh,
+}
+
+impl std::str::FromStr for NormType {
+    type Err = EquivariantError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "layer_norm" => Ok(Self::LayerNorm),
+            "layer_norm_sh" => Ok(Self::LayerNormSh),
+            "rms_norm_sh" => Ok(Self::RmsNormSh),
+            other => Err(EquivariantError::InvalidArgument {
+                name: "norm_type",
+                reason: format!("`{other}` is not one of layer_norm, layer_norm_sh, rms_norm_sh"),
+            }),
+        }
+    }
+}
+
+/// Checks `x` is `[N, (lmax+1)², C]` and returns `N`.
+fn check_embedding(x: &Tensor, lmax: usize, channels: usize) -> Result<usize> {
+    check_float(x, "x")?;
+    let k = (lmax + 1) * (lmax + 1);
+    match x.dims() {
+        &[n, kk, c] if kk == k && c == channels => Ok(n),
+        dims => Err(EquivariantError::ShapeMismatch {
+            arg: "x",
+            expected: format!("[N, {k}, {channels}]"),
+            found: dims.to_vec(),
+        }),
+    }
+}
+
+/// Degree of every l-major row `0..(lmax+1)²`.
+fn degree_of_rows(lmax: usize) -> Vec<u32> {
+    (0..=lmax)
+        .flat_map(|l| std::iter::repeat(l as u32).take(2 * l + 1))
+        .collect()
+}
+
+/// Per-row weights `[1, rows, 1]` for the balanced mean square: `1 / ((2l+1) · num_degrees)`.
+fn balance_weights(
+    lmin: usize,
+    lmax: usize,
+    dtype: DType,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    let degrees = (lmax + 1 - lmin) as f64;
+    let w: Vec<f64> = (lmin..=lmax)
+        .flat_map(|l| std::iter::repeat(1.0 / ((2 * l + 1) as f64 * degrees)).take(2 * l + 1))
+        .collect();
+    Ok(Tensor::from_vec(w.clone(), (1, w.len(), 1), device)?.to_dtype(dtype)?)
+}
+
+/// `[N, rows, C]` → `[N, 1, C]` mean square of the rows under the chosen normalisation.
+fn squared_size(
+    feature: &Tensor,
+    lmin: usize,
+    lmax: usize,
+    normalization: FeatureNormalization,
+    balanced: bool,
+) -> Result<Tensor> {
+    let sq = feature.sqr()?;
+    Ok(match (normalization, balanced) {
+        (FeatureNormalization::Norm, _) => sq.sum_keepdim(1)?,
+        (FeatureNormalization::Component, false) => sq.mean_keepdim(1)?,
+        (FeatureNormalization::Component, true) => {
+            let w = balance_weights(lmin, lmax, feature.dtype(), feature.device())?;
+            sq.broadcast_mul(&w)?.sum_keepdim(1)?
+        }
+    })
+}
+
+/// `[N, 1, C]` → `[N, 1, 1]` factor `1 / √(mean_c(size) + eps)`.
+fn inverse_rms(size: &Tensor, eps: f64) -> Result<Tensor> {
+    Ok((size.mean_keepdim(2)? + eps)?.sqrt()?.recip()?)
+}
+
+/// A LayerNorm over the last dimension (`weight`, `bias` of size `C`), differentiable.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    /// `weight` (init 1) and `bias` (init 0) of size `size` from `vb`.
+    pub fn new(size: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get_with_hints(size, "weight", Init::Const(1.0))?,
+            bias: vb.get_with_hints(size, "bias", Init::Const(0.0))?,
+            eps,
+        })
+    }
+
+    /// `(x − mean) / √(var + eps) · weight + bias` over the last dimension (biased variance).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centred.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        Ok(normed
+            .broadcast_mul(&self.weight)?
+            .broadcast_add(&self.bias)?)
+    }
+}
+
+/// fairchem `EquivariantLayerNormArray` (`"layer_norm"`); see the [module docs](self).
+#[derive(Debug, Clone)]
+pub struct EquivariantLayerNormArray {
+    lmax: usize,
+    channels: usize,
+    config: NormConfig,
+    /// `[lmax + 1, C]`
+    weight: Option<Tensor>,
+    /// `[C]`
+    bias: Option<Tensor>,
+}
+
+impl EquivariantLayerNormArray {
+    /// Parameters `affine_weight [lmax+1, C]` (ones) and `affine_bias [C]` (zeros) if affine.
+    pub fn new(lmax: usize, channels: usize, config: NormConfig, vb: VarBuilder) -> Result<Self> {
+        let (weight, bias) = if config.affine {
+            (
+                Some(vb.get_with_hints((lmax + 1, channels), "affine_weight", Init::Const(1.0))?),
+                Some(vb.get_with_hints(channels, "affine_bias", Init::Const(0.0))?),
+            )
+        } else {
+            (None, None)
+        };
+        Ok(Self {
+            lmax,
+            channels,
+            config,
+            weight,
+            bias,
+        })
+    }
+
+    /// `[N, (lmax+1)², C]` → same shape.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        check_embedding(x, self.lmax, self.channels)?;
+        let mut out = Vec::with_capacity(self.lmax + 1);
+        for l in 0..=self.lmax {
+            let mut feature = x.narrow(1, l * l, 2 * l + 1)?;
+            if l == 0 {
+                feature = feature.broadcast_sub(&feature.mean_keepdim(2)?)?;
+            }
+            let size = squared_size(&feature, l, l, self.config.normalization, false)?;
+            let mut scale = inverse_rms(&size, self.config.eps)?;
+            if let Some(w) = &self.weight {
+                scale = scale.broadcast_mul(&w.narrow(0, l, 1)?.unsqueeze(0)?)?;
+            }
+            let mut feature = feature.broadcast_mul(&scale)?;
+            if let (0, Some(b)) = (l, &self.bias) {
+                feature = feature.broadcast_add(b)?;
+            }
+            out.push(feature);
+        }
+        Ok(Tensor::cat(&out, 1)?)
+    }
+}
+
+/// fairchem `EquivariantLayerNormArraySphericalHarmonics` (`"layer_norm_sh"`); see the
+/// [module docs](self).
+#[derive(Debug, Clone)]
+pub struct EquivariantLayerNormArraySphericalHarmonics {
+    lmax: usize,
+    channels: usize,
+    config: NormConfig,
+    norm_l0: LayerNormL0,
+    /// `[lmax, C]`
+    weight: Option<Tensor>,
+}
+
+#[derive(Debug, Clone)]
+enum LayerNormL0 {
+    Affine(LayerNorm),
+    Plain(f64),
+}
+
+impl EquivariantLayerNormArraySphericalHarmonics {
+    /// Parameters `norm_l0.weight/bias [C]` and `affine_weight [lmax, C]` if affine.
+    pub fn new(lmax: usize, channels: usize, config: NormConfig, vb: VarBuilder) -> Result<Self> {
+        let (norm_l0, weight) = if config.affine {
+            (
+                LayerNormL0::Affine(LayerNorm::new(channels, config.eps, vb.pp("norm_l0"))?),
+                if lmax > 0 {
+                    Some(vb.get_with_hints((lmax, channels), "affine_weight", Init::Const(1.0))?)
+                } else {
+                    None
+                },
+            )
+        } else {
+            (LayerNormL0::Plain(config.eps), None)
+        };
+        Ok(Self {
+            lmax,
+            channels,
+            config,
+            norm_l0,
+            weight,
+        })
+    }
+
+    /// `[N, (lmax+1)², C]` → same shape.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        check_embedding(x, self.lmax, self.channels)?;
+        let l0 = x.narrow(1, 0, 1)?;
+        let l0 = match &self.norm_l0 {
+            LayerNormL0::Affine(ln) => ln.forward(&l0)?,
+            LayerNormL0::Plain(eps) => {
+                let c = l0.broadcast_sub(&l0.mean_keepdim(2)?)?;
+                c.broadcast_div(&(c.sqr()?.mean_keepdim(2)? + *eps)?.sqrt()?)?
+            }
+        };
+        if self.lmax == 0 {
+            return Ok(l0);
+        }
+        let k = (self.lmax + 1) * (self.lmax + 1);
+        let rest = x.narrow(1, 1, k - 1)?;
+        let balanced = self.config.std_balance_degrees
+            && self.config.normalization == FeatureNormalization::Component;
+        let size = squared_size(&rest, 1, self.lmax, self.config.normalization, balanced)?;
+        let mut scale = inverse_rms(&size, self.config.eps)?; // [N, 1, 1]
+        if let Some(w) = &self.weight {
+            // per-row weights [1, k-1, C] from the per-degree [lmax, C]
+            let rows: Vec<u32> = degree_of_rows(self.lmax)[1..]
+                .iter()
+                .map(|l| l - 1)
+                .collect();
+            let index = Tensor::from_vec(rows, k - 1, x.device())?;
+            scale = scale.broadcast_mul(&w.index_select(&index, 0)?.unsqueeze(0)?)?;
+        }
+        let rest = rest.broadcast_mul(&scale)?;
+        Ok(Tensor::cat(&[&l0, &rest], 1)?)
+    }
+}
+
+/// fairchem `EquivariantRMSNormArraySphericalHarmonicsV2` (`"rms_norm_sh"`); see the
+/// [module docs](self).
+#[derive(Debug, Clone)]
+pub struct EquivariantRmsNormArraySphericalHarmonicsV2 {
+    lmax: usize,
+    channels: usize,
+    config: NormConfig,
+    /// `[lmax + 1, C]`
+    weight: Option<Tensor>,
+    /// `[C]`, only with `affine` and `centering`.
+    bias: Option<Tensor>,
+}
+
+impl EquivariantRmsNormArraySphericalHarmonicsV2 {
+    /// Parameters `affine_weight [lmax+1, C]` if affine, `affine_bias [C]` if also centering.
+    ///
+    /// # Errors
+    /// `normalization = Norm` together with `std_balance_degrees` (fairchem asserts against it).
+    pub fn new(lmax: usize, channels: usize, config: NormConfig, vb: VarBuilder) -> Result<Self> {
+        if config.normalization == FeatureNormalization::Norm && config.std_balance_degrees {
+            return Err(EquivariantError::InvalidArgument {
+                name: "std_balance_degrees",
+                reason: "rms_norm_sh with `norm` normalisation needs std_balance_degrees = false"
+                    .into(),
+            });
+        }
+        let weight = if config.affine {
+            Some(vb.get_with_hints((lmax + 1, channels), "affine_weight", Init::Const(1.0))?)
+        } else {
+            None
+        };
+        let bias = if config.affine && config.centering {
+            Some(vb.get_with_hints(channels, "affine_bias", Init::Const(0.0))?)
+        } else {
+            None
+        };
+        Ok(Self {
+            lmax,
+            channels,
+            config,
+            weight,
+            bias,
+        })
+    }
+
+    /// `[N, (lmax+1)², C]` → same shape.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        check_embedding(x, self.lmax, self.channels)?;
+        let k = (self.lmax + 1) * (self.lmax + 1);
+        let feature = if self.config.centering {
+            let l0 = x.narrow(1, 0, 1)?;
+            let l0 = l0.broadcast_sub(&l0.mean_keepdim(2)?)?;
+            if k > 1 {
+                Tensor::cat(&[&l0, &x.narrow(1, 1, k - 1)?], 1)?
+            } else {
+                l0
+            }
+        } else {
+            x.clone()
+        };
+        let balanced = self.config.std_balance_degrees
+            && self.config.normalization == FeatureNormalization::Component;
+        let size = squared_size(&feature, 0, self.lmax, self.config.normalization, balanced)?;
+        let mut scale = inverse_rms(&size, self.config.eps)?;
+        if let Some(w) = &self.weight {
+            let index = Tensor::from_vec(degree_of_rows(self.lmax), k, x.device())?;
+            scale = scale.broadcast_mul(&w.index_select(&index, 0)?.unsqueeze(0)?)?;
+        }
+        let out = feature.broadcast_mul(&scale)?;
+        match &self.bias {
+            Some(b) if k > 1 => {
+                let l0 = out.narrow(1, 0, 1)?.broadcast_add(b)?;
+                Ok(Tensor::cat(&[&l0, &out.narrow(1, 1, k - 1)?], 1)?)
+            }
+            Some(b) => Ok(out.broadcast_add(b)?),
+            None => Ok(out),
+        }
+    }
+}
+
+/// Any of the three normalisations, chosen by [`NormType`] (fairchem `get_normalization_layer`).
+#[derive(Debug, Clone)]
+pub enum EquivariantNorm {
+    /// `"layer_norm"`.
+    LayerNorm(EquivariantLayerNormArray),
+    /// `"layer_norm_sh"`.
+    LayerNormSh(EquivariantLayerNormArraySphericalHarmonics),
+    /// `"rms_norm_sh"`.
+    RmsNormSh(EquivariantRmsNormArraySphericalHarmonicsV2),
+}
+
+impl EquivariantNorm {
+    /// Builds the normalisation `norm_type` for degrees `0..=lmax` and `channels` channels.
+    pub fn new(
+        norm_type: NormType,
+        lmax: usize,
+        channels: usize,
+        config: NormConfig,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        Ok(match norm_type {
+            NormType::LayerNorm => {
+                Self::LayerNorm(EquivariantLayerNormArray::new(lmax, channels, config, vb)?)
+            }
+            NormType::LayerNormSh => Self::LayerNormSh(
+                EquivariantLayerNormArraySphericalHarmonics::new(lmax, channels, config, vb)?,
+            ),
+            NormType::RmsNormSh => Self::RmsNormSh(
+                EquivariantRmsNormArraySphericalHarmonicsV2::new(lmax, channels, config, vb)?,
+            ),
+        })
+    }
+
+    /// `[N, (lmax+1)², C]` → same shape.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::LayerNorm(n) => n.forward(x),
+            Self::LayerNormSh(n) => n.forward(x),
+            Self::RmsNormSh(n) => n.forward(x),
+        }
+    }
+}
+
+/// fairchem `SO3_LinearV2`: one `C_in → C_out` matrix per degree, bias on `l = 0` only.
+#[derive(Debug, Clone)]
+pub struct So3LinearV2 {
+    lmax: usize,
+    in_features: usize,
+    out_features: usize,
+    /// `[lmax + 1, C_out, C_in]`
+    weight: Tensor,
+    /// `[C_out]`
+    bias: Tensor,
+}
+
+impl So3LinearV2 {
+    /// Parameters `weight [lmax+1, C_out, C_in]` (`U(±1/√C_in)`) and `bias [C_out]` (zeros).
+    pub fn new(
+        in_features: usize,
+        out_features: usize,
+        lmax: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        if in_features == 0 || out_features == 0 {
+            return Err(EquivariantError::InvalidArgument {
+                name: "in_features",
+                reason: format!(
+                    "feature sizes must be positive, got {in_features} → {out_features}"
+                ),
+            });
+        }
+        let bound = 1.0 / (in_features as f64).sqrt();
+        let weight = vb.get_with_hints(
+            (lmax + 1, out_features, in_features),
+            "weight",
+            Init::Uniform {
+                lo: -bound,
+                up: bound,
+            },
+        )?;
+        let bias = vb.get_with_hints(out_features, "bias", Init::Const(0.0))?;
+        Ok(Self {
+            lmax,
+            in_features,
+            out_features,
+            weight,
+            bias,
+        })
+    }
+
+    /// Builds the layer from given tensors (`weight [lmax+1, C_out, C_in]`, `bias [C_out]`).
+    pub fn from_tensors(weight: Tensor, bias: Tensor) -> Result<Self> {
+        let (l1, out_features, in_features) =
+            weight
+                .dims3()
+                .map_err(|_| EquivariantError::ShapeMismatch {
+                    arg: "weight",
+                    expected: "[lmax + 1, C_out, C_in]".into(),
+                    found: weight.dims().to_vec(),
+                })?;
+        if l1 == 0 || bias.dims() != [out_features] {
+            return Err(EquivariantError::ShapeMismatch {
+                arg: "bias",
+                expected: format!("[{out_features}] with lmax + 1 ≥ 1"),
+                found: bias.dims().to_vec(),
+            });
+        }
+        Ok(Self {
+            lmax: l1 - 1,
+            in_features,
+            out_features,
+            weight,
+            bias,
+        })
+    }
+
+    /// `[N, (lmax+1)², C_in]` → `[N, (lmax+1)², C_out]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let n = check_embedding(x, self.lmax, self.in_features)?;
+        let mut out = Vec::with_capacity(self.lmax + 1);
+        for l in 0..=self.lmax {
+            let rows = 2 * l + 1;
+            let xl = x
+                .narrow(1, l * l, rows)?
+                .contiguous()?
+                .reshape((n * rows, self.in_features))?;
+            let wl = self.weight.get(l)?; // [C_out, C_in]
+            let mut yl = xl.matmul(&wl.t()?)?;
+            if l == 0 {
+                yl = yl.broadcast_add(&self.bias)?;
+            }
+            out.push(yl.reshape((n, rows, self.out_features))?);
+        }
+        Ok(Tensor::cat(&out, 1)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{assert_close, check_gradient, random_rotation, random_tensor, Fixture};
+    use crate::wigner::wigner_d;
+    use candle_core::Device;
+    use candle_nn::VarMap;
+
+    fn to_c(e: EquivariantError) -> candle_core::Error {
+        candle_core::Error::Msg(e.to_string())
+    }
+
+    /// Dense block-diagonal D(R) for degrees 0..=lmax, `[(lmax+1)², (lmax+1)²]`.
+    fn dense_wigner(lmax: usize, seed: u64) -> Tensor {
+        let r = random_rotation(seed);
+        let k = (lmax + 1) * (lmax + 1);
+        let mut d = vec![0.0; k * k];
+        for l in 0..=lmax {
+            let block = wigner_d(l, &r).expect("wigner");
+            let (o, w) = (l * l, 2 * l + 1);
+            for i in 0..w {
+                for j in 0..w {
+                    d[(o + i) * k + o + j] = block[i * w + j];
+                }
+            }
+        }
+        Tensor::from_vec(d, (k, k), &Device::Cpu).expect("tensor")
+    }
+
+    /// `D x` for `x [N, K, C]`.
+    fn rotate(d: &Tensor, x: &Tensor) -> Tensor {
+        let n = x.dim(0).expect("dims");
+        d.unsqueeze(0)
+            .and_then(|d| d.broadcast_as((n, d.dim(1)?, d.dim(2)?)))
+            .and_then(|d| d.contiguous())
+            .and_then(|d| d.matmul(x))
+            .expect("rotate")
+    }
+
+    /// Random (non-trivial) parameters for every layer of `varmap`.
+    fn randomise(varmap: &VarMap, seed: u64) {
+        let data = varmap.data().lock().expect("lock");
+        let mut names: Vec<&String> = data.keys().collect();
+        names.sort();
+        for (i, name) in names.into_iter().enumerate() {
+            let var = &data[name];
+            let t = random_tensor(var.dims(), DType::F64, seed + i as u64).expect("random");
+            var.set(&((t * 0.5).expect("scale") + 1.0).expect("shift"))
+                .expect("set");
+        }
+    }
+
+    fn all_norms(lmax: usize, c: usize) -> Vec<(String, EquivariantNorm, VarMap)> {
+        let mut out = Vec::new();
+        let configs = [
+            ("default", NormConfig::default()),
+            (
+                "unbalanced",
+                NormConfig {
+                    std_balance_degrees: false,
+                    centering: false,
+                    ..NormConfig::default()
+                },
+            ),
+            (
+                "norm",
+                NormConfig {
+                    normalization: FeatureNormalization::Norm,
+                    std_balance_degrees: false,
+                    ..NormConfig::default()
+                },
+            ),
+        ];
+        for (name, config) in configs {
+            for ty in [
+                NormType::LayerNorm,
+                NormType::LayerNormSh,
+                NormType::RmsNormSh,
+            ] {
+                let varmap = VarMap::new();
+                let vb = VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu);
+                let norm = EquivariantNorm::new(ty, lmax, c, config, vb).expect("norm");
+                randomise(&varmap, 11);
+                out.push((format!("{ty:?}/{name}"), norm, varmap));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn norms_and_linear_commute_with_rotations() -> Result<()> {
+        let (lmax, c, n) = (4, 6, 5);
+        let x = random_tensor(&[n, 25, c], DType::F64, 1)?;
+        for seed in 0..3 {
+            let d = dense_wigner(lmax, seed);
+            let dx = rotate(&d, &x);
+            for (name, norm, _) in all_norms(lmax, c) {
+                let lhs = norm.forward(&dx)?;
+                let rhs = rotate(&d, &norm.forward(&x)?);
+                let err = (lhs - rhs)?.abs()?.max_all()?.to_scalar::<f64>()?;
+                assert!(err < 1e-10, "{name}: equivariance error {err:e}");
+            }
+            let varmap = VarMap::new();
+            let vb = VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu);
+            let lin = So3LinearV2::new(c, 3, lmax, vb)?;
+            randomise(&varmap, 5);
+            let err = (lin.forward(&dx)? - rotate(&d, &lin.forward(&x)?))?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f64>()?;
+            assert!(err < 1e-10, "SO3_LinearV2 equivariance error {err:e}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn gradients_match_finite_differences() -> Result<()> {
+        let (lmax, c, n) = (2, 4, 3);
+        let x = random_tensor(&[n, 9, c], DType::F64, 2)?;
+        for (name, norm, _) in all_norms(lmax, c) {
+            let check = check_gradient(|t| norm.forward(t).map_err(to_c), &x, 1e-6)?;
+            assert!(check.max_rel < 1e-7, "{name}: {check:?}");
+        }
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu);
+        let lin = So3LinearV2::new(c, 3, lmax, vb)?;
+        check_gradient(|t| lin.forward(t).map_err(to_c), &x, 1e-6)?.assert_within(1e-8);
+        Ok(())
+    }
+
+    #[test]
+    fn so3_linear_matches_its_definition() -> Result<()> {
+        let (lmax, cin, cout, n) = (2, 3, 2, 2);
+        let w = random_tensor(&[lmax + 1, cout, cin], DType::F64, 3)?;
+        let b = random_tensor(&[cout], DType::F64, 4)?;
+        let lin = So3LinearV2::from_tensors(w.clone(), b.clone())?;
+        let x = random_tensor(&[n, 9, cin], DType::F64, 5)?;
+        let y: Vec<f64> = lin.forward(&x)?.flatten_all()?.to_vec1()?;
+        let (wv, bv, xv): (Vec<f64>, Vec<f64>, Vec<f64>) = (
+            w.flatten_all()?.to_vec1()?,
+            b.to_vec1()?,
+            x.flatten_all()?.to_vec1()?,
+        );
+        let deg = degree_of_rows(lmax);
+        for i in 0..n {
+            for r in 0..9 {
+                let l = deg[r] as usize;
+                for o in 0..cout {
+                    let mut v: f64 = (0..cin)
+                        .map(|c| wv[(l * cout + o) * cin + c] * xv[(i * 9 + r) * cin + c])
+                        .sum();
+                    if r == 0 {
+                        v += bv[o];
+                    }
+                    assert!((y[(i * 9 + r) * cout + o] - v).abs() < 1e-14);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Golden values from `tests/data/equivariant/norms_fairchem.py` (formulas of fairchem
+    /// 1.x layer_norm.py / so3.py re-implemented in PyTorch).
+    #[test]
+    fn norms_match_pytorch_golden_values() -> Result<()> {
+        let fx = Fixture::open("norms_golden");
+        let (xs, xv) = fx.array("x");
+        let x = Tensor::from_slice(xv, xs.as_slice(), &Device::Cpu)?;
+        let (lmax, c) = (((xs[1] as f64).sqrt() as usize) - 1, xs[2]);
+        let load = |name: &str| {
+            let (s, v) = fx.array(name);
+            Tensor::from_slice(v, s.as_slice(), &Device::Cpu).expect("tensor")
+        };
+        let cases = [
+            ("layer_norm", NormType::LayerNorm),
+            ("layer_norm_sh", NormType::LayerNormSh),
+            ("rms_norm_sh", NormType::RmsNormSh),
+        ];
+        for (name, ty) in cases {
+            let varmap = VarMap::new();
+            let vb = VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu);
+            let norm = EquivariantNorm::new(ty, lmax, c, NormConfig::default(), vb)?;
+            {
+                let data = varmap.data().lock().expect("lock");
+                for (param, var) in data.iter() {
+                    var.set(&load(&format!("{name}.{param}")))?;
+                }
+            }
+            let y = norm.forward(&x)?;
+            assert_close(&y, &load(&format!("{name}.out")), 1e-12);
+        }
+        let lin = So3LinearV2::from_tensors(load("so3_linear.weight"), load("so3_linear.bias"))?;
+        assert_close(&lin.forward(&x)?, &load("so3_linear.out"), 1e-12);
+        Ok(())
+    }
+
+    #[test]
+    fn shape_errors_name_the_argument() -> Result<()> {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let norm = EquivariantNorm::new(
+            NormType::LayerNormSh,
+            2,
+            4,
+            NormConfig::default(),
+            vb.pp("a"),
+        )?;
+        let bad = Tensor::zeros((2, 8, 4), DType::F32, &Device::Cpu)?;
+        let err = norm.forward(&bad).unwrap_err();
+        assert!(
+            err.to_string().contains("`x`") && err.to_string().contains("[N, 9, 4]"),
+            "{err}"
+        );
+        let bad_cfg = NormConfig {
+            normalization: FeatureNormalization::Norm,
+            ..NormConfig::default()
+        };
+        assert!(EquivariantNorm::new(NormType::RmsNormSh, 2, 4, bad_cfg, vb.pp("b")).is_err());
+        assert!("rms_norm".parse::<NormType>().is_err());
+        Ok(())
+    }
+}

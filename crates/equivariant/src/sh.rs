@@ -1,1 +1,734 @@
-//! (not yet implemented)
+//! Real spherical harmonics in e3nn's convention, as a differentiable candle op.
+//!
+//! # Convention (verified against e3nn 0.6.0 `o3.spherical_harmonics` to 1e-12 in f64)
+//!
+//! * **y is the polar axis.** Degree `l` has `2l + 1` components ordered `m = -l, ..., l`, stored
+//!   l-major: component `(l, m)` of a vector sits at index `l² + (m + l)` of a row of
+//!   `(lmax + 1)²` numbers.
+//! * With `r² = x² + y² + z²`, `Y_{l,0} = K_{l0} Q_l^0`, `Y_{l,+m} = K_{lm} Q_l^m Re((z + i x)^m)`
+//!   and `Y_{l,-m} = K_{lm} Q_l^m Im((z + i x)^m)`, where `Q_l^m(y, r²)` is the homogeneous
+//!   polynomial `r^(l-m) P_l^(m)(y / r)` (the m-th derivative of the Legendre polynomial, no
+//!   Condon–Shortley phase). So degree 1 is `√3 (x, y, z)` and e.g. `Y_{2,0} = √5 (y² - (x² + z²)/2)`.
+//! * Normalisations ([`Normalization`]) on unit vectors: `Component` (Σ_m Y_lm² = 2l + 1, the
+//!   e3nn `'component'`), `Norm` (Σ_m Y_lm² = 1) and `Integral` (∫_{S²} Y_lm² = 1).
+//! * `normalize = true` evaluates the polynomials at `v / max(|v|, 1e-12)` exactly like
+//!   `torch.nn.functional.normalize` (so a zero vector gives `Y_0 = 1` and zeros elsewhere);
+//!   `normalize = false` evaluates the homogeneous polynomials at `v` itself (degree `l` scales
+//!   as `|v|^l`).
+//!
+//! The evaluation uses the recurrence on `Q_l^m` with the normalisation constants folded into
+//! its coefficients, over lanes of 8 vectors at a time (vectorisable), rayon-parallel over chunks,
+//! writing each output row once. The backward pass is its own op ([`ShBackward`]) with the
+//! analytic derivatives `∂Q_l^m/∂y = (l + m) Q_{l-1}^m`, `∂Q_l^m/∂x = -x Q_{l-1}^{m+1}`,
+//! `∂Q_l^m/∂z = -z Q_{l-1}^{m+1}`; second derivatives are not implemented.
+//!
+//! # Example
+//!
+//! ```
+//! use candle_core::{Device, Tensor};
+//! use matscale_equivariant::sh::{spherical_harmonics, Normalization};
+//!
+//! # fn main() -> matscale_equivariant::error::Result<()> {
+//! let xyz = Tensor::new(&[[0.0f32, 2.0, 0.0], [1.0, 0.0, 0.0]], &Device::Cpu)?;
+//! let y = spherical_harmonics(&xyz, 2, true, Normalization::Component)?;
+//! assert_eq!(y.dims(), &[2, 9]);
+//! // +y is the pole: only the m = 0 components are non-zero, and Y_{1,0} = √3.
+//! let row: Vec<f32> = y.get(0)?.to_vec1()?;
+//! assert!((row[2] - 3f32.sqrt()).abs() < 1e-6);
+//! assert!(row[1].abs() < 1e-7 && row[3].abs() < 1e-7);
+//! # Ok(())
+//! # }
+//! ```
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor, WithDType};
+use rayon::prelude::*;
+
+use crate::error::{EquivariantError, Result};
+
+/// Largest degree supported by the spherical harmonics (e3nn ships l ≤ 12; the Wigner-D
+/// construction of this crate needs l ≤ 11).
+pub const SH_LMAX: usize = 11;
+
+/// `eps` of `torch.nn.functional.normalize`: vectors shorter than this are divided by it.
+const NORMALIZE_EPS: f64 = 1e-12;
+
+/// Vectors evaluated together in one vectorised block.
+const LANES: usize = 8;
+
+/// Vectors per rayon task.
+const CHUNK: usize = 2048;
+
+/// Normalisation of the spherical harmonics (e3nn's `normalization` argument).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Normalization {
+    /// `Σ_m Y_lm(u)² = 2l + 1` on unit vectors (e3nn `'component'`; EquiformerV2's choice).
+    #[default]
+    Component,
+    /// `Σ_m Y_lm(u)² = 1` on unit vectors (e3nn `'norm'`).
+    Norm,
+    /// `∫_{S²} Y_lm² dΩ = 1` (e3nn `'integral'`).
+    Integral,
+}
+
+/// Number of coefficients of degrees `0..=lmax`, `(lmax + 1)²`.
+pub const fn num_coefficients(lmax: usize) -> usize {
+    (lmax + 1) * (lmax + 1)
+}
+
+/// Float types the kernels run on (f32 and f64).
+pub(crate) trait Real: WithDType {
+    fn sqrt(self) -> Self;
+}
+
+impl Real for f32 {
+    #[inline(always)]
+    fn sqrt(self) -> Self {
+        f32::sqrt(self)
+    }
+}
+
+impl Real for f64 {
+    #[inline(always)]
+    fn sqrt(self) -> Self {
+        f64::sqrt(self)
+    }
+}
+
+/// Normalisation constants `K_lm` (unnormalised-polynomial to output), indexed `l * (lmax+1) + m`.
+fn normalisation_constants(lmax: usize, normalization: Normalization) -> Vec<f64> {
+    let n = lmax + 1;
+    let mut k = vec![0.0; n * n];
+    for l in 0..=lmax {
+        let per_l = match normalization {
+            Normalization::Component => 1.0,
+            Normalization::Norm => 1.0 / ((2 * l + 1) as f64).sqrt(),
+            Normalization::Integral => 1.0 / (4.0 * std::f64::consts::PI).sqrt(),
+        };
+        for m in 0..=l {
+            // (l - m)! / (l + m)! as a product, exact enough for l ≤ 11.
+            let ratio: f64 = ((l - m + 1)..=(l + m)).map(|i| 1.0 / i as f64).product();
+            let sqrt2 = if m > 0 { std::f64::consts::SQRT_2 } else { 1.0 };
+            k[l * n + m] = per_l * sqrt2 * ((2 * l + 1) as f64 * ratio).sqrt();
+        }
+    }
+    k
+}
+
+/// Coefficients of the normalised recurrence `Q̃_l^m = α_lm y Q̃_{l-1}^m - β_lm r² Q̃_{l-2}^m`
+/// with `Q̃ = K Q`, and the starting values `Q̃_m^m`.
+struct Recurrence<T> {
+    lmax: usize,
+    start: Vec<T>,
+    alpha: Vec<T>,
+    beta: Vec<T>,
+}
+
+impl<T: Real> Recurrence<T> {
+    fn new(lmax: usize, normalization: Normalization) -> Self {
+        let n = lmax + 1;
+        let k = normalisation_constants(lmax, normalization);
+        let mut start = vec![T::zero(); n];
+        let mut alpha = vec![T::zero(); n * n];
+        let mut beta = vec![T::zero(); n * n];
+        let mut double_factorial = 1.0f64; // (2m - 1)!!
+        for m in 0..=lmax {
+            if m > 0 {
+                double_factorial *= (2 * m - 1) as f64;
+            }
+            start[m] = T::from_f64(k[m * n + m] * double_factorial);
+            for l in (m + 1)..=lmax {
+                let lf = l as f64;
+                let mf = m as f64;
+                let a = (2.0 * lf - 1.0) / (lf - mf) * k[l * n + m] / k[(l - 1) * n + m];
+                let b = if l >= m + 2 {
+                    (lf + mf - 1.0) / (lf - mf) * k[l * n + m] / k[(l - 2) * n + m]
+                } else {
+                    0.0
+                };
+                alpha[l * n + m] = T::from_f64(a);
+                beta[l * n + m] = T::from_f64(b);
+            }
+        }
+        Self {
+            lmax,
+            start,
+            alpha,
+            beta,
+        }
+    }
+
+    /// Evaluates up to [`LANES`] vectors (`xyz.len() == 3 * nb`) into `out` (`nb` rows).
+    #[inline(always)]
+    fn block(&self, xyz: &[T], normalize: bool, out: &mut [T]) {
+        let nb = xyz.len() / 3;
+        let lmax = self.lmax;
+        let n = lmax + 1;
+        let dim = n * n;
+        let mut x = [T::zero(); LANES];
+        let mut y = [T::zero(); LANES];
+        let mut z = [T::zero(); LANES];
+        for i in 0..nb {
+            x[i] = xyz[3 * i];
+            y[i] = xyz[3 * i + 1];
+            z[i] = xyz[3 * i + 2];
+        }
+        if normalize {
+            let eps = T::from_f64(NORMALIZE_EPS);
+            for i in 0..LANES {
+                let r = (x[i] * x[i] + y[i] * y[i] + z[i] * z[i]).sqrt();
+                let inv = T::one() / if r > eps { r } else { eps };
+                x[i] *= inv;
+                y[i] *= inv;
+                z[i] *= inv;
+            }
+        }
+        let mut r2 = [T::zero(); LANES];
+        for i in 0..LANES {
+            r2[i] = x[i] * x[i] + y[i] * y[i] + z[i] * z[i];
+        }
+        // (c + i s) = (z + i x)^m
+        let mut c = [T::one(); LANES];
+        let mut s = [T::zero(); LANES];
+        for m in 0..=lmax {
+            if m > 0 {
+                for i in 0..LANES {
+                    let cn = z[i] * c[i] - x[i] * s[i];
+                    let sn = x[i] * c[i] + z[i] * s[i];
+                    c[i] = cn;
+                    s[i] = sn;
+                }
+            }
+            let mut q_prev2 = [T::zero(); LANES];
+            let mut q = [self.start[m]; LANES];
+            let mut l = m;
+            loop {
+                let centre = l * l + l;
+                if m == 0 {
+                    for i in 0..nb {
+                        out[i * dim + centre] = q[i];
+                    }
+                } else {
+                    for i in 0..nb {
+                        out[i * dim + centre + m] = q[i] * c[i];
+                        out[i * dim + centre - m] = q[i] * s[i];
+                    }
+                }
+                l += 1;
+                if l > lmax {
+                    break;
+                }
+                let a = self.alpha[l * n + m];
+                let b = self.beta[l * n + m];
+                for i in 0..LANES {
+                    let next = a * y[i] * q[i] - b * r2[i] * q_prev2[i];
+                    q_prev2[i] = q[i];
+                    q[i] = next;
+                }
+            }
+        }
+    }
+
+    /// Evaluates all rows of `xyz` (`[n, 3]` row-major) into `out` (`[n, (lmax+1)²]`).
+    fn evaluate(&self, xyz: &[T], normalize: bool, out: &mut [T]) {
+        let dim = num_coefficients(self.lmax);
+        out.par_chunks_mut(CHUNK * dim)
+            .zip(xyz.par_chunks(CHUNK * 3))
+            .for_each(|(out, xyz)| {
+                for (out, xyz) in out.chunks_mut(LANES * dim).zip(xyz.chunks(LANES * 3)) {
+                    self.block(xyz, normalize, out);
+                }
+            });
+    }
+}
+
+/// Gradient of `Σ_lm g_lm Y_lm(v)` with respect to `v`, in f64.
+fn gradient_one(
+    lmax: usize,
+    k: &[f64],
+    v: [f64; 3],
+    g: impl Fn(usize) -> f64,
+    normalize: bool,
+) -> [f64; 3] {
+    const N: usize = SH_LMAX + 1;
+    let n = lmax + 1;
+    let (mut x, mut y, mut z) = (v[0], v[1], v[2]);
+    let r = (x * x + y * y + z * z).sqrt();
+    let scale = if r > NORMALIZE_EPS { r } else { NORMALIZE_EPS };
+    if normalize {
+        x /= scale;
+        y /= scale;
+        z /= scale;
+    }
+    let r2 = x * x + y * y + z * z;
+    // Unnormalised Q_l^m (zero for m > l) and (z + i x)^m = c_m + i s_m.
+    let mut q = [[0.0f64; N + 1]; N];
+    let mut c = [0.0f64; N];
+    let mut s = [0.0f64; N];
+    c[0] = 1.0;
+    let mut dfact = 1.0;
+    for m in 0..=lmax {
+        if m > 0 {
+            dfact *= (2 * m - 1) as f64;
+            c[m] = z * c[m - 1] - x * s[m - 1];
+            s[m] = x * c[m - 1] + z * s[m - 1];
+        }
+        q[m][m] = dfact;
+        for l in (m + 1)..=lmax {
+            let prev2 = if l >= m + 2 { q[l - 2][m] } else { 0.0 };
+            q[l][m] = ((2 * l - 1) as f64 * y * q[l - 1][m] - (l + m - 1) as f64 * r2 * prev2)
+                / (l - m) as f64;
+        }
+    }
+    let (mut gx, mut gy, mut gz) = (0.0, 0.0, 0.0);
+    for l in 1..=lmax {
+        let centre = l * l + l;
+        for m in 0..=l {
+            let kk = k[l * n + m];
+            let q_lm = q[l][m];
+            let q_up = q[l - 1][m + 1]; // Q_{l-1}^{m+1}, zero when m + 1 > l - 1
+            let q_down = q[l - 1][m]; // Q_{l-1}^m, zero when m > l - 1
+            let dq = [-x * q_up, (l + m) as f64 * q_down, -z * q_up];
+            if m == 0 {
+                let w = g(centre) * kk;
+                gx += w * dq[0];
+                gy += w * dq[1];
+                gz += w * dq[2];
+            } else {
+                let mf = m as f64;
+                let wc = g(centre + m) * kk;
+                let ws = g(centre - m) * kk;
+                // d c_m = m (c_{m-1} dz - s_{m-1} dx); d s_m = m (s_{m-1} dz + c_{m-1} dx)
+                gx += wc * (dq[0] * c[m] - mf * q_lm * s[m - 1])
+                    + ws * (dq[0] * s[m] + mf * q_lm * c[m - 1]);
+                gy += (wc * c[m] + ws * s[m]) * dq[1];
+                gz += wc * (dq[2] * c[m] + mf * q_lm * c[m - 1])
+                    + ws * (dq[2] * s[m] + mf * q_lm * s[m - 1]);
+            }
+        }
+    }
+    if !normalize {
+        return [gx, gy, gz];
+    }
+    if r > NORMALIZE_EPS {
+        let dot = x * gx + y * gy + z * gz;
+        [(gx - x * dot) / r, (gy - y * dot) / r, (gz - z * dot) / r]
+    } else {
+        [gx / scale, gy / scale, gz / scale]
+    }
+}
+
+fn check_lmax(lmax: usize) -> Result<()> {
+    if lmax > SH_LMAX {
+        return Err(EquivariantError::InvalidDegree {
+            name: "lmax",
+            value: lmax,
+            limit: SH_LMAX,
+        });
+    }
+    Ok(())
+}
+
+/// Real spherical harmonics of degrees `0..=lmax` of each vector, in plain f64.
+///
+/// Returns `xyz.len() * (lmax + 1)²` numbers, row-major (one l-major row per vector). Same
+/// convention and kernel as [`spherical_harmonics`].
+///
+/// ```
+/// use matscale_equivariant::sh::{spherical_harmonics_f64, Normalization};
+///
+/// let y = spherical_harmonics_f64(1, &[[1.0, 0.0, 0.0]], true, Normalization::Component).unwrap();
+/// let s3 = 3f64.sqrt();
+/// assert_eq!(y.len(), 4);
+/// assert!((y[0] - 1.0).abs() < 1e-15 && (y[1] - s3).abs() < 1e-15);
+/// assert!(y[2].abs() < 1e-15 && y[3].abs() < 1e-15);
+/// ```
+pub fn spherical_harmonics_f64(
+    lmax: usize,
+    xyz: &[[f64; 3]],
+    normalize: bool,
+    normalization: Normalization,
+) -> Result<Vec<f64>> {
+    check_lmax(lmax)?;
+    let flat: Vec<f64> = xyz.iter().flatten().copied().collect();
+    let mut out = vec![0.0; xyz.len() * num_coefficients(lmax)];
+    Recurrence::<f64>::new(lmax, normalization).evaluate(&flat, normalize, &mut out);
+    Ok(out)
+}
+
+/// The forward op: `[n, 3]` vectors to `[n, (lmax+1)²]` harmonics.
+#[derive(Debug, Clone, Copy)]
+pub struct SphericalHarmonicsOp {
+    lmax: usize,
+    normalize: bool,
+    normalization: Normalization,
+}
+
+impl SphericalHarmonicsOp {
+    fn forward<T: Real>(&self, xyz: &[T]) -> Vec<T> {
+        let n = xyz.len() / 3;
+        // Zero-initialised from the allocator (calloc): no separate memset pass.
+        let mut out = vec![T::zero(); n * num_coefficients(self.lmax)];
+        Recurrence::<T>::new(self.lmax, self.normalization).evaluate(xyz, self.normalize, &mut out);
+        out
+    }
+}
+
+/// The contiguous `[n, 3]` slice of a storage, or an error naming the op.
+fn contiguous<'a, T: WithDType>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    op: &str,
+) -> candle_core::Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&storage.as_slice::<T>()?[start..end]),
+        None => candle_core::bail!("{op}: input must be contiguous"),
+    }
+}
+
+impl CustomOp1 for SphericalHarmonicsOp {
+    fn name(&self) -> &'static str {
+        "spherical-harmonics"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, three) = layout.shape().dims2()?;
+        if three != 3 {
+            candle_core::bail!(
+                "spherical-harmonics: expected [n, 3] input, got {:?}",
+                layout.shape()
+            );
+        }
+        let shape = Shape::from((n, num_coefficients(self.lmax)));
+        let out = match storage {
+            CpuStorage::F32(_) => {
+                CpuStorage::F32(self.forward(contiguous::<f32>(storage, layout, self.name())?))
+            }
+            CpuStorage::F64(_) => {
+                CpuStorage::F64(self.forward(contiguous::<f64>(storage, layout, self.name())?))
+            }
+            _ => candle_core::bail!(
+                "spherical-harmonics: unsupported dtype {:?}",
+                storage.dtype()
+            ),
+        };
+        Ok((out, shape))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let grad_res = grad_res.contiguous()?;
+        let grad = arg.apply_op2_no_bwd(&grad_res, &ShBackward { forward: *self })?;
+        Ok(Some(grad))
+    }
+}
+
+/// The backward op: `(xyz [n, 3], grad_out [n, (lmax+1)²])` to `grad_xyz [n, 3]`.
+///
+/// Computes in f64 internally for both dtypes. It has no backward itself (no second
+/// derivatives of the spherical harmonics).
+#[derive(Debug, Clone, Copy)]
+pub struct ShBackward {
+    forward: SphericalHarmonicsOp,
+}
+
+impl ShBackward {
+    fn backward<T: WithDType>(&self, xyz: &[T], grad: &[T]) -> Vec<T> {
+        let lmax = self.forward.lmax;
+        let dim = num_coefficients(lmax);
+        let k = normalisation_constants(lmax, self.forward.normalization);
+        let mut out = vec![T::zero(); xyz.len()];
+        out.par_chunks_mut(CHUNK * 3)
+            .zip(xyz.par_chunks(CHUNK * 3))
+            .zip(grad.par_chunks(CHUNK * dim))
+            .for_each(|((out, xyz), grad)| {
+                for ((o, v), g) in out.chunks_mut(3).zip(xyz.chunks(3)).zip(grad.chunks(dim)) {
+                    let v = [v[0].to_f64(), v[1].to_f64(), v[2].to_f64()];
+                    let r = gradient_one(lmax, &k, v, |i| g[i].to_f64(), self.forward.normalize);
+                    for j in 0..3 {
+                        o[j] = T::from_f64(r[j]);
+                    }
+                }
+            });
+        out
+    }
+}
+
+impl CustomOp2 for ShBackward {
+    fn name(&self) -> &'static str {
+        "spherical-harmonics-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, _) = l1.shape().dims2()?;
+        let (n2, dim) = l2.shape().dims2()?;
+        if n2 != n || dim != num_coefficients(self.forward.lmax) {
+            candle_core::bail!(
+                "spherical-harmonics-backward: gradient shape {:?} does not match input {:?}",
+                l2.shape(),
+                l1.shape()
+            );
+        }
+        let name = self.name();
+        let out = match (s1, s2) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(self.backward(
+                contiguous::<f32>(s1, l1, name)?,
+                contiguous::<f32>(s2, l2, name)?,
+            )),
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(self.backward(
+                contiguous::<f64>(s1, l1, name)?,
+                contiguous::<f64>(s2, l2, name)?,
+            )),
+            _ => candle_core::bail!(
+                "spherical-harmonics-backward: unsupported dtypes {:?}, {:?}",
+                s1.dtype(),
+                s2.dtype()
+            ),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// Real spherical harmonics of degrees `0..=lmax` (e3nn convention, see the module docs) of
+/// vectors `xyz` of shape `[..., 3]`, returning `[..., (lmax + 1)²]` in the input dtype (f32 or
+/// f64), differentiable with respect to `xyz`.
+///
+/// Mirrors e3nn's `o3.spherical_harmonics(list(range(lmax + 1)), xyz, normalize, normalization)`.
+///
+/// # Errors
+/// [`EquivariantError::InvalidDegree`] if `lmax > SH_LMAX`, [`EquivariantError::ShapeMismatch`]
+/// if the last dimension is not 3, [`EquivariantError::UnsupportedDType`] for dtypes other than
+/// f32 and f64.
+pub fn spherical_harmonics(
+    xyz: &Tensor,
+    lmax: usize,
+    normalize: bool,
+    normalization: Normalization,
+) -> Result<Tensor> {
+    check_lmax(lmax)?;
+    let dims = xyz.dims();
+    if dims.last() != Some(&3) {
+        return Err(EquivariantError::ShapeMismatch {
+            arg: "xyz",
+            expected: "[..., 3]".into(),
+            found: dims.to_vec(),
+        });
+    }
+    if !matches!(xyz.dtype(), DType::F32 | DType::F64) {
+        return Err(EquivariantError::UnsupportedDType {
+            arg: "xyz",
+            found: xyz.dtype(),
+        });
+    }
+    let n = xyz.elem_count() / 3;
+    let flat = xyz.reshape((n, 3))?.contiguous()?;
+    let op = SphericalHarmonicsOp {
+        lmax,
+        normalize,
+        normalization,
+    };
+    let out = flat.apply_op1(op)?;
+    let mut out_dims = dims.to_vec();
+    *out_dims.last_mut().expect("dims end in 3") = num_coefficients(lmax);
+    Ok(out.reshape(out_dims)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{assert_close_slice, check_gradient, random_tensor, Fixture};
+    use candle_core::{Device, Var};
+
+    fn fixture_xyz(fx: &Fixture, n: usize) -> Vec<[f64; 3]> {
+        let (_, xyz) = fx.array("sh_xyz");
+        xyz.chunks(3).take(n).map(|v| [v[0], v[1], v[2]]).collect()
+    }
+
+    /// Max over elements of |a - b| / max(1, |b|).
+    fn max_rel(a: &[f64], b: &[f64]) -> f64 {
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs() / y.abs().max(1.0))
+            .fold(0.0, f64::max)
+    }
+
+    /// Max over rows and degrees of max_m |a - b| / max(1, max_m |b|): the error relative to the
+    /// size of each degree's block (raw vectors scale degree l by |v|^l).
+    fn max_rel_per_degree(a: &[f64], b: &[f64], lmax: usize) -> f64 {
+        let dim = num_coefficients(lmax);
+        let mut worst = 0.0f64;
+        for (ra, rb) in a.chunks(dim).zip(b.chunks(dim)) {
+            for l in 0..=lmax {
+                let range = l * l..(l + 1) * (l + 1);
+                let scale = rb[range.clone()].iter().fold(1.0f64, |m, v| m.max(v.abs()));
+                let err = ra[range.clone()]
+                    .iter()
+                    .zip(&rb[range])
+                    .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()));
+                worst = worst.max(err / scale);
+            }
+        }
+        worst
+    }
+
+    const CASES: [(&str, bool, Normalization); 6] = [
+        ("sh_l8_component_normalized", true, Normalization::Component),
+        ("sh_l8_component_raw", false, Normalization::Component),
+        ("sh_l8_norm_normalized", true, Normalization::Norm),
+        ("sh_l8_norm_raw", false, Normalization::Norm),
+        ("sh_l8_integral_normalized", true, Normalization::Integral),
+        ("sh_l8_integral_raw", false, Normalization::Integral),
+    ];
+
+    #[test]
+    fn plain_f64_matches_e3nn_for_all_normalisations() {
+        let fx = Fixture::open("sh_wigner_e3nn");
+        for (name, normalize, normalization) in CASES {
+            let (shape, expected) = fx.array(name);
+            let xyz = fixture_xyz(&fx, shape[0]);
+            let ours = spherical_harmonics_f64(8, &xyz, normalize, normalization).unwrap();
+            let err = max_rel(&ours, expected);
+            assert!(err < 1e-12, "{name}: max rel error {err:e}");
+        }
+        let (shape, expected) = fx.array("sh_l11_component_normalized");
+        let xyz = fixture_xyz(&fx, shape[0]);
+        let ours = spherical_harmonics_f64(11, &xyz, true, Normalization::Component).unwrap();
+        assert!(max_rel(&ours, expected) < 1e-12);
+    }
+
+    #[test]
+    fn candle_op_matches_e3nn_in_f64_and_f32() -> Result<()> {
+        let fx = Fixture::open("sh_wigner_e3nn");
+        for (name, normalize, normalization) in CASES {
+            let (shape, expected) = fx.array(name);
+            let xyz: Vec<f64> = fixture_xyz(&fx, shape[0]).into_iter().flatten().collect();
+            let t = Tensor::from_vec(xyz, (shape[0], 3), &Device::Cpu)?;
+            let y64: Vec<f64> = spherical_harmonics(&t, 8, normalize, normalization)?
+                .flatten_all()?
+                .to_vec1()?;
+            let err64 = max_rel(&y64, expected);
+            assert!(err64 < 1e-12, "{name} f64: {err64:e}");
+            let y32: Vec<f64> =
+                spherical_harmonics(&t.to_dtype(DType::F32)?, 8, normalize, normalization)?
+                    .to_dtype(DType::F64)?
+                    .flatten_all()?
+                    .to_vec1()?;
+            let err32 = max_rel_per_degree(&y32, expected, 8);
+            assert!(err32 < 1e-5, "{name} f32: {err32:e}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn gradient_matches_e3nn_autograd() -> Result<()> {
+        let fx = Fixture::open("sh_wigner_e3nn");
+        let (wshape, w) = fx.array("sh_grad_weights");
+        let weights = Tensor::from_slice(w, (wshape[0], wshape[1]), &Device::Cpu)?;
+        let xyz: Vec<f64> = fixture_xyz(&fx, wshape[0]).into_iter().flatten().collect();
+        for (name, normalize) in [("sh_grad_l6_normalized", true), ("sh_grad_l6_raw", false)] {
+            let (_, expected) = fx.array(name);
+            for dtype in [DType::F64, DType::F32] {
+                let var = Var::from_tensor(
+                    &Tensor::from_slice(&xyz, (wshape[0], 3), &Device::Cpu)?.to_dtype(dtype)?,
+                )?;
+                let y =
+                    spherical_harmonics(var.as_tensor(), 6, normalize, Normalization::Component)?;
+                let loss = (y * weights.to_dtype(dtype)?)?.sum_all()?;
+                let grads = loss.backward()?;
+                let g: Vec<f64> = grads
+                    .get(var.as_tensor())
+                    .expect("gradient")
+                    .to_dtype(DType::F64)?
+                    .flatten_all()?
+                    .to_vec1()?;
+                let tol = if dtype == DType::F64 { 1e-11 } else { 1e-4 };
+                let err = max_rel(&g, expected);
+                assert!(err < tol, "{name} {dtype:?}: {err:e}");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn gradient_matches_finite_differences() -> Result<()> {
+        let x = random_tensor(&[6, 3], DType::F64, 11)?;
+        for normalize in [true, false] {
+            for normalization in [Normalization::Component, Normalization::Integral] {
+                let check = check_gradient(
+                    |t| {
+                        Ok(spherical_harmonics(t, 8, normalize, normalization)
+                            .expect("valid input"))
+                    },
+                    &x,
+                    1e-6,
+                )?;
+                check.assert_within(1e-7);
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn unit_vectors_have_the_component_norm_and_rows_are_written_once() {
+        // Many vectors (several rayon chunks plus a ragged tail) on the unit sphere.
+        let n = 2 * CHUNK + 13;
+        let raw = crate::testing::random_normals(3 * n, 3);
+        let xyz: Vec<[f64; 3]> = raw.chunks(3).map(|v| [v[0], v[1], v[2]]).collect();
+        let y = spherical_harmonics_f64(8, &xyz, true, Normalization::Component).unwrap();
+        for row in y.chunks(81) {
+            for l in 0..=8 {
+                let s: f64 = row[l * l..(l + 1) * (l + 1)].iter().map(|v| v * v).sum();
+                assert!((s - (2 * l + 1) as f64).abs() < 1e-11, "l = {l}: {s}");
+            }
+        }
+        // Same rows as evaluated one at a time (no cross-talk between lanes or chunks).
+        for i in [0, 7, 8, CHUNK - 1, CHUNK, n - 1] {
+            let one =
+                spherical_harmonics_f64(8, &xyz[i..i + 1], true, Normalization::Component).unwrap();
+            assert_close_slice(&one, &y[i * 81..(i + 1) * 81], 0.0);
+        }
+    }
+
+    #[test]
+    fn leading_dimensions_are_kept_and_errors_name_the_argument() -> Result<()> {
+        let x = random_tensor(&[2, 5, 3], DType::F32, 1)?;
+        let y = spherical_harmonics(&x, 3, true, Normalization::Component)?;
+        assert_eq!(y.dims(), &[2, 5, 16]);
+        match spherical_harmonics(&x, 12, true, Normalization::Component) {
+            Err(EquivariantError::InvalidDegree {
+                name: "lmax",
+                value: 12,
+                limit: 11,
+            }) => {}
+            other => panic!("expected InvalidDegree, got {other:?}"),
+        }
+        let bad = random_tensor(&[4, 2], DType::F32, 1)?;
+        match spherical_harmonics(&bad, 2, true, Normalization::Component) {
+            Err(EquivariantError::ShapeMismatch {
+                arg: "xyz", found, ..
+            }) => assert_eq!(found, vec![4, 2]),
+            other => panic!("expected ShapeMismatch, got {other:?}"),
+        }
+        let ints = Tensor::new(&[[1u32, 2, 3]], &Device::Cpu)?;
+        assert!(matches!(
+            spherical_harmonics(&ints, 2, true, Normalization::Component),
+            Err(EquivariantError::UnsupportedDType { arg: "xyz", .. })
+        ));
+        Ok(())
+    }
+}
