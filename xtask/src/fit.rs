@@ -112,6 +112,10 @@ pub struct FitArgs {
     /// Drop the K highest-loss runs first (Besiroglu et al. drop 5 Chinchilla points).
     #[arg(long, default_value_t = 0)]
     exclude_top_loss: usize,
+    /// Single-variable fits keep only the lowest loss at each distinct x
+    /// (the best model at that size, as the study did).
+    #[arg(long)]
+    envelope: bool,
     /// Starts of the joint bootstrap refits.
     #[arg(long, value_enum, default_value = "optimum")]
     refit_starts: RefitArg,
@@ -168,6 +172,7 @@ pub fn run(args: FitArgs) -> anyhow::Result<()> {
             RefitArg::Grid => RefitStarts::Grid,
         },
         exclude_top_loss: args.exclude_top_loss,
+        envelope: args.envelope,
         ..AnalysisOptions::default()
     };
     if options.xs.is_empty() && !options.joint {

@@ -4,6 +4,8 @@
 //! Reference: `s2grid_torch.py` beside this file (fairchem's einsum formulation, 2 threads).
 //! Run: `cargo bench -p matscale-equivariant --bench s2grid`.
 
+#![allow(missing_docs)] // criterion_group! generates an undocumented public function
+
 use candle_core::{DType, Device, Tensor, Var};
 use criterion::{criterion_group, criterion_main, Criterion};
 use matscale_equivariant::activation::silu;

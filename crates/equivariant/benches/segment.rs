@@ -4,6 +4,8 @@
 //! Reference: `s2grid_torch.py` beside this file (PyG-style softmax and `index_add_`, 2 threads).
 //! Run: `cargo bench -p matscale-equivariant --bench segment`.
 
+#![allow(missing_docs)] // criterion_group! generates an undocumented public function
+
 use candle_core::{Device, Tensor, Var};
 use criterion::{criterion_group, criterion_main, Criterion};
 use matscale_equivariant::segment::Segments;

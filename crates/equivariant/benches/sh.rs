@@ -6,7 +6,7 @@
 use candle_core::{DType, Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use matscale_equivariant::frames::{edge_wigner, Roll};
-use matscale_equivariant::sh::{spherical_harmonics, Normalization};
+use matscale_equivariant::sh::{spherical_harmonics, spherical_harmonics_into, Normalization};
 
 fn random_vectors(n: usize, dtype: DType) -> Tensor {
     Tensor::randn(0f32, 1f32, (n, 3), &Device::Cpu)
@@ -29,6 +29,12 @@ fn bench_sh(c: &mut Criterion) {
             },
         );
     }
+    // The same into a reused output buffer (no allocation, no page faults).
+    let x = random_vectors(n, DType::F32);
+    let out = Tensor::zeros((n, 49), DType::F32, &Device::Cpu).expect("buffer");
+    group.bench_with_input(BenchmarkId::new("forward_into_l6_F32", n), &x, |b, x| {
+        b.iter(|| spherical_harmonics_into(x, &out, 6, true, Normalization::Component).expect("sh"))
+    });
     // Forward + backward of sum(Y * w) at l ≤ 6, f32, 10^5 vectors.
     let n = 100_000;
     let x = candle_core::Var::from_tensor(&random_vectors(n, DType::F32)).expect("var");

@@ -4,6 +4,8 @@
 //! `MATSCALE_BENCH_EDGES` for another count). The PyTorch reference (fairchem-style dense
 //! `bmm` path) is `benches/so2_torch.py bench`; `benches/so2_compare.sh` runs both.
 
+#![allow(missing_docs)] // criterion_group! generates undocumented items
+
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};

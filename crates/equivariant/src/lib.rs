@@ -4,6 +4,7 @@
 //! operations with gradients. (Being built: see the equivariant issue.)
 
 pub mod activation;
+pub(crate) mod buffer;
 pub mod error;
 pub mod frames;
 pub mod mapping;

@@ -41,7 +41,9 @@
 //! ```
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor, WithDType};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, DType, InplaceOp2, Layout, Shape, Tensor, WithDType,
+};
 use rayon::prelude::*;
 
 use crate::error::{EquivariantError, Result};
@@ -159,8 +161,11 @@ impl<T: Real> Recurrence<T> {
     }
 
     /// Evaluates up to [`LANES`] vectors (`xyz.len() == 3 * nb`) into `out` (`nb` rows).
+    ///
+    /// All arithmetic runs on full lanes (vectorisable) into the lane-major scratch `tmp`
+    /// (`tmp[k][lane]`), which is then transposed into the contiguous output rows.
     #[inline(always)]
-    fn block(&self, xyz: &[T], normalize: bool, out: &mut [T]) {
+    fn block(&self, xyz: &[T], normalize: bool, tmp: &mut [[T; LANES]], out: &mut [T]) {
         let nb = xyz.len() / 3;
         let lmax = self.lmax;
         let n = lmax + 1;
@@ -168,10 +173,10 @@ impl<T: Real> Recurrence<T> {
         let mut x = [T::zero(); LANES];
         let mut y = [T::zero(); LANES];
         let mut z = [T::zero(); LANES];
-        for i in 0..nb {
-            x[i] = xyz[3 * i];
-            y[i] = xyz[3 * i + 1];
-            z[i] = xyz[3 * i + 2];
+        for (i, v) in xyz.chunks_exact(3).enumerate() {
+            x[i] = v[0];
+            y[i] = v[1];
+            z[i] = v[2];
         }
         if normalize {
             let eps = T::from_f64(NORMALIZE_EPS);
@@ -205,14 +210,15 @@ impl<T: Real> Recurrence<T> {
             loop {
                 let centre = l * l + l;
                 if m == 0 {
-                    for i in 0..nb {
-                        out[i * dim + centre] = q[i];
-                    }
+                    tmp[centre] = q;
                 } else {
-                    for i in 0..nb {
-                        out[i * dim + centre + m] = q[i] * c[i];
-                        out[i * dim + centre - m] = q[i] * s[i];
+                    let (plus, minus) = (&mut [T::zero(); LANES], &mut [T::zero(); LANES]);
+                    for i in 0..LANES {
+                        plus[i] = q[i] * c[i];
+                        minus[i] = q[i] * s[i];
                     }
+                    tmp[centre + m] = *plus;
+                    tmp[centre - m] = *minus;
                 }
                 l += 1;
                 if l > lmax {
@@ -227,6 +233,11 @@ impl<T: Real> Recurrence<T> {
                 }
             }
         }
+        for (i, row) in out.chunks_exact_mut(dim).take(nb).enumerate() {
+            for (o, t) in row.iter_mut().zip(&tmp[..dim]) {
+                *o = t[i];
+            }
+        }
     }
 
     /// Evaluates all rows of `xyz` (`[n, 3]` row-major) into `out` (`[n, (lmax+1)²]`).
@@ -235,8 +246,9 @@ impl<T: Real> Recurrence<T> {
         out.par_chunks_mut(CHUNK * dim)
             .zip(xyz.par_chunks(CHUNK * 3))
             .for_each(|(out, xyz)| {
+                let mut tmp = vec![[T::zero(); LANES]; dim];
                 for (out, xyz) in out.chunks_mut(LANES * dim).zip(xyz.chunks(LANES * 3)) {
-                    self.block(xyz, normalize, out);
+                    self.block(xyz, normalize, &mut tmp, out);
                 }
             });
     }
@@ -367,8 +379,8 @@ pub struct SphericalHarmonicsOp {
 impl SphericalHarmonicsOp {
     fn forward<T: Real>(&self, xyz: &[T]) -> Vec<T> {
         let n = xyz.len() / 3;
-        // Zero-initialised from the allocator (calloc): no separate memset pass.
-        let mut out = vec![T::zero(); n * num_coefficients(self.lmax)];
+        // Zeroed by the allocator (no memset pass), on huge pages (few page faults).
+        let mut out = crate::buffer::zeroed_vec(n * num_coefficients(self.lmax));
         Recurrence::<T>::new(self.lmax, self.normalization).evaluate(xyz, self.normalize, &mut out);
         out
     }
@@ -503,6 +515,138 @@ impl CustomOp2 for ShBackward {
     }
 }
 
+/// In-place form of the forward op: writes into an existing `[n, (lmax+1)²]` tensor.
+#[derive(Debug, Clone, Copy)]
+struct ShInto {
+    forward: SphericalHarmonicsOp,
+}
+
+impl InplaceOp2 for ShInto {
+    fn name(&self) -> &'static str {
+        "spherical-harmonics-into"
+    }
+
+    fn cpu_fwd(
+        &self,
+        out: &mut CpuStorage,
+        out_layout: &Layout,
+        xyz: &CpuStorage,
+        xyz_layout: &Layout,
+    ) -> candle_core::Result<()> {
+        let Some((start, end)) = out_layout.contiguous_offsets() else {
+            candle_core::bail!("spherical-harmonics-into: output must be contiguous");
+        };
+        let (lmax, normalize, normalization) = (
+            self.forward.lmax,
+            self.forward.normalize,
+            self.forward.normalization,
+        );
+        match (out, xyz) {
+            (CpuStorage::F32(out), CpuStorage::F32(_)) => {
+                let x = contiguous::<f32>(xyz, xyz_layout, self.name())?;
+                Recurrence::<f32>::new(lmax, normalization).evaluate(
+                    x,
+                    normalize,
+                    &mut out[start..end],
+                );
+            }
+            (CpuStorage::F64(out), CpuStorage::F64(_)) => {
+                let x = contiguous::<f64>(xyz, xyz_layout, self.name())?;
+                Recurrence::<f64>::new(lmax, normalization).evaluate(
+                    x,
+                    normalize,
+                    &mut out[start..end],
+                );
+            }
+            (out, xyz) => candle_core::bail!(
+                "spherical-harmonics-into: unsupported dtypes {:?} (output), {:?} (xyz)",
+                out.dtype(),
+                xyz.dtype()
+            ),
+        }
+        Ok(())
+    }
+}
+
+/// Checks `xyz` (`[..., 3]`, f32/f64) and returns it flattened to a contiguous `[n, 3]`.
+fn flat_vectors(xyz: &Tensor) -> Result<Tensor> {
+    let dims = xyz.dims();
+    if dims.last() != Some(&3) {
+        return Err(EquivariantError::ShapeMismatch {
+            arg: "xyz",
+            expected: "[..., 3]".into(),
+            found: dims.to_vec(),
+        });
+    }
+    if !matches!(xyz.dtype(), DType::F32 | DType::F64) {
+        return Err(EquivariantError::UnsupportedDType {
+            arg: "xyz",
+            found: xyz.dtype(),
+        });
+    }
+    Ok(xyz.reshape((xyz.elem_count() / 3, 3))?.contiguous()?)
+}
+
+/// Writes the spherical harmonics of `xyz` (`[..., 3]`) into an existing tensor `out` of shape
+/// `[..., (lmax + 1)²]` and the same dtype, without allocating and without gradient.
+///
+/// For inference loops that evaluate many batches of the same size: a fresh output of this op
+/// is a large allocation whose first touch costs page faults and kernel zeroing (about as much
+/// as the arithmetic at 10⁶ vectors); reusing `out` avoids both.
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use matscale_equivariant::sh::{spherical_harmonics, spherical_harmonics_into, Normalization};
+///
+/// # fn main() -> matscale_equivariant::error::Result<()> {
+/// let xyz = Tensor::randn(0f32, 1f32, (100, 3), &Device::Cpu)?;
+/// let out = Tensor::zeros((100, 25), DType::F32, &Device::Cpu)?;
+/// spherical_harmonics_into(&xyz, &out, 4, true, Normalization::Component)?;
+/// let fresh = spherical_harmonics(&xyz, 4, true, Normalization::Component)?;
+/// assert_eq!(out.to_vec2::<f32>()?, fresh.to_vec2::<f32>()?);
+/// # Ok(())
+/// # }
+/// ```
+///
+/// # Errors
+/// As [`spherical_harmonics`], plus [`EquivariantError::ShapeMismatch`] (argument `out`) if
+/// `out` does not have the expected shape or is not contiguous, and
+/// [`EquivariantError::UnsupportedDType`] if its dtype differs from that of `xyz`.
+pub fn spherical_harmonics_into(
+    xyz: &Tensor,
+    out: &Tensor,
+    lmax: usize,
+    normalize: bool,
+    normalization: Normalization,
+) -> Result<()> {
+    check_lmax(lmax)?;
+    let flat = flat_vectors(xyz)?;
+    let mut expected = xyz.dims().to_vec();
+    *expected.last_mut().expect("dims end in 3") = num_coefficients(lmax);
+    if out.dims() != expected.as_slice() || !out.is_contiguous() {
+        return Err(EquivariantError::ShapeMismatch {
+            arg: "out",
+            expected: format!("contiguous {expected:?}"),
+            found: out.dims().to_vec(),
+        });
+    }
+    if out.dtype() != xyz.dtype() {
+        return Err(EquivariantError::UnsupportedDType {
+            arg: "out",
+            found: out.dtype(),
+        });
+    }
+    let op = ShInto {
+        forward: SphericalHarmonicsOp {
+            lmax,
+            normalize,
+            normalization,
+        },
+    };
+    out.inplace_op2(&flat, &op)?;
+    Ok(())
+}
+
 /// Real spherical harmonics of degrees `0..=lmax` (e3nn convention, see the module docs) of
 /// vectors `xyz` of shape `[..., 3]`, returning `[..., (lmax + 1)²]` in the input dtype (f32 or
 /// f64), differentiable with respect to `xyz`.
@@ -520,29 +664,14 @@ pub fn spherical_harmonics(
     normalization: Normalization,
 ) -> Result<Tensor> {
     check_lmax(lmax)?;
-    let dims = xyz.dims();
-    if dims.last() != Some(&3) {
-        return Err(EquivariantError::ShapeMismatch {
-            arg: "xyz",
-            expected: "[..., 3]".into(),
-            found: dims.to_vec(),
-        });
-    }
-    if !matches!(xyz.dtype(), DType::F32 | DType::F64) {
-        return Err(EquivariantError::UnsupportedDType {
-            arg: "xyz",
-            found: xyz.dtype(),
-        });
-    }
-    let n = xyz.elem_count() / 3;
-    let flat = xyz.reshape((n, 3))?.contiguous()?;
+    let flat = flat_vectors(xyz)?;
     let op = SphericalHarmonicsOp {
         lmax,
         normalize,
         normalization,
     };
     let out = flat.apply_op1(op)?;
-    let mut out_dims = dims.to_vec();
+    let mut out_dims = xyz.dims().to_vec();
     *out_dims.last_mut().expect("dims end in 3") = num_coefficients(lmax);
     Ok(out.reshape(out_dims)?)
 }
@@ -702,6 +831,26 @@ mod tests {
                 spherical_harmonics_f64(8, &xyz[i..i + 1], true, Normalization::Component).unwrap();
             assert_close_slice(&one, &y[i * 81..(i + 1) * 81], 0.0);
         }
+    }
+
+    #[test]
+    fn into_writes_the_same_values_and_checks_its_output() -> Result<()> {
+        let x = random_tensor(&[3, 7, 3], DType::F64, 2)?;
+        let out = Tensor::ones((3, 7, 36), DType::F64, &Device::Cpu)?;
+        spherical_harmonics_into(&x, &out, 5, false, Normalization::Norm)?;
+        let fresh = spherical_harmonics(&x, 5, false, Normalization::Norm)?;
+        crate::testing::assert_close(&out, &fresh, 0.0);
+        let wrong = Tensor::zeros((21, 36), DType::F64, &Device::Cpu)?;
+        assert!(matches!(
+            spherical_harmonics_into(&x, &wrong, 5, false, Normalization::Norm),
+            Err(EquivariantError::ShapeMismatch { arg: "out", .. })
+        ));
+        let f32_out = Tensor::zeros((3, 7, 36), DType::F32, &Device::Cpu)?;
+        assert!(matches!(
+            spherical_harmonics_into(&x, &f32_out, 5, false, Normalization::Norm),
+            Err(EquivariantError::UnsupportedDType { arg: "out", .. })
+        ));
+        Ok(())
     }
 
     #[test]

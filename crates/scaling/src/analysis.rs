@@ -89,6 +89,10 @@ pub struct AnalysisOptions {
     pub refit_starts: RefitStarts,
     /// Drop this many highest-loss runs before fitting (Besiroglu et al. drop 5).
     pub exclude_top_loss: usize,
+    /// Single-variable fits use, for each distinct x in a group, only the
+    /// lowest loss (the best model at that x), as the study did for its
+    /// data-size fits. Off: every run is a point.
+    pub envelope: bool,
 }
 
 impl Default for AnalysisOptions {
@@ -103,6 +107,7 @@ impl Default for AnalysisOptions {
             joint_options: JointFitOptions::default(),
             refit_starts: RefitStarts::Optimum,
             exclude_top_loss: 0,
+            envelope: false,
         }
     }
 }
@@ -315,6 +320,14 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// For each distinct x, the lowest y; sorted by x.
+fn lowest_per_x(x: &[f64], y: &[f64]) -> (Vec<f64>, Vec<f64>) {
+    let mut pairs: Vec<(f64, f64)> = x.iter().copied().zip(y.iter().copied()).collect();
+    pairs.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.total_cmp(&b.1)));
+    pairs.dedup_by(|later, first| later.0 == first.0);
+    pairs.into_iter().unzip()
+}
+
 fn analyse_single(
     group: &str,
     runs: &[&Run],
@@ -329,6 +342,9 @@ fn analyse_single(
             x.push(v);
             y.push(r.val_loss);
         }
+    }
+    if options.envelope {
+        (x, y) = lowest_per_x(&x, &y);
     }
     let fit = fit_power_law(&x, &y, law, options.objective)?;
     let boot = if options.bootstrap.resamples > 0 {
@@ -565,7 +581,7 @@ pub fn analyse(table: &RunsTable, options: &AnalysisOptions) -> Result<Analysis>
                     }
                     Err(e) => skipped.push(Skipped {
                         group: group.clone(),
-                        what: format!("{} / {}", x.name(), law.formula()),
+                        what: x.name().to_string(),
                         reason: e.to_string(),
                     }),
                 }
@@ -582,6 +598,26 @@ pub fn analyse(table: &RunsTable, options: &AnalysisOptions) -> Result<Analysis>
         if options.joint {
             match analyse_joint(group, runs, options) {
                 Ok(rep) => {
+                    let p = rep.fit.params;
+                    let min_loss = runs.iter().map(|r| r.val_loss).fold(f64::INFINITY, f64::min);
+                    if p.e < 1e-6 * min_loss {
+                        warnings.push(format!(
+                            "{group} / joint: E went to its bound 0 (E = {:.3e}); the data do not resolve an irreducible loss",
+                            p.e
+                        ));
+                    }
+                    if p.alpha <= 0.0 || p.beta <= 0.0 {
+                        warnings.push(format!(
+                            "{group} / joint: non-positive exponent (α = {:.4}, β = {:.4}); no compute-optimal allocation exists",
+                            p.alpha, p.beta
+                        ));
+                    }
+                    if rep.fit.grad_norm > 1e-5 {
+                        warnings.push(format!(
+                            "{group} / joint: weak convergence (gradient norm {:.2e})",
+                            rep.fit.grad_norm
+                        ));
+                    }
                     if rep.fit.starts_at_best < 2 {
                         warnings.push(format!(
                             "{group} / joint: only {} of {} starts reached the best objective; the optimum may be fragile",
@@ -592,7 +628,7 @@ pub fn analyse(table: &RunsTable, options: &AnalysisOptions) -> Result<Analysis>
                 }
                 Err(e) => skipped.push(Skipped {
                     group: group.clone(),
-                    what: "joint L(N, D)".into(),
+                    what: "joint".into(),
                     reason: e.to_string(),
                 }),
             }

@@ -50,24 +50,24 @@ fn plot_err(path: &Path, e: impl std::fmt::Display) -> Error {
     }
 }
 
-/// Tick label on a log axis: plain decimals within a narrow range,
-/// otherwise scientific.
-fn tick(v: f64, wide: bool) -> String {
+/// Tick label: plain decimals (trailing zeros dropped) for moderate values,
+/// `1e5` / `2e5` style beyond.
+fn tick(v: f64) -> String {
+    let a = v.abs();
     if v == 0.0 {
         "0".into()
-    } else if wide {
-        let e = v.log10().round();
-        if (v / 10f64.powf(e) - 1.0).abs() < 1e-6 {
-            format!("1e{}", e as i32)
-        } else {
-            format!("{v:.0e}")
-        }
-    } else if v >= 100.0 || v == v.round() {
-        format!("{v:.0}")
-    } else if (10.0 * v - (10.0 * v).round()).abs() < 1e-9 {
-        format!("{v:.1}")
+    } else if (0.01..1e4).contains(&a) {
+        let s = format!("{v:.3}");
+        let s = s.trim_end_matches('0').trim_end_matches('.');
+        s.to_string()
     } else {
-        format!("{v:.2}")
+        let e = a.log10().floor();
+        let m = v / 10f64.powf(e);
+        if (m - m.round()).abs() < 1e-6 {
+            format!("{}e{}", m.round(), e as i32)
+        } else {
+            format!("{m:.1}e{}", e as i32)
+        }
     }
 }
 
@@ -131,6 +131,13 @@ fn log_range(values: impl Iterator<Item = f64>, pad: f64) -> (f64, f64) {
     (lo * (-pad * span).exp(), hi * (pad * span).exp())
 }
 
+/// Raises the top of a log range so that the upper `entries` legend lines
+/// (about 24 px each in a plot area of about 560 px) sit above the data.
+fn legend_headroom(lo: f64, hi: f64, entries: usize) -> f64 {
+    let f = ((entries as f64 * 24.0 + 24.0) / 560.0).min(0.6);
+    hi * (hi / lo).powf(f / (1.0 - f))
+}
+
 fn geomspace(lo: f64, hi: f64, n: usize) -> Vec<f64> {
     (0..n)
         .map(|i| lo * (hi / lo).powf(i as f64 / (n - 1) as f64))
@@ -158,21 +165,28 @@ fn render<DB: DrawingBackend>(
     }
 }
 
-/// Draws one chart to both an SVG and a PNG file named `stem`.
+/// Draws one chart to both an SVG and a PNG file named `stem`, each written
+/// under a temporary name (keeping the extension, from which plotters picks
+/// the image format) and renamed when complete.
 fn both(dir: &Path, stem: &str, out: &mut Vec<PathBuf>, a: &Analysis, chart: Chart) -> Result<()> {
+    let tmp = |ext: &str| dir.join(format!(".{stem}.tmp{}.{ext}", std::process::id()));
     let svg = dir.join(format!("{stem}.svg"));
+    let svg_tmp = tmp("svg");
     {
-        let root = SVGBackend::new(&svg, SIZE).into_drawing_area();
+        let root = SVGBackend::new(&svg_tmp, SIZE).into_drawing_area();
         render(&root, a, &chart).map_err(|e| plot_err(&svg, e))?;
         root.present().map_err(|e| plot_err(&svg, e))?;
     }
+    std::fs::rename(&svg_tmp, &svg).map_err(|e| Error::Io { path: svg.clone(), source: e })?;
     out.push(svg);
     let png = dir.join(format!("{stem}.png"));
+    let png_tmp = tmp("png");
     {
-        let root = BitMapBackend::new(&png, SIZE).into_drawing_area();
+        let root = BitMapBackend::new(&png_tmp, SIZE).into_drawing_area();
         render(&root, a, &chart).map_err(|e| plot_err(&png, e))?;
         root.present().map_err(|e| plot_err(&png, e))?;
     }
+    std::fs::rename(&png_tmp, &png).map_err(|e| Error::Io { path: png.clone(), source: e })?;
     out.push(png);
     Ok(())
 }
@@ -197,9 +211,10 @@ fn preferred(a: &Analysis, group: &str, x: XVar) -> SingleLaw {
         .map_or(SingleLaw::Power, |c| c.preferred)
 }
 
-/// The family list and the colour index of each.
+/// The family list (a family's colour is its index here).
 fn groups(a: &Analysis) -> Vec<String> {
-    let mut g: Vec<String> = a.single.iter().map(|r| r.group.clone()).collect();
+    let mut g: Vec<String> = a.runs.iter().map(|r| r.0.clone()).collect();
+    g.extend(a.single.iter().map(|r| r.group.clone()));
     g.extend(a.joint.iter().map(|j| j.group.clone()));
     g.sort();
     g.dedup();
@@ -221,7 +236,6 @@ fn draw_single<DB: DrawingBackend>(
         reports.iter().flat_map(|r| r.points.iter().map(|p| p.1)),
         0.08,
     );
-    let wide_y = (y1 / y0).log10() >= 1.5;
     let mut chart = ChartBuilder::on(root)
         .caption(
             format!("Validation loss vs {}", x.label(&a.data_unit)),
@@ -241,8 +255,8 @@ fn draw_single<DB: DrawingBackend>(
         .y_desc("best validation loss")
         .label_style((FAMILY, 17))
         .axis_desc_style((FAMILY, 20))
-        .x_label_formatter(&|v| tick(*v, true))
-        .y_label_formatter(&|v| tick(*v, wide_y))
+        .x_label_formatter(&|v| tick(*v))
+        .y_label_formatter(&|v| tick(*v))
         .light_line_style(WHITE.mix(0.0))
         .bold_line_style(BLACK.mix(0.08))
         .draw()
@@ -343,6 +357,8 @@ fn draw_residuals<DB: DrawingBackend>(
         .collect();
     let (x0, x1) = log_range(res.iter().map(|r| r.1), 0.06);
     let m = res.iter().map(|r| r.2.abs()).fold(0.0, f64::max).max(1e-3) * 1.15;
+    let n_groups = res.iter().map(|r| r.0).collect::<std::collections::BTreeSet<_>>().len();
+    let top = m * (1.0 + 2.0 * ((n_groups as f64 * 24.0 + 24.0) / 560.0).min(0.6));
     let mut chart = ChartBuilder::on(root)
         .caption(
             format!(
@@ -365,7 +381,7 @@ fn draw_residuals<DB: DrawingBackend>(
         .y_desc("ln(observed / fitted loss)")
         .label_style((FAMILY, 17))
         .axis_desc_style((FAMILY, 20))
-        .x_label_formatter(&|v| tick(*v, true))
+        .x_label_formatter(&|v| tick(*v))
         .y_label_formatter(&|v| {
             if v.abs() < 1e-12 {
                 "0".into()
@@ -424,7 +440,8 @@ fn draw_frontier<DB: DrawingBackend>(
     root.fill(&WHITE).map_err(|e| e.to_string())?;
     let (x0, x1) = log_range(runs.iter().map(|r| r.1), 0.06);
     let (y0, y1) = log_range(runs.iter().map(|r| r.2), 0.08);
-    let wide_y = (y1 / y0).log10() >= 1.5;
+    let n_families = runs.iter().map(|r| &r.0).collect::<std::collections::BTreeSet<_>>().len();
+    let y1 = legend_headroom(y0, y1, n_families + 1 + a.joint.len());
     let mut chart = ChartBuilder::on(root)
         .caption("Compute-optimal frontier", (FAMILY, 26))
         .margin(18)
@@ -441,8 +458,8 @@ fn draw_frontier<DB: DrawingBackend>(
         .y_desc("best validation loss")
         .label_style((FAMILY, 17))
         .axis_desc_style((FAMILY, 20))
-        .x_label_formatter(&|v| tick(*v, true))
-        .y_label_formatter(&|v| tick(*v, wide_y))
+        .x_label_formatter(&|v| tick(*v))
+        .y_label_formatter(&|v| tick(*v))
         .light_line_style(WHITE.mix(0.0))
         .bold_line_style(BLACK.mix(0.08))
         .draw()
@@ -521,8 +538,8 @@ fn draw_frontier<DB: DrawingBackend>(
             .draw_series(LineSeries::new(curve, c.stroke_width(3)))
             .map_err(|e| e.to_string())?
             .label(format!(
-                "{}: joint-fit optimum, N ∝ C^{ea:.3}, D ∝ C^{eb:.3} (k = {:.3})",
-                j.group, j.k
+                "{}: joint-fit optimum, N ∝ C^{ea:.3}, D ∝ C^{eb:.3} (k = {})",
+                j.group, crate::report::fmt_num(j.k)
             ))
             .legend(move |(lx, ly)| {
                 PathElement::new(vec![(lx, ly), (lx + 20, ly)], c.stroke_width(3))
@@ -556,7 +573,6 @@ fn draw_parity<DB: DrawingBackend>(
         })
         .collect();
     let (lo, hi) = log_range(pts.iter().flat_map(|p| [p.1, p.2]), 0.05);
-    let wide = (hi / lo).log10() >= 1.5;
     let mut chart = ChartBuilder::on(root)
         .caption(
             "Joint law L(N, D) = E + A/N^α + B/D^β: observed vs fitted",
@@ -576,8 +592,8 @@ fn draw_parity<DB: DrawingBackend>(
         .y_desc("observed best validation loss")
         .label_style((FAMILY, 17))
         .axis_desc_style((FAMILY, 20))
-        .x_label_formatter(&|v| tick(*v, wide))
-        .y_label_formatter(&|v| tick(*v, wide))
+        .x_label_formatter(&|v| tick(*v))
+        .y_label_formatter(&|v| tick(*v))
         .light_line_style(WHITE.mix(0.0))
         .bold_line_style(BLACK.mix(0.08))
         .draw()

@@ -492,7 +492,9 @@ pub fn fit_power_law(
 }
 
 /// Bootstrap of a single-variable fit; samples are (a, b, E). Each resample
-/// is refitted from the full-data optimum and the usual data-driven starts.
+/// is refitted from the full-data optimum and from the log-linear start with
+/// E₀ = 0 (which reaches the E → 0 boundary when a resample has no
+/// irreducible loss); the better of the two is kept.
 pub fn bootstrap_power_law(
     x: &[f64],
     loss: &[f64],
@@ -502,6 +504,7 @@ pub fn bootstrap_power_law(
     let data = SingleData::new(x, loss, fit.law)?;
     let p = fit.law.n_params();
     let mut st = starts(&data, fit.law);
+    st.truncate(1);
     st.insert(0, theta_from(&fit.params, fit.law, data.ln_x0));
     Ok(crate::bootstrap::run(data.len(), options, |w| {
         // A resample needs as many distinct x as parameters.

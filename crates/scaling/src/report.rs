@@ -161,9 +161,9 @@ pub fn markdown(a: &Analysis, plots: &[String]) -> String {
         let _ = writeln!(s, "## Single-variable laws\n");
         let _ = writeln!(
             s,
-            "| group | x | law | n | parameters (95% interval) | RMS log residual | AIC | BIC | leave-largest-out error |"
+            "| group | x | law | n | parameters (95% interval) | RMS log residual | AIC | BIC | leave-largest-out error | predicted L at 10× largest x |"
         );
-        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|");
         for r in &a.single {
             let ex = r.extrapolation.as_ref().map_or("n/a".into(), |e| {
                 format!(
@@ -173,9 +173,13 @@ pub fn markdown(a: &Analysis, plots: &[String]) -> String {
                     fmt_num(e.held_out_x)
                 )
             });
+            let pred = r
+                .predictions
+                .last()
+                .map_or("n/a".into(), |p| format!("{} at x = {}", fmt_interval(&p.value), fmt_num(p.at)));
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {} | {:.4} | {:.1} | {:.1} | {} |",
+                "| {} | {} | {} | {} | {} | {:.4} | {:.1} | {:.1} | {} | {pred} |",
                 r.group,
                 r.x.name(),
                 r.fit.law.formula(),

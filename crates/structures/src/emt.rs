@@ -45,6 +45,7 @@
 use rayon::prelude::*;
 
 use crate::elements;
+use crate::neighbors::{neighbor_list, NeighborError};
 use crate::structure::{det3, inverse3, Mat3, Structure, StructureError};
 
 /// The Bohr radius in Å as ASE 3.29 defines it (`ase.units.Bohr`, CODATA 2014); the parameter
@@ -145,6 +146,9 @@ pub enum EmtError {
         /// Their distance, Å.
         distance: f64,
     },
+    /// The neighbour search failed (e.g. a cell far too thin for the cutoff).
+    #[error("EMT neighbour search: {0}")]
+    Neighbors(#[from] NeighborError),
     /// The results could not be attached to the structure (non-finite values).
     #[error("EMT result rejected: {0}")]
     Structure(#[from] StructureError),
@@ -176,6 +180,7 @@ pub struct EmtResult {
 /// Per-element constants in Å and eV, with the fcc reference sums folded in.
 #[derive(Debug, Clone, Copy)]
 struct Species {
+    number: u8,
     e0: f64,
     s0: f64,
     v0: f64,
@@ -229,6 +234,7 @@ impl Emt {
             let kappa = p.kappa / BOHR;
             let (gamma1, gamma2) = fcc_gammas(s0, eta2, kappa, rc, acut);
             species[usize::from(p.number)] = Some(Species {
+                number: p.number,
                 e0: p.e0,
                 s0,
                 v0: p.v0,
@@ -293,7 +299,25 @@ impl Emt {
     pub fn calculate(&self, structure: &Structure) -> Result<EmtResult, EmtError> {
         let species = self.species_of(structure)?;
         let n = structure.len();
-        let pairs = half_pairs(structure, self.rc_list)?;
+        let direct = if n <= CELL_LIST_MIN_ATOMS {
+            half_pairs_direct(structure, self.rc_list)?
+        } else {
+            None
+        };
+        let pairs = match direct {
+            Some(pairs) => pairs,
+            None => half_pairs_cell_list(structure, self.rc_list)?,
+        };
+        self.evaluate(structure, &species, &pairs)
+    }
+
+    fn evaluate(
+        &self,
+        structure: &Structure,
+        species: &[Species],
+        pairs: &[Pair],
+    ) -> Result<EmtResult, EmtError> {
+        let n = structure.len();
 
         let mut energies = vec![0.0; n];
         let mut sigma1 = vec![0.0; n];
@@ -301,22 +325,31 @@ impl Emt {
         let mut terms = Vec::with_capacity(pairs.len());
 
         // Pass 1: densities σ1 and the pair part of the atomic-sphere correction.
-        for p in &pairs {
+        for p in pairs {
             let (i, j) = (p.i as usize, p.j as usize);
             let (si, sj) = (&species[i], &species[j]);
             let r = p.r;
             let w = 1.0 / (1.0 + (self.acut * (r - self.rc)).exp());
             let dwdr_over_w = self.acut * (w - 1.0);
-            let chi_ij = sj.n0 / si.n0; // χ for atom i seeing j
-            let chi_ji = si.n0 / sj.n0;
+            // The exponentials of j's parameters, and of i's (the same for like atoms).
+            let density_j = (-sj.eta2 * (r - sj.beta_s0)).exp();
+            let pair_j = (-sj.kappa * (r / BETA - sj.s0)).exp();
+            let (density_i, pair_i, chi_ij, chi_ji) = if si.number == sj.number {
+                (density_j, pair_j, 1.0, 1.0)
+            } else {
+                (
+                    (-si.eta2 * (r - si.beta_s0)).exp(),
+                    (-si.kappa * (r / BETA - si.s0)).exp(),
+                    sj.n0 / si.n0, // χ for atom i seeing j
+                    si.n0 / sj.n0,
+                )
+            };
             // Density atom i receives from j, and j from i.
-            let s1_i = (-sj.eta2 * (r - sj.beta_s0)).exp() * chi_ij * w;
-            let s1_j = (-si.eta2 * (r - si.beta_s0)).exp() * chi_ji * w;
+            let s1_i = density_j * chi_ij * w;
+            let s1_j = density_i * chi_ji * w;
             // Pair-potential terms as seen from i ("self") and from j.
-            let es =
-                si.neg_half_v0_over_gamma2 * (-sj.kappa * (r / BETA - sj.s0)).exp() * chi_ij * w;
-            let eo =
-                sj.neg_half_v0_over_gamma2 * (-si.kappa * (r / BETA - si.s0)).exp() * chi_ji * w;
+            let es = si.neg_half_v0_over_gamma2 * pair_j * chi_ij * w;
+            let eo = sj.neg_half_v0_over_gamma2 * pair_i * chi_ji * w;
             let e_pair = 0.5 * (es + eo);
             energies[i] += e_pair;
             energies[j] += e_pair;
@@ -455,16 +488,58 @@ struct PairTerms {
     ds1_j_over_r: f64,
 }
 
+/// Structures with more atoms than this use the O(N) cell list of [`crate::neighbors`]; smaller
+/// ones a direct O(N²) search over pairs, which is faster for a few dozen atoms.
+const CELL_LIST_MIN_ATOMS: usize = 96;
+
+/// Upper bound on the periodic images per pair the direct search may visit.
+const MAX_DIRECT_IMAGES: f64 = 4096.0;
+
+/// The half list from the crate's full neighbour list (cell list, O(N)).
+fn half_pairs_cell_list(structure: &Structure, cutoff: f64) -> Result<Vec<Pair>, EmtError> {
+    let list = neighbor_list(structure, cutoff)?;
+    let mut pairs = Vec::with_capacity(list.len() / 2 + 1);
+    for p in 0..list.len() {
+        let (i, j, shift) = (list.first()[p], list.second()[p], list.shifts()[p]);
+        if i < j || (i == j && (shift[0], shift[1], shift[2]) > (0, 0, 0)) {
+            let r = list.distances()[p];
+            if r == 0.0 {
+                return Err(EmtError::CoincidentAtoms {
+                    i: i as usize,
+                    j: j as usize,
+                    distance: r,
+                });
+            }
+            pairs.push(Pair {
+                i,
+                j,
+                d: list.vectors()[p],
+                r,
+            });
+        }
+    }
+    Ok(pairs)
+}
+
 /// Every unordered pair of atoms (including an atom and its own periodic images) closer than
 /// `cutoff`, each listed once: for i < j every image, for i == j the images with a shift that is
 /// positive in lexicographic order. Equivalent to half of ASE's full neighbour list.
-fn half_pairs(structure: &Structure, cutoff: f64) -> Result<Vec<Pair>, EmtError> {
+/// `None` when the cell is so thin that the direct search would visit more than
+/// [`MAX_DIRECT_IMAGES`] images per pair.
+fn half_pairs_direct(structure: &Structure, cutoff: f64) -> Result<Option<Vec<Pair>>, EmtError> {
     let n = structure.len();
     let pbc = structure.pbc();
     let cell = *structure.cell();
     let mut pairs = Vec::new();
+    // Square-distance pre-filter, a hair wider than the cutoff so that the exact decision
+    // `r < cutoff` (as ASE makes it) is taken on the square root.
+    let cutoff2 = cutoff * cutoff * (1.0 + 1e-12);
     let mut push = |i: usize, j: usize, d: [f64; 3]| -> Result<(), EmtError> {
-        let r = (d[0] * d[0] + d[1] * d[1] + d[2] * d[2]).sqrt();
+        let r2 = d[0] * d[0] + d[1] * d[1] + d[2] * d[2];
+        if r2 >= cutoff2 {
+            return Ok(());
+        }
+        let r = r2.sqrt();
         if r < cutoff {
             if r == 0.0 {
                 return Err(EmtError::CoincidentAtoms { i, j, distance: r });
@@ -492,7 +567,7 @@ fn half_pairs(structure: &Structure, cutoff: f64) -> Result<Vec<Pair>, EmtError>
                 push(i, j, sub(&pos[j], &pos[i]))?;
             }
         }
-        return Ok(pairs);
+        return Ok(Some(pairs));
     };
 
     // Wrap atoms into the cell along periodic axes (a lattice translation changes no pair).
@@ -519,6 +594,11 @@ fn half_pairs(structure: &Structure, cutoff: f64) -> Result<Vec<Pair>, EmtError>
             reach[a] = cutoff * h;
         }
     }
+    // Thin cells need many images per pair: leave those to the cell list.
+    let images: f64 = reach.iter().map(|r| 2.0 * r + 2.0).product();
+    if images > MAX_DIRECT_IMAGES {
+        return Ok(None);
+    }
     for i in 0..n {
         for j in i..n {
             let df = sub(&frac[j], &frac[i]);
@@ -527,8 +607,8 @@ fn half_pairs(structure: &Structure, cutoff: f64) -> Result<Vec<Pair>, EmtError>
             let mut hi = [0i64; 3];
             for a in 0..3 {
                 if pbc[a] {
-                    lo[a] = (-reach[a] - df[a]).ceil() as i64;
-                    hi[a] = (reach[a] - df[a]).floor() as i64;
+                    lo[a] = ceil_i64(-reach[a] - df[a]);
+                    hi[a] = floor_i64(reach[a] - df[a]);
                 }
             }
             for s0 in lo[0]..=hi[0] {
@@ -548,7 +628,28 @@ fn half_pairs(structure: &Structure, cutoff: f64) -> Result<Vec<Pair>, EmtError>
             }
         }
     }
-    Ok(pairs)
+    Ok(Some(pairs))
+}
+
+/// ⌊x⌋ for |x| well inside the i64 range, without a libm call (`f64::floor` is not inlined on
+/// x86-64 without SSE4.1).
+fn floor_i64(x: f64) -> i64 {
+    let t = x as i64;
+    if (t as f64) > x {
+        t - 1
+    } else {
+        t
+    }
+}
+
+/// ⌈x⌉ for |x| well inside the i64 range.
+fn ceil_i64(x: f64) -> i64 {
+    let t = x as i64;
+    if (t as f64) < x {
+        t + 1
+    } else {
+        t
+    }
 }
 
 fn sub(a: &[f64; 3], b: &[f64; 3]) -> [f64; 3] {
@@ -876,6 +977,35 @@ mod tests {
             matches!(err, EmtError::CoincidentAtoms { i: 0, j: 1, .. }),
             "{err}"
         );
+    }
+
+    #[test]
+    fn pair_searches_agree() {
+        let emt = Emt::new();
+        for case in cases() {
+            let s = &case.structure;
+            let species = emt.species_of(s).unwrap();
+            let direct = half_pairs_direct(s, emt.rc_list).unwrap().unwrap();
+            let cell_list = half_pairs_cell_list(s, emt.rc_list).unwrap();
+            assert_eq!(direct.len(), cell_list.len(), "{}", case.name);
+            let a = emt.evaluate(s, &species, &direct).unwrap();
+            let b = emt.evaluate(s, &species, &cell_list).unwrap();
+            assert!((a.energy - b.energy).abs() < 1e-11, "{}", case.name);
+            for (fa, fb) in a.forces.iter().zip(&b.forces) {
+                for k in 0..3 {
+                    assert!((fa[k] - fb[k]).abs() < 1e-11, "{}", case.name);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn needle_thin_cell_is_an_error_not_a_hang() {
+        // 1e-5 Å thick: ~6e5 images along x per pair, far beyond any sensible search.
+        let cell = [[1e-5, 0.0, 0.0], [0.0, 4.0, 0.0], [0.0, 0.0, 4.0]];
+        let s = Structure::from_symbols(&["Cu"], vec![[0.0; 3]], cell, [true; 3]).unwrap();
+        let err = Emt::new().calculate(&s).unwrap_err();
+        assert!(matches!(err, EmtError::Neighbors(_)), "{err}");
     }
 
     #[test]

@@ -30,7 +30,7 @@
 use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::fs::File;
-use std::io::{BufRead, BufReader, BufWriter, Read, Write};
+use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
@@ -40,20 +40,15 @@ use crate::io::{temp_path, Location, ReadError, WriteError};
 use crate::structure::{voigt_to_matrix, Mat3};
 use crate::{InfoValue, PerAtomArray, PerAtomData, Structure};
 
-/// Size of the read buffer, bytes.
-const READ_BUFFER: usize = 1 << 20;
-/// The parallel reader splits the file into batches of about this many bytes.
-const BATCH_BYTES: usize = 4 << 20;
-/// ... or this many frames, whichever comes first.
-const BATCH_FRAMES: usize = 4096;
+/// Bytes read from the source per refill.
+const BLOCK: usize = 4 << 20;
+/// The parallel reader parses frames in batches of about this many bytes.
+const BATCH_BYTES: usize = 8 << 20;
 
 /// Opens an extxyz file for streaming (parallel parsing when rayon has more than one thread).
-pub fn read_path(path: &Path) -> Result<Reader<BufReader<File>>, ReadError> {
+pub fn read_path(path: &Path) -> Result<Reader<File>, ReadError> {
     let file = File::open(path).map_err(|e| ReadError::io(path, e))?;
-    Ok(Reader::new(
-        BufReader::with_capacity(READ_BUFFER, file),
-        path,
-    ))
+    Ok(Reader::new(file, path))
 }
 
 /// Reads every frame of an extxyz file into memory.
@@ -66,51 +61,262 @@ pub fn parse_str(text: &str, path: &Path) -> Result<Vec<Structure>, ReadError> {
     Reader::new(text.as_bytes(), path).collect()
 }
 
-/// The raw text of one frame, split off the stream but not parsed yet.
-#[derive(Default)]
-struct RawFrame {
+/// Where one frame lies in its batch's block of bytes.
+#[derive(Debug, Clone, Copy)]
+struct Span {
     /// Frame index, 0-based.
     index: usize,
-    /// Line number of the atom-count line, 1-based.
-    first_line: usize,
+    /// Line number of the comment line, 1-based.
+    comment_line: usize,
     /// The atom count.
     natoms: usize,
-    /// The comment line and the atom lines, each with its newline.
-    text: Vec<u8>,
+    /// Byte range of the comment line and the atom lines in the block.
+    start: usize,
+    end: usize,
 }
 
-/// A streaming extxyz reader: an iterator over the frames of any [`BufRead`].
-///
-/// With parallel parsing on (the default), it splits a batch of frames (a few MB) off the stream
-/// and parses them on the rayon pool, yielding them in file order; memory stays bounded by the
-/// batch size. After an error the iterator ends.
-pub struct Reader<R> {
+/// Frames split off the input, not parsed yet: they own their bytes, so the next batch can be
+/// read while this one is parsed.
+struct Batch {
+    block: Vec<u8>,
+    spans: Vec<Span>,
+    /// An error found while splitting, after the frames of `spans`.
+    error: Option<ReadError>,
+}
+
+/// What the splitter found at the current position.
+enum Split {
+    Frame(Span),
+    /// More input is needed to complete the next frame.
+    NeedMore,
+    /// Clean end of input.
+    End,
+}
+
+/// Reads blocks of input and splits them into frames by counting lines.
+struct Splitter<R> {
     src: R,
     path: PathBuf,
-    /// Lines consumed so far.
+    /// Unsplit input is `buf[pos..filled]`.
+    buf: Vec<u8>,
+    pos: usize,
+    filled: usize,
+    eof: bool,
+    /// Lines before `pos`.
     line: usize,
     /// Frames split off so far.
     frames: usize,
+    /// The end of the input or an error was reached.
     done: bool,
-    parallel: bool,
-    ready: VecDeque<Result<Structure, ReadError>>,
-    pool: Vec<RawFrame>,
-    count_line: Vec<u8>,
+    /// Bytes read per refill.
+    block: usize,
 }
 
-impl<R: BufRead> Reader<R> {
+impl<R: Read> Splitter<R> {
+    fn location(&self, line: usize) -> Location {
+        Location::file(&self.path)
+            .with_frame(self.frames)
+            .with_line(line)
+    }
+
+    /// Moves the unsplit input to the front and reads more (at least doubling the room when the
+    /// buffer holds one incomplete frame, so a huge frame costs amortised linear time).
+    fn refill(&mut self) -> Result<(), ReadError> {
+        if self.pos > 0 {
+            self.buf.copy_within(self.pos..self.filled, 0);
+            self.filled -= self.pos;
+            self.pos = 0;
+        }
+        let want = self.filled + self.block.max(self.filled);
+        if self.buf.len() < want {
+            self.buf.resize(want, 0);
+        }
+        while self.filled < self.buf.len() {
+            match self.src.read(&mut self.buf[self.filled..]) {
+                Ok(0) => {
+                    self.eof = true;
+                    break;
+                }
+                Ok(n) => self.filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(ReadError::io(&self.path, e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Finds the next frame in `buf[pos..filled]` without consuming it.
+    fn split(&self) -> Result<Split, ReadError> {
+        let data = &self.buf[self.pos..self.filled];
+        let mut at = 0usize;
+        let mut line = self.line;
+        // The atom-count line; blank lines between frames and at the end are skipped.
+        let natoms = loop {
+            if at >= data.len() {
+                return Ok(if self.eof {
+                    Split::End
+                } else {
+                    Split::NeedMore
+                });
+            }
+            let (line_end, next) = match memchr::memchr(b'\n', &data[at..]) {
+                Some(i) => (at + i, at + i + 1),
+                None if self.eof => (data.len(), data.len()),
+                None => return Ok(Split::NeedMore),
+            };
+            line += 1;
+            let trimmed = data[at..line_end].trim_ascii();
+            at = next;
+            if trimmed.is_empty() {
+                continue;
+            }
+            // ASE accepts extra tokens after the count; take the first one.
+            let first = trimmed
+                .split(|b| b.is_ascii_whitespace())
+                .next()
+                .unwrap_or(trimmed);
+            match std::str::from_utf8(first)
+                .ok()
+                .and_then(|t| t.parse::<usize>().ok())
+            {
+                Some(n) => break n,
+                None => {
+                    return Err(ReadError::parse(
+                        self.location(line),
+                        format!(
+                            "expected the number of atoms, found {:?}",
+                            String::from_utf8_lossy(&trimmed[..trimmed.len().min(80)])
+                        ),
+                    ))
+                }
+            }
+        };
+        let start = at;
+        let comment_line = line + 1;
+        // The comment line and `natoms` atom lines.
+        let mut found = 0usize;
+        let mut end = at;
+        for i in memchr::memchr_iter(b'\n', &data[at..]) {
+            found += 1;
+            end = at + i + 1;
+            if found > natoms {
+                break;
+            }
+        }
+        if found <= natoms {
+            if !self.eof {
+                return Ok(Split::NeedMore);
+            }
+            // A last line without its newline still counts.
+            if end < data.len() {
+                found += 1;
+                end = data.len();
+            }
+            if found <= natoms {
+                let what = if found == 0 {
+                    "the comment line is missing".to_string()
+                } else {
+                    format!(
+                        "truncated frame: expected {natoms} atom lines, found {}",
+                        found - 1
+                    )
+                };
+                return Err(ReadError::parse(self.location(comment_line + found), what));
+            }
+        }
+        Ok(Split::Frame(Span {
+            index: self.frames,
+            comment_line,
+            natoms,
+            start: self.pos + start,
+            end: self.pos + end,
+        }))
+    }
+
+    /// Splits off the next batch of about `max_bytes` of frames (at least one frame).
+    fn next_batch(&mut self, max_bytes: usize) -> Batch {
+        let mut spans: Vec<Span> = Vec::new();
+        let mut bytes = 0usize;
+        let mut error = None;
+        while !self.done && bytes < max_bytes {
+            match self.split() {
+                Ok(Split::Frame(span)) => {
+                    bytes += span.end - span.start;
+                    self.line = span.comment_line + span.natoms;
+                    self.pos = span.end;
+                    self.frames += 1;
+                    spans.push(span);
+                }
+                Ok(Split::End) => self.done = true,
+                // Parse what we have before the buffer moves.
+                Ok(Split::NeedMore) if !spans.is_empty() => break,
+                Ok(Split::NeedMore) => {
+                    if let Err(e) = self.refill() {
+                        error = Some(e);
+                        self.done = true;
+                    }
+                }
+                Err(e) => {
+                    error = Some(e);
+                    self.done = true;
+                }
+            }
+        }
+        // Hand the block over and keep only the unsplit tail.
+        let tail = self.buf[self.pos..self.filled].to_vec();
+        self.filled = tail.len();
+        self.pos = 0;
+        let block = std::mem::replace(&mut self.buf, tail);
+        Batch {
+            block,
+            spans,
+            error,
+        }
+    }
+}
+
+/// A streaming extxyz reader: an iterator over the frames of any [`Read`] (it buffers itself;
+/// no `BufReader` needed).
+///
+/// It reads blocks of a few MB and splits them into frames by counting lines. With parallel
+/// parsing on (the default with more than one rayon thread) it parses a batch of frames on the
+/// rayon pool while the next batch is read and split, and yields frames in file order. Memory
+/// stays bounded by two batches (or one frame, if a frame is larger). After an error the
+/// iterator ends.
+pub struct Reader<R> {
+    splitter: Splitter<R>,
+    path: PathBuf,
+    batch_bytes: usize,
+    parallel: bool,
+    ready: VecDeque<Result<Structure, ReadError>>,
+    /// The batch split off while the previous one was parsed.
+    next: Option<Batch>,
+    done: bool,
+}
+
+impl<R: Read + Send> Reader<R> {
     /// A reader over `src`; `path` names the source in error messages.
     pub fn new(src: R, path: impl Into<PathBuf>) -> Self {
+        let path = path.into();
         Self {
-            src,
-            path: path.into(),
-            line: 0,
-            frames: 0,
-            done: false,
+            splitter: Splitter {
+                src,
+                path: path.clone(),
+                buf: Vec::new(),
+                pos: 0,
+                filled: 0,
+                eof: false,
+                line: 0,
+                frames: 0,
+                done: false,
+                block: BLOCK,
+            },
+            path,
+            batch_bytes: BATCH_BYTES,
             parallel: rayon::current_num_threads() > 1,
             ready: VecDeque::new(),
-            pool: Vec::new(),
-            count_line: Vec::new(),
+            next: None,
+            done: false,
         }
     }
 
@@ -120,122 +326,56 @@ impl<R: BufRead> Reader<R> {
         self
     }
 
-    fn location(&self, line: usize) -> Location {
-        Location::file(&self.path)
-            .with_frame(self.frames)
-            .with_line(line)
-    }
-
-    /// Splits the next frame off the stream into `raw`. `Ok(false)` at a clean end of file.
-    fn next_raw(&mut self, raw: &mut RawFrame) -> Result<bool, ReadError> {
-        // The atom-count line; blank lines between frames and at the end are skipped.
-        let natoms = loop {
-            self.count_line.clear();
-            let n = self
-                .src
-                .read_until(b'\n', &mut self.count_line)
-                .map_err(|e| ReadError::io(&self.path, e))?;
-            if n == 0 {
-                return Ok(false);
-            }
-            self.line += 1;
-            let trimmed = self.count_line.trim_ascii();
-            if trimmed.is_empty() {
-                continue;
-            }
-            // ASE accepts extra tokens after the count (e.g. comments); take the first one.
-            let first = trimmed
-                .split(|b| b.is_ascii_whitespace())
-                .next()
-                .unwrap_or(trimmed);
-            let parsed = std::str::from_utf8(first)
-                .ok()
-                .and_then(|t| t.parse::<usize>().ok());
-            match parsed {
-                Some(n) => break n,
-                None => {
-                    return Err(ReadError::parse(
-                        self.location(self.line),
-                        format!(
-                            "expected the number of atoms, found {:?}",
-                            String::from_utf8_lossy(&trimmed[..trimmed.len().min(80)])
-                        ),
-                    ))
-                }
-            }
-        };
-        raw.index = self.frames;
-        raw.first_line = self.line;
-        raw.natoms = natoms;
-        raw.text.clear();
-        // The comment line and `natoms` atom lines.
-        let mut lines = 0usize;
-        while lines <= natoms {
-            let n = self
-                .src
-                .read_until(b'\n', &mut raw.text)
-                .map_err(|e| ReadError::io(&self.path, e))?;
-            if n == 0 {
-                let what = if lines == 0 {
-                    "the comment line is missing".to_string()
-                } else {
-                    format!(
-                        "truncated frame: expected {natoms} atom lines, found {}",
-                        lines - 1
-                    )
-                };
-                return Err(ReadError::parse(self.location(self.line + 1), what));
-            }
-            self.line += 1;
-            lines += 1;
-        }
-        if raw.text.last() != Some(&b'\n') {
-            raw.text.push(b'\n');
-        }
-        self.frames += 1;
-        Ok(true)
+    /// Sets the bytes read per refill and the bytes of frames parsed per batch (tuning and tests;
+    /// both at least 1).
+    pub fn buffer_sizes(mut self, block: usize, batch: usize) -> Self {
+        self.splitter.block = block.max(1);
+        self.batch_bytes = batch.max(1);
+        self
     }
 
     /// Fills `self.ready` with the next batch of parsed frames.
     fn fill(&mut self) {
-        let mut batch: Vec<RawFrame> = Vec::new();
-        let mut bytes = 0usize;
-        let max_frames = if self.parallel { BATCH_FRAMES } else { 1 };
-        let mut split_error = None;
-        while batch.len() < max_frames && bytes < BATCH_BYTES {
-            let mut raw = self.pool.pop().unwrap_or_default();
-            match self.next_raw(&mut raw) {
-                Ok(true) => {
-                    bytes += raw.text.len();
-                    batch.push(raw);
-                }
-                Ok(false) => {
-                    self.done = true;
-                    break;
-                }
-                Err(e) => {
-                    self.done = true;
-                    split_error = Some(e);
-                    break;
-                }
+        let batch = match self.next.take() {
+            Some(b) => b,
+            None => self.splitter.next_batch(self.batch_bytes),
+        };
+        let (path, batch_bytes) = (&self.path, self.batch_bytes);
+        let parse_all = |b: &Batch, parallel: bool| -> Vec<Result<Structure, ReadError>> {
+            let parse = |sp: &Span| parse_frame(&b.block[sp.start..sp.end], sp, path);
+            if parallel && b.spans.len() > 1 {
+                b.spans.par_iter().map(parse).collect()
+            } else {
+                b.spans.iter().map(parse).collect()
             }
-        }
-        let path = &self.path;
-        if self.parallel && batch.len() > 1 {
-            let parsed: Vec<_> = batch.par_iter().map(|r| parse_frame(r, path)).collect();
-            self.ready.extend(parsed);
+        };
+        let parsed = if self.parallel && !self.splitter.done {
+            let splitter = &mut self.splitter;
+            let (parsed, next) = rayon::join(
+                || parse_all(&batch, true),
+                || splitter.next_batch(batch_bytes),
+            );
+            self.next = Some(next);
+            parsed
         } else {
-            self.ready
-                .extend(batch.iter().map(|r| parse_frame(r, path)));
-        }
-        self.pool.extend(batch);
-        if let Some(e) = split_error {
+            parse_all(&batch, self.parallel)
+        };
+        self.ready.extend(parsed);
+        if let Some(e) = batch.error {
             self.ready.push_back(Err(e));
+        }
+        if self.splitter.done
+            && self
+                .next
+                .as_ref()
+                .is_none_or(|b| b.spans.is_empty() && b.error.is_none())
+        {
+            self.done = true;
         }
     }
 }
 
-impl<R: BufRead> Iterator for Reader<R> {
+impl<R: Read + Send> Iterator for Reader<R> {
     type Item = Result<Structure, ReadError>;
 
     fn next(&mut self) -> Option<Self::Item> {
@@ -246,6 +386,7 @@ impl<R: BufRead> Iterator for Reader<R> {
         if item.is_err() {
             // Stop after the first error: the frames after it cannot be trusted.
             self.ready.clear();
+            self.next = None;
             self.done = true;
         }
         Some(item)
@@ -411,10 +552,128 @@ fn parse_bool(tok: &str) -> Option<bool> {
     }
 }
 
-/// Parses a real number (decimal or scientific, `inf`/`nan` allowed here; callers check).
+/// Exact powers of ten, 10^0 ..= 10^22 (all representable in f64).
+const POW10: [f64; 23] = [
+    1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16,
+    1e17, 1e18, 1e19, 1e20, 1e21, 1e22,
+];
+
+/// Parses a real number (decimal or scientific; `inf`/`nan` too, callers check finiteness).
+///
+/// Fast path (Clinger): when the decimal mantissa m ≤ 2^53 and the power of ten |e| ≤ 22, both
+/// are exact in f64 and m·10^e (or m/10^-e) is one correctly rounded operation, so the result is
+/// the same as std's. Everything else (17-digit mantissas, large exponents, odd spellings) goes
+/// to std's parser.
+#[inline]
+fn parse_real_bytes(t: &[u8]) -> Option<f64> {
+    if let Some(x) = parse_real_fast(t) {
+        return Some(x);
+    }
+    std::str::from_utf8(t).ok()?.parse::<f64>().ok()
+}
+
+#[inline]
+fn parse_real_fast(t: &[u8]) -> Option<f64> {
+    let (neg, mut i) = match t.first()? {
+        b'-' => (true, 1),
+        b'+' => (false, 1),
+        _ => (false, 0),
+    };
+    let mut mantissa: u64 = 0;
+    let mut digits = 0u32;
+    while i < t.len() && t[i].is_ascii_digit() {
+        mantissa = mantissa
+            .wrapping_mul(10)
+            .wrapping_add(u64::from(t[i] - b'0'));
+        digits += 1;
+        i += 1;
+    }
+    let mut frac = 0i32;
+    if i < t.len() && t[i] == b'.' {
+        i += 1;
+        // Eight digits at a time while they last (the usual `%16.8f` fraction in one step).
+        while let Some(eight) = t.get(i..i + 8).and_then(eight_digits) {
+            mantissa = mantissa.wrapping_mul(100_000_000).wrapping_add(eight);
+            digits += 8;
+            frac += 8;
+            i += 8;
+        }
+        while i < t.len() && t[i].is_ascii_digit() {
+            mantissa = mantissa
+                .wrapping_mul(10)
+                .wrapping_add(u64::from(t[i] - b'0'));
+            digits += 1;
+            frac += 1;
+            i += 1;
+        }
+    }
+    // Up to 19 digits the mantissa cannot have wrapped.
+    if digits == 0 || digits > 19 {
+        return None;
+    }
+    let mut exp = 0i32;
+    if i < t.len() && (t[i] | 0x20) == b'e' {
+        i += 1;
+        let eneg = match t.get(i) {
+            Some(b'-') => {
+                i += 1;
+                true
+            }
+            Some(b'+') => {
+                i += 1;
+                false
+            }
+            _ => false,
+        };
+        let start = i;
+        while i < t.len() && t[i].is_ascii_digit() && i - start < 4 {
+            exp = exp * 10 + i32::from(t[i] - b'0');
+            i += 1;
+        }
+        if i == start {
+            return None;
+        }
+        if eneg {
+            exp = -exp;
+        }
+    }
+    if i != t.len() || mantissa > (1u64 << 53) {
+        return None;
+    }
+    let e = exp - frac;
+    let m = mantissa as f64;
+    let x = if e == 0 {
+        m
+    } else if (1..=22).contains(&e) {
+        m * POW10[e as usize]
+    } else if (-22..0).contains(&e) {
+        m / POW10[(-e) as usize]
+    } else {
+        return None;
+    };
+    Some(if neg { -x } else { x })
+}
+
+/// The value of eight ASCII digits, `None` if any byte is not a digit (SWAR: one 64-bit word).
+#[inline]
+fn eight_digits(b: &[u8]) -> Option<u64> {
+    let word = u64::from_le_bytes(b.try_into().ok()?);
+    let digits = word.wrapping_sub(0x3030_3030_3030_3030);
+    // A byte is a digit iff b - '0' < 10, i.e. neither b - 0x30 nor b + 0x46 sets the top bit.
+    if (digits | word.wrapping_add(0x4646_4646_4646_4646)) & 0x8080_8080_8080_8080 != 0 {
+        return None;
+    }
+    // Pairwise combine: 8 one-digit lanes -> 4 two-digit -> 2 four-digit -> one eight-digit.
+    let v = (digits.wrapping_mul(10) + (digits >> 8)) & 0x00FF_00FF_00FF_00FF;
+    let v = (v.wrapping_mul(100) + (v >> 16)) & 0x0000_FFFF_0000_FFFF;
+    let v = (v.wrapping_mul(10_000) + (v >> 32)) & 0x0000_0000_FFFF_FFFF;
+    Some(v)
+}
+
+/// Parses a real number in a comment-line value.
 #[inline]
 fn parse_real(tok: &str) -> Option<f64> {
-    tok.parse::<f64>().ok()
+    parse_real_bytes(tok.as_bytes())
 }
 
 /// Types a comment-line value (see the module docs).
@@ -660,17 +919,19 @@ fn parse_properties(spec: &str) -> Result<Vec<Column>, String> {
 /// A small symbol → atomic number cache (a frame has few distinct species).
 #[derive(Default)]
 struct SpeciesCache<'a> {
-    seen: Vec<(&'a str, u8)>,
+    seen: Vec<(&'a [u8], u8)>,
 }
 
 impl<'a> SpeciesCache<'a> {
-    fn lookup(&mut self, symbol: &'a str) -> Option<u8> {
+    #[inline]
+    fn lookup(&mut self, symbol: &'a [u8]) -> Option<u8> {
         if let Some(&(_, z)) = self.seen.iter().find(|(s, _)| *s == symbol) {
             return Some(z);
         }
-        let z = elements::atomic_number(symbol).or_else(|| {
+        let text = std::str::from_utf8(symbol).ok()?;
+        let z = elements::atomic_number(text).or_else(|| {
             // ASE capitalises symbols ("CU" -> "Cu").
-            let mut c = symbol.to_ascii_lowercase();
+            let mut c = text.to_ascii_lowercase();
             if let Some(f) = c.get_mut(0..1) {
                 f.make_ascii_uppercase();
             }
@@ -681,22 +942,59 @@ impl<'a> SpeciesCache<'a> {
     }
 }
 
-/// Parses one raw frame.
-fn parse_frame(raw: &RawFrame, path: &Path) -> Result<Structure, ReadError> {
-    let loc = |line: usize| Location::file(path).with_frame(raw.index).with_line(line);
-    let comment_line_no = raw.first_line + 1;
-    let text = std::str::from_utf8(&raw.text).map_err(|e| {
-        let bad_line = raw.text[..e.valid_up_to()]
-            .iter()
-            .filter(|&&b| b == b'\n')
-            .count();
-        ReadError::parse(loc(comment_line_no + bad_line), "invalid UTF-8")
-    })?;
-    let mut lines = text.split_terminator('\n');
-    let comment = lines
-        .next()
-        .expect("a raw frame holds its comment line")
+/// Whitespace-separated tokens of the atom lines of a frame, line by line.
+struct Tokens<'a> {
+    b: &'a [u8],
+    i: usize,
+}
+
+impl<'a> Tokens<'a> {
+    /// The next token of the current line, `None` at its end.
+    #[inline]
+    fn next_token(&mut self) -> Option<&'a [u8]> {
+        let b = self.b;
+        let mut i = self.i;
+        while i < b.len() && matches!(b[i], b' ' | b'\t' | b'\r') {
+            i += 1;
+        }
+        if i >= b.len() || b[i] == b'\n' {
+            self.i = i;
+            return None;
+        }
+        let start = i;
+        while i < b.len() && !matches!(b[i], b' ' | b'\t' | b'\r' | b'\n') {
+            i += 1;
+        }
+        self.i = i;
+        Some(&b[start..i])
+    }
+
+    /// Moves to the next line; returns how many tokens were left on the current one.
+    fn end_line(&mut self) -> usize {
+        let mut left = 0;
+        while self.next_token().is_some() {
+            left += 1;
+        }
+        if self.i < self.b.len() {
+            self.i += 1; // the newline
+        }
+        left
+    }
+}
+
+fn lossy(t: &[u8]) -> std::borrow::Cow<'_, str> {
+    String::from_utf8_lossy(t)
+}
+
+/// Parses one frame: `text` is its comment line and atom lines.
+fn parse_frame(text: &[u8], span: &Span, path: &Path) -> Result<Structure, ReadError> {
+    let loc = |line: usize| Location::file(path).with_frame(span.index).with_line(line);
+    let comment_line_no = span.comment_line;
+    let comment_end = memchr::memchr(b'\n', text).unwrap_or(text.len());
+    let comment = std::str::from_utf8(&text[..comment_end])
+        .map_err(|_| ReadError::parse(loc(comment_line_no), "invalid UTF-8 in the comment line"))?
         .trim_end_matches('\r');
+    let atom_text = &text[(comment_end + 1).min(text.len())..];
 
     // --- comment line ---
     let pairs = tokenize_comment(comment).map_err(|m| ReadError::parse(loc(comment_line_no), m))?;
@@ -750,7 +1048,7 @@ fn parse_frame(raw: &RawFrame, path: &Path) -> Result<Structure, ReadError> {
     let ncols: usize = columns.iter().map(|c| c.width).sum();
 
     // --- atom lines ---
-    let n = raw.natoms;
+    let n = span.natoms;
     let mut numbers: Vec<u8> = Vec::with_capacity(n);
     let mut positions: Vec<[f64; 3]> = Vec::with_capacity(n);
     let mut forces: Vec<[f64; 3]> = Vec::new();
@@ -770,17 +1068,16 @@ fn parse_frame(raw: &RawFrame, path: &Path) -> Result<Structure, ReadError> {
         })
         .collect();
     let mut species = SpeciesCache::default();
+    let mut tokens = Tokens { b: atom_text, i: 0 };
     for atom in 0..n {
         let line_no = comment_line_no + 1 + atom;
-        let line = lines.next().expect("a raw frame holds natoms atom lines");
-        let mut tokens = line.split_ascii_whitespace();
         let mut col_index = 0usize;
         let mut extra_slot = 0usize;
         for c in &columns {
             let lerr = |m: String| ReadError::parse(loc(line_no).with_key(c.name.clone()), m);
             let mut next_token = || {
                 col_index += 1;
-                tokens.next().ok_or_else(|| {
+                tokens.next_token().ok_or_else(|| {
                     lerr(format!(
                         "expected {ncols} columns ({properties}), found {}",
                         col_index - 1
@@ -792,16 +1089,16 @@ fn parse_frame(raw: &RawFrame, path: &Path) -> Result<Structure, ReadError> {
                     let t = next_token()?;
                     let z = species
                         .lookup(t)
-                        .ok_or_else(|| lerr(format!("unknown element symbol {t:?}")))?;
+                        .ok_or_else(|| lerr(format!("unknown element symbol {:?}", lossy(t))))?;
                     numbers.push(z);
                 }
                 Target::Numbers => {
                     let t = next_token()?;
-                    let z = t
-                        .parse::<u8>()
+                    let z = std::str::from_utf8(t)
                         .ok()
+                        .and_then(|t| t.parse::<u8>().ok())
                         .filter(|&z| elements::symbol(z).is_some())
-                        .ok_or_else(|| lerr(format!("invalid atomic number {t:?}")))?;
+                        .ok_or_else(|| lerr(format!("invalid atomic number {:?}", lossy(t))))?;
                     numbers.push(z);
                 }
                 Target::Positions | Target::Forces => {
@@ -827,26 +1124,43 @@ fn parse_frame(raw: &RawFrame, path: &Path) -> Result<Structure, ReadError> {
                     for _ in 0..c.width {
                         let t = next_token()?;
                         match data {
-                            PerAtomData::Str(v) => v.push(t.to_string()),
-                            PerAtomData::Int(v) => {
-                                v.push(t.parse::<i64>().map_err(|_| {
-                                    lerr(format!("expected an integer, found {t:?}"))
-                                })?)
-                            }
+                            PerAtomData::Str(v) => match std::str::from_utf8(t) {
+                                Ok(t) => v.push(t.to_string()),
+                                Err(_) => return Err(lerr("invalid UTF-8".to_string())),
+                            },
+                            PerAtomData::Int(v) => v.push(
+                                std::str::from_utf8(t)
+                                    .ok()
+                                    .and_then(|t| t.parse::<i64>().ok())
+                                    .ok_or_else(|| {
+                                        lerr(format!("expected an integer, found {:?}", lossy(t)))
+                                    })?,
+                            ),
                             PerAtomData::Real(v) => v.push(parse_finite(t).map_err(&lerr)?),
-                            PerAtomData::Bool(v) => v.push(parse_bool(t).ok_or_else(|| {
-                                lerr(format!("expected a logical (T/F), found {t:?}"))
-                            })?),
+                            PerAtomData::Bool(v) => v.push(
+                                std::str::from_utf8(t)
+                                    .ok()
+                                    .and_then(parse_bool)
+                                    .ok_or_else(|| {
+                                        lerr(format!(
+                                            "expected a logical (T/F), found {:?}",
+                                            lossy(t)
+                                        ))
+                                    })?,
+                            ),
                         }
                     }
                 }
             }
         }
-        if tokens.next().is_some() {
-            let found = ncols + 1 + tokens.count();
+        let left = tokens.end_line();
+        if left > 0 {
             return Err(ReadError::parse(
                 loc(line_no),
-                format!("expected {ncols} columns ({properties}), found {found}"),
+                format!(
+                    "expected {ncols} columns ({properties}), found {}",
+                    ncols + left
+                ),
             ));
         }
     }
@@ -919,11 +1233,11 @@ fn parse_frame(raw: &RawFrame, path: &Path) -> Result<Structure, ReadError> {
 }
 
 #[inline]
-fn parse_finite(t: &str) -> Result<f64, String> {
-    match parse_real(t) {
+fn parse_finite(t: &[u8]) -> Result<f64, String> {
+    match parse_real_bytes(t) {
         Some(x) if x.is_finite() => Ok(x),
         Some(x) => Err(format!("non-finite value {x}")),
-        None => Err(format!("expected a real number, found {t:?}")),
+        None => Err(format!("expected a real number, found {:?}", lossy(t))),
     }
 }
 
@@ -1246,13 +1560,124 @@ impl Drop for Writer {
 }
 
 /// Reads the whole of `src` as extxyz (convenience for in-memory data and tests).
-pub fn read_from(src: impl Read, path: &Path) -> Result<Vec<Structure>, ReadError> {
-    Reader::new(BufReader::new(src), path).collect()
+pub fn read_from(src: impl Read + Send, path: &Path) -> Result<Vec<Structure>, ReadError> {
+    Reader::new(src, path).collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn sample_text(frames: usize) -> String {
+        let mut out = String::new();
+        for k in 0..frames {
+            let n = 1 + k % 5;
+            out.push_str(&format!(
+                "{n}\nLattice=\"3 0 0 0 3 0 0 0 3\" Properties=species:S:1:pos:R:3:forces:R:3 energy=-{k}.5 k={k}\n"
+            ));
+            for i in 0..n {
+                out.push_str(&format!("Cu {i}.25 0.5 -1e-3 0.1 0.2 0.3\n"));
+            }
+            if k % 7 == 3 {
+                out.push_str("\n"); // blank lines between frames are skipped
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn block_and_batch_sizes_do_not_change_the_result() {
+        let text = sample_text(60);
+        let path = Path::new("t.xyz");
+        let want = parse_str(&text, path).unwrap();
+        assert_eq!(want.len(), 60);
+        assert_eq!(want[59].info()["k"], InfoValue::Int(59));
+        for (block, batch) in [(1, 1), (7, 50), (64, 1), (100, 300), (4096, 1 << 20)] {
+            for parallel in [false, true] {
+                let got: Vec<Structure> = Reader::new(text.as_bytes(), path)
+                    .buffer_sizes(block, batch)
+                    .parallel(parallel)
+                    .collect::<Result<_, _>>()
+                    .unwrap();
+                assert_eq!(got, want, "block {block} batch {batch} parallel {parallel}");
+            }
+        }
+        // Errors keep their line numbers whatever the buffering, after the good frames.
+        let truncated = &text[..text.len() - 10];
+        for (block, batch) in [(1, 1), (13, 40), (1 << 20, 1 << 20)] {
+            let results: Vec<_> = Reader::new(truncated.as_bytes(), path)
+                .buffer_sizes(block, batch)
+                .parallel(true)
+                .collect();
+            assert_eq!(results.len(), 60, "block {block}");
+            assert!(results[..59].iter().all(Result::is_ok));
+            let err = results[59].as_ref().unwrap_err();
+            let loc = err.location().unwrap();
+            assert_eq!(loc.frame, Some(59), "{err}");
+            assert_eq!(loc.line, Some(text.trim_end().lines().count()), "{err}");
+        }
+    }
+
+    #[test]
+    fn fast_float_parsing_equals_std() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        let fixed = [
+            "0",
+            "-0",
+            "-0.0",
+            "+1.5",
+            ".5",
+            "5.",
+            "1e5",
+            "1E-5",
+            "2.5e+3",
+            "123456789012345678",
+            "9007199254740993",
+            "0.1",
+            "-1.55313357",
+            "3.0941534745552794",
+            "1e22",
+            "1e23",
+            "1e-22",
+            "1e-23",
+            "4.9e-324",
+            "1.7976931348623157e308",
+            "00000000000000000001.5",
+            "inf",
+            "-NaN",
+            "1e",
+            "e5",
+            ".",
+            "-",
+            "1.2.3",
+            "1e+",
+            "0x10",
+            "1_000",
+        ];
+        for t in fixed {
+            let ours = parse_real_bytes(t.as_bytes());
+            let std = t.parse::<f64>().ok();
+            assert_eq!(
+                ours.map(f64::to_bits),
+                std.map(f64::to_bits),
+                "{t}: {ours:?} vs {std:?}"
+            );
+        }
+        for _ in 0..100_000 {
+            let x: f64 = rng.gen_range(-1.0..1.0) * 10f64.powi(rng.gen_range(-30..30));
+            for t in [
+                format!("{x}"),
+                format!("{x:.8}"),
+                format!("{x:16.8}").trim().to_string(),
+                format!("{x:e}"),
+                format!("{x:.3e}"),
+            ] {
+                let ours = parse_real_bytes(t.as_bytes()).map(f64::to_bits);
+                assert_eq!(ours, t.parse::<f64>().ok().map(f64::to_bits), "{t}");
+            }
+        }
+    }
 
     fn parse(text: &str) -> Result<Vec<Structure>, ReadError> {
         parse_str(text, Path::new("test.xyz"))

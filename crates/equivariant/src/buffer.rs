@@ -1,0 +1,59 @@
+//! Output buffers for the CPU kernels.
+//!
+//! A large fresh allocation is mapped lazily by the kernel, 4 KiB page by page: writing a
+//! 196 MB output the first time costs ~48,000 page faults, several times the arithmetic of
+//! an op like the spherical harmonics. [`zeroed_vec`] asks Linux for transparent huge pages
+//! (`madvise(MADV_HUGEPAGE)`, 2 MiB) on large buffers before they are first touched, which cuts
+//! the fault count by ~500x. Elsewhere it is a plain zeroed `Vec`.
+
+use candle_core::WithDType;
+
+/// Buffers smaller than this are left to the allocator as they are.
+const HUGE_PAGE_MIN_BYTES: usize = 8 << 20;
+
+/// A zero-filled `Vec` of `len` elements, backed by transparent huge pages when it is large
+/// (Linux). The zeroing is the allocator's (`calloc` of fresh pages), not a separate pass.
+pub(crate) fn zeroed_vec<T: WithDType>(len: usize) -> Vec<T> {
+    let v = vec![T::zero(); len];
+    advise_huge_pages(&v);
+    v
+}
+
+#[cfg(target_os = "linux")]
+fn advise_huge_pages<T>(v: &[T]) {
+    const PAGE: usize = 4096;
+    let bytes = std::mem::size_of_val(v);
+    if bytes < HUGE_PAGE_MIN_BYTES {
+        return;
+    }
+    let start = v.as_ptr() as usize;
+    let aligned = (start + PAGE - 1) & !(PAGE - 1);
+    let len = (start + bytes - aligned) & !(PAGE - 1);
+    // SAFETY: `[aligned, aligned + len)` lies inside the allocation owned by `v` and is
+    // page-aligned as madvise requires. MADV_HUGEPAGE only changes how the kernel backs the
+    // range with physical pages; it neither reads, writes nor unmaps the memory, so `v` stays
+    // valid and its (zero) contents are unchanged. A failure (e.g. THP disabled) is harmless
+    // and ignored.
+    unsafe {
+        libc::madvise(aligned as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn advise_huge_pages<T>(_v: &[T]) {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_are_zeroed_and_writable() {
+        for len in [0, 17, (HUGE_PAGE_MIN_BYTES / 4) + 1001] {
+            let mut v = zeroed_vec::<f32>(len);
+            assert_eq!(v.len(), len);
+            assert!(v.iter().all(|x| *x == 0.0));
+            v.iter_mut().enumerate().for_each(|(i, x)| *x = i as f32);
+            assert!(v.iter().enumerate().all(|(i, x)| *x == i as f32));
+        }
+    }
+}

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# extxyz read speed, matscale vs ASE, on the same ~100 MB file in one run.
+# Usage: crates/structures/benches/extxyz_compare.sh [python]   (default python: /work/venv/py/bin/python)
+set -euo pipefail
+cd "$(dirname "$0")/../../.."
+PY=${1:-/work/venv/py/bin/python}
+uptime
+cargo bench -p matscale-structures --bench extxyz 2>&1 | grep -E "benchmark file|^extxyz|time:|thrpt:"
+"$PY" crates/structures/benches/extxyz_ase.py --repeat 3
+uptime
