@@ -106,3 +106,61 @@ pub fn run(args: LabelArgs) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use matscale_structures::generate::AlloyGenerator;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("matscale-xtask-label-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join(name)
+    }
+
+    #[test]
+    fn relabels_every_frame_in_order() {
+        let generator = AlloyGenerator::default().check().unwrap();
+        let mut frames = generator.generate(0..5);
+        // Stale labels must be replaced.
+        frames[2].set_energy(123.0).unwrap();
+        let input = scratch("in.extxyz");
+        let output = scratch("out.extxyz");
+        io::write_all(&input, &frames).unwrap();
+        run(LabelArgs {
+            potential: Potential::Emt,
+            input,
+            output: output.clone(),
+        })
+        .unwrap();
+        let labelled = io::read_all(&output).unwrap();
+        assert_eq!(labelled.len(), frames.len());
+        let emt = Emt::new();
+        for (s, original) in labelled.iter().zip(&frames) {
+            assert_eq!(s.positions(), original.positions());
+            let r = emt.calculate(original).unwrap();
+            assert_eq!(s.energy(), Some(r.energy));
+            assert_eq!(s.forces(), Some(r.forces.as_slice()));
+        }
+    }
+
+    #[test]
+    fn unsupported_element_names_the_frame() {
+        let cell = [[4.0, 0.0, 0.0], [0.0, 4.0, 0.0], [0.0, 0.0, 4.0]];
+        let cu = Structure::from_symbols(&["Cu"], vec![[0.0; 3]], cell, [true; 3]).unwrap();
+        let fe = Structure::from_symbols(&["Cu", "Fe"], vec![[0.0; 3], [2.0; 3]], cell, [true; 3])
+            .unwrap();
+        let input = scratch("bad.extxyz");
+        let output = scratch("bad_out.extxyz");
+        io::write_all(&input, &[cu.clone(), cu, fe]).unwrap();
+        let err = run(LabelArgs {
+            potential: Potential::Emt,
+            input,
+            output: output.clone(),
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("frame 2") && err.contains("Fe"), "{err}");
+        assert!(!output.exists(), "no output file after an error");
+    }
+}

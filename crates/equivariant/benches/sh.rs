@@ -3,6 +3,9 @@
 //! `cargo bench -p matscale-equivariant --bench sh`; the side-by-side comparison with e3nn is
 //! `crates/equivariant/benches/sh_compare.sh` (see docs/bench/sh.md).
 
+// `criterion_group!` defines an undocumented `pub fn benches`.
+#![allow(missing_docs)]
+
 use candle_core::{DType, Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use matscale_equivariant::frames::{edge_wigner, Roll};

@@ -34,7 +34,7 @@
 //! # }
 //! ```
 
-use std::ops::{Add, AddAssign, Div, Mul, Neg, Sub};
+use std::ops::{Add, AddAssign, Div, Mul, MulAssign, Neg, Sub};
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor, WithDType};
@@ -64,6 +64,7 @@ pub(crate) trait Float:
     + Div<Output = Self>
     + Neg<Output = Self>
     + AddAssign
+    + MulAssign
 {
     /// `0`.
     const ZERO: Self;
@@ -151,7 +152,7 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     const LN2_LO: f32 = 1.428_606_8e-6;
     // 1.5 · 2^23: adding and subtracting it rounds to the nearest integer.
     const ROUND: f32 = 12_582_912.0;
-    let x = x.max(-87.0).min(88.0);
+    let x = x.clamp(-87.0, 88.0);
     let k = (x * LOG2E + ROUND) - ROUND;
     let r = (x - k * LN2_HI) - k * LN2_LO;
     let p = 1.0
@@ -398,7 +399,7 @@ impl GateActivation {
         let mut expand_index = Vec::new();
         for l in 1..=lmax {
             let len = (2 * l + 1).min(2 * mmax + 1);
-            expand_index.extend(std::iter::repeat((l - 1) as u32).take(len));
+            expand_index.extend(std::iter::repeat_n((l - 1) as u32, len));
         }
         Ok(Self {
             lmax,

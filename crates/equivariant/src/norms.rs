@@ -138,7 +138,7 @@ fn check_embedding(x: &Tensor, lmax: usize, channels: usize) -> Result<usize> {
 /// Degree of every l-major row `0..(lmax+1)²`.
 fn degree_of_rows(lmax: usize) -> Vec<u32> {
     (0..=lmax)
-        .flat_map(|l| std::iter::repeat(l as u32).take(2 * l + 1))
+        .flat_map(|l| std::iter::repeat_n(l as u32, 2 * l + 1))
         .collect()
 }
 
@@ -151,7 +151,7 @@ fn balance_weights(
 ) -> Result<Tensor> {
     let degrees = (lmax + 1 - lmin) as f64;
     let w: Vec<f64> = (lmin..=lmax)
-        .flat_map(|l| std::iter::repeat(1.0 / ((2 * l + 1) as f64 * degrees)).take(2 * l + 1))
+        .flat_map(|l| std::iter::repeat_n(1.0 / ((2 * l + 1) as f64 * degrees), 2 * l + 1))
         .collect();
     Ok(Tensor::from_vec(w.clone(), (1, w.len(), 1), device)?.to_dtype(dtype)?)
 }

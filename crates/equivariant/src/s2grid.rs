@@ -113,9 +113,9 @@ impl GridFloat for f32 {
     }
 }
 
-/// e3nn's `_quadrature_weights(b)` (2b values; SOFT weights for the β grid of `2b` points,
-/// summing to 1/(4b²)·… before e3nn's rescale): `w_j = (2/b) sin(π(2j+1)/(4b))
-/// Σ_{k<b} sin((2j+1)(2k+1)π/(4b)) / (2k+1)`, divided by `2 (2b)²`.
+/// e3nn's `_quadrature_weights(b)`: the SOFT (Kostelec–Rockmore) weights of the `2b` β rings,
+/// `w_j = (2/b) sin(π(2j+1)/(4b)) Σ_{k<b} sin((2j+1)(2k+1)π/(4b)) / (2k+1)` divided by
+/// `2 (2b)²` (they sum to `1/(2b)²`; [`S2Grid`] multiplies them by `res_beta² / res_alpha`).
 pub fn soft_quadrature_weights(b: usize) -> Vec<f64> {
     let bf = b as f64;
     (0..2 * b)

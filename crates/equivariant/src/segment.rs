@@ -366,7 +366,7 @@ fn softmax_kernel<T: Float>(csr: &Csr, src: &[T], cols: usize) -> Vec<T> {
                 }
                 for row in piece[(k0 - base) * cols..(k1 - base) * cols].chunks_mut(cols) {
                     for (v, &inv) in row.iter_mut().zip(&sum) {
-                        *v = *v * inv;
+                        *v *= inv;
                     }
                 }
             }
@@ -509,10 +509,7 @@ mod tests {
             let index = random_index(e, s, sorted, seed);
             let seg = Segments::from_indices(&index, s)?;
             assert_eq!(seg.is_sorted(), sorted);
-            assert!(
-                seg.counts().iter().any(|&c| c == 0),
-                "want some empty segments"
-            );
+            assert!(seg.counts().contains(&0), "want some empty segments");
             let x = (random_tensor(&[e, cols], DType::F64, seed)? * 5.0)?;
             let xv: Vec<f64> = x.flatten_all()?.to_vec1()?;
 

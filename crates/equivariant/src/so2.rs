@@ -710,9 +710,7 @@ impl So2Op {
                         });
                     }
                     So2Mode::WeightGrad => {
-                        let (head, tail) = out.split_at_mut(bias_offset);
-                        let _ = head;
-                        let gb = &mut tail[..n];
+                        let gb = &mut out[bias_offset..bias_offset + n];
                         for row in b.chunks_exact(row_out) {
                             for (g, &v) in gb
                                 .iter_mut()
@@ -814,6 +812,153 @@ impl CustomOp2 for So2Op {
         let gx = g.apply_op2_no_bwd(arg2, &transposed)?;
         let gw = arg1.apply_op2_no_bwd(&g, &weight_grad)?;
         Ok((Some(gx), Some(gw)))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-edge radial weights
+// ---------------------------------------------------------------------------------------------
+
+/// What a [`RadialOp`] computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RadialMode {
+    /// `(x [E, n_trunc, C], r [E, R·C]) → x̃[e, s, c] = x[e, s, c] · r[e, row(s)·C + c]`.
+    Scale,
+    /// `(g [E, n_trunc, C], x [E, n_trunc, C]) → [E, R·C]`: `Σ_{s: row(s) = q} g·x` (the
+    /// gradient of `Scale` with respect to `r`).
+    Reduce,
+}
+
+/// Multiplication of m-major coefficients by fairchem's per-edge radial weights (the `+m` and
+/// `−m` slots of one degree share a radial row), fused into one pass.
+#[derive(Debug, Clone)]
+struct RadialOp {
+    /// Radial row of every m-major slot.
+    rows: std::sync::Arc<Vec<usize>>,
+    /// Number of radial rows `R`.
+    num_rows: usize,
+    mode: RadialMode,
+}
+
+impl RadialOp {
+    fn run<T: WithDType>(&self, a: &[T], b: &[T], edges: usize, c: usize) -> Vec<T> {
+        let trunc = self.rows.len();
+        let (in_row, out_row) = match self.mode {
+            RadialMode::Scale => (trunc * c, trunc * c),
+            RadialMode::Reduce => (trunc * c, self.num_rows * c),
+        };
+        let mut out = vec![T::zero(); edges * out_row];
+        if out.is_empty() {
+            return out;
+        }
+        let per_task = edges_per_task(in_row, 1 << 14);
+        out.par_chunks_mut(per_task * out_row)
+            .enumerate()
+            .for_each(|(task, chunk)| {
+                let e0 = task * per_task;
+                for (i, o) in chunk.chunks_exact_mut(out_row).enumerate() {
+                    let e = e0 + i;
+                    let ae = &a[e * in_row..(e + 1) * in_row];
+                    match self.mode {
+                        RadialMode::Scale => {
+                            let re = &b[e * self.num_rows * c..(e + 1) * self.num_rows * c];
+                            for (s, &q) in self.rows.iter().enumerate() {
+                                let (dst, x, r) = (
+                                    &mut o[s * c..(s + 1) * c],
+                                    &ae[s * c..(s + 1) * c],
+                                    &re[q * c..(q + 1) * c],
+                                );
+                                for ((d, &xv), &rv) in dst.iter_mut().zip(x).zip(r) {
+                                    *d = xv * rv;
+                                }
+                            }
+                        }
+                        RadialMode::Reduce => {
+                            let xe = &b[e * in_row..(e + 1) * in_row];
+                            for (s, &q) in self.rows.iter().enumerate() {
+                                let (dst, g, x) = (
+                                    &mut o[q * c..(q + 1) * c],
+                                    &ae[s * c..(s + 1) * c],
+                                    &xe[s * c..(s + 1) * c],
+                                );
+                                for ((d, &gv), &xv) in dst.iter_mut().zip(g).zip(x) {
+                                    *d += gv * xv;
+                                }
+                            }
+                        }
+                    }
+                }
+            });
+        out
+    }
+}
+
+impl CustomOp2 for RadialOp {
+    fn name(&self) -> &'static str {
+        match self.mode {
+            RadialMode::Scale => "matscale-so2-radial-scale",
+            RadialMode::Reduce => "matscale-so2-radial-reduce",
+        }
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let &[edges, rows, c] = l1.shape().dims() else {
+            candle_core::bail!("{}: expected a rank-3 first input", self.name());
+        };
+        let (second, shape) = match self.mode {
+            RadialMode::Scale => (edges * self.num_rows * c, Shape::from((edges, rows, c))),
+            RadialMode::Reduce => (edges * rows * c, Shape::from((edges, self.num_rows * c))),
+        };
+        if rows != self.rows.len() || l2.shape().elem_count() != second {
+            candle_core::bail!(
+                "{}: inconsistent shapes {:?} and {:?}",
+                self.name(),
+                l1.shape(),
+                l2.shape()
+            );
+        }
+        let out = match (s1, s2) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(self.run(
+                contiguous_slice::<f32>(s1, l1)?,
+                contiguous_slice::<f32>(s2, l2)?,
+                edges,
+                c,
+            )),
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(self.run(
+                contiguous_slice::<f64>(s1, l1)?,
+                contiguous_slice::<f64>(s2, l2)?,
+                edges,
+                c,
+            )),
+            _ => candle_core::bail!("{}: needs f32 or f64 inputs of one dtype", self.name()),
+        };
+        Ok((out, shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        radial: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        if self.mode != RadialMode::Scale {
+            candle_core::bail!("{}: second derivatives are not implemented", self.name());
+        }
+        let g = grad_res.contiguous()?;
+        let gx = g.apply_op2_no_bwd(radial, self)?;
+        let reduce = RadialOp {
+            mode: RadialMode::Reduce,
+            ..self.clone()
+        };
+        let gr = g.apply_op2_no_bwd(x, &reduce)?;
+        Ok((Some(gx), Some(gr)))
     }
 }
 
@@ -941,7 +1086,7 @@ struct So2Params {
     fc_m0_bias: Tensor,
     m_weights: Vec<Tensor>,
     /// For each m-major slot, its row in `radial` viewed as `[E, radial_len / C_in, C_in]`.
-    radial_rows: Vec<u32>,
+    radial_rows: std::sync::Arc<Vec<usize>>,
 }
 
 impl So2Params {
@@ -982,7 +1127,7 @@ impl So2Params {
         let mut base = 0usize;
         for m in 0..=layout.mmax() {
             let n_l = layout.m_size(m);
-            let rows = (0..n_l).map(|i| u32::try_from(base + i).expect("radial rows fit in u32"));
+            let rows = (0..n_l).map(|i| base + i);
             if m == 0 {
                 radial_rows.extend(rows);
             } else {
@@ -996,7 +1141,7 @@ impl So2Params {
             fc_m0_weight,
             fc_m0_bias,
             m_weights,
-            radial_rows,
+            radial_rows: std::sync::Arc::new(radial_rows),
         })
     }
 
@@ -1087,13 +1232,14 @@ impl So2Params {
         let edges = self.check_inputs(x, radial)?;
         let c_in = self.config.in_channels;
         let x = match radial {
-            Some(r) => {
-                let rows = Tensor::new(self.radial_rows.as_slice(), x.device())?;
-                let r = r
-                    .reshape((edges, self.config.radial_len() / c_in, c_in))?
-                    .index_select(&rows, 1)?;
-                (x * r)?
-            }
+            Some(r) => x.contiguous()?.apply_op2(
+                &r.contiguous()?,
+                RadialOp {
+                    rows: self.radial_rows.clone(),
+                    num_rows: self.config.radial_len() / c_in,
+                    mode: RadialMode::Scale,
+                },
+            )?,
             None => x.contiguous()?,
         };
         let weights = self.packed_weights()?.to_dtype(x.dtype())?;

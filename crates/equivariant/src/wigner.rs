@@ -36,7 +36,7 @@
 
 use std::sync::OnceLock;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, WithDType};
 use rayon::prelude::*;
 
 use crate::error::{EquivariantError, Result};
@@ -310,6 +310,143 @@ fn wigner_d_blocks_into(
     }
 }
 
+/// Edges evaluated together by [`blocks_lanes`].
+const EDGE_LANES: usize = 8;
+
+/// Lane-major scratch of [`blocks_lanes`]: `[value index][lane]`.
+struct LaneScratch {
+    cos: [Vec<[f64; EDGE_LANES]>; 3],
+    sin: [Vec<[f64; EDGE_LANES]>; 3],
+    a: Vec<[f64; EDGE_LANES]>,
+    b: Vec<[f64; EDGE_LANES]>,
+}
+
+impl LaneScratch {
+    fn new(lmax: usize) -> Self {
+        let n = 2 * lmax + 1;
+        let zero = [0.0; EDGE_LANES];
+        Self {
+            cos: std::array::from_fn(|_| vec![zero; lmax + 1]),
+            sin: std::array::from_fn(|_| vec![zero; lmax + 1]),
+            a: vec![zero; n * n],
+            b: vec![zero; n * n],
+        }
+    }
+}
+
+/// `M ← Z(θ) M` on lanes, with `cos[f]`, `sin[f]` the multiples of θ.
+#[inline(always)]
+fn z_left_lanes(l: usize, cos: &[[f64; EDGE_LANES]], sin: &[[f64; EDGE_LANES]], m: &mut [[f64; EDGE_LANES]]) {
+    let n = 2 * l + 1;
+    for i in 0..l {
+        let (c, s) = (cos[l - i], sin[l - i]);
+        let k = 2 * l - i;
+        for j in 0..n {
+            let (a, b) = (m[i * n + j], m[k * n + j]);
+            let (mut top, mut bottom) = ([0.0; EDGE_LANES], [0.0; EDGE_LANES]);
+            for e in 0..EDGE_LANES {
+                top[e] = c[e] * a[e] + s[e] * b[e];
+                bottom[e] = c[e] * b[e] - s[e] * a[e];
+            }
+            m[i * n + j] = top;
+            m[k * n + j] = bottom;
+        }
+    }
+}
+
+/// The blocks of up to [`EDGE_LANES`] edges at once: the same products as
+/// [`wigner_d_blocks_into`], with every operation running across the edges (vectorisable),
+/// zero entries of `J` skipped, and the results written straight into `out` in `T`.
+fn blocks_lanes<T: WithDType>(lmax: usize, angles: &[(f64, f64, f64)], s: &mut LaneScratch, out: &mut [T]) {
+    let j = j_matrices();
+    let len = blocks_len(lmax);
+    for w in 0..3 {
+        let (mut c1, mut s1) = ([1.0; EDGE_LANES], [0.0; EDGE_LANES]);
+        for (e, a) in angles.iter().enumerate() {
+            let t = [a.0, a.1, a.2][w];
+            (s1[e], c1[e]) = t.sin_cos();
+        }
+        let (cos, sin) = (&mut s.cos[w], &mut s.sin[w]);
+        cos[0] = [1.0; EDGE_LANES];
+        sin[0] = [0.0; EDGE_LANES];
+        for k in 1..=lmax {
+            let (pc, ps) = (cos[k - 1], sin[k - 1]);
+            for e in 0..EDGE_LANES {
+                cos[k][e] = pc[e] * c1[e] - ps[e] * s1[e];
+                sin[k][e] = pc[e] * s1[e] + ps[e] * c1[e];
+            }
+        }
+    }
+    let [cos_a, cos_b, cos_g] = &s.cos;
+    let [sin_a, sin_b, sin_g] = &s.sin;
+    for l in 0..=lmax {
+        let n = 2 * l + 1;
+        let jl = &j[l];
+        let a = &mut s.a[..n * n];
+        // a = J Z(γ)
+        for i in 0..n {
+            a[i * n + l] = [jl[i * n + l]; EDGE_LANES];
+            for jj in 0..l {
+                let k = 2 * l - jj;
+                let (c, sn) = (cos_g[l - jj], sin_g[l - jj]);
+                let (p, q) = (jl[i * n + jj], jl[i * n + k]);
+                for e in 0..EDGE_LANES {
+                    a[i * n + jj][e] = p * c[e] - q * sn[e];
+                    a[i * n + k][e] = p * sn[e] + q * c[e];
+                }
+            }
+        }
+        // a = Z(β) a
+        z_left_lanes(l, cos_b, sin_b, a);
+        // b = J a
+        let b = &mut s.b[..n * n];
+        for i in 0..n {
+            for jj in 0..n {
+                b[i * n + jj] = [0.0; EDGE_LANES];
+            }
+            for k in 0..n {
+                let w = jl[i * n + k];
+                if w == 0.0 {
+                    continue;
+                }
+                for jj in 0..n {
+                    let src = a[k * n + jj];
+                    let dst = &mut b[i * n + jj];
+                    for e in 0..EDGE_LANES {
+                        dst[e] += w * src[e];
+                    }
+                }
+            }
+        }
+        // b = Z(α) b
+        z_left_lanes(l, cos_a, sin_a, b);
+        let off = block_offset(l);
+        for (e, row) in out.chunks_exact_mut(len).take(angles.len()).enumerate() {
+            for (o, v) in row[off..off + n * n].iter_mut().zip(b.iter()) {
+                *o = T::from_f64(v[e]);
+            }
+        }
+    }
+}
+
+/// The blocks of all `angles`, row-major `[E, blocks_len(lmax)]`, rayon over chunks of edges.
+fn blocks_batch<T: WithDType>(lmax: usize, angles: &[(f64, f64, f64)]) -> Vec<T> {
+    const CHUNK_EDGES: usize = 256;
+    let len = blocks_len(lmax);
+    let mut data = vec![T::zero(); angles.len() * len];
+    data.par_chunks_mut(len * CHUNK_EDGES)
+        .zip(angles.par_chunks(CHUNK_EDGES))
+        .for_each_init(
+            || LaneScratch::new(lmax),
+            |scratch, (out, angles)| {
+                for (out, a) in out.chunks_mut(len * EDGE_LANES).zip(angles.chunks(EDGE_LANES)) {
+                    blocks_lanes(lmax, a, scratch, out);
+                }
+            },
+        );
+    data
+}
+
 /// `D^l(α, β, γ)` in e3nn's convention (`R = R_y(α) R_x(β) R_y(γ)`), row-major `(2l+1)²`.
 ///
 /// # Errors
@@ -398,19 +535,10 @@ impl WignerBlocks {
                 found: dtype,
             });
         }
-        let len = blocks_len(lmax);
-        let mut data = vec![0.0f64; angles.len() * len];
-        data.par_chunks_mut(len * 64)
-            .zip(angles.par_chunks(64))
-            .for_each_init(
-                || Scratch::new(lmax),
-                |scratch, (out, angles)| {
-                    for (out, a) in out.chunks_mut(len).zip(angles) {
-                        wigner_d_blocks_into(lmax, *a, scratch, out);
-                    }
-                },
-            );
-        let blocks = Tensor::from_vec(data, (angles.len(), len), device)?.to_dtype(dtype)?;
+        let blocks = match dtype {
+            DType::F32 => Tensor::from_vec(blocks_batch::<f32>(lmax, angles), (angles.len(), blocks_len(lmax)), device)?,
+            _ => Tensor::from_vec(blocks_batch::<f64>(lmax, angles), (angles.len(), blocks_len(lmax)), device)?,
+        };
         Ok(Self { lmax, blocks })
     }
 

@@ -3,6 +3,9 @@
 //! started from the full-data optimum. The Python reference is
 //! `benches/chinchilla_reference.py`; `benches/compare.sh` runs both.
 
+// criterion_group!/criterion_main! generate undocumented items.
+#![allow(missing_docs)]
+
 use std::path::Path;
 
 use criterion::{criterion_group, criterion_main, Criterion};
@@ -37,7 +40,8 @@ fn bench(c: &mut Criterion) {
     let starts = refit_starts(&fit.params, RefitStarts::Optimum, &options.grid);
     group.bench_function("bootstrap_1000_refits", |b| {
         b.iter(|| {
-            bootstrap_joint(&n, &d, &l, &starts, &options, BootstrapOptions::default()).expect("bootstrap")
+            bootstrap_joint(&n, &d, &l, &starts, &options, BootstrapOptions::default())
+                .expect("bootstrap")
         })
     });
     group.finish();

@@ -1,18 +1,23 @@
 #!/usr/bin/env bash
-# Side-by-side timing of the Chinchilla joint fit: matscale (criterion, release)
-# and the scipy reference (benches/chinchilla_reference.py).
+# Side-by-side timing of the Chinchilla joint fit (240 points, 4500-start grid)
+# and 1000 bootstrap refits: matscale (release) and the scipy reference.
+# Both print wall-clock and process CPU seconds; on a shared machine compare CPU
+# seconds at one thread. The scipy reference is slow, so by default it times
+# every 10th grid start (450) and 1000/10 bootstrap refits, scaled up (its JSON
+# says how many it ran).
 # Usage: crates/scaling/benches/compare.sh [python] [python-starts] [python-bootstrap]
-# The Python reference is slow (~0.1-0.3 s per start): by default it times every
-# 10th grid start (450) and 100 bootstrap refits and scales both to the full work.
+# Criterion statistics: cargo bench -p matscale-scaling --bench chinchilla
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 PY=${1:-/work/venv/py/bin/python}
 STARTS=${2:-450}
 BOOT=${3:-100}
-nproc
-for threads in 2 1; do
+echo "cores: $(nproc); load: $(cut -d' ' -f1-3 /proc/loadavg)"
+cargo build -q --release -p matscale-scaling --example chinchilla_timing
+for threads in 1 2; do
   echo "== matscale, RAYON_NUM_THREADS=$threads"
-  RAYON_NUM_THREADS=$threads cargo bench -q -p matscale-scaling --bench chinchilla -- --noplot 2>&1 | grep -E "^chinchilla|time:"
+  RAYON_NUM_THREADS=$threads target/release/examples/chinchilla_timing
 done
-echo "== scipy reference (single thread), $STARTS starts, $BOOT bootstrap refits"
+echo "== scipy reference (one thread), $STARTS grid starts, $BOOT bootstrap refits"
 OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 "$PY" crates/scaling/benches/chinchilla_reference.py --starts "$STARTS" --bootstrap "$BOOT"
+echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)"

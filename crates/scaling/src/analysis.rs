@@ -599,7 +599,10 @@ pub fn analyse(table: &RunsTable, options: &AnalysisOptions) -> Result<Analysis>
             match analyse_joint(group, runs, options) {
                 Ok(rep) => {
                     let p = rep.fit.params;
-                    let min_loss = runs.iter().map(|r| r.val_loss).fold(f64::INFINITY, f64::min);
+                    let min_loss = runs
+                        .iter()
+                        .map(|r| r.val_loss)
+                        .fold(f64::INFINITY, f64::min);
                     if p.e < 1e-6 * min_loss {
                         warnings.push(format!(
                             "{group} / joint: E went to its bound 0 (E = {:.3e}); the data do not resolve an irreducible loss",

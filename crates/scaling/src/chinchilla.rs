@@ -326,8 +326,8 @@ pub(crate) fn best_of_starts(
         delta,
     };
     let settings = LbfgsSettings {
-        tol_grad: 1e-12,
-        tol_cost: 0.0,
+        tol_grad: 1e-9,
+        tol_cost: 1e-15,
         max_iters,
         memory: 10,
     };

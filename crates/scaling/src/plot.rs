@@ -177,7 +177,10 @@ fn both(dir: &Path, stem: &str, out: &mut Vec<PathBuf>, a: &Analysis, chart: Cha
         render(&root, a, &chart).map_err(|e| plot_err(&svg, e))?;
         root.present().map_err(|e| plot_err(&svg, e))?;
     }
-    std::fs::rename(&svg_tmp, &svg).map_err(|e| Error::Io { path: svg.clone(), source: e })?;
+    std::fs::rename(&svg_tmp, &svg).map_err(|e| Error::Io {
+        path: svg.clone(),
+        source: e,
+    })?;
     out.push(svg);
     let png = dir.join(format!("{stem}.png"));
     let png_tmp = tmp("png");
@@ -186,7 +189,10 @@ fn both(dir: &Path, stem: &str, out: &mut Vec<PathBuf>, a: &Analysis, chart: Cha
         render(&root, a, &chart).map_err(|e| plot_err(&png, e))?;
         root.present().map_err(|e| plot_err(&png, e))?;
     }
-    std::fs::rename(&png_tmp, &png).map_err(|e| Error::Io { path: png.clone(), source: e })?;
+    std::fs::rename(&png_tmp, &png).map_err(|e| Error::Io {
+        path: png.clone(),
+        source: e,
+    })?;
     out.push(png);
     Ok(())
 }
@@ -357,7 +363,11 @@ fn draw_residuals<DB: DrawingBackend>(
         .collect();
     let (x0, x1) = log_range(res.iter().map(|r| r.1), 0.06);
     let m = res.iter().map(|r| r.2.abs()).fold(0.0, f64::max).max(1e-3) * 1.15;
-    let n_groups = res.iter().map(|r| r.0).collect::<std::collections::BTreeSet<_>>().len();
+    let n_groups = res
+        .iter()
+        .map(|r| r.0)
+        .collect::<std::collections::BTreeSet<_>>()
+        .len();
     let top = m * (1.0 + 2.0 * ((n_groups as f64 * 24.0 + 24.0) / 560.0).min(0.6));
     let mut chart = ChartBuilder::on(root)
         .caption(
@@ -372,7 +382,7 @@ fn draw_residuals<DB: DrawingBackend>(
         .y_label_area_size(80)
         .build_cartesian_2d(
             (x0..x1).log_scale().with_key_points(log_ticks(x0, x1)),
-            -m..m,
+            -m..top,
         )
         .map_err(|e| e.to_string())?;
     chart
@@ -440,7 +450,11 @@ fn draw_frontier<DB: DrawingBackend>(
     root.fill(&WHITE).map_err(|e| e.to_string())?;
     let (x0, x1) = log_range(runs.iter().map(|r| r.1), 0.06);
     let (y0, y1) = log_range(runs.iter().map(|r| r.2), 0.08);
-    let n_families = runs.iter().map(|r| &r.0).collect::<std::collections::BTreeSet<_>>().len();
+    let n_families = runs
+        .iter()
+        .map(|r| &r.0)
+        .collect::<std::collections::BTreeSet<_>>()
+        .len();
     let y1 = legend_headroom(y0, y1, n_families + 1 + a.joint.len());
     let mut chart = ChartBuilder::on(root)
         .caption("Compute-optimal frontier", (FAMILY, 26))
@@ -539,7 +553,8 @@ fn draw_frontier<DB: DrawingBackend>(
             .map_err(|e| e.to_string())?
             .label(format!(
                 "{}: joint-fit optimum, N ∝ C^{ea:.3}, D ∝ C^{eb:.3} (k = {})",
-                j.group, crate::report::fmt_num(j.k)
+                j.group,
+                crate::report::fmt_num(j.k)
             ))
             .legend(move |(lx, ly)| {
                 PathElement::new(vec![(lx, ly), (lx + 20, ly)], c.stroke_width(3))

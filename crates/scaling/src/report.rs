@@ -17,7 +17,9 @@ pub fn fmt_num(v: f64) -> String {
         return format!("{v}");
     }
     let a = v.abs();
-    if a != 0.0 && !(1e-3..1e5).contains(&a) {
+    if a == 0.0 {
+        "0".into()
+    } else if !(1e-3..1e5).contains(&a) {
         format!("{v:.3e}")
     } else {
         let digits = if a == 0.0 {
@@ -173,10 +175,9 @@ pub fn markdown(a: &Analysis, plots: &[String]) -> String {
                     fmt_num(e.held_out_x)
                 )
             });
-            let pred = r
-                .predictions
-                .last()
-                .map_or("n/a".into(), |p| format!("{} at x = {}", fmt_interval(&p.value), fmt_num(p.at)));
+            let pred = r.predictions.last().map_or("n/a".into(), |p| {
+                format!("{} at x = {}", fmt_interval(&p.value), fmt_num(p.at))
+            });
             let _ = writeln!(
                 s,
                 "| {} | {} | {} | {} | {} | {:.4} | {:.1} | {:.1} | {} | {pred} |",

@@ -11,8 +11,20 @@ use matscale_scaling::{InitGrid, JointFitOptions, JointParams, RunsTable};
 
 fn truth(family: &str) -> JointParams {
     match family {
-        "schnet" => JointParams { e: 0.8, a: 60.0, b: 25.0, alpha: 0.35, beta: 0.3 },
-        _ => JointParams { e: 0.5, a: 90.0, b: 30.0, alpha: 0.4, beta: 0.35 },
+        "schnet" => JointParams {
+            e: 0.8,
+            a: 60.0,
+            b: 25.0,
+            alpha: 0.35,
+            beta: 0.3,
+        },
+        _ => JointParams {
+            e: 0.5,
+            a: 90.0,
+            b: 30.0,
+            alpha: 0.4,
+            beta: 0.35,
+        },
     }
 }
 
@@ -56,7 +68,11 @@ fn analysis_writes_a_complete_report() {
     assert_eq!(table.len(), 61);
     assert_eq!(table.families(), vec!["equiformer_v2", "fcn", "schnet"]);
     let options = AnalysisOptions {
-        bootstrap: BootstrapOptions { resamples: 40, seed: 3, level: 0.95 },
+        bootstrap: BootstrapOptions {
+            resamples: 40,
+            seed: 3,
+            level: 0.95,
+        },
         // A reduced grid keeps the test fast; the full grid is tested on Chinchilla.
         joint_options: JointFitOptions {
             grid: InitGrid {
@@ -76,7 +92,11 @@ fn analysis_writes_a_complete_report() {
     // 2 families × 3 variables × 2 laws.
     assert_eq!(a.single.len(), 12);
     assert_eq!(a.joint.len(), 2);
-    assert!(a.skipped.iter().any(|s| s.group == "fcn"), "{:?}", a.skipped);
+    assert!(
+        a.skipped.iter().any(|s| s.group == "fcn"),
+        "{:?}",
+        a.skipped
+    );
     for j in &a.joint {
         let t = truth(&j.group);
         let p = j.fit.params;
@@ -84,7 +104,10 @@ fn analysis_writes_a_complete_report() {
         assert!((p.beta - t.beta).abs() < 0.03, "{}: {p:?}", j.group);
         assert!((j.k - 18.0).abs() < 1e-12);
         let alpha = &j.params[3].value;
-        assert!(alpha.lower < alpha.estimate && alpha.estimate < alpha.upper, "{alpha:?}");
+        assert!(
+            alpha.lower < alpha.estimate && alpha.estimate < alpha.upper,
+            "{alpha:?}"
+        );
         let (ea, eb) = p.allocation_exponents();
         assert!((j.n_opt_exponent.estimate - ea).abs() < 1e-15 && (ea + eb - 1.0).abs() < 1e-12);
     }
@@ -95,23 +118,47 @@ fn analysis_writes_a_complete_report() {
         assert_eq!(c.preferred, SingleLaw::PowerWithOffset, "{c:?}");
     }
     // Frontier: strictly decreasing loss with increasing compute.
-    assert!(a.frontier.windows(2).all(|w| w[0].flops < w[1].flops && w[0].loss > w[1].loss));
+    assert!(a
+        .frontier
+        .windows(2)
+        .all(|w| w[0].flops < w[1].flops && w[0].loss > w[1].loss));
 
     let out = dir.path().join("out");
     let files = write_outputs(&a, &out).unwrap();
-    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("fits.json")).unwrap()).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("fits.json")).unwrap()).unwrap();
     assert_eq!(json["joint"].as_array().unwrap().len(), 2);
     let report = std::fs::read_to_string(out.join("report.md")).unwrap();
-    for needle in ["Which form do the data support?", "Compute-optimal", "not fitted: fcn", "frontier.png"] {
+    for needle in [
+        "Which form do the data support?",
+        "Compute-optimal",
+        "not fitted: fcn",
+        "frontier.png",
+    ] {
         assert!(report.contains(needle), "report lacks {needle}");
     }
-    for stem in ["loss_vs_data", "loss_vs_params", "loss_vs_compute", "residuals_data", "frontier", "joint_parity"] {
+    for stem in [
+        "loss_vs_data",
+        "loss_vs_params",
+        "loss_vs_compute",
+        "residuals_data",
+        "frontier",
+        "joint_parity",
+    ] {
         let png = std::fs::read(out.join(format!("{stem}.png"))).unwrap();
         assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n", "{stem}.png");
         let svg = std::fs::read_to_string(out.join(format!("{stem}.svg"))).unwrap();
-        assert!(svg.contains("<svg") && svg.contains("best validation loss") || stem.starts_with("residuals"), "{stem}.svg");
+        assert!(
+            svg.contains("<svg") && svg.contains("best validation loss")
+                || stem.starts_with("residuals"),
+            "{stem}.svg"
+        );
     }
     assert!(files.len() >= 2 + 2 * 8);
     // No temporary files left behind.
-    assert!(std::fs::read_dir(&out).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().contains(".tmp")));
+    assert!(std::fs::read_dir(&out).unwrap().all(|e| !e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .contains(".tmp")));
 }

@@ -3,8 +3,9 @@
 Builds exactly the structures of `neighbors.rs` beside this file (fcc Cu, a = 3.61 Å, supercells
 of 10^3, 10^4 and 10^5 atoms, every coordinate rattled by ±0.1 Å with the same MMIX LCG), times
 `matscipy.neighbours.neighbour_list('ijdDS', ...)` and `ase.neighborlist.neighbor_list('ijdDS',
-...)` on them (best of several runs), then runs `cargo bench --bench neighbors` and reads
-criterion's estimates, and prints a Markdown table.
+...)` on them (best of several runs) right before and after running the criterion bench of the
+same size (`cargo bench --bench neighbors`, median), so that both see the same machine load, and
+prints a Markdown table.
 
     /path/to/python crates/structures/benches/bench_neighbors_reference.py [--skip-rust] [--skip-ase]
 
@@ -56,21 +57,21 @@ def best_time(fn, repeats):
     return best, out
 
 
-def rust_times():
+def cargo_bench(*extra):
     subprocess.run(
-        ["cargo", "bench", "-p", "matscale-structures", "--bench", "neighbors"],
+        ["cargo", "bench", "-p", "matscale-structures", "--bench", "neighbors", *extra],
         cwd=ROOT,
         check=True,
     )
+
+
+def rust_time(n):
+    """Runs the criterion bench of one size; returns its median time (s)."""
+    cargo_bench("--", f"^neighbor_list_fcc_cu_6A/{n}$", "--warm-up-time", "1", "--measurement-time", "4")
     target = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
-    times = {}
-    for reps in SIZES:
-        n = 4 * reps[0] * reps[1] * reps[2]
-        path = os.path.join(target, "criterion", "neighbor_list_fcc_cu_6A", str(n), "new", "estimates.json")
-        with open(path) as f:
-            est = json.load(f)
-        times[n] = (est["mean"]["point_estimate"] * 1e-9, est["median"]["point_estimate"] * 1e-9)
-    return times
+    path = os.path.join(target, "criterion", "neighbor_list_fcc_cu_6A", str(n), "new", "estimates.json")
+    with open(path) as f:
+        return json.load(f)["median"]["point_estimate"] * 1e-9
 
 
 def main():
@@ -78,27 +79,33 @@ def main():
     parser.add_argument("--skip-rust", action="store_true", help="only time the Python references")
     parser.add_argument("--skip-ase", action="store_true", help="do not time ASE (slow at 10^5 atoms)")
     args = parser.parse_args()
+    if not args.skip_rust:
+        cargo_bench("--no-run")
 
+    # matscipy is timed right before and right after the Rust bench of the same size, so that
+    # both see the same machine load (the best of the two is reported).
     rows = []
     for reps in SIZES:
         atoms = rattled_fcc_cu(reps)
         n = len(atoms)
         repeats = 5 if n <= 10_000 else 2
-        t_msp, out = best_time(lambda: matscipy_neighbour_list("ijdDS", atoms, CUTOFF), repeats)
+        msp = lambda: matscipy_neighbour_list("ijdDS", atoms, CUTOFF)  # noqa: E731
+        t_before, out = best_time(msp, repeats)
         pairs = len(out[0])
+        ours = rust_time(n) if not args.skip_rust else None
+        t_after, _ = best_time(msp, repeats)
+        t_msp = min(t_before, t_after)
         t_ase = None
         if not args.skip_ase:
             t_ase, out_ase = best_time(lambda: ase_neighbor_list("ijdDS", atoms, CUTOFF), 1 if n > 10_000 else 3)
             assert len(out_ase[0]) == pairs, "ASE and matscipy disagree on the pair count"
-        rows.append((n, pairs, t_msp, t_ase))
-        print(f"{n} atoms: {pairs} pairs, matscipy {t_msp:.4f} s, ase {t_ase}")
+        rows.append((n, pairs, ours, t_msp, t_ase))
+        print(f"{n} atoms: {pairs} pairs, matscale {ours}, matscipy {t_before:.4f}/{t_after:.4f} s, ase {t_ase}")
 
-    rust = rust_times() if not args.skip_rust else {}
     print()
     print("| atoms | pairs | matscale median (s) | matscale µs/atom | matscipy best (s) | matscipy µs/atom | ASE (s) | matscipy / matscale |")
     print("|---|---|---|---|---|---|---|---|")
-    for n, pairs, t_msp, t_ase in rows:
-        ours = rust.get(n, (None, None))[1]
+    for n, pairs, ours, t_msp, t_ase in rows:
         ase_s = f"{t_ase:.3f}" if t_ase is not None else "–"
         if ours is None:
             print(f"| {n} | {pairs} | – | – | {t_msp:.4f} | {t_msp / n * 1e6:.2f} | {ase_s} | – |")

@@ -2,6 +2,9 @@
 //! structures, seed 0): one thread, and all threads with rayon. Compared with ASE's EMT by
 //! `benches/emt_ase.py`, which labels the same structures (see docs/bench/emt.md).
 
+// criterion_group! generates an undocumented function.
+#![allow(missing_docs)]
+
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 use matscale_structures::emt::Emt;
 use matscale_structures::generate::AlloyGenerator;

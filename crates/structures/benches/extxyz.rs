@@ -10,6 +10,9 @@
 //! /work/venv/py/bin/python crates/structures/benches/extxyz_ase.py
 //! ```
 
+// criterion_group! generates an undocumented function.
+#![allow(missing_docs)]
+
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
@@ -129,5 +132,39 @@ fn read(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, read);
+/// CPU time (user + system) of this process so far, seconds (Linux; `None` elsewhere).
+fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which is in parentheses): utime is the 12th, stime 13th.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0) // USER_HZ is 100 on Linux
+}
+
+/// CPU seconds per sequential read: comparable with ASE's `time.process_time()` even when other
+/// processes load the machine (wall-clock times are not).
+fn cpu_time(_c: &mut Criterion) {
+    let path = bench_file();
+    let repeats = 5;
+    let (Some(t0), wall) = (cpu_seconds(), std::time::Instant::now()) else {
+        return;
+    };
+    for _ in 0..repeats {
+        let n = extxyz::read_path(&path)
+            .expect("open")
+            .parallel(false)
+            .map(|s| s.expect("valid frame").len())
+            .sum::<usize>();
+        assert_eq!(n, FRAMES * 64);
+    }
+    let cpu = cpu_seconds().unwrap_or(t0) - t0;
+    eprintln!(
+        "sequential read, mean of {repeats}: {:.3} s CPU, {:.3} s wall",
+        cpu / repeats as f64,
+        wall.elapsed().as_secs_f64() / repeats as f64
+    );
+}
+
+criterion_group!(benches, read, cpu_time);
 criterion_main!(benches);

@@ -125,7 +125,8 @@ pub enum BatchError {
 }
 
 /// Several structures as one disjoint graph, with labels. See the [module docs](self) for the
-/// edge convention. Layouts (`N` nodes, `E` edges, `B` structures), all row-major:
+/// edge convention. Each field documents its layout with `N` nodes, `E` edges and `B`
+/// structures; multi-dimensional layouts are flat and row-major.
 ///
 /// The fields are public so that a model crate can move each vector into a tensor; a batch made
 /// by [`GraphBatch::new`] satisfies every invariant documented here, and code that edits the

@@ -18,7 +18,8 @@
 //! ```
 //! use matscale_structures::dataset::{DatasetSplit, SplitConfig, TrainSize};
 //!
-//! let split = DatasetSplit::new(1000, &SplitConfig { seed: 1024, val_fraction: 0.1, test_fraction: 0.0 }).unwrap();
+//! let config = SplitConfig { seed: 1024, val_fraction: 0.1, test_fraction: 0.0 };
+//! let split = DatasetSplit::new(1000, &config).unwrap();
 //! assert_eq!(split.validation().len(), 100);
 //! let small = split.train_subset(TrainSize::Fraction(0.01)).unwrap();
 //! let large = split.train_subset(TrainSize::Count(500)).unwrap();
@@ -492,6 +493,8 @@ pub struct LabelStats {
     pub stress_std: f64,
     /// Mean number of incoming edges per atom under the graph options, when given.
     pub avg_degree: Option<f64>,
+    /// Mean number of edges (directed pairs) per structure under the graph options, when given.
+    pub avg_num_edges: Option<f64>,
     /// Atoms of each element over the data set: `(Z, count)`, ascending Z.
     pub element_counts: Vec<(u8, usize)>,
 }
@@ -548,7 +551,7 @@ impl LabelStats {
             }
         }
         let pooled: Vec<f64> = voigt.iter().flatten().copied().collect();
-        let avg_degree = match graph {
+        let edges_total = match graph {
             None => None,
             Some(options) => {
                 let edges = structures
@@ -561,9 +564,11 @@ impl LabelStats {
                             .map_err(|source| DatasetError::Neighbors { structure, source })
                     })
                     .collect::<Result<Vec<_>, _>>()?;
-                Some(edges.iter().sum::<usize>() as f64 / n_atoms.max(1) as f64)
+                Some(edges.iter().sum::<usize>() as f64)
             }
         };
+        let avg_degree = edges_total.map(|e| e / n_atoms.max(1) as f64);
+        let avg_num_edges = edges_total.map(|e| e / structures.len().max(1) as f64);
         Ok(Self {
             n_structures: structures.len(),
             n_atoms,
@@ -581,6 +586,7 @@ impl LabelStats {
             stress_mean,
             stress_std: mean_std(&pooled).1,
             avg_degree,
+            avg_num_edges,
             element_counts: (0..=255u8)
                 .filter(|&z| counts[z as usize] > 0)
                 .map(|z| (z, counts[z as usize]))
@@ -708,13 +714,15 @@ mod tests {
             fractions in prop::collection::vec(1e-4f64..=1.0, 2..6),
             count in 1usize..3000,
         ) {
-            let split = DatasetSplit::new(n, &SplitConfig { seed, val_fraction: val, test_fraction: 0.0 }).unwrap();
-            let again = DatasetSplit::new(n, &SplitConfig { seed, val_fraction: val, test_fraction: 0.0 }).unwrap();
-            prop_assert_eq!(&split, &again);
+            let config = SplitConfig { seed, val_fraction: val, test_fraction: 0.0 };
+            let split = DatasetSplit::new(n, &config).unwrap();
+            prop_assert_eq!(&split, &DatasetSplit::new(n, &config).unwrap());
             let pool = split.train_pool().len();
-            let mut sizes: Vec<TrainSize> = fractions.iter().map(|&f| TrainSize::Fraction(f)).collect();
+            let mut sizes: Vec<TrainSize> =
+                fractions.iter().map(|&f| TrainSize::Fraction(f)).collect();
             sizes.push(TrainSize::Count(count.min(pool)));
-            let subsets: Vec<&[usize]> = sizes.iter().map(|&s| split.train_subset(s).unwrap()).collect();
+            let subsets: Vec<&[usize]> =
+                sizes.iter().map(|&s| split.train_subset(s).unwrap()).collect();
             for a in &subsets {
                 prop_assert!(!a.is_empty());
                 prop_assert!(a.iter().all(|i| !split.validation().contains(i)));
@@ -756,7 +764,7 @@ mod tests {
         let stats = LabelStats::compute(&structures, Some(&fit), None).unwrap();
         assert!(stats.energy_per_atom_mean.abs() < 1e-9);
         assert!(stats.energy_per_atom_std < 1e-9);
-        assert_eq!(stats.avg_degree, None);
+        assert_eq!((stats.avg_degree, stats.avg_num_edges), (None, None));
     }
 
     #[test]
@@ -840,6 +848,7 @@ mod tests {
         // Atoms 2 Å apart along x in a cell of period 2n Å: 2 neighbours each at 2.5 Å, except
         // the single atom in a 2 Å cell (2 self-images) — also 2.
         assert_eq!(stats.avg_degree, Some(2.0));
+        assert_eq!(stats.avg_num_edges, Some(14.0 / 3.0));
         assert_eq!(stats.element_counts, vec![(29, 6), (79, 1)]);
     }
 }

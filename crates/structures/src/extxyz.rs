@@ -405,8 +405,11 @@ enum Delim {
     Brackets,
 }
 
+/// `(key, value and its delimiter)` pairs of a comment line; bare keys have no value.
+type CommentPairs = Vec<(String, Option<(String, Delim)>)>;
+
 /// Splits a comment line into `(key, value, delimiter)` triples; bare keys get `None`.
-fn tokenize_comment(line: &str) -> Result<Vec<(String, Option<(String, Delim)>)>, String> {
+fn tokenize_comment(line: &str) -> Result<CommentPairs, String> {
     let mut out = Vec::new();
     let mut chars = line.chars().peekable();
     loop {
@@ -1051,7 +1054,8 @@ fn parse_frame(text: &[u8], span: &Span, path: &Path) -> Result<Structure, ReadE
     let n = span.natoms;
     let mut numbers: Vec<u8> = Vec::with_capacity(n);
     let mut positions: Vec<[f64; 3]> = Vec::with_capacity(n);
-    let mut forces: Vec<[f64; 3]> = Vec::new();
+    let has_forces = columns.iter().any(|c| c.target == Target::Forces);
+    let mut forces: Vec<[f64; 3]> = Vec::with_capacity(if has_forces { n } else { 0 });
     let mut extras: Vec<(usize, PerAtomData)> = columns
         .iter()
         .enumerate()
@@ -1580,7 +1584,7 @@ mod tests {
                 out.push_str(&format!("Cu {i}.25 0.5 -1e-3 0.1 0.2 0.3\n"));
             }
             if k % 7 == 3 {
-                out.push_str("\n"); // blank lines between frames are skipped
+                out.push('\n'); // blank lines between frames are skipped
             }
         }
         out
@@ -1679,16 +1683,4 @@ mod tests {
         }
     }
 
-    fn parse(text: &str) -> Result<Vec<Structure>, ReadError> {
-        parse_str(text, Path::new("test.xyz"))
-    }
-
-    #[test]
-    fn real_files_parse() {
-        for f in ["libatoms-workflow/B_DFT_data.xyz", "sevennet/hfo2.extxyz"] {
-            let p = Path::new("/work/shared/data/real").join(f);
-            let frames = read_all(&p).unwrap();
-            eprintln!("{f}: {} frames, first {:?}", frames.len(), frames[0]);
-        }
-    }
 }

@@ -1048,6 +1048,47 @@ mod tests {
         assert_eq!(nl.nearest(0).len(), 0);
     }
 
+    #[test]
+    fn many_chunks_match_brute_force_for_any_thread_count() {
+        // 600 atoms (three chunks of centre atoms) in a skewed cell with unwrapped positions.
+        let cell = [[14.0, 0.0, 0.0], [5.0, 13.0, 0.0], [-4.0, 3.0, 12.5]];
+        let mut state = 7u64;
+        let mut uniform = move || {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (state >> 11) as f64 / (1u64 << 53) as f64
+        };
+        let positions: Vec<[f64; 3]> = (0..600)
+            .map(|_| {
+                let f = [3.0 * uniform() - 1.0, uniform(), 2.0 * uniform() - 0.5];
+                vec_mat(&f, &cell)
+            })
+            .collect();
+        let run = |threads: usize| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap()
+                .install(|| neighbor_list_raw(&positions, &cell, [true, true, false], 3.2).unwrap())
+        };
+        let one = run(1);
+        assert_eq!(one, run(3));
+        let expected = brute_force(&positions, &cell, [true, true, false], 3.2);
+        let got: Vec<(u32, u32, [i32; 3], f64)> = (0..one.len())
+            .map(|p| {
+                (
+                    one.first()[p],
+                    one.second()[p],
+                    one.shifts()[p],
+                    one.distances()[p],
+                )
+            })
+            .collect();
+        assert!(got.len() > 3000);
+        assert_eq!(got, expected);
+    }
+
     /// Brute force straight from the definition: every (i, j, S) with |D| < cutoff, with S
     /// ranging over every integer vector that the perpendicular heights allow.
     fn brute_force(

@@ -143,3 +143,39 @@ pub fn run(args: GenArgs) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn supercell_syntax() {
+        assert_eq!(parse_supercell("2x3x4"), Ok([2, 3, 4]));
+        assert!(parse_supercell("2x2").is_err());
+        assert!(parse_supercell("2x2xa").unwrap_err().contains("2x2xa"));
+    }
+
+    #[test]
+    fn unset_options_take_the_library_defaults() {
+        let args = GenArgs {
+            n: 3,
+            seed: 9,
+            output: "x.extxyz".into(),
+            elements: None,
+            min_elements: None,
+            max_elements: Some(3),
+            supercell: None,
+            max_strain: None,
+            rattle_min: None,
+            rattle_max: None,
+        };
+        assert_eq!(
+            args.generator(),
+            AlloyGenerator {
+                seed: 9,
+                max_elements: 3,
+                ..AlloyGenerator::default()
+            }
+        );
+    }
+}
