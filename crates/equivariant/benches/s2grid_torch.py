@@ -8,11 +8,12 @@ fairchem 1.x EquiformerV2 way, on the CPU with 2 threads, timed warm.
 * Segment softmax (`torch_geometric.utils.softmax`): scatter-max, exp, scatter-sum via
   `index_add_`, divide; segment sum (`index_add_`, what fairchem's `_reduce_edge` does).
 
-Usage: /work/venv/py/bin/python crates/equivariant/benches/s2grid_torch.py
+Usage: /work/venv/py/bin/python crates/equivariant/benches/s2grid_torch.py [segment] [s2]
 Prints one line per case: name, best and median seconds over the repetitions.
 """
 
 import statistics
+import sys
 import time
 
 import torch
@@ -103,6 +104,9 @@ def bench_segment():
 
 
 if __name__ == "__main__":
+    which = sys.argv[1:] or ["segment", "s2"]
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
-    bench_segment()
-    bench_s2()
+    if "segment" in which:
+        bench_segment()
+    if "s2" in which:
+        bench_s2()

@@ -15,8 +15,9 @@
 //!   per-segment maximum is subtracted) and with PyTorch Geometric's `1e-16` added to the
 //!   denominator (`torch_geometric.utils.softmax`, used by EquiformerV2's attention).
 //!
-//! Gradients: `sum` and `gather` are each other's backward; the softmax backward is
-//! `y ⊙ (g − gather(sum(g ⊙ y)))`, composed of these ops, so it is differentiable again.
+//! Gradients: `sum` and `gather` are each other's backward; the softmax backward
+//! `y ⊙ (g − gather(sum(g ⊙ y)))` is one fused pass per segment whose own backward is composed
+//! of these ops, so gradients of gradients work too.
 //! `Tensor::scatter_add` is never used (its backward is wrong in candle 0.11).
 //!
 //! # Example
@@ -41,7 +42,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::activation::{check_float, Float};
@@ -371,6 +372,11 @@ fn softmax_kernel<T: Float>(csr: &Csr, src: &[T], cols: usize) -> Vec<T> {
                 }
             }
         });
+    ungroup(csr, grouped, cols)
+}
+
+/// Moves rows from the grouped (by segment) order back to item order.
+fn ungroup<T: Float>(csr: &Csr, grouped: Vec<T>, cols: usize) -> Vec<T> {
     let Some(order) = &csr.order else {
         return grouped;
     };
@@ -387,6 +393,114 @@ fn softmax_kernel<T: Float>(csr: &Csr, src: &[T], cols: usize) -> Vec<T> {
             row.copy_from_slice(&grouped[k * cols..(k + 1) * cols]);
         });
     out
+}
+
+/// Softmax backward `dx = y ⊙ (g − gather(sum(g ⊙ y)))` in one pass per segment.
+fn softmax_backward_kernel<T: Float>(csr: &Csr, y: &[T], g: &[T], cols: usize) -> Vec<T> {
+    let mut grouped = vec![T::ZERO; csr.num_items() * cols];
+    let blocks = csr.blocks(cols);
+    let item_bounds: Vec<(usize, usize)> = blocks
+        .iter()
+        .map(|&(s0, s1)| (csr.offsets[s0], csr.offsets[s1]))
+        .collect();
+    let pieces = split_blocks(&mut grouped, &item_bounds, cols);
+    pieces
+        .into_par_iter()
+        .zip(blocks.par_iter())
+        .for_each(|(piece, &(s0, s1))| {
+            let base = csr.offsets[s0];
+            let mut dot = vec![T::ZERO; cols];
+            for s in s0..s1 {
+                let (k0, k1) = (csr.offsets[s], csr.offsets[s + 1]);
+                dot.iter_mut().for_each(|v| *v = T::ZERO);
+                for k in k0..k1 {
+                    let e = csr.item(k);
+                    for j in 0..cols {
+                        dot[j] += g[e * cols + j] * y[e * cols + j];
+                    }
+                }
+                for k in k0..k1 {
+                    let e = csr.item(k);
+                    let row = &mut piece[(k - base) * cols..(k - base + 1) * cols];
+                    for j in 0..cols {
+                        row[j] = y[e * cols + j] * (g[e * cols + j] - dot[j]);
+                    }
+                }
+            }
+        });
+    ungroup(csr, grouped, cols)
+}
+
+/// Fused softmax backward (args: softmax output `y`, incoming gradient `g`), `[E, ...]`.
+///
+/// Its own backward (for gradients of gradients), with upstream `h`, `S = sum(g ⊙ y)` and
+/// `T = sum(h ⊙ y)`: `∂/∂g = y ⊙ (h − gather(T))` (this op again) and
+/// `∂/∂y = h ⊙ (g − gather(S)) − g ⊙ gather(T)`.
+#[derive(Debug, Clone)]
+struct SoftmaxBackward {
+    csr: Arc<Csr>,
+}
+
+impl CustomOp2 for SoftmaxBackward {
+    fn name(&self) -> &'static str {
+        "segment-softmax-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (Some((a1, b1)), Some((a2, b2))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+        else {
+            candle_core::bail!("segment-softmax-backward: inputs must be contiguous");
+        };
+        let cols: usize = l1.dims()[1..].iter().product();
+        let out =
+            match (s1, s2) {
+                (CpuStorage::F32(y), CpuStorage::F32(g)) => CpuStorage::F32(
+                    softmax_backward_kernel(&self.csr, &y[a1..b1], &g[a2..b2], cols),
+                ),
+                (CpuStorage::F64(y), CpuStorage::F64(g)) => CpuStorage::F64(
+                    softmax_backward_kernel(&self.csr, &y[a1..b1], &g[a2..b2], cols),
+                ),
+                _ => {
+                    candle_core::bail!("segment-softmax-backward: y and g must both be f32 or f64")
+                }
+            };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        y: &Tensor,
+        g: &Tensor,
+        _res: &Tensor,
+        h: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let seg = Segments {
+            csr: self.csr.clone(),
+        };
+        let h = h.contiguous()?;
+        let dg = y.apply_op2(&h, self.clone())?;
+        let s = seg
+            .gather(&seg.sum(&g.mul(y)?).map_err(to_candle)?)
+            .map_err(to_candle)?;
+        let t = seg
+            .gather(&seg.sum(&h.mul(y)?).map_err(to_candle)?)
+            .map_err(to_candle)?;
+        let dy = h.mul(&g.sub(&s)?)?.sub(&g.mul(&t)?)?;
+        Ok((Some(dy), Some(dg)))
+    }
+}
+
+fn to_candle(e: EquivariantError) -> candle_core::Error {
+    match e {
+        EquivariantError::Candle(e) => e,
+        other => candle_core::Error::Msg(other.to_string()),
+    }
 }
 
 impl CustomOp1 for SegmentOp {
@@ -439,19 +553,15 @@ impl CustomOp1 for SegmentOp {
         let seg = Segments {
             csr: self.csr.clone(),
         };
-        let to_candle = |e: EquivariantError| match e {
-            EquivariantError::Candle(e) => e,
-            other => candle_core::Error::Msg(other.to_string()),
-        };
         let grad = match self.kind {
             Kind::Sum => seg.gather(grad_res).map_err(to_candle)?,
             Kind::Gather => seg.sum(grad_res).map_err(to_candle)?,
-            Kind::Softmax => {
-                let gy = grad_res.mul(res)?;
-                let per_segment = seg.sum(&gy).map_err(to_candle)?;
-                let back = seg.gather(&per_segment).map_err(to_candle)?;
-                res.mul(&grad_res.sub(&back)?)?
-            }
+            Kind::Softmax => res.contiguous()?.apply_op2(
+                &grad_res.contiguous()?,
+                SoftmaxBackward {
+                    csr: self.csr.clone(),
+                },
+            )?,
         };
         Ok(Some(grad))
     }
@@ -591,6 +701,25 @@ mod tests {
             check_gradient(|t| seg.softmax(t).map_err(to_c), &x, 1e-6)?.assert_within(1e-8);
             let nodes = random_tensor(&[9, 2, 3], DType::F64, 7)?;
             check_gradient(|t| seg.gather(t).map_err(to_c), &nodes, 1e-6)?.assert_within(1e-8);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn softmax_backward_op_has_correct_gradients() -> Result<()> {
+        for sorted in [true, false] {
+            let index = random_index(30, 7, sorted, 8);
+            let seg = Segments::from_indices(&index, 7)?;
+            let y = seg.softmax(&random_tensor(&[30, 2], DType::F64, 1)?)?;
+            let g = random_tensor(&[30, 2], DType::F64, 2)?;
+            let op = || SoftmaxBackward {
+                csr: seg.csr.clone(),
+            };
+            // the fused op equals the composed formula
+            let composed = y.mul(&g.sub(&seg.gather(&seg.sum(&g.mul(&y)?)?)?)?)?;
+            crate::testing::assert_close(&y.apply_op2(&g, op())?, &composed, 1e-15);
+            check_gradient(|t| y.apply_op2(t, op()), &g, 1e-6)?.assert_within(1e-8);
+            check_gradient(|t| t.apply_op2(&g, op()), &y, 1e-6)?.assert_within(1e-8);
         }
         Ok(())
     }

@@ -212,13 +212,14 @@ impl<T: Real> Recurrence<T> {
                 if m == 0 {
                     tmp[centre] = q;
                 } else {
-                    let (plus, minus) = (&mut [T::zero(); LANES], &mut [T::zero(); LANES]);
+                    let mut plus = [T::zero(); LANES];
+                    let mut minus = [T::zero(); LANES];
                     for i in 0..LANES {
                         plus[i] = q[i] * c[i];
                         minus[i] = q[i] * s[i];
                     }
-                    tmp[centre + m] = *plus;
-                    tmp[centre - m] = *minus;
+                    tmp[centre + m] = plus;
+                    tmp[centre - m] = minus;
                 }
                 l += 1;
                 if l > lmax {
@@ -245,12 +246,34 @@ impl<T: Real> Recurrence<T> {
         let dim = num_coefficients(self.lmax);
         out.par_chunks_mut(CHUNK * dim)
             .zip(xyz.par_chunks(CHUNK * 3))
-            .for_each(|(out, xyz)| {
-                let mut tmp = vec![[T::zero(); LANES]; dim];
-                for (out, xyz) in out.chunks_mut(LANES * dim).zip(xyz.chunks(LANES * 3)) {
-                    self.block(xyz, normalize, &mut tmp, out);
-                }
-            });
+            .for_each(|(out, xyz)| self.evaluate_chunk(xyz, normalize, out));
+    }
+
+    /// One rayon task: dispatches to an AVX2 build of the same code when the CPU has it (the
+    /// lane loops then run 8 f32 / 4 f64 wide instead of SSE2's 4 / 2).
+    fn evaluate_chunk(&self, xyz: &[T], normalize: bool, out: &mut [T]) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2, checked just above.
+            unsafe { self.evaluate_chunk_avx2(xyz, normalize, out) };
+            return;
+        }
+        self.evaluate_chunk_portable(xyz, normalize, out);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn evaluate_chunk_avx2(&self, xyz: &[T], normalize: bool, out: &mut [T]) {
+        self.evaluate_chunk_portable(xyz, normalize, out);
+    }
+
+    #[inline(always)]
+    fn evaluate_chunk_portable(&self, xyz: &[T], normalize: bool, out: &mut [T]) {
+        let dim = num_coefficients(self.lmax);
+        let mut tmp = vec![[T::zero(); LANES]; dim];
+        for (out, xyz) in out.chunks_mut(LANES * dim).zip(xyz.chunks(LANES * 3)) {
+            self.block(xyz, normalize, &mut tmp, out);
+        }
     }
 }
 

@@ -336,7 +336,12 @@ impl LaneScratch {
 
 /// `M ← Z(θ) M` on lanes, with `cos[f]`, `sin[f]` the multiples of θ.
 #[inline(always)]
-fn z_left_lanes(l: usize, cos: &[[f64; EDGE_LANES]], sin: &[[f64; EDGE_LANES]], m: &mut [[f64; EDGE_LANES]]) {
+fn z_left_lanes(
+    l: usize,
+    cos: &[[f64; EDGE_LANES]],
+    sin: &[[f64; EDGE_LANES]],
+    m: &mut [[f64; EDGE_LANES]],
+) {
     let n = 2 * l + 1;
     for i in 0..l {
         let (c, s) = (cos[l - i], sin[l - i]);
@@ -357,7 +362,12 @@ fn z_left_lanes(l: usize, cos: &[[f64; EDGE_LANES]], sin: &[[f64; EDGE_LANES]], 
 /// The blocks of up to [`EDGE_LANES`] edges at once: the same products as
 /// [`wigner_d_blocks_into`], with every operation running across the edges (vectorisable),
 /// zero entries of `J` skipped, and the results written straight into `out` in `T`.
-fn blocks_lanes<T: WithDType>(lmax: usize, angles: &[(f64, f64, f64)], s: &mut LaneScratch, out: &mut [T]) {
+fn blocks_lanes<T: WithDType>(
+    lmax: usize,
+    angles: &[(f64, f64, f64)],
+    s: &mut LaneScratch,
+    out: &mut [T],
+) {
     let j = j_matrices();
     let len = blocks_len(lmax);
     for w in 0..3 {
@@ -433,13 +443,16 @@ fn blocks_lanes<T: WithDType>(lmax: usize, angles: &[(f64, f64, f64)], s: &mut L
 fn blocks_batch<T: WithDType>(lmax: usize, angles: &[(f64, f64, f64)]) -> Vec<T> {
     const CHUNK_EDGES: usize = 256;
     let len = blocks_len(lmax);
-    let mut data = vec![T::zero(); angles.len() * len];
+    let mut data = crate::buffer::zeroed_vec(angles.len() * len);
     data.par_chunks_mut(len * CHUNK_EDGES)
         .zip(angles.par_chunks(CHUNK_EDGES))
         .for_each_init(
             || LaneScratch::new(lmax),
             |scratch, (out, angles)| {
-                for (out, a) in out.chunks_mut(len * EDGE_LANES).zip(angles.chunks(EDGE_LANES)) {
+                for (out, a) in out
+                    .chunks_mut(len * EDGE_LANES)
+                    .zip(angles.chunks(EDGE_LANES))
+                {
                     blocks_lanes(lmax, a, scratch, out);
                 }
             },
@@ -536,8 +549,16 @@ impl WignerBlocks {
             });
         }
         let blocks = match dtype {
-            DType::F32 => Tensor::from_vec(blocks_batch::<f32>(lmax, angles), (angles.len(), blocks_len(lmax)), device)?,
-            _ => Tensor::from_vec(blocks_batch::<f64>(lmax, angles), (angles.len(), blocks_len(lmax)), device)?,
+            DType::F32 => Tensor::from_vec(
+                blocks_batch::<f32>(lmax, angles),
+                (angles.len(), blocks_len(lmax)),
+                device,
+            )?,
+            _ => Tensor::from_vec(
+                blocks_batch::<f64>(lmax, angles),
+                (angles.len(), blocks_len(lmax)),
+                device,
+            )?,
         };
         Ok(Self { lmax, blocks })
     }
@@ -789,7 +810,7 @@ mod tests {
                 assert_close_slice(
                     &data[k][block_offset(l)..block_offset(l) + n * n],
                     &want,
-                    0.0,
+                    1e-13,
                 );
             }
         }

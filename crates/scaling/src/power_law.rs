@@ -406,9 +406,11 @@ fn minimise(
         law,
         objective,
     };
+    // L-BFGS brings each start into the basin; the Levenberg–Marquardt polish
+    // that follows converges to rounding level, so L-BFGS may stop early.
     let settings = LbfgsSettings {
-        tol_grad: 1e-13,
-        tol_cost: 0.0,
+        tol_grad: 1e-10,
+        tol_cost: 1e-16,
         max_iters: 2000,
         memory: 10,
     };

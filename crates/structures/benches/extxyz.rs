@@ -142,28 +142,31 @@ fn cpu_seconds() -> Option<f64> {
     Some(ticks / 100.0) // USER_HZ is 100 on Linux
 }
 
-/// CPU seconds per sequential read: comparable with ASE's `time.process_time()` even when other
-/// processes load the machine (wall-clock times are not).
+/// CPU and wall seconds per read, sequential and parallel: CPU time is comparable with ASE's
+/// `time.process_time()` even when other processes load the machine (wall-clock time is not).
 fn cpu_time(_c: &mut Criterion) {
     let path = bench_file();
     let repeats = 5;
-    let (Some(t0), wall) = (cpu_seconds(), std::time::Instant::now()) else {
-        return;
-    };
-    for _ in 0..repeats {
-        let n = extxyz::read_path(&path)
-            .expect("open")
-            .parallel(false)
-            .map(|s| s.expect("valid frame").len())
-            .sum::<usize>();
-        assert_eq!(n, FRAMES * 64);
+    for parallel in [false, true] {
+        let (Some(t0), wall) = (cpu_seconds(), std::time::Instant::now()) else {
+            return;
+        };
+        for _ in 0..repeats {
+            let n = extxyz::read_path(&path)
+                .expect("open")
+                .parallel(parallel)
+                .map(|s| s.expect("valid frame").len())
+                .sum::<usize>();
+            assert_eq!(n, FRAMES * 64);
+        }
+        let cpu = cpu_seconds().unwrap_or(t0) - t0;
+        eprintln!(
+            "{} read, mean of {repeats}: {:.3} s CPU, {:.3} s wall",
+            if parallel { "parallel" } else { "sequential" },
+            cpu / repeats as f64,
+            wall.elapsed().as_secs_f64() / repeats as f64
+        );
     }
-    let cpu = cpu_seconds().unwrap_or(t0) - t0;
-    eprintln!(
-        "sequential read, mean of {repeats}: {:.3} s CPU, {:.3} s wall",
-        cpu / repeats as f64,
-        wall.elapsed().as_secs_f64() / repeats as f64
-    );
 }
 
 criterion_group!(benches, read, cpu_time);

@@ -5,6 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/../../.."
 PY=${1:-/work/venv/py/bin/python}
 uptime
-cargo bench -p matscale-structures --bench extxyz 2>&1 | grep -E "benchmark file|^extxyz|time:|thrpt:|sequential read"
+cargo bench -p matscale-structures --bench extxyz 2>&1 | grep -E "benchmark file|^extxyz|time:|thrpt:|sequential read|parallel read"
 "$PY" crates/structures/benches/extxyz_ase.py --repeat 3
 uptime

@@ -45,7 +45,7 @@ const BLOCK: usize = 4 << 20;
 /// The parallel reader parses frames in batches of about this many bytes.
 const BATCH_BYTES: usize = 8 << 20;
 
-/// Opens an extxyz file for streaming (parallel parsing when rayon has more than one thread).
+/// Opens an extxyz file for streaming (sequential parsing; see [`Reader::parallel`]).
 pub fn read_path(path: &Path) -> Result<Reader<File>, ReadError> {
     let file = File::open(path).map_err(|e| ReadError::io(path, e))?;
     Ok(Reader::new(file, path))
@@ -278,11 +278,13 @@ impl<R: Read> Splitter<R> {
 /// A streaming extxyz reader: an iterator over the frames of any [`Read`] (it buffers itself;
 /// no `BufReader` needed).
 ///
-/// It reads blocks of a few MB and splits them into frames by counting lines. With parallel
-/// parsing on (the default with more than one rayon thread) it parses a batch of frames on the
-/// rayon pool while the next batch is read and split, and yields frames in file order. Memory
-/// stays bounded by two batches (or one frame, if a frame is larger). After an error the
-/// iterator ends.
+/// It reads blocks of a few MB and splits them into frames by counting lines. With
+/// [`Reader::parallel`] on, it parses a batch of frames on the rayon pool while the next batch is
+/// read and split, and yields frames in file order. Parallel parsing is off by default: on the
+/// shared 2-core machines this project runs on, rayon's workers compete with other processes
+/// and the parallel path measured slower than the sequential one (docs/bench/extxyz.md); turn it
+/// on for idle multi-core machines. Memory stays bounded by two batches (or one frame, if a
+/// frame is larger). After an error the iterator ends.
 pub struct Reader<R> {
     splitter: Splitter<R>,
     path: PathBuf,
@@ -313,14 +315,15 @@ impl<R: Read + Send> Reader<R> {
             },
             path,
             batch_bytes: BATCH_BYTES,
-            parallel: rayon::current_num_threads() > 1,
+            parallel: false,
             ready: VecDeque::new(),
             next: None,
             done: false,
         }
     }
 
-    /// Turns parallel parsing on or off (the order of frames is the same either way).
+    /// Turns parallel parsing on or off (off by default; the order of frames is the same either
+    /// way).
     pub fn parallel(mut self, parallel: bool) -> Self {
         self.parallel = parallel;
         self
@@ -1682,5 +1685,4 @@ mod tests {
             }
         }
     }
-
 }

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufReader, Read};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -130,10 +130,7 @@ pub(super) fn open_input(path: &Path, order: StressOrder) -> anyhow::Result<Inpu
         count: Arc::clone(&count),
     };
     let frames = match format {
-        Format::ExtXyz => Frames::new(extxyz::Reader::new(
-            BufReader::with_capacity(1 << 20, src),
-            path,
-        )),
+        Format::ExtXyz => Frames::new(extxyz::Reader::new(src, path)),
         Format::PymatgenJson => Frames::new(
             pymatgen::read_reader(
                 src,
