@@ -22,6 +22,7 @@ fn power_laws_agree_with_curve_fit_to_1e6() {
     let root: Value = serde_json::from_str(&text).unwrap();
     let cases = root["cases"].as_array().unwrap();
     assert_eq!(cases.len(), 8);
+    let mut worst = 0.0f64;
     for case in cases {
         let name = case["name"].as_str().unwrap();
         let law = match case["law"].as_str().unwrap() {

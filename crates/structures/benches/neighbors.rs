@@ -6,6 +6,7 @@
 //! ```text
 //! /path/to/python crates/structures/benches/bench_neighbors_reference.py
 //! ```
+#![allow(missing_docs)] // criterion_group! generates an undocumented public function
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use matscale_structures::neighbors::neighbor_list;
