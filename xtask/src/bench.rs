@@ -10,13 +10,25 @@ use std::process::Command;
 
 use anyhow::{bail, Context};
 
-/// One benchmark suite: a criterion bench and its optional reference script.
+/// How a suite measures its reference side by side with matscale.
+#[derive(Clone, Copy)]
+enum Compare {
+    /// A shell script that runs the criterion bench and the Python reference back to back; it
+    /// takes the interpreter as its first argument.
+    Shell(&'static str),
+    /// A shell script that reads the interpreter from `$PYTHON` (its arguments mean other things).
+    ShellEnv(&'static str),
+    /// A Python script that runs the criterion bench itself and the reference beside it.
+    Python(&'static str),
+}
+
+/// One benchmark suite: criterion benches of one crate and the side-by-side comparison script.
 struct Suite {
     name: &'static str,
     package: &'static str,
-    bench: &'static str,
-    /// Python reference script, relative to the workspace root.
-    reference: Option<&'static str>,
+    benches: &'static [&'static str],
+    /// Reference comparison, relative to the workspace root.
+    compare: Compare,
     about: &'static str,
 }
 
@@ -24,78 +36,72 @@ const SUITES: &[Suite] = &[
     Suite {
         name: "extxyz",
         package: "matscale-structures",
-        bench: "extxyz",
-        reference: Some("crates/structures/benches/extxyz_ase.py"),
+        benches: &["extxyz"],
+        compare: Compare::Shell("crates/structures/benches/extxyz_compare.sh"),
         about: "extxyz reading vs ase.io.read",
     },
     Suite {
         name: "neighbors",
         package: "matscale-structures",
-        bench: "neighbors",
-        reference: Some("crates/structures/benches/neighbors_ref.py"),
+        benches: &["neighbors"],
+        compare: Compare::Python("crates/structures/benches/bench_neighbors_reference.py"),
         about: "periodic neighbour list vs matscipy and ASE",
     },
     Suite {
         name: "emt",
         package: "matscale-structures",
-        bench: "emt",
-        reference: Some("crates/structures/benches/emt_ase.py"),
+        benches: &["emt"],
+        compare: Compare::Python("crates/structures/benches/emt_ase.py"),
         about: "EMT labelling vs ASE's EMT",
     },
     Suite {
         name: "sh",
         package: "matscale-equivariant",
-        bench: "sh",
-        reference: Some("crates/equivariant/benches/sh_e3nn.py"),
+        benches: &["sh"],
+        compare: Compare::Shell("crates/equivariant/benches/sh_compare.sh"),
         about: "spherical harmonics vs e3nn",
     },
     Suite {
         name: "so2",
         package: "matscale-equivariant",
-        bench: "so2",
-        reference: Some("crates/equivariant/benches/so2_torch.py"),
+        benches: &["so2"],
+        compare: Compare::ShellEnv("crates/equivariant/benches/so2_compare.sh"),
         about: "rotate + SO(2) convolution + rotate back vs PyTorch dense bmm",
     },
     Suite {
         name: "s2grid",
         package: "matscale-equivariant",
-        bench: "s2grid",
-        reference: Some("crates/equivariant/benches/s2grid_torch.py"),
-        about: "S2 grid activation vs PyTorch",
-    },
-    Suite {
-        name: "segment",
-        package: "matscale-equivariant",
-        bench: "segment",
-        reference: Some("crates/equivariant/benches/segment_torch.py"),
-        about: "segment softmax / sum vs PyTorch",
+        benches: &["s2grid", "segment"],
+        compare: Compare::Shell("crates/equivariant/benches/s2grid_compare.sh"),
+        about: "S2 grid activation and segment ops vs PyTorch",
     },
     Suite {
         name: "fit",
         package: "matscale-scaling",
-        bench: "fit",
-        reference: Some("crates/scaling/benches/fit_scipy.py"),
+        benches: &["chinchilla"],
+        compare: Compare::Shell("crates/scaling/benches/compare.sh"),
         about: "Chinchilla joint fit + bootstrap vs scipy",
     },
 ];
 
 /// Groups of suites.
 const GROUPS: &[(&str, &[&str])] = &[
-    ("kernels", &["sh", "so2", "s2grid", "segment"]),
+    ("kernels", &["sh", "so2", "s2grid"]),
     ("structures", &["extxyz", "neighbors", "emt"]),
 ];
 
 /// Arguments of `cargo xtask bench`.
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// Suite or group to run: extxyz, neighbors, emt, sh, so2, s2grid, segment, fit; groups:
+    /// Suite or group to run: extxyz, neighbors, emt, sh, so2, s2grid, fit; groups:
     /// kernels (the equivariant ops), structures, all. `list` prints them.
     pub suite: String,
-    /// Also run the Python reference script of each suite (needs the packages it imports).
+    /// Run the side-by-side comparison instead: the criterion bench and the Python reference
+    /// (ASE, matscipy, e3nn, PyTorch, scipy) in one run. Needs those packages.
     #[arg(long)]
     pub reference: bool,
-    /// Python interpreter for the reference scripts.
-    #[arg(long, default_value = "python3")]
+    /// Python interpreter with the reference packages installed.
+    #[arg(long, env = "PYTHON", default_value = "python3")]
     pub python: String,
     /// Fewer samples (criterion `--quick`); for a smoke run, not for published figures.
     #[arg(long)]
@@ -150,36 +156,42 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     for suite in select(&args.suite)? {
         eprintln!("== {}: {}", suite.name, suite.about);
-        let mut cmd = Command::new(&cargo);
-        cmd.current_dir(&root)
-            .args(["bench", "-p", suite.package, "--bench", suite.bench, "--"]);
-        if args.quick {
-            cmd.arg("--quick");
-        }
+        let mut cmd = if args.reference {
+            let mut cmd;
+            match suite.compare {
+                Compare::Shell(script) => {
+                    cmd = Command::new("bash");
+                    cmd.arg(script).arg(&args.python);
+                }
+                Compare::ShellEnv(script) => {
+                    cmd = Command::new("bash");
+                    cmd.arg(script);
+                }
+                Compare::Python(script) => {
+                    cmd = Command::new(&args.python);
+                    cmd.arg(script);
+                }
+            }
+            cmd.env("PYTHON", &args.python);
+            cmd
+        } else {
+            let mut cmd = Command::new(&cargo);
+            cmd.args(["bench", "-p", suite.package]);
+            for bench in suite.benches {
+                cmd.args(["--bench", bench]);
+            }
+            cmd.arg("--");
+            if args.quick {
+                cmd.arg("--quick");
+            }
+            cmd
+        };
         let status = cmd
+            .current_dir(&root)
             .status()
             .with_context(|| format!("running the {} benchmark", suite.name))?;
         if !status.success() {
             bail!("benchmark {} failed ({status})", suite.name);
-        }
-        if args.reference {
-            let Some(script) = suite.reference else {
-                continue;
-            };
-            let path = root.join(script);
-            if !path.exists() {
-                eprintln!("(no reference script at {script})");
-                continue;
-            }
-            eprintln!("== {} reference: {} {script}", suite.name, args.python);
-            let status = Command::new(&args.python)
-                .current_dir(&root)
-                .arg(&path)
-                .status()
-                .with_context(|| format!("running {} {script}", args.python))?;
-            if !status.success() {
-                bail!("reference script {script} failed ({status})");
-            }
         }
     }
     Ok(())
