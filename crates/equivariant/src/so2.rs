@@ -1543,14 +1543,14 @@ mod tests {
         let wigner = blocks_tensor(random_orthogonal_blocks(edges, 3, 9), edges, 3, DType::F64);
         let x = random_tensor(&[edges, 16, 2], DType::F64, 4)?;
         check_gradient(
-            |x| Ok(rotate(x, &wigner, layout).map_err(candle_core::Error::wrap)?),
+            |x| rotate(x, &wigner, layout).map_err(candle_core::Error::wrap),
             &x,
             1e-6,
         )?
         .assert_within(1e-8);
         let y = random_tensor(&[edges, layout.num_truncated(), 2], DType::F64, 5)?;
         check_gradient(
-            |y| Ok(rotate_inv(y, &wigner, layout).map_err(candle_core::Error::wrap)?),
+            |y| rotate_inv(y, &wigner, layout).map_err(candle_core::Error::wrap),
             &y,
             1e-6,
         )?
