@@ -1,7 +1,7 @@
 //! Spherical harmonics and edge Wigner-D blocks at EquiformerV2 sizes.
 //!
 //! `cargo bench -p matscale-equivariant --bench sh`; the side-by-side comparison with e3nn is
-//! `crates/equivariant/benches/sh_compare.sh` (see docs/bench/sh.md).
+//! `crates/equivariant/benches/sh_compare.sh` (see docs/BENCHMARKS.md).
 
 // `criterion_group!` defines an undocumented `pub fn benches`.
 #![allow(missing_docs)]

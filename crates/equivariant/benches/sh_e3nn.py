@@ -1,4 +1,4 @@
-"""e3nn reference timing for docs/bench/sh.md: o3.spherical_harmonics on 10^6 random vectors.
+"""e3nn reference timing for docs/BENCHMARKS.md: o3.spherical_harmonics on 10^6 random vectors.
 
 l <= 6 (and l <= 4), float32, normalize=True, normalization='component', torch with 2 threads.
 Warm timing: the first calls (which generate code) are run and reported separately, then

@@ -38,7 +38,7 @@
 //!   activation of `x` (row 0 of the grid product is never computed).
 //!
 //! The S2 activation is only approximately equivariant (SiLU is not band-limited): see
-//! `docs/arch/equivariant-ops.md` for the measured error at grid 18 and 36. The fused
+//! `docs/ARCHITECTURE.md` for the measured error at grid 18 and 36. The fused
 //! backward is first order only (no gradients of gradients through the S2 activation);
 //! `to_grid` / `from_grid` are differentiable to any order.
 //!
@@ -1079,7 +1079,7 @@ mod tests {
     }
 
     /// The S2 activation is equivariant only up to the grid's aliasing error; it shrinks fast
-    /// with the resolution (figures in docs/arch/equivariant-ops.md).
+    /// with the resolution (figures in docs/ARCHITECTURE.md).
     #[test]
     fn s2_activation_is_approximately_equivariant() -> Result<()> {
         let lmax = 4;

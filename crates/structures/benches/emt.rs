@@ -1,6 +1,6 @@
 //! EMT labelling throughput on random 32-atom fcc alloys (the default `cargo xtask data gen`
 //! structures, seed 0): one thread, and all threads with rayon. Compared with ASE's EMT by
-//! `benches/emt_ase.py`, which labels the same structures (see docs/bench/emt.md).
+//! `benches/emt_ase.py`, which labels the same structures (see docs/BENCHMARKS.md).
 
 // criterion_group! generates an undocumented function.
 #![allow(missing_docs)]

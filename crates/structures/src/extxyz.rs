@@ -282,7 +282,7 @@ impl<R: Read> Splitter<R> {
 /// [`Reader::parallel`] on, it parses a batch of frames on the rayon pool while the next batch is
 /// read and split, and yields frames in file order. Parallel parsing is off by default: on the
 /// shared 2-core machines this project runs on, rayon's workers compete with other processes
-/// and the parallel path measured slower than the sequential one (docs/bench/extxyz.md); turn it
+/// and the parallel path measured slower than the sequential one (docs/BENCHMARKS.md); turn it
 /// on for idle multi-core machines. Memory stays bounded by two batches (or one frame, if a
 /// frame is larger). After an error the iterator ends.
 pub struct Reader<R> {
