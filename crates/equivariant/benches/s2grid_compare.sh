@@ -4,7 +4,7 @@
 # Usage: crates/equivariant/benches/s2grid_compare.sh [path/to/python]
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
-PY="${1:-/work/venv/py/bin/python}"
+PY="${1:-python3}"
 echo "== PyTorch reference (best / median seconds) =="
 "$PY" crates/equivariant/benches/s2grid_torch.py
 echo "== matscale (criterion: [low estimate high]) =="

@@ -8,7 +8,7 @@ fairchem 1.x EquiformerV2 way, on the CPU with 2 threads, timed warm.
 * Segment softmax (`torch_geometric.utils.softmax`): scatter-max, exp, scatter-sum via
   `index_add_`, divide; segment sum (`index_add_`, what fairchem's `_reduce_edge` does).
 
-Usage: /work/venv/py/bin/python crates/equivariant/benches/s2grid_torch.py [segment] [s2]
+Usage: python3 crates/equivariant/benches/s2grid_torch.py [segment] [s2]
 Prints one line per case: name, best and median seconds over the repetitions.
 """
 

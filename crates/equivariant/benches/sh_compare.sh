@@ -3,7 +3,7 @@
 # same sizes (10^6 vectors, normalize, component). Usage, from the repository root:
 #   crates/equivariant/benches/sh_compare.sh [path/to/python]
 set -euo pipefail
-PY=${1:-/work/venv/py/bin/python}
+PY=${1:-python3}
 cd "$(dirname "$0")/../../.."
 echo "== $(date -u +%FT%TZ) $(nproc) cores, load: $(cut -d' ' -f1-3 /proc/loadavg)"
 "$PY" crates/equivariant/benches/sh_e3nn.py

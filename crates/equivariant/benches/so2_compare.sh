@@ -2,11 +2,11 @@
 # Side-by-side: matscale rotate -> SO(2) conv -> rotate_inv (criterion, f32) against the
 # fairchem-style PyTorch reference (dense bmm, 2 threads, f32), same sizes, same machine.
 # Usage: crates/equivariant/benches/so2_compare.sh [edges]   (default 10000)
-# Needs a Python with torch (PYTHON, default /work/venv/py/bin/python).
+# Needs a Python with torch (PYTHON, default python3).
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 EDGES="${1:-10000}"
-PYTHON="${PYTHON:-/work/venv/py/bin/python}"
+PYTHON="${PYTHON:-python3}"
 echo "== PyTorch reference"
 "$PYTHON" crates/equivariant/benches/so2_torch.py bench --edges "$EDGES" --repeats 5
 echo "== matscale"

@@ -7,7 +7,7 @@ form, analytic gradient, L-BFGS from each of the 4500 grid points, best of
 grid; then 1000 bootstrap refits, each started from the full-data optimum.
 Prints the timings and the fitted values as JSON.
 
-Run: /work/venv/py/bin/python crates/scaling/benches/chinchilla_reference.py [--starts K]
+Run: python3 crates/scaling/benches/chinchilla_reference.py [--starts K]
 (--starts K times only every (4500/K)-th start and scales the time up; the
 default runs all 4500).
 """

@@ -9,7 +9,7 @@
 # Criterion statistics: cargo bench -p matscale-scaling --bench chinchilla
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
-PY=${1:-/work/venv/py/bin/python}
+PY=${1:-python3}
 STARTS=${2:-450}
 BOOT=${3:-100}
 echo "cores: $(nproc); load: $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -7,7 +7,7 @@
 //!
 //! ```text
 //! cargo bench -p matscale-structures --bench extxyz
-//! /work/venv/py/bin/python crates/structures/benches/extxyz_ase.py
+//! python3 crates/structures/benches/extxyz_ase.py
 //! ```
 
 // criterion_group! generates an undocumented function.

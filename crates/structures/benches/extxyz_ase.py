@@ -1,7 +1,7 @@
 """Time ase.io.read(f, index=':') on the extxyz benchmark file of benches/extxyz.rs.
 
 Run the Rust benchmark first (it generates the file), then:
-    /work/venv/py/bin/python crates/structures/benches/extxyz_ase.py [--repeat 3]
+    python3 crates/structures/benches/extxyz_ase.py [--repeat 3]
 """
 
 import argparse

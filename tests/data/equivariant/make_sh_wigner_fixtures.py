@@ -3,7 +3,7 @@
 Writes sh_wigner_e3nn.json (manifest + metadata) and sh_wigner_e3nn.bin (the arrays as
 little-endian float64, concatenated in manifest order). Run from anywhere:
 
-    /work/venv/py/bin/python tests/data/equivariant/make_sh_wigner_fixtures.py
+    python3 tests/data/equivariant/make_sh_wigner_fixtures.py
 """
 import json
 import math

@@ -10,7 +10,7 @@ torch 2.15), so this script imports fairchem's module files directly from a sour
 The checkout used: github.com/FAIR-Chem/fairchem commit 31c096399 (2025-04-15); these files are
 unchanged there since tag fairchem_core-1.9.0 and are the 1.x EquiformerV2 code.
 
-Usage: /work/venv/py/bin/python norms_fixtures.py /path/to/fairchem
+Usage: python3 norms_fixtures.py /path/to/fairchem
 """
 
 import importlib.util

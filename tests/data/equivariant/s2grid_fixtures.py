@@ -8,7 +8,7 @@ files of a fairchem source checkout (see norms_fixtures.py for why and which com
 their matrices with e3nn's `ToS2Grid` / `FromS2Grid`. Instead of the full matrices (too large
 for a fixture) the script stores their action on a few random inputs, which pins every entry.
 
-Usage: /work/venv/py/bin/python s2grid_fixtures.py /path/to/fairchem
+Usage: python3 s2grid_fixtures.py /path/to/fairchem
 """
 
 import importlib.util

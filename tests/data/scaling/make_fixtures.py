@@ -8,7 +8,7 @@ is the one matscale minimises for that case:
 curve_fit's Levenberg-Marquardt runs with tight tolerances (1e-15) so that
 its answer is the minimum to rounding level, not to its default 1.5e-8.
 
-Run: /work/venv/py/bin/python tests/data/scaling/make_fixtures.py
+Run: python3 tests/data/scaling/make_fixtures.py
 """
 import json
 import pathlib
