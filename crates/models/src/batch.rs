@@ -1,0 +1,290 @@
+//! A [`GraphBatch`] moved onto a candle device, and the geometry a model reads from it.
+//!
+//! [`BatchTensors`] holds the index and label tensors of a batch; [`Geometry`] holds the
+//! quantities that depend on the atomic positions and the cell (edge vectors, distances,
+//! fractional coordinates). Under [`ForceMode::Conservative`](crate::ForceMode) the geometry
+//! is rebuilt from positions and a strain that carry gradients, so every model that reads its
+//! inputs from [`Geometry`] gets forces and stress by automatic differentiation for free.
+
+use candle_core::{DType, Device, Tensor, D};
+use matscale_structures::batch::GraphBatch;
+
+use crate::error::{ModelError, Result};
+
+/// The sizes of a batch that FLOP counts depend on.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct BatchShape {
+    /// Structures `B`.
+    pub n_structures: usize,
+    /// Atoms `N` over all structures.
+    pub n_nodes: usize,
+    /// Directed edges `E` over all structures.
+    pub n_edges: usize,
+    /// `Σ_s n_s²` (pairs inside each structure: the cost of full self-attention).
+    pub sum_sq_nodes: usize,
+    /// The largest structure (the padded width of per-structure models).
+    pub max_nodes: usize,
+}
+
+impl BatchShape {
+    /// The shape of `batch`.
+    pub fn of(batch: &GraphBatch) -> Self {
+        let atoms = batch.atoms_per_structure();
+        Self {
+            n_structures: batch.n_structures(),
+            n_nodes: batch.n_nodes(),
+            n_edges: batch.n_edges(),
+            sum_sq_nodes: atoms.iter().map(|n| n * n).sum(),
+            max_nodes: atoms.iter().copied().max().unwrap_or(0),
+        }
+    }
+
+    /// One structure of `atoms` atoms with `edges_per_atom` neighbours each (for quoting
+    /// "FLOPs per structure" of a typical structure).
+    pub fn single(atoms: usize, edges_per_atom: usize) -> Self {
+        Self {
+            n_structures: 1,
+            n_nodes: atoms,
+            n_edges: atoms * edges_per_atom,
+            sum_sq_nodes: atoms * atoms,
+            max_nodes: atoms,
+        }
+    }
+}
+
+/// The tensors of one batch on one device. Layouts use `N` nodes, `E` edges, `B` structures;
+/// index tensors are `u32`, floating tensors have the batch's dtype.
+#[derive(Debug, Clone)]
+pub struct BatchTensors {
+    /// Atomic numbers `[N]`, u32.
+    pub numbers: Tensor,
+    /// Cartesian positions, Å, `[N, 3]`.
+    pub positions: Tensor,
+    /// Cells (rows are lattice vectors), Å, `[B, 3, 3]`.
+    pub cells: Tensor,
+    /// Structure of each node `[N]`, u32.
+    pub node_structure: Tensor,
+    /// Source node (neighbour `j`) of each edge `[E]`, u32.
+    pub edge_src: Tensor,
+    /// Target node (centre `i`) of each edge `[E]`, u32; non-decreasing.
+    pub edge_dst: Tensor,
+    /// Structure of each edge `[E]`, u32.
+    pub edge_structure: Tensor,
+    /// Integer lattice shifts of each edge as floats `[E, 3]`.
+    pub edge_shifts: Tensor,
+    /// Cell volumes, Å^3, `[B]` (0 for a structure without a cell).
+    pub volumes: Tensor,
+    /// Atoms per structure as floats `[B]`.
+    pub n_atoms: Tensor,
+    /// Host copy of the atomic numbers `[N]`.
+    pub numbers_host: Vec<u8>,
+    /// Host node offsets per structure `[B + 1]`.
+    pub node_ptr: Vec<usize>,
+    /// Host edge offsets per structure `[B + 1]`.
+    pub edge_ptr: Vec<usize>,
+    /// Host offsets of the incoming edges of each node `[N + 1]`.
+    pub dst_ptr: Vec<usize>,
+    /// Host volumes `[B]`.
+    pub volumes_host: Vec<f64>,
+    /// Host periodicity per structure.
+    pub pbc: Vec<[bool; 3]>,
+    /// The sizes FLOP counts depend on.
+    pub shape: BatchShape,
+}
+
+impl BatchTensors {
+    /// Moves `batch` onto `device` with floating tensors in `dtype`.
+    pub fn new(batch: &GraphBatch, dtype: DType, device: &Device) -> Result<Self> {
+        if !matches!(dtype, DType::F32 | DType::F64 | DType::BF16 | DType::F16) {
+            return Err(ModelError::Batch(format!(
+                "floating dtype expected, got {dtype:?}"
+            )));
+        }
+        let (b, n, e) = (batch.n_structures(), batch.n_nodes(), batch.n_edges());
+        let float = |v: &[f64], shape: &[usize]| -> Result<Tensor> {
+            Ok(Tensor::from_slice(v, shape, device)?.to_dtype(dtype)?)
+        };
+        let index = |v: Vec<u32>| -> Result<Tensor> {
+            let len = v.len();
+            Ok(Tensor::from_vec(v, len, device)?)
+        };
+        let edge_structure: Vec<u32> = batch
+            .edge_dst
+            .iter()
+            .map(|&d| batch.node_structure[d as usize])
+            .collect();
+        let shifts: Vec<f64> = batch.edge_shifts.iter().map(|&s| s as f64).collect();
+        let atoms: Vec<f64> = batch
+            .atoms_per_structure()
+            .iter()
+            .map(|&a| a as f64)
+            .collect();
+        Ok(Self {
+            numbers: index(batch.numbers.iter().map(|&z| z as u32).collect())?,
+            positions: float(&batch.positions, &[n, 3])?,
+            cells: float(&batch.cells, &[b, 3, 3])?,
+            node_structure: index(batch.node_structure.clone())?,
+            edge_src: index(batch.edge_src.clone())?,
+            edge_dst: index(batch.edge_dst.clone())?,
+            edge_structure: index(edge_structure)?,
+            edge_shifts: float(&shifts, &[e, 3])?,
+            volumes: float(&batch.volumes, &[b])?,
+            n_atoms: float(&atoms, &[b])?,
+            numbers_host: batch.numbers.clone(),
+            node_ptr: batch.node_ptr.clone(),
+            edge_ptr: batch.edge_ptr.clone(),
+            dst_ptr: batch.dst_ptr.clone(),
+            volumes_host: batch.volumes.clone(),
+            pbc: batch.pbc.clone(),
+            shape: BatchShape::of(batch),
+        })
+    }
+
+    /// Number of structures `B`.
+    pub fn n_structures(&self) -> usize {
+        self.shape.n_structures
+    }
+
+    /// Number of nodes `N`.
+    pub fn n_nodes(&self) -> usize {
+        self.shape.n_nodes
+    }
+
+    /// Number of edges `E`.
+    pub fn n_edges(&self) -> usize {
+        self.shape.n_edges
+    }
+
+    /// The device the tensors live on.
+    pub fn device(&self) -> &Device {
+        self.positions.device()
+    }
+
+    /// The floating dtype of the batch.
+    pub fn dtype(&self) -> DType {
+        self.positions.dtype()
+    }
+
+    /// The batch with its floating tensors cast to `dtype` (index tensors shared).
+    pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
+        let mut out = self.clone();
+        out.positions = self.positions.to_dtype(dtype)?;
+        out.cells = self.cells.to_dtype(dtype)?;
+        out.edge_shifts = self.edge_shifts.to_dtype(dtype)?;
+        out.volumes = self.volumes.to_dtype(dtype)?;
+        out.n_atoms = self.n_atoms.to_dtype(dtype)?;
+        Ok(out)
+    }
+
+    /// Checks that every atomic number is below `max` (the size of a model's embedding).
+    pub fn check_elements(&self, max: usize) -> Result<()> {
+        for s in 0..self.n_structures() {
+            for &z in &self.numbers_host[self.node_ptr[s]..self.node_ptr[s + 1]] {
+                if z as usize >= max {
+                    return Err(ModelError::UnknownElement {
+                        structure: s,
+                        number: z,
+                        max,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Positions, cells and everything derived from them: what a model may read of the geometry.
+/// Built by [`Geometry::new`] from tensors that may carry gradients (positions and strain in
+/// conservative mode), so derivatives flow from any of these fields back to the atoms.
+#[derive(Debug, Clone)]
+pub struct Geometry {
+    /// Cartesian positions, Å, `[N, 3]`.
+    pub positions: Tensor,
+    /// Cells, Å, `[B, 3, 3]`.
+    pub cells: Tensor,
+    /// Edge vectors `r_src − r_dst + shift·cell`, Å, `[E, 3]`.
+    pub edge_vectors: Tensor,
+    /// Edge lengths, Å, `[E]`.
+    pub edge_lengths: Tensor,
+}
+
+impl Geometry {
+    /// The geometry of `batch` at `positions` `[N, 3]` and `cells` `[B, 3, 3]`.
+    pub fn new(batch: &BatchTensors, positions: &Tensor, cells: &Tensor) -> Result<Self> {
+        let e = batch.n_edges();
+        let src = positions.index_select(&batch.edge_src, 0)?;
+        let dst = positions.index_select(&batch.edge_dst, 0)?;
+        let edge_cells = cells.index_select(&batch.edge_structure, 0)?; // [E, 3, 3]
+        let image = batch
+            .edge_shifts
+            .reshape((e, 1, 3))?
+            .matmul(&edge_cells)?
+            .reshape((e, 3))?;
+        let edge_vectors = ((src - dst)? + image)?;
+        let edge_lengths = edge_vectors.sqr()?.sum(D::Minus1)?.sqrt()?;
+        Ok(Self {
+            positions: positions.clone(),
+            cells: cells.clone(),
+            edge_vectors,
+            edge_lengths,
+        })
+    }
+
+    /// The unstrained geometry of `batch`.
+    pub fn of(batch: &BatchTensors) -> Result<Self> {
+        Self::new(batch, &batch.positions, &batch.cells)
+    }
+
+    /// Fractional coordinates `r · cell⁻¹` `[N, 3]` (0 for structures without a cell, whose
+    /// volume is 0). Differentiable; invariant under strain, as fractional coordinates are.
+    pub fn fractional(&self, batch: &BatchTensors) -> Result<Tensor> {
+        let b = batch.n_structures();
+        let dtype = self.cells.dtype();
+        // A structure without a cell gets the identity so that the inverse exists; its
+        // fractional coordinates are then masked to zero.
+        let has_cell: Vec<f64> = batch
+            .volumes_host
+            .iter()
+            .map(|&v| if v > 0.0 { 1.0 } else { 0.0 })
+            .collect();
+        let mask = Tensor::from_vec(has_cell.clone(), b, batch.device())?.to_dtype(dtype)?;
+        let eye = Tensor::eye(3, dtype, batch.device())?;
+        let fill = (1.0 - &mask)?.reshape((b, 1, 1))?.broadcast_mul(&eye)?;
+        let cells = (self.cells.broadcast_mul(&mask.reshape((b, 1, 1))?)? + fill)?;
+        let inverse = inverse3(&cells)?;
+        let node_inverse = inverse.index_select(&batch.node_structure, 0)?; // [N, 3, 3]
+        let n = batch.n_nodes();
+        let frac = self
+            .positions
+            .reshape((n, 1, 3))?
+            .matmul(&node_inverse)?
+            .reshape((n, 3))?;
+        let node_mask = mask.index_select(&batch.node_structure, 0)?;
+        Ok(frac.broadcast_mul(&node_mask.reshape((n, 1))?)?)
+    }
+}
+
+/// Differentiable inverse of a batch of 3×3 matrices `[B, 3, 3]` by the adjugate.
+pub(crate) fn inverse3(m: &Tensor) -> Result<Tensor> {
+    let b = m.dim(0)?;
+    let el = |i: usize, j: usize| -> Result<Tensor> { Ok(m.narrow(1, i, 1)?.narrow(2, j, 1)?.reshape(b)?) };
+    let a: Vec<Vec<Tensor>> = (0..3)
+        .map(|i| (0..3).map(|j| el(i, j)).collect::<Result<Vec<_>>>())
+        .collect::<Result<_>>()?;
+    let cof = |r0: usize, r1: usize, c0: usize, c1: usize| -> Result<Tensor> {
+        Ok(((&a[r0][c0] * &a[r1][c1])? - (&a[r0][c1] * &a[r1][c0])?)?)
+    };
+    // adj[i][j] = cofactor[j][i]
+    let c00 = cof(1, 2, 1, 2)?;
+    let c01 = cof(1, 2, 2, 0)?;
+    let c02 = cof(1, 2, 0, 1)?;
+    let c10 = cof(2, 0, 1, 2)?;
+    let c11 = cof(2, 0, 2, 0)?;
+    let c12 = cof(2, 0, 0, 1)?;
+    let c20 = cof(0, 1, 1, 2)?;
+    let c21 = cof(0, 1, 2, 0)?;
+    let c22 = cof(0, 1, 0, 1)?;
+    let det = (((&a[0][0] * &c00)? + (&a[0][1] * &c01)?)? + (&a[0][2] * &c02)?)?;
+    let adj = Tensor::stack(&[&c00, &c10, &c20, &c01, &c11, &c21, &c02, &c12, &c22], 1)?;
+    Ok(adj.broadcast_div(&det.reshape((b, 1))?)?.reshape((b, 3, 3))?)
+}
