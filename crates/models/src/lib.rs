@@ -47,6 +47,6 @@ pub use config::{Architecture, Family, ModelConfig};
 pub use error::{ModelError, Result};
 pub use flops::{FlopBreakdown, FlopCounter, Flops};
 pub use model::{
-    enable_higher_order_gradients, AtomisticModel, ForceMode, Model, NormalizerValues,
+    enable_higher_order_gradients, AtomisticModel, ForceMode, Model, ModelSpec, NormalizerValues,
     Prediction, RawOutput,
 };
