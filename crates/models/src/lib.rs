@@ -38,6 +38,7 @@ pub mod error;
 pub mod fcn;
 pub mod flops;
 pub mod heads;
+pub mod init;
 pub mod model;
 pub mod schnet;
 pub mod transformer;
@@ -46,6 +47,7 @@ pub use batch::{BatchShape, BatchTensors, Geometry};
 pub use config::{Architecture, Family, ModelConfig};
 pub use error::{ModelError, Result};
 pub use flops::{FlopBreakdown, FlopCounter, Flops};
+pub use init::seeded_var_builder;
 pub use model::{
     enable_higher_order_gradients, AtomisticModel, ForceMode, Model, ModelSpec, NormalizerValues,
     Prediction, RawOutput,
