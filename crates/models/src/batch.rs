@@ -267,7 +267,9 @@ impl Geometry {
 /// Differentiable inverse of a batch of 3×3 matrices `[B, 3, 3]` by the adjugate.
 pub(crate) fn inverse3(m: &Tensor) -> Result<Tensor> {
     let b = m.dim(0)?;
-    let el = |i: usize, j: usize| -> Result<Tensor> { Ok(m.narrow(1, i, 1)?.narrow(2, j, 1)?.reshape(b)?) };
+    let el = |i: usize, j: usize| -> Result<Tensor> {
+        Ok(m.narrow(1, i, 1)?.narrow(2, j, 1)?.reshape(b)?)
+    };
     let a: Vec<Vec<Tensor>> = (0..3)
         .map(|i| (0..3).map(|j| el(i, j)).collect::<Result<Vec<_>>>())
         .collect::<Result<_>>()?;
@@ -286,5 +288,7 @@ pub(crate) fn inverse3(m: &Tensor) -> Result<Tensor> {
     let c22 = cof(0, 1, 0, 1)?;
     let det = (((&a[0][0] * &c00)? + (&a[0][1] * &c01)?)? + (&a[0][2] * &c02)?)?;
     let adj = Tensor::stack(&[&c00, &c10, &c20, &c01, &c11, &c21, &c02, &c12, &c22], 1)?;
-    Ok(adj.broadcast_div(&det.reshape((b, 1))?)?.reshape((b, 3, 3))?)
+    Ok(adj
+        .broadcast_div(&det.reshape((b, 1))?)?
+        .reshape((b, 3, 3))?)
 }

@@ -14,7 +14,9 @@ pub enum ModelError {
         message: String,
     },
     /// The batch holds an element the model has no embedding for.
-    #[error("structure {structure} holds atomic number {number}, but the model embeds only Z < {max}")]
+    #[error(
+        "structure {structure} holds atomic number {number}, but the model embeds only Z < {max}"
+    )]
     UnknownElement {
         /// Index of the structure in the batch.
         structure: usize,

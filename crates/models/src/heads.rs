@@ -93,8 +93,11 @@ pub fn edge_stress(batch: &BatchTensors, geometry: &Geometry, weights: &Tensor) 
         .reshape((e, 3, 1))?
         .broadcast_mul(&unit.reshape((e, 1, 3))?)?
         .broadcast_mul(&weights.reshape((e, 1, 1))?)?;
-    let summed = Tensor::zeros((batch.n_structures(), 3, 3), dtype, weights.device())?
-        .index_add(&batch.edge_structure, &outer, 0)?;
+    let summed = Tensor::zeros((batch.n_structures(), 3, 3), dtype, weights.device())?.index_add(
+        &batch.edge_structure,
+        &outer,
+        0,
+    )?;
     let inv_volume: Vec<f64> = batch
         .volumes_host
         .iter()

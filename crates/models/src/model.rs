@@ -155,7 +155,10 @@ impl Normalizer {
                 ),
             ));
         }
-        let data = varmap.data().lock().expect("the var map lock is never poisoned");
+        let data = varmap
+            .data()
+            .lock()
+            .expect("the var map lock is never poisoned");
         let set = |name: &str, v: &[f64]| -> Result<()> {
             let key = format!("{}.{name}", Self::PREFIX);
             let var = data
@@ -174,9 +177,8 @@ impl Normalizer {
 
     /// Reads the current values back.
     pub fn values(&self) -> Result<NormalizerValues> {
-        let scalar = |t: &Tensor| -> Result<f64> {
-            Ok(t.to_dtype(DType::F64)?.to_vec1::<f64>()?[0])
-        };
+        let scalar =
+            |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.to_vec1::<f64>()?[0]) };
         Ok(NormalizerValues {
             reference: self.reference.to_dtype(DType::F64)?.to_vec1()?,
             energy_scale: scalar(&self.energy_scale)?,
@@ -190,9 +192,7 @@ impl Normalizer {
         let per_atom = self.reference.index_select(&batch.numbers, 0)?;
         let reference = Tensor::zeros(batch.n_structures(), per_atom.dtype(), batch.device())?
             .index_add(&batch.node_structure, &per_atom, 0)?;
-        Ok(raw
-            .broadcast_mul(&self.energy_scale)?
-            .add(&reference)?)
+        Ok(raw.broadcast_mul(&self.energy_scale)?.add(&reference)?)
     }
 }
 
@@ -348,7 +348,9 @@ impl AtomisticModel {
         let strained_cells = batch.cells.matmul(&deformation)?;
         let geometry = Geometry::new(batch, &strained_positions, &strained_cells)?;
         let raw = self.net.forward(batch, &geometry, train)?;
-        let energy = self.normalizer.energy(batch, &raw.energy.to_dtype(dtype)?)?;
+        let energy = self
+            .normalizer
+            .energy(batch, &raw.energy.to_dtype(dtype)?)?;
         let grads = energy.sum_all()?.backward()?;
         let zeros_if_absent = |g: Option<&Tensor>, shape: &[usize]| -> Result<Tensor> {
             Ok(match g {
@@ -408,10 +410,7 @@ pub fn higher_order_gradients_work() -> Result<bool> {
     let x = Var::from_slice(&[0.7f64], 1, &Device::Cpu)?;
     let y = x.as_tensor().powf(3.0)?.sum_all()?;
     let g = y.backward()?;
-    let dy = g
-        .get(x.as_tensor())
-        .expect("x is a leaf of y")
-        .sum_all()?;
+    let dy = g.get(x.as_tensor()).expect("x is a leaf of y").sum_all()?;
     let second = dy.backward()?;
     Ok(second.get(x.as_tensor()).is_some())
 }
@@ -420,11 +419,13 @@ pub fn higher_order_gradients_work() -> Result<bool> {
 pub fn sum_per_structure(batch: &BatchTensors, values: &Tensor) -> Result<Tensor> {
     let mut shape = values.dims().to_vec();
     shape[0] = batch.n_structures();
-    Ok(Tensor::zeros(shape, values.dtype(), values.device())?.index_add(
-        &batch.node_structure,
-        values,
-        0,
-    )?)
+    Ok(
+        Tensor::zeros(shape, values.dtype(), values.device())?.index_add(
+            &batch.node_structure,
+            values,
+            0,
+        )?,
+    )
 }
 
 /// Mean of `values` `[N, F]` per structure `[B, F]`.
