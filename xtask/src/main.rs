@@ -3,9 +3,11 @@
 mod bench;
 mod ci;
 mod data;
+mod eval;
 mod fit;
 mod label;
 mod neighbors;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -25,6 +27,10 @@ enum Command {
     Label(label::LabelArgs),
     /// Periodic neighbour lists as JSON lines.
     Neighbors(neighbors::NeighborsArgs),
+    /// Train one model on one data set (resumable).
+    Train(train::TrainArgs),
+    /// Evaluate a trained model on a data file.
+    Eval(eval::EvalArgs),
     /// Fit scaling laws to a table of finished runs.
     Fit(fit::FitArgs),
     /// Run benchmarks (kernels, readers, neighbour lists, EMT).
@@ -39,6 +45,8 @@ fn main() -> anyhow::Result<()> {
         Command::Data(args) => data::run(args),
         Command::Label(args) => label::run(args),
         Command::Neighbors(args) => neighbors::run(args),
+        Command::Train(args) => train::run(args),
+        Command::Eval(args) => eval::run(args),
         Command::Fit(args) => fit::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Ci(args) => ci::run(args),

@@ -13,7 +13,9 @@ pub mod eval;
 pub mod loss;
 pub mod optim;
 pub mod precision;
+pub mod run;
 pub mod schedule;
+pub mod source;
 pub mod train;
 
 pub use data::Dataset;
