@@ -141,6 +141,42 @@ pub fn seeded_var_builder(
     )
 }
 
+/// A backend that hands out broadcast zeros: every variable costs one element, whatever its
+/// shape. Used to build a network only to count its FLOPs.
+struct ShapeOnlyBackend;
+
+impl SimpleBackend for ShapeOnlyBackend {
+    fn get(
+        &self,
+        shape: Shape,
+        _name: &str,
+        _init: Init,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        Tensor::zeros((), dtype, device)?.broadcast_as(shape)
+    }
+
+    fn get_unchecked(
+        &self,
+        name: &str,
+        _dtype: DType,
+        _device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        candle_core::bail!("the shape-only builder has no stored variable {name}")
+    }
+
+    fn contains_tensor(&self, _name: &str) -> bool {
+        false
+    }
+}
+
+/// A [`VarBuilder`] whose variables are broadcast zeros (no memory per parameter): build a
+/// network with it to count FLOPs of configurations too large to allocate.
+pub fn shape_only_var_builder() -> VarBuilder<'static> {
+    VarBuilder::from_backend(Box::new(ShapeOnlyBackend), DType::F32, Device::Cpu)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -47,7 +47,7 @@ pub use batch::{BatchShape, BatchTensors, Geometry};
 pub use config::{Architecture, Family, ModelConfig};
 pub use error::{ModelError, Result};
 pub use flops::{FlopBreakdown, FlopCounter, Flops};
-pub use init::seeded_var_builder;
+pub use init::{seeded_var_builder, shape_only_var_builder};
 pub use model::{
     enable_higher_order_gradients, AtomisticModel, ForceMode, Model, ModelSpec, NormalizerValues,
     Prediction, RawOutput,

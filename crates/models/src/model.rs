@@ -216,6 +216,23 @@ impl ModelSpec {
     pub fn n_parameters(&self) -> usize {
         self.model.n_parameters(self.force_mode)
     }
+
+    /// Analytic FLOPs for a batch of `shape` without allocating the weights (the network is
+    /// built on broadcast zeros), so that sweeps can be costed before they run.
+    pub fn flops(&self, shape: &BatchShape) -> Result<Flops> {
+        self.check()?;
+        let net = self
+            .model
+            .build(self.force_mode, crate::init::shape_only_var_builder())?;
+        let mut counter = FlopCounter::new();
+        net.count_flops(shape, &mut counter);
+        Ok(Flops {
+            forward: counter.forward(),
+            backward: counter.backward(),
+            conservative: self.force_mode == ForceMode::Conservative,
+            n_structures: shape.n_structures,
+        })
+    }
 }
 
 /// A network with its normaliser and force mode: maps a batch to physical energies, forces

@@ -38,3 +38,35 @@ fn second_derivatives_are_available_after_enabling() {
     matscale_models::enable_higher_order_gradients().unwrap();
     assert!(matscale_models::model::higher_order_gradients_work().unwrap());
 }
+
+#[test]
+fn flops_without_weights_equal_flops_of_the_built_model() {
+    use matscale_models::{BatchShape, Family, ForceMode, ModelConfig, ModelSpec};
+    let shape = BatchShape {
+        n_structures: 3,
+        n_nodes: 40,
+        n_edges: 900,
+        sum_sq_nodes: 600,
+        max_nodes: 16,
+    };
+    for family in Family::ALL {
+        for mode in [ForceMode::Direct, ForceMode::Conservative] {
+            let spec = ModelSpec {
+                model: ModelConfig::for_parameters(family, 20_000, mode).unwrap(),
+                force_mode: mode,
+            };
+            let (_, model) = build(&spec, candle_core::DType::F32);
+            assert_eq!(
+                spec.flops(&shape).unwrap(),
+                model.flops(&shape),
+                "{family} {mode}"
+            );
+        }
+    }
+    // A 10^8-parameter configuration is costed without allocating its weights.
+    let big = ModelSpec {
+        model: ModelConfig::for_parameters(Family::Schnet, 100_000_000, ForceMode::Direct).unwrap(),
+        force_mode: ForceMode::Direct,
+    };
+    assert!(big.flops(&shape).unwrap().training_step() > 1e9);
+}
