@@ -86,6 +86,9 @@ impl AdamW {
         let correction2 = 1.0 - c.beta2.powf(t);
         for (k, ((_, var), grad)) in self.vars.iter().zip(grads).enumerate() {
             let Some(grad) = grad else { continue };
+            // A gradient that still carries its graph would chain every step's graph into the
+            // moments.
+            let grad = &grad.detach();
             let m = ((&self.first[k] * c.beta1)? + (grad * (1.0 - c.beta1))?)?;
             let v = ((&self.second[k] * c.beta2)? + (grad.sqr()? * (1.0 - c.beta2))?)?;
             let decayed = (var.as_tensor() * (1.0 - lr * c.weight_decay))?;

@@ -648,6 +648,9 @@ impl Trainer {
             1.0
         };
         let grads = (&terms.total * scale)?.backward()?;
+        // Gradients are detached: with higher-order gradients enabled (conservative mode) they
+        // carry the whole graph of the step, which the optimiser moments would otherwise keep
+        // alive from one step to the next.
         let mut grad_list: Vec<Option<Tensor>> = Vec::with_capacity(models.trained.len());
         match &models.working {
             Some((map, _)) => {
@@ -661,14 +664,14 @@ impl Trainer {
                         None => None,
                     };
                     grad_list.push(match g {
-                        Some(g) => Some((g.to_dtype(var.dtype())? / scale)?),
+                        Some(g) => Some((g.detach().to_dtype(var.dtype())? / scale)?),
                         None => None,
                     });
                 }
             }
             None => {
                 for (_, var) in &models.trained {
-                    grad_list.push(grads.get(var.as_tensor()).cloned());
+                    grad_list.push(grads.get(var.as_tensor()).map(Tensor::detach));
                 }
             }
         }
