@@ -73,7 +73,9 @@ fn unit_vectors(geometry: &Geometry) -> Result<Tensor> {
 pub fn edge_forces(batch: &BatchTensors, geometry: &Geometry, weights: &Tensor) -> Result<Tensor> {
     let dtype = weights.dtype();
     let unit = unit_vectors(geometry)?.to_dtype(dtype)?;
-    let per_edge = unit.broadcast_mul(&weights.unsqueeze(D::Minus1)?)?;
+    let per_edge = unit
+        .broadcast_mul(&weights.unsqueeze(D::Minus1)?)?
+        .contiguous()?;
     Ok(
         Tensor::zeros((batch.n_nodes(), 3), dtype, weights.device())?.index_add(
             &batch.edge_dst,
@@ -92,7 +94,9 @@ pub fn edge_stress(batch: &BatchTensors, geometry: &Geometry, weights: &Tensor) 
     let outer = unit
         .reshape((e, 3, 1))?
         .broadcast_mul(&unit.reshape((e, 1, 3))?)?
-        .broadcast_mul(&weights.reshape((e, 1, 1))?)?;
+        .broadcast_mul(&weights.reshape((e, 1, 1))?)?
+        // An empty broadcast result is not contiguous, which `index_add` refuses.
+        .contiguous()?;
     let summed = Tensor::zeros((batch.n_structures(), 3, 3), dtype, weights.device())?.index_add(
         &batch.edge_structure,
         &outer,
@@ -143,6 +147,26 @@ mod tests {
                 vec![5.0, 4.0, 3.0]
             ]
         );
+    }
+
+    #[test]
+    fn edge_heads_accept_a_batch_without_edges() {
+        use matscale_structures::batch::{GraphBatch, GraphOptions};
+        let s = matscale_structures::Structure::new(
+            vec![29],
+            vec![[0.0; 3]],
+            [[10.0, 0.0, 0.0], [0.0, 10.0, 0.0], [0.0, 0.0, 10.0]],
+            [true; 3],
+        )
+        .unwrap();
+        let batch = GraphBatch::new(&[s], &GraphOptions::new(3.0)).unwrap();
+        let tensors = BatchTensors::new(&batch, DType::F64, &Device::Cpu).unwrap();
+        let geometry = Geometry::of(&tensors).unwrap();
+        let w = Tensor::zeros(0, DType::F64, &Device::Cpu).unwrap();
+        let f = edge_forces(&tensors, &geometry, &w).unwrap();
+        let sigma = edge_stress(&tensors, &geometry, &w).unwrap();
+        assert_eq!(f.to_vec2::<f64>().unwrap(), vec![vec![0.0; 3]]);
+        assert_eq!(sigma.dims(), &[1, 3, 3]);
     }
 
     #[test]

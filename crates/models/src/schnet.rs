@@ -63,7 +63,7 @@
 //! target from 10³ to 10⁸ lands within 5%, in both force modes.
 //!
 //! ## FLOPs ([`crate::flops`] rules)
-//! The radial basis costs `3 + exp` per element, the cutoff `cos + 4`, the shifted softplus
+//! The radial basis costs `4 + exp` per element (with the floor mask), the cutoff `cos + 4`, the shifted softplus
 //! `2·exp + 4` ([`SHIFTED_SOFTPLUS`]); gathers of `lin1(h)` onto edges and the scatter of the
 //! messages are counted at `E·F` each, the embedding lookup at `N·H`, the readout sum at `N`.
 
@@ -79,6 +79,9 @@ use crate::error::{ModelError, Result};
 use crate::flops::{FlopCounter, TRANSCENDENTAL};
 use crate::heads;
 use crate::model::{mean_per_structure, sum_per_structure, ForceMode, Model, RawOutput};
+
+/// Radial-basis values below this are set to zero (they would make subnormal products).
+pub const RBF_FLOOR: f64 = 1e-20;
 
 /// FLOPs per element of the shifted softplus (two transcendentals plus abs, add, scale, shift).
 pub const SHIFTED_SOFTPLUS: f64 = 2.0 * TRANSCENDENTAL + 4.0;
@@ -562,18 +565,12 @@ impl Interaction {
 
     /// The block's update of `h` `[N, H]` (to be added to `h`).
     fn forward(&self, h: &Tensor, edges: &EdgeFeatures, batch: &BatchTensors) -> Result<Tensor> {
-        let t = std::time::Instant::now();
-        let a = self.filter_in.forward(&edges.rbf)?;
-        let t1 = std::time::Instant::now();
-        let b = shifted_softplus(&a)?;
-        let t2 = std::time::Instant::now();
-        let c = self.filter_out.forward(&b)?;
-        let t3 = std::time::Instant::now();
-        let filters = c.broadcast_mul(&edges.cutoff)?;
-        let t4 = std::time::Instant::now();
+        let filters = self
+            .filter_out
+            .forward(&shifted_softplus(&self.filter_in.forward(&edges.rbf)?)?)?
+            .broadcast_mul(&edges.cutoff)?;
         let x = self.conv_in.forward(h)?;
         let messages = (x.index_select(&batch.edge_src, 0)? * filters)?;
-        if std::env::var("SCHNET_TIMING").is_ok() { eprintln!("T lin_in {:.1} ssp {:.1} lin_out {:.1} cut {:.1} rest {:.1} {:?} {:?}", (t1-t).as_secs_f64()*1e3, (t2-t1).as_secs_f64()*1e3, (t3-t2).as_secs_f64()*1e3, (t4-t3).as_secs_f64()*1e3, t4.elapsed().as_secs_f64()*1e3, edges.rbf.layout(), self.filter_in.weight().layout()); }
         let summed = Tensor::zeros((x.dim(0)?, x.dim(1)?), x.dtype(), x.device())?.index_add(
             &batch.edge_dst,
             &messages,
@@ -685,6 +682,11 @@ impl SchNet {
                 .affine(self.smearing.coeff(), 0.0)?
                 .exp()?
         };
+        // Gaussians far from a distance are tiny; their products with the weights are
+        // subnormal floats, which slow the filter network's matrix product on x86 a hundredfold
+        // (measured: 200 ms instead of 2 ms for 13,590 edges). Values below RBF_FLOOR are
+        // therefore set to zero (a change far below the rounding of any output).
+        let rbf = (&rbf * rbf.ge(RBF_FLOOR)?.to_dtype(master)?)?;
         let inside = d.lt(rc)?.to_dtype(master)?;
         let cutoff = (d
             .affine(std::f64::consts::PI / rc, 0.0)?
@@ -705,14 +707,11 @@ impl Model for SchNet {
         geometry: &Geometry,
         _train: bool,
     ) -> Result<RawOutput> {
-        let t0 = std::time::Instant::now();
         let edges = self.edge_features(geometry)?;
-        let t1 = std::time::Instant::now();
         let mut h = self.embedding.index_select(&batch.numbers, 0)?;
         for block in &self.interactions {
             h = (&h + block.forward(&h, &edges, batch)?)?;
         }
-        if std::env::var("SCHNET_TIMING").is_ok() { eprintln!("T edge_features {:.1} ms, blocks {:.1} ms", (t1-t0).as_secs_f64()*1e3, t1.elapsed().as_secs_f64()*1e3); }
         let per_atom = self
             .readout_out
             .forward(&shifted_softplus(&self.readout_in.forward(&h)?)?)?;
@@ -761,7 +760,7 @@ impl Model for SchNet {
         let (n, e) = (shape.n_nodes, shape.n_edges);
         let (h, f, g) = (c.hidden_channels, c.num_filters, c.num_gaussians);
         // Radial basis (subtract, square, scale, exp) and masked cosine cutoff.
-        counter.elementwise(e * g, 3.0 + TRANSCENDENTAL);
+        counter.elementwise(e * g, 4.0 + TRANSCENDENTAL); // with the floor mask
         counter.elementwise(e, TRANSCENDENTAL + 4.0);
         counter.gather(n, h); // embedding lookup
         for _ in 0..c.num_interactions {
