@@ -396,7 +396,11 @@ impl Trainer {
         };
         let metrics_path = self.run_dir.join("metrics.jsonl");
 
-        let mut state = match checkpoint::load(&self.run_dir, &self.device)? {
+        let checkpoint = checkpoint::load(&self.run_dir, &self.device)?;
+        if checkpoint.is_some() {
+            self.check_same_run()?;
+        }
+        let mut state = match checkpoint {
             Some(ck) => {
                 restore_weights(&models.master, &ck.weights, &self.run_dir)?;
                 optimizer.restore(&ck.optimizer, ck.state.step)?;
@@ -583,6 +587,51 @@ impl Trainer {
         let result = self.result(&models, &state)?;
         checkpoint::write_json(&self.run_dir.join("result.json"), &result)?;
         Ok(result)
+    }
+
+    /// Refuses to resume a run directory that holds a run with other settings.
+    fn check_same_run(&self) -> Result<()> {
+        let path = self.run_dir.join("config.json");
+        if !path.exists() {
+            return Ok(());
+        }
+        let saved: serde_json::Value = checkpoint::read_json(&path)?;
+        let current =
+            serde_json::to_value((&self.spec, &self.config)).map_err(|e| TrainError::Json {
+                path: path.clone(),
+                source: e,
+            })?;
+        if saved == current {
+            return Ok(());
+        }
+        let mut differing = Vec::new();
+        for (k, (a, b)) in ["model", "train"].iter().zip(
+            saved
+                .as_array()
+                .into_iter()
+                .flatten()
+                .zip(current.as_array().into_iter().flatten()),
+        ) {
+            if let (Some(a), Some(b)) = (a.as_object(), b.as_object()) {
+                for (field, value) in b {
+                    if a.get(field) != Some(value) {
+                        differing.push(format!("{k}.{field}"));
+                    }
+                }
+            }
+        }
+        Err(TrainError::Checkpoint {
+            path,
+            message: format!(
+                "the run directory holds a run with other settings ({}); resume it with the same \
+                 settings or train into a new directory",
+                if differing.is_empty() {
+                    "see config.json".to_string()
+                } else {
+                    differing.join(", ")
+                }
+            ),
+        })
     }
 
     fn result(&self, models: &Models, state: &TrainState) -> Result<RunResult> {

@@ -288,3 +288,32 @@ fn the_normaliser_references_are_the_least_squares_fit() {
     let conservative = fit_normalizer(&data, ForceMode::Conservative).unwrap();
     assert_eq!(conservative.energy_scale, conservative.force_scale);
 }
+
+#[test]
+fn resuming_with_other_settings_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let train = dataset(alloys(4, 9));
+    let val = dataset(alloys(2, 10));
+    let spec = spec(Family::Schnet, 3_000, ForceMode::Direct);
+    Trainer::new(
+        spec.clone(),
+        quick_config(1),
+        train.clone(),
+        val.clone(),
+        dir.path(),
+        Device::Cpu,
+    )
+    .unwrap()
+    .run(&mut Silent)
+    .unwrap();
+    let other = TrainConfig {
+        max_lr: 1e-4,
+        ..quick_config(1)
+    };
+    let err = Trainer::new(spec, other, train, val, dir.path(), Device::Cpu)
+        .unwrap()
+        .run(&mut Silent)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("train.max_lr"), "{err}");
+}
