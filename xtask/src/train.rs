@@ -38,7 +38,7 @@ Examples:
 #[derive(clap::Args)]
 #[command(after_help = ABOUT)]
 pub struct TrainArgs {
-    /// Run configuration (TOML: [model], force_mode, [data], [train]); flags override it.
+    /// Run configuration (TOML with `[model]`, `force_mode`, `[data]`, `[train]`); flags override it.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Model family (fcn, transformer, schnet).

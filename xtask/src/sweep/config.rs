@@ -1,7 +1,8 @@
 //! The sweep file (`configs/sweeps/*.toml`) and its validation.
 //!
-//! A [`SweepConfig`] is plain data read from TOML; [`SweepConfig::check`] validates every field
-//! before any work starts and turns it into a [`Plan`](super::plan::Plan). Errors are
+//! A [`SweepConfig`] is plain data read from TOML; [`SweepConfig::check_fields`] and
+//! [`Plan::new`](super::plan::Plan::new) validate every field before any work starts and turn
+//! it into a [`Plan`](super::plan::Plan). Errors are
 //! [`ConfigError`]s that name the field (`families[1].sizes[0]`, `train_sizes`, `data.cutoff`).
 //!
 //! The grid is families × sizes (size-ladder targets or presets) × data sizes × seeds (×

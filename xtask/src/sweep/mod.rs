@@ -49,7 +49,7 @@ Trains every run of a sweep file (families × sizes × nested data sizes × seed
 the sweep directory and prints the fitted exponents.
 
 Without --config the embedded configs/sweeps/default.toml runs: EMT alloys generated on the fly,
-FCN, Transformer and SchNet × 4 sizes × 5 data sizes (about 15 minutes on 2 cores).
+FCN, Transformer and SchNet × 4 sizes × 5 data sizes (4–7 minutes on 2 busy cores).
 
 The sweep is resumable: kill it at any moment (even kill -9) and run the same command again;
 finished runs are kept, interrupted ones resume from their checkpoints, and the final table is
@@ -71,7 +71,7 @@ pub struct SweepArgs {
     /// Sweep file [default: the embedded configs/sweeps/default.toml].
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Sweep directory [default: the file's `out`, else runs/<name>].
+    /// Sweep directory (default: the file's `out`, else `runs/NAME`).
     #[arg(long)]
     out: Option<PathBuf>,
     /// Parallel trainings [default: the file's `jobs`].
@@ -116,13 +116,17 @@ fn load(path: Option<&Path>) -> anyhow::Result<(SweepConfig, String)> {
     };
     let mut config = SweepConfig::from_toml(&text, &origin)?;
     let root = workspace_root();
+    // Data paths become absolute (relative ones are tried in the working directory, then in
+    // the workspace root), so that run.toml files do not depend on where the sweep started.
     let fix = |p: &str| -> Option<String> {
         let path = Path::new(p);
-        if p == "emt" || path.is_absolute() || path.exists() {
+        if p == "emt" || path.is_absolute() {
             return None;
         }
-        let there = root.join(path);
-        there.exists().then(|| there.display().to_string())
+        [path.to_path_buf(), root.join(path)]
+            .iter()
+            .find_map(|c| c.canonicalize().ok())
+            .map(|c| c.display().to_string())
     };
     let fix_data = |d: &mut matscale_trainer::source::DataConfig| {
         if let Some(s) = fix(&d.source) {
@@ -246,10 +250,15 @@ fn finish(
     Ok(format!(
         "{summary}wrote {} (runs.csv, fits.json, report.md, report.html, plots){}\n",
         dir.display(),
-        ctx.wall_time_s.map_or(String::new(), |t| format!(
-            "; sweep took {}",
-            plan::duration(t)
-        ))
+        match (ctx.wall_time_s, start) {
+            (Some(t), Some(s)) => format!(
+                "; the sweep took {} ({} training, {} fitting and reporting)",
+                plan::duration(s.elapsed().as_secs_f64()),
+                plan::duration(t),
+                plan::duration(s.elapsed().as_secs_f64() - t)
+            ),
+            _ => String::new(),
+        }
     ))
 }
 
