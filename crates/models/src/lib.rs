@@ -34,6 +34,7 @@
 
 pub mod batch;
 pub mod config;
+pub mod equiformer_v2;
 pub mod error;
 pub mod fcn;
 pub mod flops;
