@@ -14,6 +14,13 @@ Two uses:
                                          time forward and forward+backward of
                                          rotate -> SO(2) conv -> rotate_inv at
                                          EquiformerV2 sizes (2 threads, f32, warm)
+  python so2_torch.py compare [--edges N] [--repeats R] [--configs ...] [--threads T]
+                                         side by side, one configuration at a time:
+                                         this PyTorch layer, then matscale's criterion
+                                         bench `so2` of the same configuration (fused
+                                         layer and separate ops), then the table of
+                                         ratios (torch best and median / matscale
+                                         criterion median)
 
 Versions used for the committed fixture and figures: torch 2.15.0, Python 3.11.
 """
@@ -23,6 +30,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import subprocess
 import sys
 import time
 
@@ -221,39 +230,101 @@ def bench(edges, repeats, configs):
     torch.set_num_threads(2)
     gen = torch.Generator().manual_seed(0)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, edges {edges}, f32")
+    results = {}
     for lmax, mmax, c in configs:
-        layer = Layer(lmax, mmax, c, c, extra=None, dtype=torch.float32)
-        blocks = random_blocks(edges, lmax, gen, torch.float32)
-        wig = dense_wigner(blocks, lmax)
-        wig_inv = wig.transpose(1, 2).contiguous()
-        x = torch.randn(edges, (lmax + 1) ** 2, c, generator=gen)
-        rad = torch.randn(edges, layer.rad_size(), generator=gen)
-        res = {}
-        for mode in ("forward", "forward+backward"):
-            times = []
-            for it in range(repeats + 2):
-                if mode == "forward":
-                    t = time.perf_counter()
-                    with torch.no_grad():
-                        out = layer(wig, wig_inv, x, rad)[0]
-                    dt = time.perf_counter() - t
-                else:
-                    xg = x.clone().requires_grad_(True)
-                    rg = rad.clone().requires_grad_(True)
-                    t = time.perf_counter()
-                    out = layer(wig, wig_inv, xg, rg)[0]
-                    out.backward(torch.ones_like(out))
-                    dt = time.perf_counter() - t
-                    layer.zero_grad(set_to_none=True)
-                if it >= 2:
-                    times.append(dt)
-            times.sort()
-            res[mode] = (times[0], times[len(times) // 2])
+        results[(lmax, mmax, c)] = bench_one(edges, repeats, lmax, mmax, c, gen)
+    return results
+
+
+def bench_one(edges, repeats, lmax, mmax, c, gen):
+    """Best and median seconds of forward and forward+backward for one configuration."""
+    layer = Layer(lmax, mmax, c, c, extra=None, dtype=torch.float32)
+    blocks = random_blocks(edges, lmax, gen, torch.float32)
+    wig = dense_wigner(blocks, lmax)
+    wig_inv = wig.transpose(1, 2).contiguous()
+    x = torch.randn(edges, (lmax + 1) ** 2, c, generator=gen)
+    rad = torch.randn(edges, layer.rad_size(), generator=gen)
+    res = {}
+    for mode in ("forward", "forward+backward"):
+        times = []
+        for it in range(repeats + 2):
+            if mode == "forward":
+                t = time.perf_counter()
+                with torch.no_grad():
+                    out = layer(wig, wig_inv, x, rad)[0]
+                dt = time.perf_counter() - t
+            else:
+                xg = x.clone().requires_grad_(True)
+                rg = rad.clone().requires_grad_(True)
+                t = time.perf_counter()
+                out = layer(wig, wig_inv, xg, rg)[0]
+                out.backward(torch.ones_like(out))
+                dt = time.perf_counter() - t
+                layer.zero_grad(set_to_none=True)
+            if it >= 2:
+                times.append(dt)
+        times.sort()
+        res[mode] = (times[0], times[len(times) // 2])
+    print(
+        f"lmax={lmax} mmax={mmax} C={c}: forward best {res['forward'][0]*1e3:.1f} ms "
+        f"median {res['forward'][1]*1e3:.1f} ms; forward+backward best "
+        f"{res['forward+backward'][0]*1e3:.1f} ms median {res['forward+backward'][1]*1e3:.1f} ms",
+        flush=True,
+    )
+    return res
+
+
+def criterion_median(target_dir, edges, name, ident):
+    path = os.path.join(target_dir, "criterion", f"so2_layer_E{edges}", name, ident, "new", "estimates.json")
+    with open(path) as f:
+        return json.load(f)["median"]["point_estimate"] * 1e-9
+
+
+def compare(edges, repeats, configs, threads=2):
+    """PyTorch then matscale for each configuration in turn, then the ratio table."""
+    root = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
+    meta = json.loads(
+        subprocess.run(
+            ["cargo", "metadata", "--format-version", "1", "--no-deps"],
+            cwd=root, check=True, capture_output=True, text=True,
+        ).stdout
+    )
+    target_dir = meta["target_directory"]
+    env = dict(os.environ, MATSCALE_BENCH_EDGES=str(edges), RAYON_NUM_THREADS=str(threads))
+    subprocess.run(["cargo", "bench", "-p", "matscale-equivariant", "--bench", "so2", "--no-run"],
+                   cwd=root, check=True, env=env)
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(0)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()} (matscale: rayon {threads}), "
+          f"edges {edges}, f32", flush=True)
+    rows = []
+    for lmax, mmax, c in configs:
+        ident = f"l{lmax}_m{mmax}_c{c}"
+        t = bench_one(edges, repeats, lmax, mmax, c, gen)
+        out = subprocess.run(
+            ["cargo", "bench", "-q", "-p", "matscale-equivariant", "--bench", "so2", "--",
+             f"/{ident}$"],
+            cwd=root, check=True, env=env, capture_output=True, text=True,
+        ).stdout
+        print("\n".join(line for line in out.splitlines() if "time:" in line or line.startswith("so2_layer")),
+              flush=True)
+        ours = {name: criterion_median(target_dir, edges, name, ident)
+                for name in ("forward", "forward_backward", "composed_forward", "composed_forward_backward")}
+        rows.append((lmax, mmax, c, t, ours))
+    print()
+    print("| lmax / mmax / C | torch fwd best / median | matscale fwd (fused) | ratio best / median "
+          "| torch fwd+bwd best / median | matscale fwd+bwd (fused) | ratio best / median "
+          "| separate ops fwd / fwd+bwd |")
+    print("|---|---|---|---|---|---|---|---|")
+    for lmax, mmax, c, t, ours in rows:
+        fb, fm = t["forward"]
+        bb, bm = t["forward+backward"]
+        f, b = ours["forward"], ours["forward_backward"]
         print(
-            f"lmax={lmax} mmax={mmax} C={c}: forward best {res['forward'][0]*1e3:.1f} ms "
-            f"median {res['forward'][1]*1e3:.1f} ms; forward+backward best "
-            f"{res['forward+backward'][0]*1e3:.1f} ms median {res['forward+backward'][1]*1e3:.1f} ms",
-            flush=True,
+            f"| {lmax} / {mmax} / {c} | {fb*1e3:.1f} / {fm*1e3:.1f} ms | {f*1e3:.1f} ms | "
+            f"**{fb/f:.2f}×** / {fm/f:.2f}× | {bb*1e3:.0f} / {bm*1e3:.0f} ms | {b*1e3:.0f} ms | "
+            f"**{bb/b:.2f}×** / {bm/b:.2f}× | {ours['composed_forward']*1e3:.1f} / "
+            f"{ours['composed_forward_backward']*1e3:.0f} ms |"
         )
 
 
@@ -266,12 +337,20 @@ def main():
     b.add_argument("--edges", type=int, default=10_000)
     b.add_argument("--repeats", type=int, default=5)
     b.add_argument("--configs", default="4,2,64;4,2,128;6,4,64;6,4,128")
+    c = sub.add_parser("compare")
+    c.add_argument("--edges", type=int, default=10_000)
+    c.add_argument("--repeats", type=int, default=5)
+    c.add_argument("--configs", default="4,2,64;4,2,128;6,4,64;6,4,128")
+    c.add_argument("--threads", type=int, default=2, help="torch threads and RAYON_NUM_THREADS")
     a = p.parse_args()
     if a.cmd == "fixture":
         fixture(a.out)
     else:
         configs = [tuple(int(v) for v in s.split(",")) for s in a.configs.split(";")]
-        bench(a.edges, a.repeats, configs)
+        if a.cmd == "bench":
+            bench(a.edges, a.repeats, configs)
+        else:
+            compare(a.edges, a.repeats, configs, a.threads)
 
 
 if __name__ == "__main__":

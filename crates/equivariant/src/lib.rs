@@ -14,6 +14,7 @@ pub mod s2grid;
 pub mod segment;
 pub mod sh;
 pub mod so2;
+mod so2_fused;
 #[cfg(test)]
 pub(crate) mod testing;
 pub mod wigner;

@@ -11,13 +11,16 @@
 //! * [`rotate_inv`]: the way back, `[E, n_trunc, C]` (m-major) → `[E, (lmax+1)^2, C]` with the
 //!   transposed blocks restricted to the kept columns, and fairchem's rescale
 //!   `sqrt((2l+1)/(2 mmax+1))` of every degree `l > mmax`.
-//! * [`rotate_gather`]: [`rotate`] fused with the gather of source and target node embeddings
-//!   that EquiformerV2 concatenates along channels before rotating (`[E, n_trunc, 2C]`).
 //! * [`So2Convolution`] / [`So2Linear`]: per-order linear maps on the m-major layout. `m = 0`
 //!   is a `Linear` with bias over all degrees × channels; for `m > 0` the `(+m, −m)` pair is
 //!   the complex product `y₊ = W_r x₊ − W_i x₋`, `y₋ = W_r x₋ + W_i x₊` (convolution) or the
 //!   same real map on both (linear). Optional per-edge radial weights multiply the inputs;
 //!   the convolution can emit extra `m = 0` scalars (attention logits).
+//! * [`So2Convolution::forward_rotated`] (and [`So2Linear::forward_rotated`]): the whole
+//!   layer `rotate` → SO(2) map → `rotate_inv` as **one fused op**, the fast path;
+//!   `forward_rotate_in` (l-major in, m-major out) and `forward_rotate_out` (m-major in,
+//!   l-major out) fuse one side only, for layers that work on the m-major coefficients in
+//!   between (EquiformerV2's gate between its two convolutions).
 //!
 //! Every op is SO(3)-equivariant when the Wigner blocks are those of the edge frames: for a
 //! global rotation `R`, rotating all edge vectors and input embeddings by `R` (and keeping the
@@ -25,14 +28,18 @@
 //! so the output rotates by `D(R)`.
 //!
 //! ## Kernels
-//! The rotations are per-edge loops (rayon over edge chunks) that walk the Wigner blocks and
-//! apply each kept row as `axpy`s over the contiguous channel dimension, compiled for AVX-512
-//! or AVX2 when the CPU has them. The SO(2) linear maps are one GEMM per order on strided views
-//! of the m-major tensor (the `(+m, −m)` pair is one GEMM with the real 2×2 block form of the
-//! complex weight), so nothing is gathered or copied before the matrix products. Backward
-//! passes are the adjoint ops (rotation ↔ inverse rotation without rescale, GEMM with the
-//! transposed weights, and a weight-gradient GEMM); second derivatives are not implemented.
-//! The Wigner blocks never receive a gradient (edge frames are detached).
+//! [`rotate`] / [`rotate_inv`] are per-edge loops (rayon over edge chunks) that walk the
+//! Wigner blocks and apply each kept row as `axpy`s over the contiguous channel dimension,
+//! compiled for AVX-512 or AVX2 when the CPU has them. The SO(2) maps (`forward*`) run in one
+//! custom op per call: each rayon task takes a chunk of up to 256 edges, rotates it into a
+//! task-local buffer, multiplies by the radial weights, runs one GEMM per order
+//! (`gemm`, single-threaded inside the task) and rotates the result straight into the output,
+//! so no edge-sized intermediate tensor exists. For `m > 0` the complex product uses three real
+//! GEMMs instead of four (Gauss's trick, on weights packed as `W_rᵀ`, `(W_r + W_i)ᵀ`,
+//! `(W_i − W_r)ᵀ`). The backward pass is one fused op too: it recomputes the chunk's rotated
+//! input, and writes the input and radial-weight gradients and per-thread weight gradients
+//! (summed at the end). Second derivatives are not implemented. The Wigner blocks never
+//! receive a gradient (edge frames are detached).
 //!
 //! ## Example
 //! ```
@@ -59,6 +66,11 @@
 //! let (y, _extra) = conv.forward(&in_frame, Some(&radial))?; // [E, 7, 5]
 //! let out = rotate_inv(&y, &wigner, layout)?; // [E, 9, 5], l-major
 //! assert_eq!(out.dims(), &[edges, 9, 5]);
+//!
+//! // The same layer as one fused op (the fast path).
+//! let (fused, _) = conv.forward_rotated(&x, &wigner, Some(&radial))?;
+//! let diff = (fused - &out)?.abs()?.max_all()?.to_scalar::<f32>()?;
+//! assert!(diff < 1e-4);
 //! # Ok::<(), matscale_equivariant::error::EquivariantError>(())
 //! ```
 //!
@@ -76,6 +88,7 @@ use rayon::prelude::*;
 
 use crate::error::{EquivariantError, Result};
 use crate::mapping::SphericalLayout;
+use crate::so2_fused::{LayerShape, So2LayerOp};
 use crate::wigner::{block_offset, WignerBlocks};
 
 // ---------------------------------------------------------------------------------------------
@@ -143,7 +156,7 @@ fn check_rotate_args(
 }
 
 /// Contiguous slice of a CPU storage described by `layout`.
-fn contiguous_slice<'a, T: WithDType>(
+pub(crate) fn contiguous_slice<'a, T: WithDType>(
     s: &'a CpuStorage,
     l: &Layout,
 ) -> candle_core::Result<&'a [T]> {
@@ -163,14 +176,6 @@ fn edges_per_task(elems_per_edge: usize, target: usize) -> usize {
 // Vector kernels with runtime CPU-feature dispatch
 // ---------------------------------------------------------------------------------------------
 
-/// `y = a * x`.
-#[inline(always)]
-fn scale_into<T: WithDType>(y: &mut [T], a: T, x: &[T]) {
-    for (yi, &xi) in y.iter_mut().zip(x) {
-        *yi = a * xi;
-    }
-}
-
 /// `y += a * x`.
 #[inline(always)]
 fn axpy<T: WithDType>(y: &mut [T], a: T, x: &[T]) {
@@ -182,8 +187,8 @@ fn axpy<T: WithDType>(y: &mut [T], a: T, x: &[T]) {
 /// Generates `$name`, which runs the `#[inline(always)]` generic kernel `$kernel` compiled
 /// for AVX-512 or AVX2+FMA when the running CPU has them (plain code otherwise).
 macro_rules! dispatch_kernel {
-    ($name:ident, $kernel:ident, ($($arg:ident : $ty:ty),*)) => {
-        fn $name<T: WithDType>($($arg: $ty),*) {
+    ($vis:vis $name:ident, $kernel:ident, ($($arg:ident : $ty:ty),*)) => {
+        $vis fn $name<T: WithDType>($($arg: $ty),*) {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f")]
@@ -209,6 +214,7 @@ macro_rules! dispatch_kernel {
         }
     };
 }
+pub(crate) use dispatch_kernel;
 
 // ---------------------------------------------------------------------------------------------
 // Rotation into / out of the edge frame
@@ -243,7 +249,7 @@ struct RotateOp {
 }
 
 /// Precomputed per-call tables of a [`RotateOp`].
-struct RotatePlan<T> {
+pub(crate) struct RotatePlan<T> {
     lmax: usize,
     mmax: usize,
     /// m-major slot of full l-major coefficient `l^2 + m + l` (unused when `|m| > mmax`).
@@ -257,16 +263,17 @@ struct RotatePlan<T> {
     trunc: usize,
 }
 
-impl RotateOp {
-    fn plan<T: WithDType>(&self) -> RotatePlan<T> {
-        let layout = self.layout;
+impl<T: WithDType> RotatePlan<T> {
+    /// The tables of a rotation for `layout`, with fairchem's `rotate_inv` rescale of each
+    /// degree when `rescale`.
+    pub(crate) fn new(layout: SphericalLayout, rescale: bool) -> Self {
         let mut slot = vec![usize::MAX; layout.num_coefficients()];
         for (i, (l, m)) in layout.m_major_degrees_orders().into_iter().enumerate() {
             slot[crate::mapping::l_major_index(l, m)] = i;
         }
         let scale = (0..=layout.lmax())
             .map(|l| {
-                T::from_f64(if self.rescale {
+                T::from_f64(if rescale {
                     layout.rotate_inv_rescale(l)
                 } else {
                     1.0
@@ -282,6 +289,12 @@ impl RotateOp {
             full: layout.num_coefficients(),
             trunc: layout.num_truncated(),
         }
+    }
+}
+
+impl RotateOp {
+    fn plan<T: WithDType>(&self) -> RotatePlan<T> {
+        RotatePlan::new(self.layout, self.rescale)
     }
 
     fn rows(&self) -> (usize, usize) {
@@ -317,9 +330,83 @@ impl RotateOp {
     }
 }
 
+/// Channels per register tile of [`combine_rows`].
+const TILE: usize = 32;
+
+/// Most inputs of one [`combine_rows`] call: `2l + 1` for `l ≤ MAX_LMAX`.
+const MAX_TERMS: usize = 2 * SphericalLayout::MAX_LMAX + 1;
+
+/// `out[out_off[i]..][..c] = Σ_p coef(i, p) · src[src_off[p]..][..c]` for `R` output rows.
+///
+/// Register-blocked: the `R × TILE` partial sums of a channel tile stay in registers while
+/// the inputs stream past, so each input tile is loaded once for all `R` outputs and each
+/// output is stored once (instead of an `axpy` per term).
+#[inline(always)]
+fn combine_rows<T: WithDType, const R: usize>(
+    out: &mut [T],
+    out_off: [usize; R],
+    src: &[T],
+    src_off: &[usize],
+    coef: impl Fn(usize, usize) -> T,
+    c: usize,
+) {
+    let mut cb = 0;
+    while cb + TILE <= c {
+        let mut acc = [[T::zero(); TILE]; R];
+        for (p, &off) in src_off.iter().enumerate() {
+            let xs: &[T; TILE] = src[off + cb..off + cb + TILE]
+                .try_into()
+                .expect("a tile has TILE elements");
+            for (i, a) in acc.iter_mut().enumerate() {
+                let d = coef(i, p);
+                for (a, &x) in a.iter_mut().zip(xs) {
+                    *a += d * x;
+                }
+            }
+        }
+        for (i, a) in acc.iter().enumerate() {
+            out[out_off[i] + cb..out_off[i] + cb + TILE].copy_from_slice(a);
+        }
+        cb += TILE;
+    }
+    if cb < c {
+        for (i, &o) in out_off.iter().enumerate() {
+            let dst = &mut out[o + cb..o + c];
+            dst.fill(T::zero());
+            for (p, &off) in src_off.iter().enumerate() {
+                axpy(dst, coef(i, p), &src[off + cb..off + c]);
+            }
+        }
+    }
+}
+
+/// [`combine_rows`] for `outputs.len()` rows, in groups of at most four.
+#[inline(always)]
+fn combine_groups<T: WithDType>(
+    out: &mut [T],
+    outputs: &[usize],
+    src: &[T],
+    src_off: &[usize],
+    coef: impl Fn(usize, usize) -> T,
+    c: usize,
+) {
+    for (g, group) in outputs.chunks(4).enumerate() {
+        let coef = |i: usize, p: usize| coef(4 * g + i, p);
+        match *group {
+            [a, b, cc, d] => combine_rows(out, [a, b, cc, d], src, src_off, coef, c),
+            [a, b, cc] => combine_rows(out, [a, b, cc], src, src_off, coef, c),
+            [a, b] => combine_rows(out, [a, b], src, src_off, coef, c),
+            [a] => combine_rows(out, [a], src, src_off, coef, c),
+            _ => unreachable!("chunks(4) yields one to four rows"),
+        }
+    }
+}
+
 /// `out[e, slot(l,m), :] = s_l Σ_j D^l[m+l, j] x[e, l²+j, :]` for the kept `|m| ≤ mmax`.
 #[inline(always)]
 fn to_edge_kernel<T: WithDType>(plan: &RotatePlan<T>, x: &[T], w: &[T], out: &mut [T], c: usize) {
+    let mut src_off = [0usize; MAX_TERMS];
+    let mut dst_off = [0usize; MAX_TERMS];
     for ((xe, we), oe) in x
         .chunks_exact(plan.full * c)
         .zip(w.chunks_exact(plan.wigner_len))
@@ -328,18 +415,24 @@ fn to_edge_kernel<T: WithDType>(plan: &RotatePlan<T>, x: &[T], w: &[T], out: &mu
         for l in 0..=plan.lmax {
             let k = 2 * l + 1;
             let block = &we[block_offset(l)..block_offset(l) + k * k];
-            let xb = &xe[l * l * c..(l * l + k) * c];
             let mm = l.min(plan.mmax);
             let s = plan.scale[l];
-            for row in (l - mm)..=(l + mm) {
-                let slot = plan.slot[l * l + row];
-                let o = &mut oe[slot * c..(slot + 1) * c];
-                let d = &block[row * k..(row + 1) * k];
-                scale_into(o, d[0] * s, &xb[..c]);
-                for j in 1..k {
-                    axpy(o, d[j] * s, &xb[j * c..(j + 1) * c]);
-                }
+            let rows = 2 * mm + 1;
+            for (j, off) in src_off[..k].iter_mut().enumerate() {
+                *off = (l * l + j) * c;
             }
+            for (i, off) in dst_off[..rows].iter_mut().enumerate() {
+                *off = plan.slot[l * l + l - mm + i] * c;
+            }
+            let first = l - mm;
+            combine_groups(
+                oe,
+                &dst_off[..rows],
+                xe,
+                &src_off[..k],
+                |i, j| block[(first + i) * k + j] * s,
+                c,
+            );
         }
     }
 }
@@ -347,6 +440,8 @@ fn to_edge_kernel<T: WithDType>(plan: &RotatePlan<T>, x: &[T], w: &[T], out: &mu
 /// `out[e, l²+j, :] = s_l Σ_{|m| ≤ mmax} D^l[m+l, j] y[e, slot(l,m), :]`.
 #[inline(always)]
 fn from_edge_kernel<T: WithDType>(plan: &RotatePlan<T>, y: &[T], w: &[T], out: &mut [T], c: usize) {
+    let mut src_off = [0usize; MAX_TERMS];
+    let mut dst_off = [0usize; MAX_TERMS];
     for ((ye, we), oe) in y
         .chunks_exact(plan.trunc * c)
         .zip(w.chunks_exact(plan.wigner_len))
@@ -357,25 +452,28 @@ fn from_edge_kernel<T: WithDType>(plan: &RotatePlan<T>, y: &[T], w: &[T], out: &
             let block = &we[block_offset(l)..block_offset(l) + k * k];
             let mm = l.min(plan.mmax);
             let s = plan.scale[l];
-            for j in 0..k {
-                let o = &mut oe[(l * l + j) * c..(l * l + j + 1) * c];
-                for (n, row) in ((l - mm)..=(l + mm)).enumerate() {
-                    let slot = plan.slot[l * l + row];
-                    let coef = block[row * k + j] * s;
-                    let yv = &ye[slot * c..(slot + 1) * c];
-                    if n == 0 {
-                        scale_into(o, coef, yv);
-                    } else {
-                        axpy(o, coef, yv);
-                    }
-                }
+            let rows = 2 * mm + 1;
+            for (i, off) in src_off[..rows].iter_mut().enumerate() {
+                *off = plan.slot[l * l + l - mm + i] * c;
             }
+            for (j, off) in dst_off[..k].iter_mut().enumerate() {
+                *off = (l * l + j) * c;
+            }
+            let first = l - mm;
+            combine_groups(
+                oe,
+                &dst_off[..k],
+                ye,
+                &src_off[..rows],
+                |j, i| block[(first + i) * k + j] * s,
+                c,
+            );
         }
     }
 }
 
-dispatch_kernel!(to_edge, to_edge_kernel, (plan: &RotatePlan<T>, x: &[T], w: &[T], out: &mut [T], c: usize));
-dispatch_kernel!(from_edge, from_edge_kernel, (plan: &RotatePlan<T>, y: &[T], w: &[T], out: &mut [T], c: usize));
+dispatch_kernel!(pub(crate) to_edge, to_edge_kernel, (plan: &RotatePlan<T>, x: &[T], w: &[T], out: &mut [T], c: usize));
+dispatch_kernel!(pub(crate) from_edge, from_edge_kernel, (plan: &RotatePlan<T>, y: &[T], w: &[T], out: &mut [T], c: usize));
 
 impl CustomOp2 for RotateOp {
     fn name(&self) -> &'static str {
@@ -491,475 +589,6 @@ pub fn rotate_inv(y: &Tensor, wigner: &WignerBlocks, layout: SphericalLayout) ->
     };
     Ok(y.contiguous()?
         .apply_op2(&wigner.blocks().detach().contiguous()?, op)?)
-}
-
-// ---------------------------------------------------------------------------------------------
-// SO(2) linear maps on the m-major layout
-// ---------------------------------------------------------------------------------------------
-
-/// One order's linear map in the packed weight vector of a [`So2Plan`].
-#[derive(Debug, Clone, Copy)]
-struct So2Block {
-    /// First m-major slot of the block (`m_offset(m)`).
-    slot: usize,
-    /// Slots per GEMM: the whole block (`m = 0`, or `(+m, −m)` of a convolution), or one half
-    /// (`+m` and `−m` separately, same weight: [`So2Linear`]).
-    slots_per_gemm: usize,
-    /// Number of GEMMs (1, or 2 for the halves of a linear `m > 0` block).
-    gemms: usize,
-    /// Offset of the row-major `[slots_per_gemm·C_in, slots_per_gemm·C_out]` matrix.
-    weight: usize,
-    /// Offset of the bias (`m = 0` only).
-    bias: Option<usize>,
-}
-
-/// Shapes of an SO(2) linear map: the packed weight vector is, per order `m`, the matrix `B_m`
-/// (row-major `[k, n]`, applied as `x · B_m`) and, after `B_0`, the `m = 0` bias.
-///
-/// For a convolution's `m > 0` block `B_m = [[W_r^T, W_i^T], [−W_i^T, W_r^T]]` acts on the
-/// contiguous `[x₊ | x₋]` row, so the complex product is a single GEMM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct So2Plan {
-    layout: SphericalLayout,
-    c_in: usize,
-    c_out: usize,
-    complex: bool,
-}
-
-impl So2Plan {
-    fn blocks(&self) -> Vec<So2Block> {
-        let mut blocks = Vec::with_capacity(self.layout.mmax() + 1);
-        let mut offset = 0;
-        for m in 0..=self.layout.mmax() {
-            let n_l = self.layout.m_size(m);
-            let (slots_per_gemm, gemms) = match (m, self.complex) {
-                (0, _) => (n_l, 1),
-                (_, true) => (2 * n_l, 1),
-                (_, false) => (n_l, 2),
-            };
-            let len = slots_per_gemm * self.c_in * slots_per_gemm * self.c_out;
-            let bias = (m == 0).then_some(offset + len);
-            blocks.push(So2Block {
-                slot: self.layout.m_offset(m),
-                slots_per_gemm,
-                gemms,
-                weight: offset,
-                bias,
-            });
-            offset += len + if m == 0 { n_l * self.c_out } else { 0 };
-        }
-        blocks
-    }
-
-    fn weight_len(&self) -> usize {
-        self.blocks()
-            .iter()
-            .map(|b| {
-                let (k, n) = (b.slots_per_gemm * self.c_in, b.slots_per_gemm * self.c_out);
-                k * n + if b.bias.is_some() { n } else { 0 }
-            })
-            .sum()
-    }
-}
-
-/// `dst[m×n] (=|+=) beta · lhs[m×k] · rhs[k×n]` with arbitrary strides (row stride, column
-/// stride), on f32 or f64.
-///
-/// # Safety
-/// Every pointer must be valid for every element its strides and sizes address, and `dst`
-/// must not alias `lhs` or `rhs`.
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm_strided<T: WithDType>(
-    (m, n, k): (usize, usize, usize),
-    dst: *mut T,
-    (dst_rs, dst_cs): (usize, usize),
-    accumulate: bool,
-    lhs: *const T,
-    (lhs_rs, lhs_cs): (usize, usize),
-    rhs: *const T,
-    (rhs_rs, rhs_cs): (usize, usize),
-    beta: T,
-) {
-    let work = m.saturating_mul(n).saturating_mul(k);
-    let parallelism = if work >= 1 << 18 && rayon::current_num_threads() > 1 {
-        gemm::Parallelism::Rayon(rayon::current_num_threads())
-    } else {
-        gemm::Parallelism::None
-    };
-    let signed = |v: usize| isize::try_from(v).expect("tensor strides fit in isize");
-    // SAFETY: forwarded from the caller's contract; T is f32 or f64, which gemm supports.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst,
-            signed(dst_cs),
-            signed(dst_rs),
-            accumulate,
-            lhs,
-            signed(lhs_cs),
-            signed(lhs_rs),
-            rhs,
-            signed(rhs_cs),
-            signed(rhs_rs),
-            T::one(),
-            beta,
-            false,
-            false,
-            false,
-            parallelism,
-        );
-    }
-}
-
-/// Which product a [`So2Op`] computes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum So2Mode {
-    /// `y = x · B (+ bias)`: `(x [E, n_trunc, C_in], w) → [E, n_trunc, C_out]`.
-    Forward,
-    /// `gx = g · B^T`: `(g [E, n_trunc, C_out], w) → [E, n_trunc, C_in]`.
-    Transposed,
-    /// `gw = x^T · g` per block and `gbias = Σ_e g_0`: `(x, g) → [weight_len]`.
-    WeightGrad,
-}
-
-/// The SO(2) linear map on the m-major layout and its two adjoint products.
-#[derive(Debug, Clone)]
-struct So2Op {
-    plan: So2Plan,
-    mode: So2Mode,
-}
-
-impl So2Op {
-    fn run<T: WithDType>(&self, a: &[T], b: &[T], edges: usize) -> Vec<T> {
-        let plan = &self.plan;
-        let trunc = plan.layout.num_truncated();
-        let (c_in, c_out) = (plan.c_in, plan.c_out);
-        let out_len = match self.mode {
-            So2Mode::Forward => edges * trunc * c_out,
-            So2Mode::Transposed => edges * trunc * c_in,
-            So2Mode::WeightGrad => plan.weight_len(),
-        };
-        let mut out = vec![T::zero(); out_len];
-        if edges == 0 || c_in == 0 || c_out == 0 {
-            return out;
-        }
-        let (row_in, row_out) = (trunc * c_in, trunc * c_out);
-        for block in plan.blocks() {
-            let s = block.slots_per_gemm;
-            let (k, n) = (s * c_in, s * c_out);
-            for h in 0..block.gemms {
-                let slot = block.slot + h * s;
-                // SAFETY (all three arms): `a`, `b` and `out` have the lengths checked by
-                // `cpu_fwd` (edges × trunc × channels, weight_len); slot + s ≤ trunc and the
-                // weight block lies inside weight_len by construction of `So2Plan::blocks`, so
-                // every addressed element is in bounds; `out` is a fresh buffer.
-                match self.mode {
-                    So2Mode::Forward => unsafe {
-                        gemm_strided(
-                            (edges, n, k),
-                            out.as_mut_ptr().add(slot * c_out),
-                            (row_out, 1),
-                            false,
-                            a.as_ptr().add(slot * c_in),
-                            (row_in, 1),
-                            b.as_ptr().add(block.weight),
-                            (n, 1),
-                            T::one(),
-                        )
-                    },
-                    So2Mode::Transposed => unsafe {
-                        gemm_strided(
-                            (edges, k, n),
-                            out.as_mut_ptr().add(slot * c_in),
-                            (row_in, 1),
-                            false,
-                            a.as_ptr().add(slot * c_out),
-                            (row_out, 1),
-                            b.as_ptr().add(block.weight),
-                            (1, n),
-                            T::one(),
-                        )
-                    },
-                    So2Mode::WeightGrad => unsafe {
-                        gemm_strided(
-                            (k, n, edges),
-                            out.as_mut_ptr().add(block.weight),
-                            (n, 1),
-                            h > 0,
-                            a.as_ptr().add(slot * c_in),
-                            (1, row_in),
-                            b.as_ptr().add(slot * c_out),
-                            (row_out, 1),
-                            T::one(),
-                        )
-                    },
-                }
-            }
-            if let Some(bias_offset) = block.bias {
-                match self.mode {
-                    So2Mode::Forward => {
-                        let bias = &b[bias_offset..bias_offset + n];
-                        let slot = block.slot;
-                        out.par_chunks_mut(row_out).for_each(|row| {
-                            for (o, &bv) in row[slot * c_out..slot * c_out + n].iter_mut().zip(bias)
-                            {
-                                *o += bv;
-                            }
-                        });
-                    }
-                    So2Mode::WeightGrad => {
-                        let gb = &mut out[bias_offset..bias_offset + n];
-                        for row in b.chunks_exact(row_out) {
-                            for (g, &v) in gb
-                                .iter_mut()
-                                .zip(&row[block.slot * c_out..block.slot * c_out + n])
-                            {
-                                *g += v;
-                            }
-                        }
-                    }
-                    So2Mode::Transposed => {}
-                }
-            }
-        }
-        out
-    }
-}
-
-impl CustomOp2 for So2Op {
-    fn name(&self) -> &'static str {
-        match self.mode {
-            So2Mode::Forward => "matscale-so2-linear",
-            So2Mode::Transposed => "matscale-so2-linear-transposed",
-            So2Mode::WeightGrad => "matscale-so2-linear-weight-grad",
-        }
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let plan = &self.plan;
-        let trunc = plan.layout.num_truncated();
-        let &[edges, rows, c] = l1.shape().dims() else {
-            candle_core::bail!("{}: expected a rank-3 first input", self.name());
-        };
-        let (c1, second_len, shape) = match self.mode {
-            So2Mode::Forward => (
-                plan.c_in,
-                plan.weight_len(),
-                Shape::from((edges, trunc, plan.c_out)),
-            ),
-            So2Mode::Transposed => (
-                plan.c_out,
-                plan.weight_len(),
-                Shape::from((edges, trunc, plan.c_in)),
-            ),
-            So2Mode::WeightGrad => (
-                plan.c_in,
-                edges * trunc * plan.c_out,
-                Shape::from(plan.weight_len()),
-            ),
-        };
-        if rows != trunc || c != c1 || l2.shape().elem_count() != second_len {
-            candle_core::bail!(
-                "{}: inconsistent shapes {:?} and {:?}",
-                self.name(),
-                l1.shape(),
-                l2.shape()
-            );
-        }
-        let out = match (s1, s2) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(self.run(
-                contiguous_slice::<f32>(s1, l1)?,
-                contiguous_slice::<f32>(s2, l2)?,
-                edges,
-            )),
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(self.run(
-                contiguous_slice::<f64>(s1, l1)?,
-                contiguous_slice::<f64>(s2, l2)?,
-                edges,
-            )),
-            _ => candle_core::bail!("{}: needs f32 or f64 inputs of one dtype", self.name()),
-        };
-        Ok((out, shape))
-    }
-
-    fn bwd(
-        &self,
-        arg1: &Tensor,
-        arg2: &Tensor,
-        _res: &Tensor,
-        grad_res: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        if self.mode != So2Mode::Forward {
-            candle_core::bail!("{}: second derivatives are not implemented", self.name());
-        }
-        let g = grad_res.contiguous()?;
-        let transposed = So2Op {
-            plan: self.plan,
-            mode: So2Mode::Transposed,
-        };
-        let weight_grad = So2Op {
-            plan: self.plan,
-            mode: So2Mode::WeightGrad,
-        };
-        let gx = g.apply_op2_no_bwd(arg2, &transposed)?;
-        let gw = arg1.apply_op2_no_bwd(&g, &weight_grad)?;
-        Ok((Some(gx), Some(gw)))
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Per-edge radial weights
-// ---------------------------------------------------------------------------------------------
-
-/// What a [`RadialOp`] computes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum RadialMode {
-    /// `(x [E, n_trunc, C], r [E, R·C]) → x̃[e, s, c] = x[e, s, c] · r[e, row(s)·C + c]`.
-    Scale,
-    /// `(g [E, n_trunc, C], x [E, n_trunc, C]) → [E, R·C]`: `Σ_{s: row(s) = q} g·x` (the
-    /// gradient of `Scale` with respect to `r`).
-    Reduce,
-}
-
-/// Multiplication of m-major coefficients by fairchem's per-edge radial weights (the `+m` and
-/// `−m` slots of one degree share a radial row), fused into one pass.
-#[derive(Debug, Clone)]
-struct RadialOp {
-    /// Radial row of every m-major slot.
-    rows: std::sync::Arc<Vec<usize>>,
-    /// Number of radial rows `R`.
-    num_rows: usize,
-    mode: RadialMode,
-}
-
-impl RadialOp {
-    fn run<T: WithDType>(&self, a: &[T], b: &[T], edges: usize, c: usize) -> Vec<T> {
-        let trunc = self.rows.len();
-        let (in_row, out_row) = match self.mode {
-            RadialMode::Scale => (trunc * c, trunc * c),
-            RadialMode::Reduce => (trunc * c, self.num_rows * c),
-        };
-        let mut out = vec![T::zero(); edges * out_row];
-        if out.is_empty() {
-            return out;
-        }
-        let per_task = edges_per_task(in_row, 1 << 14);
-        out.par_chunks_mut(per_task * out_row)
-            .enumerate()
-            .for_each(|(task, chunk)| {
-                let e0 = task * per_task;
-                for (i, o) in chunk.chunks_exact_mut(out_row).enumerate() {
-                    let e = e0 + i;
-                    let ae = &a[e * in_row..(e + 1) * in_row];
-                    match self.mode {
-                        RadialMode::Scale => {
-                            let re = &b[e * self.num_rows * c..(e + 1) * self.num_rows * c];
-                            for (s, &q) in self.rows.iter().enumerate() {
-                                let (dst, x, r) = (
-                                    &mut o[s * c..(s + 1) * c],
-                                    &ae[s * c..(s + 1) * c],
-                                    &re[q * c..(q + 1) * c],
-                                );
-                                for ((d, &xv), &rv) in dst.iter_mut().zip(x).zip(r) {
-                                    *d = xv * rv;
-                                }
-                            }
-                        }
-                        RadialMode::Reduce => {
-                            let xe = &b[e * in_row..(e + 1) * in_row];
-                            for (s, &q) in self.rows.iter().enumerate() {
-                                let (dst, g, x) = (
-                                    &mut o[q * c..(q + 1) * c],
-                                    &ae[s * c..(s + 1) * c],
-                                    &xe[s * c..(s + 1) * c],
-                                );
-                                for ((d, &gv), &xv) in dst.iter_mut().zip(g).zip(x) {
-                                    *d += gv * xv;
-                                }
-                            }
-                        }
-                    }
-                }
-            });
-        out
-    }
-}
-
-impl CustomOp2 for RadialOp {
-    fn name(&self) -> &'static str {
-        match self.mode {
-            RadialMode::Scale => "matscale-so2-radial-scale",
-            RadialMode::Reduce => "matscale-so2-radial-reduce",
-        }
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let &[edges, rows, c] = l1.shape().dims() else {
-            candle_core::bail!("{}: expected a rank-3 first input", self.name());
-        };
-        let (second, shape) = match self.mode {
-            RadialMode::Scale => (edges * self.num_rows * c, Shape::from((edges, rows, c))),
-            RadialMode::Reduce => (edges * rows * c, Shape::from((edges, self.num_rows * c))),
-        };
-        if rows != self.rows.len() || l2.shape().elem_count() != second {
-            candle_core::bail!(
-                "{}: inconsistent shapes {:?} and {:?}",
-                self.name(),
-                l1.shape(),
-                l2.shape()
-            );
-        }
-        let out = match (s1, s2) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(self.run(
-                contiguous_slice::<f32>(s1, l1)?,
-                contiguous_slice::<f32>(s2, l2)?,
-                edges,
-                c,
-            )),
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(self.run(
-                contiguous_slice::<f64>(s1, l1)?,
-                contiguous_slice::<f64>(s2, l2)?,
-                edges,
-                c,
-            )),
-            _ => candle_core::bail!("{}: needs f32 or f64 inputs of one dtype", self.name()),
-        };
-        Ok((out, shape))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        radial: &Tensor,
-        _res: &Tensor,
-        grad_res: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        if self.mode != RadialMode::Scale {
-            candle_core::bail!("{}: second derivatives are not implemented", self.name());
-        }
-        let g = grad_res.contiguous()?;
-        let gx = g.apply_op2_no_bwd(radial, self)?;
-        let reduce = RadialOp {
-            mode: RadialMode::Reduce,
-            ..self.clone()
-        };
-        let gr = g.apply_op2_no_bwd(x, &reduce)?;
-        Ok((Some(gx), Some(gr)))
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1085,8 +714,6 @@ struct So2Params {
     fc_m0_weight: Tensor,
     fc_m0_bias: Tensor,
     m_weights: Vec<Tensor>,
-    /// For each m-major slot, its row in `radial` viewed as `[E, radial_len / C_in, C_in]`.
-    radial_rows: std::sync::Arc<Vec<usize>>,
 }
 
 impl So2Params {
@@ -1123,35 +750,13 @@ impl So2Params {
             };
             m_weights.push(w);
         }
-        let mut radial_rows = Vec::with_capacity(layout.num_truncated());
-        let mut base = 0usize;
-        for m in 0..=layout.mmax() {
-            let n_l = layout.m_size(m);
-            let rows = (0..n_l).map(|i| base + i);
-            if m == 0 {
-                radial_rows.extend(rows);
-            } else {
-                radial_rows.extend(rows.clone().chain(rows));
-            }
-            base += n_l;
-        }
         Ok(Self {
             config: *config,
             complex,
             fc_m0_weight,
             fc_m0_bias,
             m_weights,
-            radial_rows: std::sync::Arc::new(radial_rows),
         })
-    }
-
-    fn plan(&self) -> So2Plan {
-        So2Plan {
-            layout: self.config.layout,
-            c_in: self.config.in_channels,
-            c_out: self.config.out_channels,
-            complex: self.complex,
-        }
     }
 
     fn extra(&self) -> usize {
@@ -1162,50 +767,64 @@ impl So2Params {
         }
     }
 
-    /// The packed weight vector of [`So2Plan`], built with differentiable candle ops so that
-    /// gradients reach the fairchem-shaped parameters.
+    /// The packed weight vector of the fused kernels (see `so2_fused`): `fc_m0.weight`
+    /// transposed, `fc_m0.bias`, then per order `m ≥ 1` the three matrices `W_rᵀ`,
+    /// `(W_r + W_i)ᵀ`, `(W_i − W_r)ᵀ` of the three-multiplication complex product
+    /// (convolution) or `Wᵀ` (linear). Built with differentiable candle ops so that gradients
+    /// reach the fairchem-shaped parameters.
     fn packed_weights(&self) -> Result<Tensor> {
         let layout = self.config.layout;
         let c_out = self.config.out_channels;
-        let extra = self.extra();
-        let n0 = (layout.lmax() + 1) * c_out;
-        let mut parts = Vec::with_capacity(2 + self.m_weights.len());
-        let w0 = self.fc_m0_weight.narrow(0, extra, n0)?;
-        parts.push(w0.t()?.contiguous()?.flatten_all()?);
-        parts.push(self.fc_m0_bias.narrow(0, extra, n0)?);
+        let mut parts = Vec::with_capacity(2 + 3 * self.m_weights.len());
+        parts.push(self.fc_m0_weight.t()?.contiguous()?.flatten_all()?);
+        parts.push(self.fc_m0_bias.clone());
         for (i, w) in self.m_weights.iter().enumerate() {
-            let packed = if self.complex {
+            if self.complex {
                 let n = layout.m_size(i + 1) * c_out;
-                let wr_t = w.narrow(0, 0, n)?.t()?;
-                let wi_t = w.narrow(0, n, n)?.t()?;
-                let top = Tensor::cat(&[&wr_t, &wi_t], 1)?;
-                let bottom = Tensor::cat(&[&wi_t.neg()?, &wr_t], 1)?;
-                Tensor::cat(&[&top, &bottom], 0)?
+                let wr = w.narrow(0, 0, n)?;
+                let wi = w.narrow(0, n, n)?;
+                for p in [wr.clone(), (&wr + &wi)?, (&wi - &wr)?] {
+                    parts.push(p.t()?.contiguous()?.flatten_all()?);
+                }
             } else {
-                w.t()?.contiguous()?
-            };
-            parts.push(packed.flatten_all()?);
+                parts.push(w.t()?.contiguous()?.flatten_all()?);
+            }
         }
         Ok(Tensor::cat(&parts, 0)?)
     }
 
-    fn check_inputs(&self, x: &Tensor, radial: Option<&Tensor>) -> Result<usize> {
+    /// Checks `x` (`[E, rows, C_in]` with `rows` l-major when `rotated_in`, m-major
+    /// otherwise), the radial weights and the Wigner blocks; returns `E`.
+    fn check_inputs(
+        &self,
+        x: &Tensor,
+        radial: Option<&Tensor>,
+        wigner: Option<&WignerBlocks>,
+        rotated_in: bool,
+    ) -> Result<usize> {
         let layout = self.config.layout;
         check_float("x", x)?;
+        let (rows, order) = if rotated_in {
+            (layout.num_coefficients(), "l-major")
+        } else {
+            (layout.num_truncated(), "m-major")
+        };
         let expected = || {
             format!(
-                "[num_edges, n_truncated = {}, in_channels = {}] (m-major, lmax {}, mmax {})",
-                layout.num_truncated(),
+                "[num_edges, {rows}, in_channels = {}] ({order}, lmax {}, mmax {})",
                 self.config.in_channels,
                 layout.lmax(),
                 layout.mmax()
             )
         };
-        let &[e, rows, c] = x.dims() else {
+        let &[e, r, c] = x.dims() else {
             return Err(shape_error("x", expected(), x));
         };
-        if rows != layout.num_truncated() || c != self.config.in_channels {
+        if r != rows || c != self.config.in_channels {
             return Err(shape_error("x", expected(), x));
+        }
+        if let Some(w) = wigner {
+            check_rotate_args(x, "x", rows, order, w, layout)?;
         }
         if let Some(r) = radial {
             if r.dims() != [e, self.config.radial_len()] {
@@ -1228,41 +847,57 @@ impl So2Params {
         Ok(e)
     }
 
-    fn forward(&self, x: &Tensor, radial: Option<&Tensor>) -> Result<(Tensor, Option<Tensor>)> {
-        let edges = self.check_inputs(x, radial)?;
-        let c_in = self.config.in_channels;
-        let x = match radial {
-            Some(r) => x.contiguous()?.apply_op2(
-                &r.contiguous()?,
-                RadialOp {
-                    rows: self.radial_rows.clone(),
-                    num_rows: self.config.radial_len() / c_in,
-                    mode: RadialMode::Scale,
-                },
-            )?,
-            None => x.contiguous()?,
+    /// The fused layer: optional rotation into the frames, radial scaling, the per-order maps,
+    /// optional rotation back.
+    fn forward(
+        &self,
+        x: &Tensor,
+        radial: Option<&Tensor>,
+        wigner: Option<&WignerBlocks>,
+        (rotate_in, rotate_out): (bool, bool),
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let wigner = wigner.filter(|_| rotate_in || rotate_out);
+        let edges = self.check_inputs(x, radial, wigner, rotate_in)?;
+        let layout = self.config.layout;
+        let shape = LayerShape {
+            layout,
+            c_in: self.config.in_channels,
+            c_out: self.config.out_channels,
+            extra: self.extra(),
+            complex: self.complex,
+            rotate_in,
+            rotate_out,
+            radial: radial.is_some(),
         };
+        let wigner = match wigner {
+            Some(w) => Some(w.blocks().detach().contiguous()?),
+            None => None,
+        };
+        let op = So2LayerOp { shape, wigner };
         let weights = self.packed_weights()?.to_dtype(x.dtype())?;
-        let out = x.apply_op2(
-            &weights,
-            So2Op {
-                plan: self.plan(),
-                mode: So2Mode::Forward,
-            },
-        )?;
-        let extra = self.extra();
-        let extra_out = if extra > 0 {
-            let k0 = (self.config.layout.lmax() + 1) * c_in;
-            let x0 = x
-                .narrow(1, 0, self.config.layout.lmax() + 1)?
-                .reshape((edges, k0))?;
-            let w = self.fc_m0_weight.narrow(0, 0, extra)?.to_dtype(x.dtype())?;
-            let b = self.fc_m0_bias.narrow(0, 0, extra)?.to_dtype(x.dtype())?;
-            Some(x0.matmul(&w.t()?)?.broadcast_add(&b)?)
-        } else {
-            None
+        let x = x.contiguous()?;
+        let out = match radial {
+            Some(r) => x.apply_op3(&r.contiguous()?, &weights, op)?,
+            None => x.apply_op2(&weights, op)?,
         };
-        Ok((out, extra_out))
+        let rows_out = if rotate_out {
+            layout.num_coefficients()
+        } else {
+            layout.num_truncated()
+        };
+        let extra = self.extra();
+        if extra == 0 {
+            return Ok((out, None));
+        }
+        let main = edges * rows_out * self.config.out_channels;
+        Ok((
+            out.narrow(0, 0, main)?
+                .reshape((edges, rows_out, self.config.out_channels))?,
+            Some(
+                out.narrow(0, main, edges * extra)?
+                    .reshape((edges, extra))?,
+            ),
+        ))
     }
 }
 
@@ -1312,7 +947,52 @@ impl So2Convolution {
     /// [`EquivariantError::ShapeMismatch`] / [`EquivariantError::UnsupportedDType`] naming `x`
     /// or `radial`.
     pub fn forward(&self, x: &Tensor, radial: Option<&Tensor>) -> Result<(Tensor, Option<Tensor>)> {
-        self.params.forward(x, radial)
+        self.params.forward(x, radial, None, (false, false))
+    }
+
+    /// [`rotate`] → [`So2Convolution::forward`] → [`rotate_inv`] in one fused op: `x` is
+    /// l-major `[E, (lmax+1)^2, C_in]`, the output l-major `[E, (lmax+1)^2, C_out]` (with
+    /// fairchem's rescale of the degrees above `mmax`); the extra scalars as in
+    /// [`So2Convolution::forward`]. Same values as the composition (up to rounding), without
+    /// its intermediate tensors.
+    ///
+    /// # Errors
+    /// As [`So2Convolution::forward`] and [`rotate`] (naming `x`, `radial` or `wigner`).
+    pub fn forward_rotated(
+        &self,
+        x: &Tensor,
+        wigner: &WignerBlocks,
+        radial: Option<&Tensor>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        self.params.forward(x, radial, Some(wigner), (true, true))
+    }
+
+    /// [`rotate`] → [`So2Convolution::forward`] fused: l-major `x` `[E, (lmax+1)^2, C_in]` in,
+    /// m-major `[E, n_trunc, C_out]` out (EquiformerV2's first convolution of a message).
+    ///
+    /// # Errors
+    /// As [`So2Convolution::forward_rotated`].
+    pub fn forward_rotate_in(
+        &self,
+        x: &Tensor,
+        wigner: &WignerBlocks,
+        radial: Option<&Tensor>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        self.params.forward(x, radial, Some(wigner), (true, false))
+    }
+
+    /// [`So2Convolution::forward`] → [`rotate_inv`] fused: m-major `x` `[E, n_trunc, C_in]`
+    /// in, l-major `[E, (lmax+1)^2, C_out]` out.
+    ///
+    /// # Errors
+    /// As [`So2Convolution::forward_rotated`].
+    pub fn forward_rotate_out(
+        &self,
+        x: &Tensor,
+        wigner: &WignerBlocks,
+        radial: Option<&Tensor>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        self.params.forward(x, radial, Some(wigner), (false, true))
     }
 }
 
@@ -1351,7 +1031,56 @@ impl So2Linear {
     /// # Errors
     /// As [`So2Convolution::forward`].
     pub fn forward(&self, x: &Tensor, radial: Option<&Tensor>) -> Result<Tensor> {
-        Ok(self.params.forward(x, radial)?.0)
+        Ok(self.params.forward(x, radial, None, (false, false))?.0)
+    }
+
+    /// [`rotate`] → [`So2Linear::forward`] → [`rotate_inv`] in one fused op (see
+    /// [`So2Convolution::forward_rotated`]).
+    ///
+    /// # Errors
+    /// As [`So2Convolution::forward_rotated`].
+    pub fn forward_rotated(
+        &self,
+        x: &Tensor,
+        wigner: &WignerBlocks,
+        radial: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        Ok(self
+            .params
+            .forward(x, radial, Some(wigner), (true, true))?
+            .0)
+    }
+
+    /// [`rotate`] → [`So2Linear::forward`] fused (l-major in, m-major out).
+    ///
+    /// # Errors
+    /// As [`So2Convolution::forward_rotated`].
+    pub fn forward_rotate_in(
+        &self,
+        x: &Tensor,
+        wigner: &WignerBlocks,
+        radial: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        Ok(self
+            .params
+            .forward(x, radial, Some(wigner), (true, false))?
+            .0)
+    }
+
+    /// [`So2Linear::forward`] → [`rotate_inv`] fused (m-major in, l-major out).
+    ///
+    /// # Errors
+    /// As [`So2Convolution::forward_rotated`].
+    pub fn forward_rotate_out(
+        &self,
+        x: &Tensor,
+        wigner: &WignerBlocks,
+        radial: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        Ok(self
+            .params
+            .forward(x, radial, Some(wigner), (false, true))?
+            .0)
     }
 }
 
@@ -1488,7 +1217,16 @@ mod tests {
 
     #[test]
     fn rotate_matches_dense_reference() -> TestResult {
-        for (lmax, mmax, c) in [(0, 0, 3), (2, 1, 4), (4, 2, 3), (6, 4, 2), (3, 3, 5)] {
+        // Channel counts below, at and above the 32-channel register tile of the kernels.
+        for (lmax, mmax, c) in [
+            (0, 0, 3),
+            (2, 1, 4),
+            (4, 2, 3),
+            (6, 4, 2),
+            (3, 3, 5),
+            (4, 2, 35),
+            (6, 4, 64),
+        ] {
             let layout = SphericalLayout::new(lmax, mmax)?;
             let edges = 3;
             let blocks = random_orthogonal_blocks(edges, lmax, 100 + lmax as u64);
@@ -2046,10 +1784,17 @@ mod tests {
                         &Device::Cpu,
                     )?;
                     let (y, extra) = conv.forward(&rotate(x, &w, layout)?, Some(&radial))?;
-                    Ok((
-                        rotate_inv(&y, &w, layout)?,
-                        extra.expect("extra outputs configured"),
-                    ))
+                    let composed = rotate_inv(&y, &w, layout)?;
+                    // The fused layer gives the same, so it is equivariant too.
+                    let (fused, fused_extra) = conv.forward_rotated(x, &w, Some(&radial))?;
+                    let extra = extra.expect("extra outputs configured");
+                    assert_close(&fused, &composed, 1e-12);
+                    assert_close(
+                        &fused_extra.expect("extra outputs configured"),
+                        &extra,
+                        1e-12,
+                    );
+                    Ok((fused, extra))
                 };
             let (out, extra) = layer(&x, &vecs, 43)?;
             for seed in [1, 2, 3] {

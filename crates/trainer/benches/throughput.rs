@@ -6,7 +6,9 @@
 //! Options (all optional): `--structures S` structures per repetition (default 48, rounded
 //! up to whole batches), `--reps R` timed repetitions (default 3), `--warmup W` untimed
 //! batches before them (default 2), `--cases a,b,...` a subset of `schnet-conservative`,
-//! `schnet-direct`, `transformer-direct` (default all three).
+//! `schnet-direct`, `transformer-direct` (default all three), `--phases a,b,...` a subset of
+//! `train`, `infer`, `infer_frozen` (default all; `infer_frozen` only runs for
+//! `schnet-conservative`).
 //!
 //! Setup, identical to `throughput_torch.py` (the PyG / PyTorch side):
 //! * data: `tests/data/real/mlearn/Si/training.json` (214 structures), neighbour lists at
@@ -21,7 +23,9 @@
 //!   0; the models still compute stress), backward, gradient clipping at global norm 1,
 //!   AdamW (lr 1e-3, weight decay 1e-3); f32;
 //! * inference: energies and forces of the same batches (conservative forces by autograd),
-//!   no optimiser.
+//!   no optimiser; for conservative SchNet also `infer_frozen`, the same with the weights
+//!   loaded as plain tensors instead of `Var`s, so that the backward pass skips the weight
+//!   gradients (what PyTorch's `autograd.grad(E, positions)` does).
 //!
 //! Each (case, phase) runs on its own thread with a freshly built model, so that candle's
 //! per-thread switch for higher-order gradients is on only where a conservative model is
@@ -29,12 +33,13 @@
 //! Output: one JSON line per (case, phase) with every repetition's seconds and the best and
 //! median structures/s; `throughput_compare.sh` runs this and the Python side back to back.
 
+use std::collections::HashMap;
 use std::error::Error;
 use std::path::Path;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarMap;
+use candle_nn::{VarBuilder, VarMap};
 use matscale_models::model::Normalizer;
 use matscale_models::schnet::SchNetConfig;
 use matscale_models::transformer::TransformerConfig;
@@ -64,6 +69,7 @@ struct Options {
     reps: usize,
     warmup: usize,
     cases: Vec<String>,
+    phases: Vec<String>,
 }
 
 fn parse_options() -> BenchResult<Options> {
@@ -72,6 +78,9 @@ fn parse_options() -> BenchResult<Options> {
         reps: 3,
         warmup: 2,
         cases: ["schnet-conservative", "schnet-direct", "transformer-direct"]
+            .map(String::from)
+            .to_vec(),
+        phases: ["train", "infer", "infer_frozen"]
             .map(String::from)
             .to_vec(),
     };
@@ -86,9 +95,18 @@ fn parse_options() -> BenchResult<Options> {
             "--reps" => o.reps = value("--reps")?.parse()?,
             "--warmup" => o.warmup = value("--warmup")?.parse()?,
             "--cases" => o.cases = value("--cases")?.split(',').map(str::to_string).collect(),
-            // `cargo bench` passes `--bench`; other harness flags are ignored too.
-            _ => {}
+            "--phases" => o.phases = value("--phases")?.split(',').map(str::to_string).collect(),
+            // `cargo bench` passes `--bench`.
+            "--bench" => {}
+            other => return Err(format!("unknown option `{other}`").into()),
         }
+    }
+    if let Some(p) = o
+        .phases
+        .iter()
+        .find(|p| !["train", "infer", "infer_frozen"].contains(&p.as_str()))
+    {
+        return Err(format!("unknown phase `{p}`").into());
     }
     if o.reps == 0 || o.structures == 0 {
         return Err("--reps and --structures must be positive".into());
@@ -149,6 +167,19 @@ fn run_case(case: &str, phase: &str, data: &Dataset, o: &Options) -> BenchResult
     let vb = seeded_var_builder(&varmap, SEED, DType::F32, &device);
     let model = AtomisticModel::new(&spec, vb.clone(), vb)?;
     Normalizer::assign(&varmap, &fit_normalizer(data, spec.force_mode)?)?;
+    // `infer_frozen`: the same weights as plain tensors, so that a conservative model's
+    // backward pass computes gradients with respect to positions and strain only (with `Var`
+    // weights candle differentiates every weight too).
+    let model = if phase == "infer_frozen" {
+        let frozen: HashMap<String, Tensor> = sorted_vars(&varmap)
+            .into_iter()
+            .map(|(name, var)| (name, var.as_tensor().detach()))
+            .collect();
+        let vb = VarBuilder::from_tensors(frozen, DType::F32, &device);
+        AtomisticModel::new(&spec, vb.clone(), vb)?
+    } else {
+        model
+    };
     let trained: Vec<_> = sorted_vars(&varmap)
         .into_iter()
         .filter(|(name, _)| !name.starts_with(Normalizer::PREFIX))
@@ -231,7 +262,7 @@ fn run_case(case: &str, phase: &str, data: &Dataset, o: &Options) -> BenchResult
         }
         seconds.push(t.elapsed().as_secs_f64());
     }
-    report("infer", &seconds, String::new());
+    report(phase, &seconds, String::new());
     Ok(())
 }
 
@@ -242,7 +273,9 @@ fn main() -> BenchResult<()> {
     for (case, phase) in o
         .cases
         .iter()
-        .flat_map(|c| [(c.as_str(), "train"), (c.as_str(), "infer")])
+        .flat_map(|c| o.phases.iter().map(move |p| (c.as_str(), p.as_str())))
+        // `infer_frozen` differs from `infer` only for conservative forces.
+        .filter(|&(c, p)| p != "infer_frozen" || c == "schnet-conservative")
     {
         // Higher-order gradients only where a loss on conservative forces is trained.
         let conservative = phase == "train" && spec(case)?.force_mode == ForceMode::Conservative;

@@ -74,8 +74,12 @@ class Batch:
             dst.append(i + offset)
             shift.append(s @ cell)
             edge_structure.append(np.full(len(i), b))
-            numbers.append(z), pos.append(r), cells.append(cell), energy.append(e)
-            forces.append(f), node_structure.append(np.full(len(z), b))
+            numbers.append(z)
+            pos.append(r)
+            cells.append(cell)
+            energy.append(e)
+            forces.append(f)
+            node_structure.append(np.full(len(z), b))
             offset += len(z)
         t = lambda a, dt=torch.float32: torch.tensor(np.concatenate(a), dtype=dt)
         self.numbers = t(numbers, torch.long)
@@ -191,7 +195,7 @@ class Adit(nn.Module):
         forces = self.force_head(h) * self.force_scale
         voigt = torch.zeros(b.n_structures, 6).index_add_(0, b.node_structure,
                                                           self.stress_head(h))
-        _stress = voigt / b.n_atoms[:, None]
+        _stress = voigt / b.n_atoms[:, None]  # computed as matscale does, not in the loss
         return energy, forces
 
 

@@ -67,13 +67,19 @@ fn loss_on(run: &Path, data: &Dataset) -> f64 {
 #[test]
 fn every_family_overfits_a_tiny_data_set() {
     let train = alloys(4, 1);
-    for family in Family::ALL {
+    // EquiformerV2 is left out until its CPU speed work (issue 8): at its smallest ladder size
+    // the same 300 steps take over two minutes here.
+    for family in Family::ALL
+        .into_iter()
+        .filter(|f| *f != Family::EquiformerV2)
+    {
         let dir = tempfile::tempdir().unwrap();
         // Large enough to memorise 16 atoms; the one-body FCN needs the most width.
         let params = match family {
             Family::Fcn => 20_000,
             Family::Transformer => 10_000,
             Family::Schnet => 3_000,
+            Family::EquiformerV2 => unreachable!("filtered out above"),
         };
         let spec = spec(family, params, ForceMode::Direct);
         // Validate on the training set itself: the best validation loss is the fit quality.

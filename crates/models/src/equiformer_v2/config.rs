@@ -705,3 +705,46 @@ impl ParameterBreakdown {
         self.total(mode) - self.named_embedding(mode)
     }
 }
+
+/// Names of [`EquiformerV2Config::presets`], in order (static for [`Architecture::presets`]).
+const PRESET_NAMES: [&str; 23] = [
+    "eqv2-s", "eqv2-m", "eqv2-l", "study-01", "study-02", "study-03", "study-04", "study-05",
+    "study-06", "study-07", "study-08", "study-09", "study-10", "study-11", "study-12", "study-13",
+    "study-14", "study-15", "study-16", "study-17", "study-18", "study-19", "study-20",
+];
+
+impl crate::config::Architecture for EquiformerV2Config {
+    const FAMILY: crate::config::Family = crate::config::Family::EquiformerV2;
+
+    fn check(&self) -> Result<()> {
+        EquiformerV2Config::check(self)
+    }
+
+    fn n_parameters(&self, mode: ForceMode) -> usize {
+        EquiformerV2Config::n_parameters(self, mode)
+    }
+
+    fn for_parameters(target: usize, mode: ForceMode) -> Result<Self> {
+        EquiformerV2Config::for_parameters(target, mode)
+    }
+
+    fn presets() -> Vec<(&'static str, Self)> {
+        let presets = EquiformerV2Config::presets();
+        debug_assert!(presets
+            .iter()
+            .zip(PRESET_NAMES)
+            .all(|((name, _), expected)| name == expected));
+        PRESET_NAMES
+            .into_iter()
+            .zip(presets.into_iter().map(|(_, c)| c))
+            .collect()
+    }
+
+    fn build(
+        &self,
+        mode: ForceMode,
+        vb: candle_nn::VarBuilder,
+    ) -> Result<Box<dyn crate::model::Model>> {
+        EquiformerV2Config::build(self, mode, vb)
+    }
+}

@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use candle_core::{DType, Device};
-use candle_nn::{VarBuilder, VarMap};
+use candle_nn::VarMap;
 use matscale_models::{AtomisticModel, BatchTensors, ModelSpec};
 use matscale_structures::batch::{GraphBatch, GraphOptions};
 use matscale_structures::{Mat3, Structure};
@@ -175,10 +175,13 @@ pub fn strain(s: &Structure, eps: &Mat3) -> Structure {
     Structure::new(s.numbers().to_vec(), positions, cell, s.pbc()).expect("valid")
 }
 
-/// Builds `spec` with fresh random weights in `dtype` (network and normaliser alike).
+/// Seed of the test weights: fixed, so that every test sees the same model on every run.
+pub const WEIGHT_SEED: u64 = 7;
+
+/// Builds `spec` with seeded random weights in `dtype` (network and normaliser alike).
 pub fn build(spec: &ModelSpec, dtype: DType) -> (VarMap, AtomisticModel) {
     let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, dtype, &Device::Cpu);
+    let vb = matscale_models::seeded_var_builder(&varmap, WEIGHT_SEED, dtype, &Device::Cpu);
     let model = AtomisticModel::new(spec, vb.clone(), vb).expect("model builds");
     (varmap, model)
 }
@@ -189,8 +192,8 @@ pub fn build_mixed(spec: &ModelSpec, weights: DType) -> (VarMap, VarMap, Atomist
     let master = VarMap::new();
     let model = AtomisticModel::new(
         spec,
-        VarBuilder::from_varmap(&net, weights, &Device::Cpu),
-        VarBuilder::from_varmap(&master, DType::F32, &Device::Cpu),
+        matscale_models::seeded_var_builder(&net, WEIGHT_SEED, weights, &Device::Cpu),
+        matscale_models::seeded_var_builder(&master, WEIGHT_SEED, DType::F32, &Device::Cpu),
     )
     .expect("model builds");
     (net, master, model)
