@@ -76,6 +76,13 @@ const SUITES: &[Suite] = &[
         about: "S2 grid activation and segment ops vs PyTorch",
     },
     Suite {
+        name: "train",
+        package: "matscale-trainer",
+        benches: &["throughput"],
+        compare: Compare::ShellEnv("crates/trainer/benches/throughput_compare.sh"),
+        about: "training and inference throughput (SchNet, Transformer) vs PyG / PyTorch",
+    },
+    Suite {
         name: "fit",
         package: "matscale-scaling",
         benches: &["chinchilla"],
@@ -93,7 +100,7 @@ const GROUPS: &[(&str, &[&str])] = &[
 /// Arguments of `cargo xtask bench`.
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// Suite or group to run: extxyz, neighbors, emt, sh, so2, s2grid, fit; groups:
+    /// Suite or group to run: extxyz, neighbors, emt, sh, so2, s2grid, train, fit; groups:
     /// kernels (the equivariant ops), structures, all. `list` prints them.
     pub suite: String,
     /// Run the side-by-side comparison instead: the criterion bench and the Python reference

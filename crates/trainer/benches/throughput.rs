@@ -98,6 +98,11 @@ fn parse_options() -> BenchResult<Options> {
             "--phases" => o.phases = value("--phases")?.split(',').map(str::to_string).collect(),
             // `cargo bench` passes `--bench`.
             "--bench" => {}
+            // `cargo xtask bench --quick`: fewer structures and repetitions.
+            "--quick" => {
+                o.structures = o.structures.min(16);
+                o.reps = 1;
+            }
             other => return Err(format!("unknown option `{other}`").into()),
         }
     }

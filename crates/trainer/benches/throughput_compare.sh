@@ -7,14 +7,12 @@
 #
 # Usage: crates/trainer/benches/throughput_compare.sh [--structures 48] [--reps 3] [--warmup 2]
 #        [--cases schnet-conservative,schnet-direct,transformer-direct]
-# Environment: PYTHON (default /work/venv/py/bin/python, else python3; needs torch, torch_geometric,
+# Environment: PYTHON (default python3; needs torch, torch_geometric,
 # ase), THREADS (default 2), OUT (JSON lines are also written there; default a temp file).
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 THREADS="${THREADS:-2}"
-if [[ -z "${PYTHON:-}" ]]; then
-  if [[ -x /work/venv/py/bin/python ]]; then PYTHON=/work/venv/py/bin/python; else PYTHON=python3; fi
-fi
+PYTHON="${PYTHON:-python3}"
 CASES="schnet-conservative,schnet-direct,transformer-direct"
 ARGS=()
 while [[ $# -gt 0 ]]; do

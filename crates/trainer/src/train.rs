@@ -765,32 +765,18 @@ impl Trainer {
     }
 
     fn validate(&self, models: &Models, ema: Option<&Ema>) -> Result<EvalMetrics> {
-        let backup = match ema {
-            Some(ema) => {
-                let backup: Vec<Tensor> = models
-                    .trained
-                    .iter()
-                    .map(|(_, v)| v.as_tensor().copy())
-                    .collect::<candle_core::Result<_>>()?;
-                for ((_, v), t) in models.trained.iter().zip(ema.tensors()) {
-                    v.set(t)?;
-                }
-                Some(backup)
-            }
-            None => None,
-        };
+        // Evaluate a model built on detached copies of the weights (the EMA average when
+        // enabled): with `Var` weights every conservative prediction would also compute, and
+        // with higher-order gradients keep the graph of, every weight gradient.
+        let weights = self.weights_for_validation(models, ema)?;
+        let model = model_from_tensors(&self.spec, &weights, models.model.dtype(), &self.device)?;
         let (metrics, _) = evaluate(
-            &models.model,
+            &model,
             &self.val,
             self.config.batch_size,
             &self.config.loss,
             &self.device,
         )?;
-        if let Some(backup) = backup {
-            for ((_, v), t) in models.trained.iter().zip(&backup) {
-                v.set(t)?;
-            }
-        }
         Ok(metrics)
     }
 
@@ -922,9 +908,6 @@ pub fn load_model(
 ) -> Result<(ModelSpec, TrainConfig, AtomisticModel)> {
     let (spec, config): (ModelSpec, TrainConfig) =
         checkpoint::read_json(&run_dir.join("config.json"))?;
-    let map = VarMap::new();
-    let vb = seeded_var_builder(&map, config.seed, dtype, device);
-    let model = AtomisticModel::new(&spec, vb.clone(), vb)?;
     let weights = if latest {
         checkpoint::load(run_dir, device)?
             .ok_or_else(|| TrainError::Checkpoint {
@@ -935,6 +918,28 @@ pub fn load_model(
     } else {
         checkpoint::load_tensors(&run_dir.join("best.safetensors"), device)?
     };
+    // Check names and shapes against a model built the usual way, then build the returned
+    // model on plain tensors (no gradients are tracked through the weights).
+    let map = VarMap::new();
+    let vb = seeded_var_builder(&map, config.seed, DType::F32, &Device::Cpu);
+    AtomisticModel::new(&spec, vb.clone(), vb)?;
     restore_weights(&map, &weights, run_dir)?;
+    let model = model_from_tensors(&spec, &weights, dtype, device)?;
     Ok((spec, config, model))
+}
+
+/// A model whose weights are the given tensors, detached: predictions track no weight
+/// gradients (evaluation, inference).
+pub fn model_from_tensors(
+    spec: &ModelSpec,
+    weights: &BTreeMap<String, Tensor>,
+    dtype: DType,
+    device: &Device,
+) -> Result<AtomisticModel> {
+    let map: std::collections::HashMap<String, Tensor> = weights
+        .iter()
+        .map(|(k, v)| (k.clone(), v.detach()))
+        .collect();
+    let vb = candle_nn::VarBuilder::from_tensors(map, dtype, device);
+    Ok(AtomisticModel::new(spec, vb.clone(), vb)?)
 }
