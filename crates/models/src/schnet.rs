@@ -51,7 +51,7 @@
 //! follows quotes 68,423 / 456,583 / 2,267,911 for (64, 64, 3, 50) / (128, 128, 6, 50) /
 //! (256, 256, 8, 50): its early SchNet (Feb 2025) was PyG's plus a per-atom stress output
 //! `Linear(H, 6)`, i.e. `6H + 6` more parameters (390 / 774 / 1,542); see
-//! `docs/arch/schnet.md`.
+//! docs/ARCHITECTURE.md (SchNet).
 //!
 //! ## Size ladder ([`SchNetConfig::for_parameters`])
 //! Gaussians `G = 50`, cutoff 5 Å; interactions `T` by the target band: `T = 1` below 3·10³
