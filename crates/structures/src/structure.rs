@@ -383,6 +383,37 @@ impl Structure {
     }
 }
 
+/// A rotation matrix (proper, det +1) drawn uniformly from SO(3) with `rng` (Shoemake's
+/// uniform unit quaternion). Rotating a structure means `r → R r` for positions, lattice
+/// vectors and forces, and `σ → R σ Rᵀ` for stress.
+pub fn random_rotation<R: rand::Rng + ?Sized>(rng: &mut R) -> Mat3 {
+    let (u1, u2, u3): (f64, f64, f64) = (rng.gen(), rng.gen(), rng.gen());
+    let tau = std::f64::consts::TAU;
+    let (a, b, c, d) = (
+        (1.0 - u1).sqrt() * (tau * u2).sin(),
+        (1.0 - u1).sqrt() * (tau * u2).cos(),
+        u1.sqrt() * (tau * u3).sin(),
+        u1.sqrt() * (tau * u3).cos(),
+    );
+    [
+        [
+            a * a + b * b - c * c - d * d,
+            2.0 * (b * c - a * d),
+            2.0 * (b * d + a * c),
+        ],
+        [
+            2.0 * (b * c + a * d),
+            a * a - b * b + c * c - d * d,
+            2.0 * (c * d - a * b),
+        ],
+        [
+            2.0 * (b * d - a * c),
+            2.0 * (c * d + a * b),
+            a * a - b * b - c * c + d * d,
+        ],
+    ]
+}
+
 /// Determinant of a 3x3 matrix.
 pub fn det3(m: &Mat3) -> f64 {
     m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1])

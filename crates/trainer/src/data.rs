@@ -94,35 +94,6 @@ pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
     order
 }
 
-/// A uniformly random rotation from `rng` (proper, det +1).
-pub fn random_rotation(rng: &mut ChaCha8Rng) -> [[f64; 3]; 3] {
-    let (u1, u2, u3): (f64, f64, f64) = (rng.gen(), rng.gen(), rng.gen());
-    let tau = std::f64::consts::TAU;
-    let (a, b, c, d) = (
-        (1.0 - u1).sqrt() * (tau * u2).sin(),
-        (1.0 - u1).sqrt() * (tau * u2).cos(),
-        u1.sqrt() * (tau * u3).sin(),
-        u1.sqrt() * (tau * u3).cos(),
-    );
-    [
-        [
-            a * a + b * b - c * c - d * d,
-            2.0 * (b * c - a * d),
-            2.0 * (b * d + a * c),
-        ],
-        [
-            2.0 * (b * c + a * d),
-            a * a - b * b + c * c - d * d,
-            2.0 * (c * d - a * b),
-        ],
-        [
-            2.0 * (b * d - a * c),
-            2.0 * (c * d + a * b),
-            a * a - b * b - c * c + d * d,
-        ],
-    ]
-}
-
 fn rotate_rows(values: &mut [f64], r: &[[f64; 3]; 3]) {
     for v in values.chunks_exact_mut(3) {
         let x = [v[0], v[1], v[2]];
@@ -137,7 +108,7 @@ fn rotate_rows(values: &mut [f64], r: &[[f64; 3]; 3]) {
 /// not the cell, which breaks periodic images; matscale rotates the cell too.
 pub fn augment_rotations(batch: &mut GraphBatch, rng: &mut ChaCha8Rng) {
     for s in 0..batch.n_structures() {
-        let r = random_rotation(rng);
+        let r = matscale_structures::structure::random_rotation(rng);
         let (n0, n1) = (batch.node_ptr[s], batch.node_ptr[s + 1]);
         let (e0, e1) = (batch.edge_ptr[s], batch.edge_ptr[s + 1]);
         rotate_rows(&mut batch.positions[3 * n0..3 * n1], &r);

@@ -72,33 +72,7 @@ fn frac_to_cart(f: &[f64; 3], cell: &Mat3) -> [f64; 3] {
 
 /// A random rotation matrix (proper, det +1), seeded.
 pub fn random_rotation(seed: u64) -> Mat3 {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    // Uniform quaternion.
-    let (u1, u2, u3): (f64, f64, f64) = (rng.gen(), rng.gen(), rng.gen());
-    let tau = std::f64::consts::TAU;
-    let (a, b, c, d) = (
-        (1.0 - u1).sqrt() * (tau * u2).sin(),
-        (1.0 - u1).sqrt() * (tau * u2).cos(),
-        u1.sqrt() * (tau * u3).sin(),
-        u1.sqrt() * (tau * u3).cos(),
-    );
-    [
-        [
-            a * a + b * b - c * c - d * d,
-            2.0 * (b * c - a * d),
-            2.0 * (b * d + a * c),
-        ],
-        [
-            2.0 * (b * c + a * d),
-            a * a - b * b + c * c - d * d,
-            2.0 * (c * d - a * b),
-        ],
-        [
-            2.0 * (b * d - a * c),
-            2.0 * (c * d + a * b),
-            a * a - b * b - c * c + d * d,
-        ],
-    ]
+    matscale_structures::structure::random_rotation(&mut ChaCha8Rng::seed_from_u64(seed))
 }
 
 /// `R v`.
