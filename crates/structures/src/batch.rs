@@ -183,6 +183,8 @@ impl GraphBatch {
         structures: &[S],
         options: &GraphOptions,
     ) -> Result<Self, BatchError> {
+        // Collect every result before looking for errors, so that the error reported is the
+        // first failing structure in batch order, not whichever thread failed first.
         let lists = structures
             .par_iter()
             .enumerate()
@@ -191,6 +193,8 @@ impl GraphBatch {
                     .neighbor_list(s.borrow())
                     .map_err(|source| BatchError::Neighbors { structure, source })
             })
+            .collect::<Vec<_>>()
+            .into_iter()
             .collect::<Result<Vec<_>, _>>()?;
         Self::from_neighbor_lists(structures, &lists)
     }

@@ -36,6 +36,9 @@ impl Dataset {
                     TrainError::Data(format!("{name}: structure {k}: neighbour list: {e}"))
                 })
             })
+            // All results first: the error reported is the first failing structure in order.
+            .collect::<Vec<_>>()
+            .into_iter()
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             structures,
