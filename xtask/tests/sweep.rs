@@ -223,8 +223,8 @@ fn killed_at_random_moments_then_resumed_gives_the_same_table() {
     let config = write_config(dir.path(), TINY);
     let out = dir.path().join("sweep");
     // Pseudo-random kill times (printed on failure): odd kills at a random moment in
-    // (0.05, 0.5) of the uninterrupted duration, even kills a random 0-30 ms after some run
-    // has started training (so that at least those land inside a training).
+    // (0.05, 0.5) of the uninterrupted duration, even kills as soon as a run is seen training
+    // (so that those land inside a training).
     let mut state = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -238,34 +238,43 @@ fn killed_at_random_moments_then_resumed_gives_the_same_table() {
     };
     let mut kills = Vec::new();
     let mut interrupted = 0;
-    for k in 0..4 {
+    // At least four kills; more (up to twelve) until one has landed inside a training, which
+    // on a fast machine the first ones may miss (the tiny runs take a few tens of ms).
+    for k in 0..12 {
+        if k >= 4 && interrupted > 0 {
+            break;
+        }
         let mut child = sweep_cmd(&config, &out, "1")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
         let start = Instant::now();
+        let mut seen_training = false;
         if k % 2 == 0 {
             std::thread::sleep(Duration::from_secs_f64(
                 r.seconds * (0.05 + 0.45 * uniform()),
             ));
         } else {
-            // Wait for new training progress in this sweep (or its end).
+            // Wait for new training progress in this sweep (or its end), then kill at once:
+            // a run was training when it was seen.
             let before = progress(&out);
-            while child.try_wait().unwrap().is_none()
-                && !progress(&out)
+            while child.try_wait().unwrap().is_none() {
+                if progress(&out)
                     .iter()
                     .any(|(p, len)| before.iter().all(|(q, old)| q != p || old < len))
-            {
-                std::thread::sleep(Duration::from_millis(2));
+                {
+                    seen_training = true;
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(1));
             }
-            std::thread::sleep(Duration::from_secs_f64(0.03 * uniform()));
         }
         kills.push(start.elapsed().as_secs_f64());
         // SIGKILL: no clean-up in the sweep; its trainers die with it (PR_SET_PDEATHSIG).
         child.kill().unwrap();
         child.wait().unwrap();
-        if !progress(&out).is_empty() {
+        if seen_training || !progress(&out).is_empty() {
             interrupted += 1;
         }
     }
