@@ -8,7 +8,9 @@ use matscale_structures::batch::GraphOptions;
 use matscale_structures::io;
 use matscale_structures::{InfoValue, PerAtomArray, PerAtomData};
 use matscale_trainer::run::RunConfig;
-use matscale_trainer::source::{read_file, MlearnStressOrder};
+use matscale_trainer::source::read_file;
+
+use crate::data::OrderArg;
 use matscale_trainer::{evaluate, load_model, Dataset};
 
 const ABOUT: &str = "\
@@ -44,19 +46,8 @@ pub struct EvalArgs {
     mlearn_stress_order: OrderArg,
 }
 
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
-enum OrderArg {
-    Vasp,
-    Lammps,
-    Voigt,
-}
-
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
-    let order = match args.mlearn_stress_order {
-        OrderArg::Vasp => MlearnStressOrder::Vasp,
-        OrderArg::Lammps => MlearnStressOrder::Lammps,
-        OrderArg::Voigt => MlearnStressOrder::Voigt,
-    };
+    let order = args.mlearn_stress_order.into();
     let device = Device::Cpu;
     let (spec, config, model) = load_model(&args.checkpoint, args.latest, DType::F32, &device)
         .with_context(|| format!("loading the model of {}", args.checkpoint.display()))?;

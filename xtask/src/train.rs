@@ -2,13 +2,13 @@
 
 use std::path::PathBuf;
 
+use crate::data::OrderArg;
 use anyhow::Context;
 use candle_core::Device;
 use indicatif::{ProgressBar, ProgressStyle};
 use matscale_models::{Family, ForceMode, ModelConfig};
 use matscale_trainer::checkpoint::TrainState;
 use matscale_trainer::run::RunConfig;
-use matscale_trainer::source::MlearnStressOrder;
 use matscale_trainer::{MetricsLine, Observer, Precision, Trainer};
 
 const ABOUT: &str = "\
@@ -116,24 +116,6 @@ pub struct TrainArgs {
     /// Print the resolved configuration and the model size, then exit.
     #[arg(long)]
     dry_run: bool,
-}
-
-/// The `--mlearn-stress-order` values.
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
-enum OrderArg {
-    Vasp,
-    Lammps,
-    Voigt,
-}
-
-impl From<OrderArg> for MlearnStressOrder {
-    fn from(o: OrderArg) -> Self {
-        match o {
-            OrderArg::Vasp => MlearnStressOrder::Vasp,
-            OrderArg::Lammps => MlearnStressOrder::Lammps,
-            OrderArg::Voigt => MlearnStressOrder::Voigt,
-        }
-    }
 }
 
 /// Builds the run configuration from the file and the flags.

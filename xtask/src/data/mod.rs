@@ -4,6 +4,8 @@ mod convert;
 mod gen;
 mod stats;
 
+pub(crate) use stats::OrderArg;
+
 /// Arguments of `cargo xtask data`.
 #[derive(clap::Args)]
 pub struct DataArgs {

@@ -49,6 +49,17 @@ pub enum OrderArg {
     Voigt,
 }
 
+impl From<OrderArg> for matscale_trainer::source::MlearnStressOrder {
+    fn from(o: OrderArg) -> Self {
+        use matscale_trainer::source::MlearnStressOrder as M;
+        match o {
+            OrderArg::Vasp => M::Vasp,
+            OrderArg::Lammps => M::Lammps,
+            OrderArg::Voigt => M::Voigt,
+        }
+    }
+}
+
 impl From<OrderArg> for StressOrder {
     fn from(o: OrderArg) -> Self {
         match o {
