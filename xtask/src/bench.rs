@@ -83,25 +83,40 @@ const SUITES: &[Suite] = &[
         about: "training and inference throughput (SchNet, Transformer) vs PyG / PyTorch",
     },
     Suite {
+        name: "equiformer_v2",
+        package: "matscale-models",
+        benches: &["equiformer_v2"],
+        compare: Compare::ShellEnv("crates/models/benches/equiformer_v2_compare.sh"),
+        about: "EquiformerV2 forward, forward+backward and peak memory vs fairchem",
+    },
+    Suite {
         name: "fit",
         package: "matscale-scaling",
         benches: &["chinchilla"],
         compare: Compare::Shell("crates/scaling/benches/compare.sh"),
         about: "Chinchilla joint fit + bootstrap vs scipy",
     },
+    Suite {
+        name: "kernels",
+        package: "xtask",
+        benches: &[],
+        compare: Compare::Python("crates/equivariant/benches/kernels_reference.py"),
+        about: "every equivariant op at EquiformerV2 sizes, % of peak, JSON (--device cpu|cuda)",
+    },
 ];
 
 /// Groups of suites.
 const GROUPS: &[(&str, &[&str])] = &[
-    ("kernels", &["sh", "so2", "s2grid"]),
+    ("equivariant", &["sh", "so2", "s2grid"]),
     ("structures", &["extxyz", "neighbors", "emt"]),
 ];
 
 /// Arguments of `cargo xtask bench`.
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// Suite or group to run: extxyz, neighbors, emt, sh, so2, s2grid, train, fit; groups:
-    /// kernels (the equivariant ops), structures, all. `list` prints them.
+    /// Suite or group to run: extxyz, neighbors, emt, sh, so2, s2grid, train, equiformer_v2,
+    /// fit, kernels (every equivariant op in-process, on --device); groups: equivariant (the
+    /// criterion benches of sh, so2, s2grid), structures, all. `list` prints them.
     pub suite: String,
     /// Run the side-by-side comparison instead: the criterion bench and the Python reference
     /// (ASE, matscipy, e3nn, PyTorch, scipy) in one run. Needs those packages.
@@ -113,12 +128,15 @@ pub struct BenchArgs {
     /// Fewer samples (criterion `--quick`); for a smoke run, not for published figures.
     #[arg(long)]
     pub quick: bool,
-    /// Device for the kernel suites (only `cpu` in this build).
+    /// Device of the `kernels` suite: cpu, cuda or auto (other suites run on the CPU).
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// JSON output of the `kernels` suite [default: bench-kernels-<device>.json].
+    #[arg(long)]
+    pub out: Option<PathBuf>,
 }
 
-fn workspace_root() -> PathBuf {
+pub(crate) fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("xtask lives one level below the workspace root")
@@ -153,7 +171,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         println!("{:<10} every suite", "all");
         return Ok(());
     }
-    if args.device != "cpu" {
+    if args.device != "cpu" && args.suite != "kernels" {
         bail!(
             "--device {}: this build has no CUDA support (only `cpu`)",
             args.device
@@ -163,6 +181,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     for suite in select(&args.suite)? {
         eprintln!("== {}: {}", suite.name, suite.about);
+        if suite.name == "kernels" {
+            crate::bench_kernels::run(&args)?;
+            continue;
+        }
         let mut cmd = if args.reference {
             let mut cmd;
             match suite.compare {

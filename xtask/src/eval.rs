@@ -44,11 +44,14 @@ pub struct EvalArgs {
     /// Stress order of mlearn JSON files (Si: vasp; Mo, Cu, Ni: lammps).
     #[arg(long, value_enum, default_value_t = OrderArg::Vasp)]
     mlearn_stress_order: OrderArg,
+    /// Compute device: auto, cpu or cuda (falls back to the CPU with one message).
+    #[arg(long, default_value = "auto")]
+    device: matscale_equivariant::device::DeviceRequest,
 }
 
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let order = args.mlearn_stress_order.into();
-    let device = Device::Cpu;
+    let device: Device = matscale_equivariant::device::select_device(args.device).device;
     let (spec, config, model) = load_model(&args.checkpoint, args.latest, DType::F32, &device)
         .with_context(|| format!("loading the model of {}", args.checkpoint.display()))?;
     let structures = read_file(&args.data, order)?;

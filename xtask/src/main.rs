@@ -1,7 +1,9 @@
 //! `cargo xtask`: the matscale runner. One module per command.
 
 mod bench;
+mod bench_kernels;
 mod ci;
+mod cuda_env;
 mod data;
 mod eval;
 mod fit;
@@ -40,6 +42,9 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Run what CI runs: fmt, clippy and the tests.
     Ci(ci::CiArgs),
+    /// Install a CUDA 13.0 toolkit from NVIDIA's wheels and print the `export` lines for
+    /// `--features cuda` builds (no GPU needed).
+    CudaEnv(cuda_env::CudaEnvArgs),
 }
 
 /// Keeps freed tensor buffers in the heap for reuse instead of returning them to the kernel:
@@ -69,5 +74,6 @@ fn main() -> anyhow::Result<()> {
         Command::Fit(args) => fit::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Ci(args) => ci::run(args),
+        Command::CudaEnv(args) => cuda_env::run(args),
     }
 }

@@ -4,7 +4,6 @@ use std::path::PathBuf;
 
 use crate::data::OrderArg;
 use anyhow::Context;
-use candle_core::Device;
 use indicatif::{ProgressBar, ProgressStyle};
 use matscale_models::{Family, ForceMode, ModelConfig};
 use matscale_trainer::checkpoint::TrainState;
@@ -107,6 +106,10 @@ pub struct TrainArgs {
     /// Random-rotation augmentation.
     #[arg(long)]
     augment: bool,
+    /// Compute device: auto (CUDA in a `--features cuda` build with a GPU, else the CPU), cpu
+    /// or cuda; an unavailable GPU falls back to the CPU with one message.
+    #[arg(long, default_value = "auto")]
+    device: matscale_equivariant::device::DeviceRequest,
     /// Checkpoint every this many steps as well as at epoch ends.
     #[arg(long)]
     checkpoint_every: Option<u64>,
@@ -290,7 +293,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         data.train,
         data.val,
         &out,
-        Device::Cpu,
+        matscale_equivariant::device::select_device(args.device).device,
     )?;
     let bar = ProgressBar::new(0).with_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} steps [{elapsed} < {eta}] {msg}")

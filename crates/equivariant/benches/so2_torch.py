@@ -15,12 +15,21 @@ Two uses:
                                          rotate -> SO(2) conv -> rotate_inv at
                                          EquiformerV2 sizes (2 threads, f32, warm)
   python so2_torch.py compare [--edges N] [--repeats R] [--configs ...] [--threads T]
+                             [--modes layer,gather]
                                          side by side, one configuration at a time:
-                                         this PyTorch layer, then matscale's criterion
-                                         bench `so2` of the same configuration (fused
-                                         layer and separate ops), then the table of
-                                         ratios (torch best and median / matscale
-                                         criterion median)
+                                         this PyTorch layer, then matscale's bench `so2`
+                                         of the same configuration in its
+                                         MATSCALE_BENCH_REPEATS mode (same statistics:
+                                         best and median of R timed runs after warm-up,
+                                         wall clock and process CPU time), then the table
+                                         of ratios (torch / matscale)
+
+Modes: `layer` is rotate -> SO(2) conv (C -> C) -> rotate_inv on per-edge inputs [E, K, C];
+`gather` is EquiformerV2's message layer on node features [N, K, C] with N = E / 20:
+index_select of the source and target rows + cat along channels ([E, K, 2C]) -> rotate ->
+SO(2) conv (2C -> C) -> rotate_inv, matscale's `forward_gather_rotated`. Forward+backward is
+out.backward(ones) with gradients for the (node or edge) input, the radial weights and every
+parameter.
 
 Versions used for the committed fixture and figures: torch 2.15.0, Python 3.11.
 """
@@ -236,95 +245,129 @@ def bench(edges, repeats, configs):
     return results
 
 
-def bench_one(edges, repeats, lmax, mmax, c, gen):
-    """Best and median seconds of forward and forward+backward for one configuration."""
-    layer = Layer(lmax, mmax, c, c, extra=None, dtype=torch.float32)
+DEGREE = 20  # edges per node of the gathered benchmark, as in benches/so2.rs
+
+
+def gather_index(edges):
+    """The source/target rows of benches/so2.rs: edges grouped by target, sources spread."""
+    n = max(1, -(-edges // DEGREE))
+    e = torch.arange(edges)
+    return n, (e * 7919 + 13) % n, torch.clamp(e // DEGREE, max=n - 1)
+
+
+def bench_one(edges, repeats, lmax, mmax, c, gen, mode="layer"):
+    """Best and median (wall, CPU) seconds of forward and forward+backward for one
+    configuration; `mode` is "layer" (per-edge input) or "gather" (node input, messages
+    gathered by index_select + cat)."""
+    gather = mode == "gather"
+    c_in = 2 * c if gather else c
+    layer = Layer(lmax, mmax, c_in, c, extra=None, dtype=torch.float32)
     blocks = random_blocks(edges, lmax, gen, torch.float32)
     wig = dense_wigner(blocks, lmax)
     wig_inv = wig.transpose(1, 2).contiguous()
-    x = torch.randn(edges, (lmax + 1) ** 2, c, generator=gen)
+    if gather:
+        n, src, dst = gather_index(edges)
+        x = torch.randn(n, (lmax + 1) ** 2, c, generator=gen)
+    else:
+        x = torch.randn(edges, (lmax + 1) ** 2, c, generator=gen)
     rad = torch.randn(edges, layer.rad_size(), generator=gen)
+
+    def run(xin, r):
+        if gather:
+            xin = torch.cat((xin.index_select(0, src), xin.index_select(0, dst)), dim=2)
+        return layer(wig, wig_inv, xin, r)[0]
+
     res = {}
-    for mode in ("forward", "forward+backward"):
-        times = []
+    for step in ("forward", "forward+backward"):
+        times, cpu = [], []
         for it in range(repeats + 2):
-            if mode == "forward":
-                t = time.perf_counter()
+            if step == "forward":
+                t, tc = time.perf_counter(), time.process_time()
                 with torch.no_grad():
-                    out = layer(wig, wig_inv, x, rad)[0]
-                dt = time.perf_counter() - t
+                    out = run(x, rad)
+                dt, dc = time.perf_counter() - t, time.process_time() - tc
             else:
                 xg = x.clone().requires_grad_(True)
                 rg = rad.clone().requires_grad_(True)
-                t = time.perf_counter()
-                out = layer(wig, wig_inv, xg, rg)[0]
+                t, tc = time.perf_counter(), time.process_time()
+                out = run(xg, rg)
                 out.backward(torch.ones_like(out))
-                dt = time.perf_counter() - t
+                dt, dc = time.perf_counter() - t, time.process_time() - tc
                 layer.zero_grad(set_to_none=True)
+            del out
             if it >= 2:
                 times.append(dt)
+                cpu.append(dc)
         times.sort()
-        res[mode] = (times[0], times[len(times) // 2])
+        cpu.sort()
+        res[step] = (times[0], times[len(times) // 2], cpu[0], cpu[len(cpu) // 2])
+    f, b = res["forward"], res["forward+backward"]
     print(
-        f"lmax={lmax} mmax={mmax} C={c}: forward best {res['forward'][0]*1e3:.1f} ms "
-        f"median {res['forward'][1]*1e3:.1f} ms; forward+backward best "
-        f"{res['forward+backward'][0]*1e3:.1f} ms median {res['forward+backward'][1]*1e3:.1f} ms",
+        f"torch {mode} lmax={lmax} mmax={mmax} C={c}: forward best {f[0]*1e3:.1f} ms "
+        f"median {f[1]*1e3:.1f} ms (CPU median {f[3]*1e3:.1f} ms); forward+backward best "
+        f"{b[0]*1e3:.1f} ms median {b[1]*1e3:.1f} ms (CPU median {b[3]*1e3:.1f} ms)",
         flush=True,
     )
     return res
 
 
-def criterion_median(target_dir, edges, name, ident):
-    path = os.path.join(target_dir, "criterion", f"so2_layer_E{edges}", name, ident, "new", "estimates.json")
-    with open(path) as f:
-        return json.load(f)["median"]["point_estimate"] * 1e-9
+def loadavg():
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "n/a"
 
 
-def compare(edges, repeats, configs, threads=2):
+def compare(edges, repeats, configs, threads=2, modes=("layer", "gather")):
     """PyTorch then matscale for each configuration in turn, then the ratio table."""
     root = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
-    meta = json.loads(
-        subprocess.run(
-            ["cargo", "metadata", "--format-version", "1", "--no-deps"],
-            cwd=root, check=True, capture_output=True, text=True,
-        ).stdout
-    )
-    target_dir = meta["target_directory"]
-    env = dict(os.environ, MATSCALE_BENCH_EDGES=str(edges), RAYON_NUM_THREADS=str(threads))
+    env = dict(os.environ, MATSCALE_BENCH_EDGES=str(edges), RAYON_NUM_THREADS=str(threads),
+               MATSCALE_BENCH_REPEATS=str(repeats))
     subprocess.run(["cargo", "bench", "-p", "matscale-equivariant", "--bench", "so2", "--no-run"],
                    cwd=root, check=True, env=env)
     torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(0)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()} (matscale: rayon {threads}), "
-          f"edges {edges}, f32", flush=True)
+          f"edges {edges}, f32, best/median of {repeats}; load average {loadavg()}", flush=True)
+    case_names = {"layer": ("forward", "forward_backward"),
+                  "gather": ("gather_forward", "gather_forward_backward")}
     rows = []
     for lmax, mmax, c in configs:
-        ident = f"l{lmax}_m{mmax}_c{c}"
-        t = bench_one(edges, repeats, lmax, mmax, c, gen)
-        out = subprocess.run(
-            ["cargo", "bench", "-q", "-p", "matscale-equivariant", "--bench", "so2", "--",
-             f"/{ident}$"],
-            cwd=root, check=True, env=env, capture_output=True, text=True,
-        ).stdout
-        print("\n".join(line for line in out.splitlines() if "time:" in line or line.startswith("so2_layer")),
-              flush=True)
-        ours = {name: criterion_median(target_dir, edges, name, ident)
-                for name in ("forward", "forward_backward", "composed_forward", "composed_forward_backward")}
-        rows.append((lmax, mmax, c, t, ours))
+        for mode in modes:
+            load_before = loadavg()
+            t = bench_one(edges, repeats, lmax, mmax, c, gen, mode)
+            cases = case_names[mode]
+            out = subprocess.run(
+                ["cargo", "bench", "-q", "-p", "matscale-equivariant", "--bench", "so2"],
+                cwd=root, check=True, capture_output=True, text=True,
+                env=dict(env, MATSCALE_BENCH_CONFIGS=f"{lmax},{mmax},{c}",
+                         MATSCALE_BENCH_CASES=",".join(cases)),
+            ).stdout
+            ours = {}
+            for line in out.splitlines():
+                if line.startswith("RESULT "):
+                    r = json.loads(line[len("RESULT "):])
+                    ours[r["case"]] = (r["best"], r["median"], r["cpu_best"], r["cpu_median"])
+                elif line.startswith("so2 "):
+                    print("matscale " + line[4:], flush=True)
+            rows.append((lmax, mmax, c, mode, t, ours[cases[0]], ours[cases[1]],
+                         f"{load_before} → {loadavg()}"))
     print()
-    print("| lmax / mmax / C | torch fwd best / median | matscale fwd (fused) | ratio best / median "
-          "| torch fwd+bwd best / median | matscale fwd+bwd (fused) | ratio best / median "
-          "| separate ops fwd / fwd+bwd |")
-    print("|---|---|---|---|---|---|---|---|")
-    for lmax, mmax, c, t, ours in rows:
-        fb, fm = t["forward"]
-        bb, bm = t["forward+backward"]
-        f, b = ours["forward"], ours["forward_backward"]
+    print(f"{edges} edges, {threads} thread(s); times best / median of {repeats}; ratio = torch / matscale "
+          "(best / median, and of the median process CPU times)")
+    print()
+    print("| lmax / mmax / C | layer | torch fwd | matscale fwd | ratio (CPU) "
+          "| torch fwd+bwd | matscale fwd+bwd | ratio (CPU) | load |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for lmax, mmax, c, mode, t, f, b, load in rows:
+        tf, tb = t["forward"], t["forward+backward"]
+        name = "per-edge" if mode == "layer" else "gather"
         print(
-            f"| {lmax} / {mmax} / {c} | {fb*1e3:.1f} / {fm*1e3:.1f} ms | {f*1e3:.1f} ms | "
-            f"**{fb/f:.2f}×** / {fm/f:.2f}× | {bb*1e3:.0f} / {bm*1e3:.0f} ms | {b*1e3:.0f} ms | "
-            f"**{bb/b:.2f}×** / {bm/b:.2f}× | {ours['composed_forward']*1e3:.1f} / "
-            f"{ours['composed_forward_backward']*1e3:.0f} ms |"
+            f"| {lmax} / {mmax} / {c} | {name} | {tf[0]*1e3:.0f} / {tf[1]*1e3:.0f} ms "
+            f"| {f[0]*1e3:.0f} / {f[1]*1e3:.0f} ms | **{tf[0]/f[0]:.2f}×** / {tf[1]/f[1]:.2f}× ({tf[3]/f[3]:.2f}×) "
+            f"| {tb[0]*1e3:.0f} / {tb[1]*1e3:.0f} ms | {b[0]*1e3:.0f} / {b[1]*1e3:.0f} ms "
+            f"| **{tb[0]/b[0]:.2f}×** / {tb[1]/b[1]:.2f}× ({tb[3]/b[3]:.2f}×) | {load} |"
         )
 
 
@@ -342,6 +385,7 @@ def main():
     c.add_argument("--repeats", type=int, default=5)
     c.add_argument("--configs", default="4,2,64;4,2,128;6,4,64;6,4,128")
     c.add_argument("--threads", type=int, default=2, help="torch threads and RAYON_NUM_THREADS")
+    c.add_argument("--modes", default="layer,gather", help="layer (per-edge input), gather (node input)")
     a = p.parse_args()
     if a.cmd == "fixture":
         fixture(a.out)
@@ -350,7 +394,7 @@ def main():
         if a.cmd == "bench":
             bench(a.edges, a.repeats, configs)
         else:
-            compare(a.edges, a.repeats, configs, a.threads)
+            compare(a.edges, a.repeats, configs, a.threads, tuple(a.modes.split(",")))
 
 
 if __name__ == "__main__":

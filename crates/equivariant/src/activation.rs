@@ -303,6 +303,21 @@ impl CustomOp1 for Elementwise {
         Ok((out, layout.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use crate::cuda::elementwise::Activation;
+        let function = match self.function {
+            Function::Silu => Activation::Silu,
+            Function::Sigmoid => Activation::Sigmoid,
+            Function::SmoothLeakyRelu(slope) => Activation::SmoothLeakyRelu(slope),
+        };
+        crate::cuda::elementwise::activation(storage, layout, function, self.order, self.name())
+    }
+
     fn bwd(
         &self,
         arg: &Tensor,

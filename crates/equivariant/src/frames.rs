@@ -232,6 +232,10 @@ pub fn edge_wigner(edge_vec: &Tensor, lmax: usize, roll: &Roll<'_>) -> Result<Wi
             found: dtype,
         });
     }
+    #[cfg(feature = "cuda")]
+    if edge_vec.device().is_cuda() {
+        return crate::cuda::wigner::edge_wigner(edge_vec, lmax, roll);
+    }
     let rotations = edge_rotations(edge_vec, roll)?;
     let angles: Vec<_> = rotations.par_iter().map(matrix_to_angles).collect();
     WignerBlocks::from_angles(&angles, lmax, dtype, edge_vec.device())

@@ -5,8 +5,12 @@
 
 pub mod activation;
 pub(crate) mod buffer;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod device;
 pub mod error;
 pub mod frames;
+pub mod frames_diff;
 pub mod mapping;
 pub mod norms;
 pub mod radial;

@@ -179,6 +179,15 @@ impl CustomOp1 for SmearingOp {
         Ok((out, Shape::from((end - start, self.offsets.len()))))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::elementwise::gaussian_smearing(storage, layout, &self.offsets, self.coeff)
+    }
+
     fn bwd(
         &self,
         arg: &Tensor,

@@ -113,6 +113,24 @@ impl GridFloat for f32 {
     }
 }
 
+#[cfg(feature = "cuda")]
+impl GridInner {
+    /// The grid matrices as borrowed by the CUDA kernels.
+    fn cuda(&self) -> crate::cuda::s2grid::Grid<'_> {
+        let (g, k) = (self.g, self.k);
+        let (to_f32, from_f32) = (&self.f32.to[..], &self.f32.from[..]);
+        let (to_f64, from_f64) = (&self.f64.to[..], &self.f64.from[..]);
+        crate::cuda::s2grid::Grid {
+            g,
+            k,
+            to_f32,
+            from_f32,
+            to_f64,
+            from_f64,
+        }
+    }
+}
+
 /// e3nn's `_quadrature_weights(b)`: the SOFT (Kostelec–Rockmore) weights of the `2b` β rings,
 /// `w_j = (2/b) sin(π(2j+1)/(4b)) Σ_{k<b} sin((2j+1)(2k+1)π/(4b)) / (2k+1)` divided by
 /// `2 (2b)²` (they sum to `1/(2b)²`; [`S2Grid`] multiplies them by `res_beta² / res_alpha`).
@@ -577,6 +595,22 @@ impl CustomOp1 for GridLinear {
         Ok((out, Shape::from((n, rows_out, c))))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use crate::cuda::s2grid::GridMap;
+        let map = match self.kind {
+            LinearKind::To => GridMap::To,
+            LinearKind::ToAdjoint => GridMap::ToAdjoint,
+            LinearKind::From => GridMap::From,
+            LinearKind::FromAdjoint => GridMap::FromAdjoint,
+        };
+        crate::cuda::s2grid::grid_linear(storage, layout, &self.grid.cuda(), map, self.name())
+    }
+
     fn bwd(
         &self,
         _arg: &Tensor,
@@ -756,6 +790,16 @@ impl CustomOp1 for S2Act {
         Ok((out, layout.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let grid = self.grid.cuda();
+        crate::cuda::s2grid::activation((storage, layout), None, &grid, self.name())
+    }
+
     fn bwd(
         &self,
         arg: &Tensor,
@@ -811,6 +855,18 @@ impl CustomOp2 for SeparableS2Act {
             _ => candle_core::bail!("{name}: x and scalars must both be f32 or both f64"),
         };
         Ok((out, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let grid = self.grid.cuda();
+        crate::cuda::s2grid::activation((s1, l1), Some((s2, l2)), &grid, self.name())
     }
 
     fn bwd(
@@ -876,6 +932,19 @@ impl CustomOp2 for S2ActBackward {
             _ => candle_core::bail!("{name}: x and grad must both be f32 or both f64"),
         };
         Ok((out, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let grid = self.grid.cuda();
+        let (x, dy, name) = ((s1, l1), (s2, l2), self.name());
+        crate::cuda::s2grid::activation_backward(x, dy, &grid, self.separable, name)
     }
 }
 

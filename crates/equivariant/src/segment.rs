@@ -71,6 +71,19 @@ impl Csr {
         self.index.len()
     }
 
+    /// The grouping as borrowed by the CUDA kernels.
+    #[cfg(feature = "cuda")]
+    fn cuda(&self) -> crate::cuda::segment::Csr<'_> {
+        let (index, offsets, order) = (&self.index, &self.offsets, self.order.as_deref());
+        let num_segments = self.num_segments;
+        crate::cuda::segment::Csr {
+            num_segments,
+            index,
+            offsets,
+            order,
+        }
+    }
+
     /// Item at position `k` of the grouped order.
     #[inline(always)]
     fn item(&self, k: usize) -> usize {
@@ -473,6 +486,17 @@ impl CustomOp2 for SoftmaxBackward {
         Ok((out, l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::segment::softmax_backward(s1, l1, s2, l2, &self.csr.cuda())
+    }
+
     fn bwd(
         &self,
         y: &Tensor,
@@ -542,6 +566,21 @@ impl CustomOp1 for SegmentOp {
             _ => candle_core::bail!("{}: only f32 and f64 are supported", self.name()),
         };
         Ok((out, Shape::from(out_dims)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use crate::cuda::segment::SegmentKind;
+        let kind = match self.kind {
+            Kind::Sum => SegmentKind::Sum,
+            Kind::Gather => SegmentKind::Gather,
+            Kind::Softmax => SegmentKind::Softmax(SOFTMAX_EPS),
+        };
+        crate::cuda::segment::forward(storage, layout, &self.csr.cuda(), kind, self.name())
     }
 
     fn bwd(

@@ -454,6 +454,25 @@ impl CustomOp1 for SphericalHarmonicsOp {
         Ok((out, shape))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let r = Recurrence::<f64>::new(self.lmax, self.normalization);
+        let (start, alpha, beta) = (&r.start, &r.alpha, &r.beta);
+        let (lmax, normalize) = (self.lmax, self.normalize);
+        let rec = crate::cuda::sh::Recurrence {
+            lmax,
+            normalize,
+            start,
+            alpha,
+            beta,
+        };
+        crate::cuda::sh::forward(storage, layout, &rec)
+    }
+
     fn bwd(
         &self,
         arg: &Tensor,
@@ -536,6 +555,19 @@ impl CustomOp2 for ShBackward {
         };
         Ok((out, l1.shape().clone()))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let f = self.forward;
+        let k = normalisation_constants(f.lmax, f.normalization);
+        crate::cuda::sh::backward(s1, l1, s2, l2, f.lmax, f.normalize, &k)
+    }
 }
 
 /// In-place form of the forward op: writes into an existing `[n, (lmax+1)²]` tensor.
@@ -588,6 +620,28 @@ impl InplaceOp2 for ShInto {
             ),
         }
         Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        out: &mut candle_core::CudaStorage,
+        out_layout: &Layout,
+        xyz: &candle_core::CudaStorage,
+        xyz_layout: &Layout,
+    ) -> candle_core::Result<()> {
+        let f = self.forward;
+        let r = Recurrence::<f64>::new(f.lmax, f.normalization);
+        let (start, alpha, beta) = (&r.start, &r.alpha, &r.beta);
+        let (lmax, normalize) = (f.lmax, f.normalize);
+        let rec = crate::cuda::sh::Recurrence {
+            lmax,
+            normalize,
+            start,
+            alpha,
+            beta,
+        };
+        crate::cuda::sh::forward_into(out, out_layout, xyz, xyz_layout, &rec)
     }
 }
 

@@ -21,6 +21,11 @@
 //!   `forward_rotate_in` (l-major in, m-major out) and `forward_rotate_out` (m-major in,
 //!   l-major out) fuse one side only, for layers that work on the m-major coefficients in
 //!   between (EquiformerV2's gate between its two convolutions).
+//! * [`So2Convolution::forward_gather_rotated`] / [`So2Convolution::forward_gather_rotate_in`]:
+//!   the same fused layer fed by **node** features `[N, (lmax+1)^2, C]` and a
+//!   [`MessageGather`] (EquiformerV2's `cat(x[src], x[dst])`): the per-edge message is built
+//!   inside the op, so the `[E, (lmax+1)^2, 2C]` gathered tensor never exists and the backward
+//!   pass adds straight into a node-sized gradient (deterministically, without atomics).
 //!
 //! Every op is SO(3)-equivariant when the Wigner blocks are those of the edge frames: for a
 //! global rotation `R`, rotating all edge vectors and input embeddings by `R` (and keeping the
@@ -88,6 +93,7 @@ use rayon::prelude::*;
 
 use crate::error::{EquivariantError, Result};
 use crate::mapping::SphericalLayout;
+pub use crate::so2_fused::MessageGather;
 use crate::so2_fused::{LayerShape, So2LayerOp};
 use crate::wigner::{block_offset, WignerBlocks};
 
@@ -513,6 +519,18 @@ impl CustomOp2 for RotateOp {
         Ok((out, shape))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let to_edge = self.direction == Direction::ToEdge;
+        crate::cuda::so2::rotate(s1, l1, s2, l2, self.layout, to_edge, self.rescale)
+    }
+
     fn bwd(
         &self,
         _x: &Tensor,
@@ -901,6 +919,33 @@ impl So2Params {
     }
 }
 
+impl So2Params {
+    /// The gathered layer (node rows in, see [`MessageGather`]), rotated in and optionally
+    /// rotated back.
+    fn forward_gather(
+        &self,
+        x: &Tensor,
+        gather: &MessageGather,
+        wigner: &WignerBlocks,
+        radial: Option<&Tensor>,
+        rotate_out: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let shape = LayerShape {
+            layout: self.config.layout,
+            c_in: self.config.in_channels,
+            c_out: self.config.out_channels,
+            extra: self.extra(),
+            complex: self.complex,
+            rotate_in: true,
+            rotate_out,
+            radial: radial.is_some(),
+        };
+        check_float("x", x)?;
+        let weights = self.packed_weights()?.to_dtype(x.dtype())?;
+        crate::so2_fused::forward_gather(shape, &weights, x, gather, wigner, radial)
+    }
+}
+
 /// fairchem's `SO2_Convolution` for one resolution: per-order linear maps on m-major edge-frame
 /// coefficients, `m > 0` as complex products of `(+m, −m)` pairs.
 ///
@@ -993,6 +1038,70 @@ impl So2Convolution {
         radial: Option<&Tensor>,
     ) -> Result<(Tensor, Option<Tensor>)> {
         self.params.forward(x, radial, Some(wigner), (false, true))
+    }
+
+    /// [`So2Convolution::forward_rotated`] on messages gathered from node rows: `x` is
+    /// l-major `[N, (lmax+1)^2, C]` with `C = in_channels / gather.parts()`, and edge `e`'s
+    /// message is the row (or the channel concatenation of the two rows) that `gather` names.
+    /// Equal to `forward_rotated(&cat([x.index_select(src), x.index_select(dst)], 2), ..)` up
+    /// to rounding, without the `[E, (lmax+1)^2, in_channels]` message tensor; the gradient of
+    /// `x` is node-sized and accumulated deterministically (see the `so2` module docs).
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// use candle_nn::{VarBuilder, VarMap};
+    /// use matscale_equivariant::mapping::SphericalLayout;
+    /// use matscale_equivariant::so2::{MessageGather, So2ConvConfig, So2Convolution};
+    /// use matscale_equivariant::wigner::WignerBlocks;
+    ///
+    /// let dev = Device::Cpu;
+    /// let layout = SphericalLayout::new(2, 1)?;
+    /// let nodes = Tensor::randn(0f32, 1., (3, layout.num_coefficients(), 4), &dev)?;
+    /// let (src, dst) = (vec![0u32, 1, 2, 2], vec![1u32, 0, 0, 1]);
+    /// let frames = vec![[[0., 0., 1.], [1., 0., 0.], [0., 1., 0.]]; src.len()];
+    /// let wigner = WignerBlocks::from_rotations(&frames, layout.lmax(), DType::F32, &dev)?;
+    /// let varmap = VarMap::new();
+    /// let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+    /// // Messages cat(x[src], x[dst]) have 2 × 4 channels.
+    /// let conv = So2Convolution::new(&So2ConvConfig::new(layout, 8, 5), vb)?;
+    /// let gather = MessageGather::Pair {
+    ///     source: Tensor::new(src.as_slice(), &dev)?,
+    ///     target: Tensor::new(dst.as_slice(), &dev)?,
+    /// };
+    /// let (y, _) = conv.forward_gather_rotated(&nodes, &gather, &wigner, None)?;
+    /// assert_eq!(y.dims(), &[4, 9, 5]);
+    /// # Ok::<(), matscale_equivariant::error::EquivariantError>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`So2Convolution::forward_rotated`]; [`EquivariantError::ShapeMismatch`] naming `x`
+    /// when its channels times `gather.parts()` are not `in_channels`, or naming an index that
+    /// is not `[E]`; [`EquivariantError::InvalidArgument`] naming an index of another dtype
+    /// than u32 / i64 or with a value that is not a node row.
+    pub fn forward_gather_rotated(
+        &self,
+        x: &Tensor,
+        gather: &MessageGather,
+        wigner: &WignerBlocks,
+        radial: Option<&Tensor>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        self.params.forward_gather(x, gather, wigner, radial, true)
+    }
+
+    /// [`So2Convolution::forward_rotate_in`] on gathered messages (see
+    /// [`So2Convolution::forward_gather_rotated`]): node rows in, m-major
+    /// `[E, n_trunc, C_out]` out (EquiformerV2's first convolution of the attention message).
+    ///
+    /// # Errors
+    /// As [`So2Convolution::forward_gather_rotated`].
+    pub fn forward_gather_rotate_in(
+        &self,
+        x: &Tensor,
+        gather: &MessageGather,
+        wigner: &WignerBlocks,
+        radial: Option<&Tensor>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        self.params.forward_gather(x, gather, wigner, radial, false)
     }
 }
 

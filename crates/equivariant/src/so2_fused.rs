@@ -29,14 +29,16 @@
 //! first), the bias `[extra + n₀]`, then per order `m ≥ 1` the row-major `[k_m, n_m]` matrices
 //! `P₁, P₂, P₃` (convolution) or `Wᵀ` (linear), `k_m = (lmax−m+1)·C_in`, `n_m = (lmax−m+1)·C_out`.
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Storage, Tensor, WithDType};
-use std::sync::Mutex;
-
+use candle_core::{
+    CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, Tensor, WithDType,
+};
 use rayon::prelude::*;
 
 use crate::buffer::zeroed_vec;
+use crate::error::{EquivariantError, Result};
 use crate::mapping::SphericalLayout;
 use crate::so2::{contiguous_slice, dispatch_kernel, from_edge, to_edge, RotatePlan};
+use crate::wigner::WignerBlocks;
 
 /// Shapes and options of one fused SO(2) layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,6 +149,19 @@ impl LayerShape {
             .sum()
     }
 
+    /// The m-major slots of every radial row: `[+m slot, −m slot]`, or `[m = 0 slot, MAX]`.
+    fn radial_row_slots(&self) -> Vec<[usize; 2]> {
+        let mut slots = Vec::with_capacity(self.radial_rows());
+        for m in 0..=self.layout.mmax() {
+            let (first, n_l) = (self.layout.m_offset(m), self.layout.m_size(m));
+            for i in 0..n_l {
+                let minus = if m > 0 { first + n_l + i } else { usize::MAX };
+                slots.push([first + i, minus]);
+            }
+        }
+        slots
+    }
+
     /// Radial row of every m-major slot (`+m` and `−m` of one degree share a row).
     fn slot_radial_rows(&self) -> Vec<usize> {
         let mut rows = Vec::with_capacity(self.trunc());
@@ -171,7 +186,9 @@ impl LayerShape {
     /// chunks amortise the packing of the weights inside each GEMM call (the per-order
     /// matrices are up to `896 × 896` at lmax 6, C 128) and, in the backward pass, the
     /// read-modify-write of the weight-gradient accumulator per chunk; at 4/2/64 and 6/4/128
-    /// 256 edges were 10–40 % faster than cache-sized chunks of 16–53 edges.
+    /// 256 edges were 10–40 % faster than cache-sized chunks of 16–53 edges. Re-measured at
+    /// 6/4/128 (one thread, process CPU time, loaded machine): 128 edges 4–8 % slower than 256,
+    /// 512 within the noise of 256 (±5 %), so 256 stays (half the scratch of 512).
     fn chunk_edges(&self, edges: usize) -> usize {
         let by_tasks = edges.div_ceil(4 * rayon::current_num_threads()).max(1);
         by_tasks.min(256)
@@ -320,42 +337,46 @@ fn radial_scale_kernel<T: WithDType>(
 
 dispatch_kernel!(radial_scale, radial_scale_kernel, (dst: &mut [T], src: &[T], rad: &[T], rows: &[usize], num_rows: usize, c: usize));
 
-/// Radial backward over a chunk: `grad_rad[e, row(s), :] += g[e, s, :] · x[e, s, :]` and then
-/// `g[e, s, :] *= rad[e, row(s), :]` (in place).
+/// Radial backward over a chunk: `grad_rad[e, q, :] = Σ_{s: row(s) = q} g[e, s, :] · x[e, s, :]`
+/// (written, never read: the output pages are touched once) and then
+/// `g[e, s, :] *= rad[e, row(s), :]` (in place). `row_slots[q]` lists the one or two slots
+/// (`+m`, `−m`) of radial row `q`, the second `usize::MAX` when there is none.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn radial_backward_kernel<T: WithDType>(
     g: &mut [T],
     x: &[T],
     rad: &[T],
     grad_rad: &mut [T],
-    rows: &[usize],
-    num_rows: usize,
+    row_slots: &[[usize; 2]],
+    trunc: usize,
     c: usize,
 ) {
-    let trunc = rows.len();
+    let num_rows = row_slots.len();
     for (((g, x), r), gr) in g
         .chunks_exact_mut(trunc * c)
         .zip(x.chunks_exact(trunc * c))
         .zip(rad.chunks_exact(num_rows * c))
         .zip(grad_rad.chunks_exact_mut(num_rows * c))
     {
-        for (slot, &q) in rows.iter().enumerate() {
-            let (g, x, r) = (
-                &mut g[slot * c..(slot + 1) * c],
-                &x[slot * c..(slot + 1) * c],
-                &r[q * c..(q + 1) * c],
-            );
-            let gr = &mut gr[q * c..(q + 1) * c];
-            for (((g, &x), &r), gr) in g.iter_mut().zip(x).zip(r).zip(gr.iter_mut()) {
-                *gr += *g * x;
+        for (q, &[s1, s2]) in row_slots.iter().enumerate() {
+            let (r, gr) = (&r[q * c..(q + 1) * c], &mut gr[q * c..(q + 1) * c]);
+            let (g1, x1) = (&mut g[s1 * c..(s1 + 1) * c], &x[s1 * c..(s1 + 1) * c]);
+            for (((gr, g), &x), &r) in gr.iter_mut().zip(g1.iter_mut()).zip(x1).zip(r) {
+                *gr = *g * x;
                 *g *= r;
+            }
+            if s2 != usize::MAX {
+                let (g2, x2) = (&mut g[s2 * c..(s2 + 1) * c], &x[s2 * c..(s2 + 1) * c]);
+                for (((gr, g), &x), &r) in gr.iter_mut().zip(g2.iter_mut()).zip(x2).zip(r) {
+                    *gr += *g * x;
+                    *g *= r;
+                }
             }
         }
     }
 }
 
-dispatch_kernel!(radial_backward, radial_backward_kernel, (g: &mut [T], x: &[T], rad: &[T], grad_rad: &mut [T], rows: &[usize], num_rows: usize, c: usize));
+dispatch_kernel!(radial_backward, radial_backward_kernel, (g: &mut [T], x: &[T], rad: &[T], grad_rad: &mut [T], row_slots: &[[usize; 2]], trunc: usize, c: usize));
 
 /// Copies `n` elements of each of `rows` rows within `buf`, from `src_off + e·rs` to
 /// `dst_off + e·rs` (non-overlapping row segments).
@@ -389,10 +410,12 @@ struct Scratch<T> {
     /// Sums `x₊ + x₋` / `g₊ + g₋`, `[ec, max(k_m, n_m)]`.
     sum_a: Vec<T>,
     sum_b: Vec<T>,
+    /// One gathered l-major message `[full, C_in]` (gather variants only).
+    edge: Vec<T>,
 }
 
 impl<T: WithDType> Scratch<T> {
-    fn new(shape: &LayerShape, ec: usize, backward: bool) -> Self {
+    fn new(shape: &LayerShape, ec: usize, backward: bool, gather: bool) -> Self {
         let trunc = shape.trunc();
         let wide = shape.layout.m_size(1).max(1) * shape.c_in.max(shape.c_out);
         let back = |len: usize| {
@@ -409,20 +432,95 @@ impl<T: WithDType> Scratch<T> {
             gx: back(ec * trunc * shape.c_in),
             sum_a: vec![T::zero(); ec * wide],
             sum_b: back(ec * wide),
+            edge: if gather {
+                vec![T::zero(); shape.rows_in() * shape.c_in]
+            } else {
+                Vec::new()
+            },
         }
     }
 }
 
+/// Node rows gathered into each edge's message by the gather variants: edge `e` reads node
+/// `source[e]` into channels `0..c_node` and, for a pair, node `target[e]` into channels
+/// `c_node..2·c_node` (EquiformerV2's `cat(x[src], x[dst])`).
+#[derive(Clone, Copy)]
+struct Gather<'a> {
+    source: &'a [u32],
+    target: Option<&'a [u32]>,
+    /// Channels of a node row; `C_in = c_node · (1 or 2)`.
+    c_node: usize,
+    nodes: usize,
+}
+
+impl Gather<'_> {
+    /// Writes the l-major message of edge `e` (`[full, C_in]`) into `buf` from the node rows
+    /// `x` (`[nodes, full, c_node]`).
+    fn message<T: WithDType>(&self, x: &[T], e: usize, full: usize, buf: &mut [T]) {
+        let cn = self.c_node;
+        let c_in = if self.target.is_some() { 2 * cn } else { cn };
+        let row = full * cn;
+        let s = self.source[e] as usize * row;
+        let src = &x[s..s + row];
+        for (d, v) in buf[..full * c_in]
+            .chunks_exact_mut(c_in)
+            .zip(src.chunks_exact(cn))
+        {
+            d[..cn].copy_from_slice(v);
+        }
+        if let Some(target) = self.target {
+            let t = target[e] as usize * row;
+            let dst = &x[t..t + row];
+            for (d, v) in buf[..full * c_in]
+                .chunks_exact_mut(c_in)
+                .zip(dst.chunks_exact(cn))
+            {
+                d[cn..].copy_from_slice(v);
+            }
+        }
+    }
+
+    /// Adds the l-major message gradient of edge `e` (`[full, C_in]`) into the node rows of
+    /// `gx` (`[nodes, full, c_node]`): the adjoint of [`Gather::message`].
+    fn scatter_add<T: WithDType>(&self, gx: &mut [T], e: usize, full: usize, buf: &[T]) {
+        let cn = self.c_node;
+        let row = full * cn;
+        let c_in = if self.target.is_some() { 2 * cn } else { cn };
+        let s = self.source[e] as usize * row;
+        add_strided(&mut gx[s..s + row], &buf[..full * c_in], cn, c_in, 0);
+        if let Some(target) = self.target {
+            let t = target[e] as usize * row;
+            add_strided(&mut gx[t..t + row], &buf[..full * c_in], cn, c_in, cn);
+        }
+    }
+}
+
+/// `dst[j·n..][..n] += src[j·rs + off..][..n]` for every row `j` of `dst`.
+#[inline(always)]
+fn add_strided_kernel<T: WithDType>(dst: &mut [T], src: &[T], n: usize, rs: usize, off: usize) {
+    for (d, s) in dst.chunks_exact_mut(n).zip(src.chunks_exact(rs)) {
+        for (d, &s) in d.iter_mut().zip(&s[off..off + n]) {
+            *d += s;
+        }
+    }
+}
+
+dispatch_kernel!(add_strided, add_strided_kernel, (dst: &mut [T], src: &[T], n: usize, rs: usize, off: usize));
+
 /// Inputs shared by all chunks.
 struct Inputs<'a, T> {
     shape: LayerShape,
+    /// Per-edge input `[E, rows_in, C_in]`, or node rows `[N, full, c_node]` with `gather`.
     x: &'a [T],
+    gather: Option<Gather<'a>>,
     radial: Option<&'a [T]>,
     weights: &'a [T],
     wigner: Option<&'a [T]>,
     plan_in: Option<RotatePlan<T>>,
     plan_out: Option<RotatePlan<T>>,
     radial_rows: Vec<usize>,
+    /// Slots of every radial row (see [`LayerShape::radial_row_slots`]).
+    radial_slots: Vec<[usize; 2]>,
     blocks: Vec<OrderBlock>,
 }
 
@@ -437,6 +535,7 @@ impl<'a, T: WithDType> Inputs<'a, T> {
         Self {
             shape,
             x,
+            gather: None,
             radial,
             weights,
             wigner,
@@ -447,6 +546,7 @@ impl<'a, T: WithDType> Inputs<'a, T> {
                 .rotate_out
                 .then(|| RotatePlan::new(shape.layout, true)),
             radial_rows: shape.slot_radial_rows(),
+            radial_slots: shape.radial_row_slots(),
             blocks: shape.order_blocks(),
         }
     }
@@ -461,18 +561,48 @@ impl<'a, T: WithDType> Inputs<'a, T> {
         self.radial.map(|r| &r[e0 * rl..(e0 + ne) * rl])
     }
 
+    /// Rotates the chunk's (gathered) input into the edge frames: `out` `[ne, trunc, C_in]`,
+    /// `edge` scratch for one gathered message.
+    fn rotate_in_chunk(&self, e0: usize, ne: usize, out: &mut [T], edge: &mut [T]) {
+        let s = &self.shape;
+        let plan = self.plan_in.as_ref().expect("rotate_in has a plan");
+        match &self.gather {
+            None => {
+                let xc = &self.x[e0 * s.rows_in() * s.c_in..(e0 + ne) * s.rows_in() * s.c_in];
+                to_edge(plan, xc, self.wigner_chunk(e0, ne), out, s.c_in);
+            }
+            Some(ga) => {
+                let (full, row) = (s.rows_in(), s.trunc() * s.c_in);
+                for (i, o) in out[..ne * row].chunks_exact_mut(row).enumerate() {
+                    ga.message(self.x, e0 + i, full, edge);
+                    to_edge(
+                        plan,
+                        &edge[..full * s.c_in],
+                        self.wigner_chunk(e0 + i, 1),
+                        o,
+                        s.c_in,
+                    );
+                }
+            }
+        }
+    }
+
     /// The chunk's m-major input before (`xr`) the radial scaling, written into `buf` unless
     /// it is the input itself.
-    fn rotated_input<'b>(&'b self, e0: usize, ne: usize, buf: &'b mut [T]) -> &'b [T] {
+    fn rotated_input<'b>(
+        &'b self,
+        e0: usize,
+        ne: usize,
+        buf: &'b mut [T],
+        edge: &mut [T],
+    ) -> &'b [T] {
         let s = &self.shape;
-        let xc = &self.x[e0 * s.rows_in() * s.c_in..(e0 + ne) * s.rows_in() * s.c_in];
-        match &self.plan_in {
-            Some(plan) => {
-                let buf = &mut buf[..ne * s.trunc() * s.c_in];
-                to_edge(plan, xc, self.wigner_chunk(e0, ne), buf, s.c_in);
-                buf
-            }
-            None => xc,
+        if self.plan_in.is_some() {
+            let buf = &mut buf[..ne * s.trunc() * s.c_in];
+            self.rotate_in_chunk(e0, ne, buf, edge);
+            buf
+        } else {
+            &self.x[e0 * s.rows_in() * s.c_in..(e0 + ne) * s.rows_in() * s.c_in]
         }
     }
 
@@ -488,18 +618,18 @@ impl<'a, T: WithDType> Inputs<'a, T> {
     ) {
         let s = &self.shape;
         let (trunc, c_in, c_out) = (s.trunc(), s.c_in, s.c_out);
-        let Scratch { xin, y, sum_a, .. } = scr;
+        let Scratch {
+            xin,
+            y,
+            sum_a,
+            edge,
+            ..
+        } = scr;
         // Input in the edge frame, radially scaled.
         let xin: &[T] = match (self.plan_in.is_some(), self.radial_chunk(e0, ne)) {
             (true, rad) => {
                 let buf = &mut xin[..ne * trunc * c_in];
-                to_edge(
-                    self.plan_in.as_ref().expect("rotate_in has a plan"),
-                    &self.x[e0 * s.rows_in() * c_in..(e0 + ne) * s.rows_in() * c_in],
-                    self.wigner_chunk(e0, ne),
-                    buf,
-                    c_in,
-                );
+                self.rotate_in_chunk(e0, ne, buf, edge);
                 if let Some(rad) = rad {
                     scale_in_place(buf, rad, &self.radial_rows, s.radial_rows(), c_in);
                 }
@@ -614,8 +744,9 @@ impl<'a, T: WithDType> Inputs<'a, T> {
         }
     }
 
-    /// Backward of one chunk: writes `gx` (`[ne, rows_in, C_in]`), `grad_rad`
-    /// (`[ne, R·C_in]`, zero on entry) and accumulates the packed-weight gradient into `gw`.
+    /// Backward of one chunk: writes `gx` (`[ne, rows_in, C_in]`; with `gather`, adds into the
+    /// node rows `[N, full, c_node]` instead), `grad_rad` (`[ne, R·C_in]`) and
+    /// accumulates the packed-weight gradient into `gw`.
     #[allow(clippy::too_many_arguments)]
     fn backward_chunk(
         &self,
@@ -640,6 +771,7 @@ impl<'a, T: WithDType> Inputs<'a, T> {
             gx: gxs,
             sum_a,
             sum_b,
+            edge,
         } = scr;
         // Output gradient in the edge frame (adjoint of the rotation back, with its rescale).
         let main_len = s.rows_out() * c_out;
@@ -656,7 +788,7 @@ impl<'a, T: WithDType> Inputs<'a, T> {
         };
         // Recomputed input: before (xr) and after (xs) the radial scaling.
         let rad = self.radial_chunk(e0, ne);
-        let xr: &[T] = self.rotated_input(e0, ne, xr);
+        let xr: &[T] = self.rotated_input(e0, ne, xr, edge);
         let xs: &[T] = match rad {
             Some(rad) => {
                 let buf = &mut xin[..ne * trunc * c_in];
@@ -822,20 +954,21 @@ impl<'a, T: WithDType> Inputs<'a, T> {
         }
         // Radial weights: their gradient, and the gradient before the scaling (in place).
         if let Some(rad) = rad {
-            radial_backward(
-                gxs,
-                xr,
-                rad,
-                grad_rad,
-                &self.radial_rows,
-                s.radial_rows(),
-                c_in,
-            );
+            radial_backward(gxs, xr, rad, grad_rad, &self.radial_slots, trunc, c_in);
         }
         // Back to the input layout (adjoint of the rotation into the frame, no rescale).
-        match &self.plan_in {
-            Some(plan) => from_edge(plan, gxs, self.wigner_chunk(e0, ne), gx, c_in),
-            None => gx.copy_from_slice(gxs),
+        match (&self.plan_in, &self.gather) {
+            (Some(plan), None) => from_edge(plan, gxs, self.wigner_chunk(e0, ne), gx, c_in),
+            (Some(plan), Some(ga)) => {
+                // Per edge: back to the l-major message, then added into its node rows.
+                let full = s.rows_in();
+                for (i, ge) in gxs.chunks_exact(rs_in).enumerate() {
+                    let buf = &mut edge[..full * c_in];
+                    from_edge(plan, ge, self.wigner_chunk(e0 + i, 1), buf, c_in);
+                    ga.scatter_add(gx, e0 + i, full, buf);
+                }
+            }
+            (None, _) => gx.copy_from_slice(gxs),
         }
     }
 }
@@ -904,74 +1037,128 @@ fn forward<T: WithDType>(inputs: &Inputs<'_, T>, edges: usize) -> Vec<T> {
         &chunks.iter().map(|c| c.1 * s.extra).collect::<Vec<_>>(),
     );
     chunks.into_par_iter().zip(mains).zip(extras).for_each_init(
-        || Scratch::new(s, ec, false),
+        || Scratch::new(s, ec, false, inputs.gather.is_some()),
         |scr, (((e0, ne), o), x)| inputs.forward_chunk(e0, ne, o, x, scr),
     );
     out
 }
 
-/// A backward worker's weight-gradient accumulator and scratch.
-type Worker<T> = (Vec<T>, Scratch<T>);
+/// The buffers a backward part owns (the first part writes into the output instead):
+/// `(node gradient, weight gradient)`.
+type PartBuffers<T> = (Option<Vec<T>>, Option<Vec<T>>);
 
-/// Backward: `[gx (E·rows_in·C_in) | grad_radial (E·R·C_in, if radial) | g_weights]`.
+/// Backward: `[gx | grad_radial (E·R·C_in, if radial) | g_weights]`, `gx` per edge
+/// (`E·rows_in·C_in`) or, with `gather`, per node (`N·full·c_node`).
+///
+/// Deterministic: the chunks are split into one contiguous part per rayon thread; each part
+/// runs its chunks in order and accumulates the weight gradient (and, with `gather`, the node
+/// gradient) in its own buffer (the first part straight into the output); the parts are then
+/// summed in part order. No atomics, and the result depends only on the thread count.
 fn backward<T: WithDType>(inputs: &Inputs<'_, T>, g: &[T], edges: usize) -> Vec<T> {
     let s = &inputs.shape;
+    let gather = inputs.gather.is_some();
     let gx_row = s.rows_in() * s.c_in;
+    let gx_len = match &inputs.gather {
+        Some(ga) => ga.nodes * s.rows_in() * ga.c_node,
+        None => edges * gx_row,
+    };
     let rad_row = if s.radial {
         s.radial_rows() * s.c_in
     } else {
         0
     };
     let wlen = s.weight_len();
-    let mut out = zeroed_vec::<T>(edges * (gx_row + rad_row) + wlen);
+    let mut out = zeroed_vec::<T>(gx_len + edges * rad_row + wlen);
     if edges == 0 {
         return out;
     }
     let ec = s.chunk_edges(edges);
     let chunks = chunks(edges, ec);
-    let (gx_all, rest) = out.split_at_mut(edges * gx_row);
+    let n_parts = rayon::current_num_threads().clamp(1, chunks.len());
+    let bounds: Vec<usize> = (0..=n_parts).map(|p| p * chunks.len() / n_parts).collect();
+    let part_edges: Vec<usize> = (0..n_parts)
+        .map(|p| chunks[bounds[p]..bounds[p + 1]].iter().map(|c| c.1).sum())
+        .collect();
+    let (gx_all, rest) = out.split_at_mut(gx_len);
     let (rad_all, gw_out) = rest.split_at_mut(edges * rad_row);
-    let gxs = split_pieces(
-        gx_all,
-        &chunks.iter().map(|c| c.1 * gx_row).collect::<Vec<_>>(),
-    );
     let rads = split_pieces(
         rad_all,
-        &chunks.iter().map(|c| c.1 * rad_row).collect::<Vec<_>>(),
+        &part_edges.iter().map(|n| n * rad_row).collect::<Vec<_>>(),
     );
-    // One weight-gradient accumulator (and scratch) per worker thread, created on first use;
-    // the chunks themselves are scheduled dynamically. A worker only ever locks its own slot
-    // and runs no nested rayon work while holding it.
-    let workers: Vec<Mutex<Option<Worker<T>>>> = (0..rayon::current_num_threads())
-        .map(|_| Mutex::new(None))
-        .collect();
-    chunks
-        .into_par_iter()
-        .zip(gxs)
-        .zip(rads)
-        .for_each(|(((e0, ne), gx), grad_rad)| {
-            let slot = rayon::current_thread_index().unwrap_or(0) % workers.len();
-            let mut state = workers[slot]
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let (gw, scr) =
-                state.get_or_insert_with(|| (vec![T::zero(); wlen], Scratch::new(s, ec, true)));
-            inputs.backward_chunk(e0, ne, g, gx, grad_rad, gw, scr);
-        });
-    let accumulators = workers
+    let gx_parts: Vec<Option<&mut [T]>> = if gather {
+        std::iter::once(Some(gx_all))
+            .chain((1..n_parts).map(|_| None))
+            .collect()
+    } else {
+        split_pieces(
+            gx_all,
+            &part_edges.iter().map(|n| n * gx_row).collect::<Vec<_>>(),
+        )
         .into_iter()
-        .filter_map(|w| {
-            w.into_inner()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .map(Some)
+        .collect()
+    };
+    let gw_parts: Vec<Option<&mut [T]>> = std::iter::once(Some(gw_out))
+        .chain((1..n_parts).map(|_| None))
+        .collect();
+    let partials: Vec<PartBuffers<T>> = (0..n_parts)
+        .into_par_iter()
+        .zip(gx_parts)
+        .zip(gw_parts)
+        .zip(rads)
+        .map(|(((p, gx), gw), rad)| {
+            let mut own_gx = gx.is_none().then(|| zeroed_vec::<T>(gx_len));
+            let mut own_gw = gw.is_none().then(|| vec![T::zero(); wlen]);
+            let gx = match (gx, own_gx.as_mut()) {
+                (Some(gx), _) => gx,
+                (None, Some(own)) => own.as_mut_slice(),
+                (None, None) => unreachable!("a part without an output slice owns a buffer"),
+            };
+            let gw = match (gw, own_gw.as_mut()) {
+                (Some(gw), _) => gw,
+                (None, Some(own)) => own.as_mut_slice(),
+                (None, None) => unreachable!("a part without an output slice owns a buffer"),
+            };
+            let mut scr = Scratch::new(s, ec, true, gather);
+            let mut local = 0;
+            for &(e0, ne) in &chunks[bounds[p]..bounds[p + 1]] {
+                let gx_chunk = if gather {
+                    &mut gx[..]
+                } else {
+                    &mut gx[local * gx_row..(local + ne) * gx_row]
+                };
+                let rad_chunk = &mut rad[local * rad_row..(local + ne) * rad_row];
+                inputs.backward_chunk(e0, ne, g, gx_chunk, rad_chunk, gw, &mut scr);
+                local += ne;
+            }
+            (own_gx, own_gw)
         })
-        .map(|(gw, _)| gw);
-    for acc in accumulators {
-        for (o, a) in gw_out.iter_mut().zip(acc) {
-            *o += a;
+        .collect();
+    let (gx_all, rest) = out.split_at_mut(gx_len);
+    let gw_out = &mut rest[edges * rad_row..];
+    for (own_gx, own_gw) in partials {
+        if let Some(acc) = own_gw {
+            add_into(gw_out, &acc);
+        }
+        if let Some(acc) = own_gx {
+            gx_all
+                .par_chunks_mut(1 << 16)
+                .zip(acc.par_chunks(1 << 16))
+                .for_each(|(o, a)| add_into(o, a));
         }
     }
     out
 }
+
+/// `dst += src` elementwise.
+#[inline(always)]
+fn add_into_kernel<T: WithDType>(dst: &mut [T], src: &[T]) {
+    for (d, &v) in dst.iter_mut().zip(src) {
+        *d += v;
+    }
+}
+
+dispatch_kernel!(add_into, add_into_kernel, (dst: &mut [T], src: &[T]));
 
 // ---------------------------------------------------------------------------------------------
 // candle ops
@@ -1105,6 +1292,18 @@ impl CustomOp2 for So2LayerOp {
         self.run((s1, l1), None, (s2, l2))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let wigner = self.wigner.as_ref();
+        crate::cuda::so2::layer_forward(&self.shape, wigner, (s1, l1), None, (s2, l2))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -1132,6 +1331,20 @@ impl CustomOp3 for So2LayerOp {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         self.run((s1, l1), Some((s2, l2)), (s3, l3))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (wigner, radial) = (self.wigner.as_ref(), Some((s2, l2)));
+        crate::cuda::so2::layer_forward(&self.shape, wigner, (s1, l1), radial, (s3, l3))
     }
 
     fn bwd(
@@ -1221,11 +1434,518 @@ impl CustomOp2 for So2LayerBwdOp {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         self.run((s1, l1), (s2, l2), None)
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (s, w) = (&self.shape, self.wigner.as_ref());
+        crate::cuda::so2::layer_backward(s, w, &self.weights, (s1, l1), (s2, l2), None)
+    }
 }
 
 impl CustomOp3 for So2LayerBwdOp {
     fn name(&self) -> &'static str {
         "matscale-so2-layer-backward-radial"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.run((s1, l1), (s2, l2), Some((s3, l3)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (s, w, radial) = (&self.shape, self.wigner.as_ref(), Some((s3, l3)));
+        crate::cuda::so2::layer_backward(s, w, &self.weights, (s1, l1), (s2, l2), radial)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gathered variant: node rows in, per-edge messages built inside the op
+// ---------------------------------------------------------------------------------------------
+
+/// Which node rows form each edge's message in the gathered layer variants
+/// ([`crate::so2::So2Convolution::forward_gather_rotated`] and
+/// [`crate::so2::So2Convolution::forward_gather_rotate_in`]).
+///
+/// The indices are `[E]` tensors of dtype u32 or i64 (on the device of the node features);
+/// every value must be a valid node row.
+#[derive(Debug, Clone)]
+pub enum MessageGather {
+    /// The message of edge `e` is node row `x[index[e]]` (`C_in = C`).
+    Single(Tensor),
+    /// The message of edge `e` is `cat(x[source[e]], x[target[e]])` along channels
+    /// (`C_in = 2·C`): EquiformerV2's `SO2EquivariantGraphAttention` message.
+    Pair {
+        /// Source node of each edge (channels `0..C` of the message).
+        source: Tensor,
+        /// Target node of each edge (channels `C..2C`).
+        target: Tensor,
+    },
+}
+
+impl MessageGather {
+    /// Number of node rows concatenated per message (1 or 2).
+    pub fn parts(&self) -> usize {
+        match self {
+            Self::Single(_) => 1,
+            Self::Pair { .. } => 2,
+        }
+    }
+}
+
+/// Validated, contiguous u32 indices held by the gather ops.
+#[derive(Debug, Clone)]
+struct GatherIndex {
+    source: Tensor,
+    target: Option<Tensor>,
+    nodes: usize,
+    c_node: usize,
+}
+
+/// Checks one index tensor (`[E]`, u32 or i64, values `< nodes`) and returns it as
+/// contiguous u32.
+fn check_index(
+    arg: &'static str,
+    t: &Tensor,
+    edges: Option<usize>,
+    nodes: usize,
+) -> Result<Tensor> {
+    let expected = || match edges {
+        Some(e) => format!("[num_edges = {e}] (u32 or i64 node indices)"),
+        None => "[num_edges] (u32 or i64 node indices)".to_string(),
+    };
+    let &[e] = t.dims() else {
+        return Err(EquivariantError::ShapeMismatch {
+            arg,
+            expected: expected(),
+            found: t.dims().to_vec(),
+        });
+    };
+    if edges.is_some_and(|n| n != e) {
+        return Err(EquivariantError::ShapeMismatch {
+            arg,
+            expected: expected(),
+            found: t.dims().to_vec(),
+        });
+    }
+    let host: Vec<i64> = match t.dtype() {
+        DType::U32 => t.to_vec1::<u32>()?.into_iter().map(i64::from).collect(),
+        DType::I64 => t.to_vec1::<i64>()?,
+        found => {
+            return Err(EquivariantError::InvalidArgument {
+                name: arg,
+                reason: format!("node indices must be u32 or i64, found {found:?}"),
+            })
+        }
+    };
+    if let Some((edge, &v)) = host
+        .iter()
+        .enumerate()
+        .find(|(_, &v)| v < 0 || v as u64 >= nodes as u64)
+    {
+        return Err(EquivariantError::InvalidArgument {
+            name: arg,
+            reason: format!("node index {v} of edge {edge} is out of range for {nodes} nodes"),
+        });
+    }
+    Ok(t.to_dtype(DType::U32)?.contiguous()?)
+}
+
+/// The gathered layer (see [`MessageGather`]): checks the arguments, applies the op and
+/// splits off the extra `m = 0` outputs. `shape.rotate_in` must be set; `weights` are packed
+/// (see the module docs) and of `x`'s dtype.
+pub(crate) fn forward_gather(
+    shape: LayerShape,
+    weights: &Tensor,
+    x: &Tensor,
+    gather: &MessageGather,
+    wigner: &WignerBlocks,
+    radial: Option<&Tensor>,
+) -> Result<(Tensor, Option<Tensor>)> {
+    debug_assert!(shape.rotate_in, "the gathered layer rotates its input");
+    let layout = shape.layout;
+    let full = layout.num_coefficients();
+    let parts = gather.parts();
+    if !matches!(x.dtype(), DType::F32 | DType::F64) {
+        return Err(EquivariantError::UnsupportedDType {
+            arg: "x",
+            found: x.dtype(),
+        });
+    }
+    let x_error = || EquivariantError::ShapeMismatch {
+        arg: "x",
+        expected: format!(
+            "[num_nodes, (lmax+1)^2 = {full}, in_channels / {parts} = {}] (l-major node rows, \
+             in_channels {} = {parts} gathered rows × channels)",
+            shape.c_in / parts,
+            shape.c_in
+        ),
+        found: x.dims().to_vec(),
+    };
+    let &[nodes, rows, c_node] = x.dims() else {
+        return Err(x_error());
+    };
+    if rows != full || c_node * parts != shape.c_in {
+        return Err(x_error());
+    }
+    let index = match gather {
+        MessageGather::Single(i) => GatherIndex {
+            source: check_index("index", i, None, nodes)?,
+            target: None,
+            nodes,
+            c_node,
+        },
+        MessageGather::Pair { source, target } => {
+            let source = check_index("source", source, None, nodes)?;
+            let edges = source.dims1()?;
+            let target = check_index("target", target, Some(edges), nodes)?;
+            GatherIndex {
+                source,
+                target: Some(target),
+                nodes,
+                c_node,
+            }
+        }
+    };
+    let edges = index.source.dims1()?;
+    if wigner.lmax() != layout.lmax() {
+        return Err(EquivariantError::InvalidArgument {
+            name: "wigner",
+            reason: format!(
+                "blocks up to lmax {} for a layout with lmax {}",
+                wigner.lmax(),
+                layout.lmax()
+            ),
+        });
+    }
+    if wigner.num_edges() != edges {
+        return Err(EquivariantError::ShapeMismatch {
+            arg: "wigner",
+            expected: format!("[num_edges = {edges}, {}]", layout.wigner_len()),
+            found: wigner.blocks().dims().to_vec(),
+        });
+    }
+    if wigner.blocks().dtype() != x.dtype() {
+        return Err(EquivariantError::UnsupportedDType {
+            arg: "wigner",
+            found: wigner.blocks().dtype(),
+        });
+    }
+    if let Some(r) = radial {
+        if r.dims() != [edges, shape.radial_rows() * shape.c_in] {
+            return Err(EquivariantError::ShapeMismatch {
+                arg: "radial",
+                expected: format!(
+                    "[num_edges = {edges}, radial_len = {}]",
+                    shape.radial_rows() * shape.c_in
+                ),
+                found: r.dims().to_vec(),
+            });
+        }
+        if r.dtype() != x.dtype() {
+            return Err(EquivariantError::UnsupportedDType {
+                arg: "radial",
+                found: r.dtype(),
+            });
+        }
+    }
+    let op = So2GatherOp {
+        shape,
+        wigner: wigner.blocks().detach().contiguous()?,
+        index,
+    };
+    let x = x.contiguous()?;
+    let out = match radial {
+        Some(r) => x.apply_op3(&r.contiguous()?, weights, op)?,
+        None => x.apply_op2(weights, op)?,
+    };
+    if shape.extra == 0 {
+        return Ok((out, None));
+    }
+    let main = edges * shape.rows_out() * shape.c_out;
+    Ok((
+        out.narrow(0, 0, main)?
+            .reshape((edges, shape.rows_out(), shape.c_out))?,
+        Some(
+            out.narrow(0, main, edges * shape.extra)?
+                .reshape((edges, shape.extra))?,
+        ),
+    ))
+}
+
+/// Runs `f` with the CPU index slices and the gather description of `index`.
+fn with_gather<R>(
+    index: &GatherIndex,
+    f: impl FnOnce(Gather<'_>) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    with_held::<u32, _>(Some(&index.source), |source| {
+        with_held::<u32, _>(index.target.as_ref(), |target| {
+            f(Gather {
+                source: source.expect("the source index is always held"),
+                target,
+                c_node: index.c_node,
+                nodes: index.nodes,
+            })
+        })
+    })
+}
+
+/// The gathered forward op: `(x_nodes, weights)` or `(x_nodes, radial, weights)`.
+#[derive(Debug, Clone)]
+struct So2GatherOp {
+    shape: LayerShape,
+    /// Detached Wigner blocks `[E, wigner_len]`.
+    wigner: Tensor,
+    index: GatherIndex,
+}
+
+impl So2GatherOp {
+    fn edges(&self) -> usize {
+        self.index.source.elem_count()
+    }
+
+    fn run(
+        &self,
+        x: (&CpuStorage, &Layout),
+        radial: Option<(&CpuStorage, &Layout)>,
+        w: (&CpuStorage, &Layout),
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let s = &self.shape;
+        let edges = self.edges();
+        let idx = &self.index;
+        let radial_ok =
+            radial.is_none_or(|r| r.1.shape().elem_count() == edges * s.radial_rows() * s.c_in);
+        if x.1.shape().dims() != [idx.nodes, s.rows_in(), idx.c_node]
+            || !radial_ok
+            || w.1.shape().elem_count() != s.weight_len()
+        {
+            candle_core::bail!("matscale so2 gather layer: inconsistent input shapes");
+        }
+        fn go<T: WithDType>(
+            op: &So2GatherOp,
+            x: (&CpuStorage, &Layout),
+            radial: Option<(&CpuStorage, &Layout)>,
+            w: (&CpuStorage, &Layout),
+        ) -> candle_core::Result<Vec<T>> {
+            let xs = contiguous_slice::<T>(x.0, x.1)?;
+            let rs = radial
+                .map(|r| contiguous_slice::<T>(r.0, r.1))
+                .transpose()?;
+            let ws = contiguous_slice::<T>(w.0, w.1)?;
+            with_held::<T, _>(Some(&op.wigner), |wig| {
+                with_gather(&op.index, |ga| {
+                    let mut inputs = Inputs::new(op.shape, xs, rs, ws, wig);
+                    inputs.gather = Some(ga);
+                    Ok(forward(&inputs, ga.source.len()))
+                })
+            })
+        }
+        let out = match x.0 {
+            CpuStorage::F32(_) => CpuStorage::F32(go::<f32>(self, x, radial, w)?),
+            CpuStorage::F64(_) => CpuStorage::F64(go::<f64>(self, x, radial, w)?),
+            _ => candle_core::bail!("matscale so2 gather layer: needs f32 or f64 inputs"),
+        };
+        let shape = if s.extra == 0 {
+            Shape::from((edges, s.rows_out(), s.c_out))
+        } else {
+            Shape::from(s.out_len(edges))
+        };
+        Ok((out, shape))
+    }
+
+    /// Gradients `(x_nodes, radial, weights)` from the gathered backward op.
+    fn grads(
+        &self,
+        x: &Tensor,
+        radial: Option<&Tensor>,
+        weights: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Tensor, Option<Tensor>, Tensor)> {
+        let bwd = So2GatherBwdOp {
+            fwd: self.clone(),
+            weights: weights.detach(),
+        };
+        let g = grad_res.contiguous()?;
+        let flat = match radial {
+            Some(r) => x.apply_op3_no_bwd(&g, r, &bwd)?,
+            None => x.apply_op2_no_bwd(&g, &bwd)?,
+        };
+        let n_x = x.elem_count();
+        let n_r = radial.map_or(0, Tensor::elem_count);
+        let gx = flat.narrow(0, 0, n_x)?.reshape(x.shape())?;
+        let gr = radial
+            .map(|r| flat.narrow(0, n_x, n_r)?.reshape(r.shape()))
+            .transpose()?;
+        let gw = flat
+            .narrow(0, n_x + n_r, weights.elem_count())?
+            .reshape(weights.shape())?;
+        Ok((gx, gr, gw))
+    }
+}
+
+impl CustomOp2 for So2GatherOp {
+    fn name(&self) -> &'static str {
+        "matscale-so2-gather-layer"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.run((s1, l1), None, (s2, l2))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weights: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (gx, _, gw) = self.grads(x, None, weights, grad_res)?;
+        Ok((Some(gx), Some(gw)))
+    }
+}
+
+impl CustomOp3 for So2GatherOp {
+    fn name(&self) -> &'static str {
+        "matscale-so2-gather-layer-radial"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.run((s1, l1), Some((s2, l2)), (s3, l3))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        radial: &Tensor,
+        weights: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (gx, gr, gw) = self.grads(x, Some(radial), weights, grad_res)?;
+        Ok((Some(gx), gr, Some(gw)))
+    }
+}
+
+/// The gathered backward op: `(x_nodes, grad_out)` or `(x_nodes, grad_out, radial)` →
+/// `[gx_nodes | grad_radial | grad_weights]` flattened. No second derivatives.
+#[derive(Debug, Clone)]
+struct So2GatherBwdOp {
+    fwd: So2GatherOp,
+    weights: Tensor,
+}
+
+impl So2GatherBwdOp {
+    fn run(
+        &self,
+        x: (&CpuStorage, &Layout),
+        g: (&CpuStorage, &Layout),
+        radial: Option<(&CpuStorage, &Layout)>,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let s = &self.fwd.shape;
+        let edges = self.fwd.edges();
+        if g.1.shape().elem_count() != s.out_len(edges) {
+            candle_core::bail!("matscale so2 gather layer backward: gradient of the wrong size");
+        }
+        if x.1.shape().elem_count() != self.fwd.index.nodes * s.rows_in() * self.fwd.index.c_node {
+            candle_core::bail!("matscale so2 gather layer backward: input of the wrong size");
+        }
+        fn go<T: WithDType>(
+            op: &So2GatherBwdOp,
+            x: (&CpuStorage, &Layout),
+            g: (&CpuStorage, &Layout),
+            radial: Option<(&CpuStorage, &Layout)>,
+        ) -> candle_core::Result<Vec<T>> {
+            let xs = contiguous_slice::<T>(x.0, x.1)?;
+            let gs = contiguous_slice::<T>(g.0, g.1)?;
+            let rs = radial
+                .map(|r| contiguous_slice::<T>(r.0, r.1))
+                .transpose()?;
+            let fwd = &op.fwd;
+            with_held::<T, _>(Some(&op.weights), |ws| {
+                let ws = ws.expect("weights are always held");
+                if ws.len() != fwd.shape.weight_len() {
+                    candle_core::bail!(
+                        "matscale so2 gather layer backward: weights of the wrong size"
+                    );
+                }
+                with_held::<T, _>(Some(&fwd.wigner), |wig| {
+                    with_gather(&fwd.index, |ga| {
+                        let mut inputs = Inputs::new(fwd.shape, xs, rs, ws, wig);
+                        inputs.gather = Some(ga);
+                        Ok(backward(&inputs, gs, ga.source.len()))
+                    })
+                })
+            })
+        }
+        let out = match x.0 {
+            CpuStorage::F32(_) => CpuStorage::F32(go::<f32>(self, x, g, radial)?),
+            CpuStorage::F64(_) => CpuStorage::F64(go::<f64>(self, x, g, radial)?),
+            _ => candle_core::bail!("matscale so2 gather layer backward: needs f32 or f64 inputs"),
+        };
+        let rad = if s.radial {
+            edges * s.radial_rows() * s.c_in
+        } else {
+            0
+        };
+        let len = x.1.shape().elem_count() + rad + s.weight_len();
+        Ok((out, Shape::from(len)))
+    }
+}
+
+impl CustomOp2 for So2GatherBwdOp {
+    fn name(&self) -> &'static str {
+        "matscale-so2-gather-layer-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.run((s1, l1), (s2, l2), None)
+    }
+}
+
+impl CustomOp3 for So2GatherBwdOp {
+    fn name(&self) -> &'static str {
+        "matscale-so2-gather-layer-backward-radial"
     }
 
     fn cpu_fwd(
@@ -1250,7 +1970,7 @@ mod tests {
 
     use crate::error::EquivariantError;
     use crate::mapping::SphericalLayout;
-    use crate::so2::{rotate, rotate_inv, So2ConvConfig, So2Convolution, So2Linear};
+    use crate::so2::{rotate, rotate_inv, MessageGather, So2ConvConfig, So2Convolution, So2Linear};
     use crate::testing::{assert_close, check_gradient, random_rotation, random_tensor};
     use crate::wigner::WignerBlocks;
 
@@ -1627,6 +2347,357 @@ mod tests {
             matches!(err, EquivariantError::ShapeMismatch { arg: "radial", .. }),
             "{err}"
         );
+        Ok(())
+    }
+
+    /// Pseudo-random node indices in `0..nodes` (a fixed LCG; repeated nodes and nodes without
+    /// edges both occur).
+    fn random_index(edges: usize, nodes: usize, seed: u64) -> Vec<u32> {
+        let mut state = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..edges)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((state >> 33) % nodes as u64) as u32
+            })
+            .collect()
+    }
+
+    /// The gathered message `x[index]` or `cat(x[source], x[target])` built with candle ops.
+    fn gathered(x: &Tensor, gather: &MessageGather) -> candle_core::Result<Tensor> {
+        match gather {
+            MessageGather::Single(i) => x.index_select(i, 0),
+            MessageGather::Pair { source, target } => Tensor::cat(
+                &[&x.index_select(source, 0)?, &x.index_select(target, 0)?],
+                2,
+            ),
+        }
+    }
+
+    /// Values and all gradients (node features, radial weights, parameters) of the gathered
+    /// layer equal those of `index_select` (+ `cat`) followed by the per-edge fused layer, for
+    /// single and paired gathers, both output sides, several chunks and several backward
+    /// parts (3 threads).
+    #[test]
+    fn gather_layer_matches_index_select_then_layer() -> TestResult {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build()?;
+        // (lmax, mmax, c_node, c_out, extra, pair, radial, nodes, edges)
+        let cases = [
+            (3, 2, 3, 2, 2, true, true, 40, 700),
+            (2, 1, 2, 3, 0, false, true, 5, 9),
+            (2, 2, 2, 2, 1, true, false, 7, 13),
+            (1, 0, 1, 2, 0, true, true, 3, 4),
+        ];
+        for (case, &(lmax, mmax, c_node, c_out, extra, pair, radial, nodes, edges)) in
+            cases.iter().enumerate()
+        {
+            let layout = SphericalLayout::new(lmax, mmax)?;
+            let c_in = if pair { 2 * c_node } else { c_node };
+            let config = So2ConvConfig::new(layout, c_in, c_out).with_extra_m0_outputs(extra);
+            let (module, varmap) = Module::new(&config, false, 20 + case as u64)?;
+            let Module::Conv(conv) = &module else {
+                unreachable!("a convolution was built")
+            };
+            let wigner = random_wigner(edges, lmax, 300 + case as u64, DType::F64)?;
+            let dev = Device::Cpu;
+            let src = Tensor::new(random_index(edges, nodes, 1 + case as u64).as_slice(), &dev)?;
+            // i64 targets: both index dtypes are accepted.
+            let dst = Tensor::new(
+                random_index(edges, nodes, 99 + case as u64).as_slice(),
+                &dev,
+            )?
+            .to_dtype(DType::I64)?;
+            let gather = if pair {
+                MessageGather::Pair {
+                    source: src,
+                    target: dst,
+                }
+            } else {
+                MessageGather::Single(src)
+            };
+            let x = Var::from_tensor(&random_tensor(
+                &[nodes, layout.num_coefficients(), c_node],
+                DType::F64,
+                5 + case as u64,
+            )?)?;
+            let r = Var::from_tensor(&random_tensor(
+                &[edges, config.radial_len()],
+                DType::F64,
+                6,
+            )?)?;
+            let r_opt = radial.then_some(r.as_tensor());
+            for rotate_out in [true, false] {
+                let (fused, reference) = pool.install(|| -> crate::error::Result<_> {
+                    let msg = gathered(x.as_tensor(), &gather)?;
+                    Ok(if rotate_out {
+                        (
+                            conv.forward_gather_rotated(x.as_tensor(), &gather, &wigner, r_opt)?,
+                            conv.forward_rotated(&msg, &wigner, r_opt)?,
+                        )
+                    } else {
+                        (
+                            conv.forward_gather_rotate_in(x.as_tensor(), &gather, &wigner, r_opt)?,
+                            conv.forward_rotate_in(&msg, &wigner, r_opt)?,
+                        )
+                    })
+                })?;
+                assert_close(&fused.0, &reference.0, 1e-12);
+                match (&fused.1, &reference.1) {
+                    (Some(a), Some(b)) => assert_close(a, b, 1e-12),
+                    (None, None) => assert_eq!(extra, 0),
+                    _ => panic!("case {case}: extra outputs on one side only"),
+                }
+                let g_fused = pool.install(|| loss(&fused).and_then(|l| l.backward()))?;
+                let g_ref = pool.install(|| loss(&reference).and_then(|l| l.backward()))?;
+                let mut tensors = vec![("x", x.as_tensor().clone())];
+                if radial {
+                    tensors.push(("radial", r.as_tensor().clone()));
+                }
+                let params = varmap.data().lock().unwrap().clone();
+                for (name, var) in &params {
+                    tensors.push((name.as_str(), var.as_tensor().clone()));
+                }
+                for (name, t) in tensors {
+                    let (Some(a), Some(b)) = (g_fused.get(&t), g_ref.get(&t)) else {
+                        panic!("case {case}: no gradient for {name}");
+                    };
+                    assert_eq!(a.dims(), t.dims(), "case {case}: gradient shape of {name}");
+                    let scale = b.abs()?.max_all()?.to_scalar::<f64>()?.max(1.0);
+                    assert_close(&(a / scale)?, &(b / scale)?, 1e-12);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Gradients of the gathered layer against central finite differences (f64).
+    #[test]
+    fn gather_gradients_match_finite_differences() -> TestResult {
+        let layout = SphericalLayout::new(2, 1)?;
+        let config = So2ConvConfig::new(layout, 4, 2).with_extra_m0_outputs(1);
+        let (module, _) = Module::new(&config, false, 31)?;
+        let Module::Conv(conv) = &module else {
+            unreachable!("a convolution was built")
+        };
+        let (nodes, edges) = (3, 5);
+        let dev = Device::Cpu;
+        let gather = MessageGather::Pair {
+            source: Tensor::new(&[0u32, 1, 2, 2, 0], &dev)?,
+            target: Tensor::new(&[1u32, 0, 0, 1, 0], &dev)?,
+        };
+        let wigner = random_wigner(edges, 2, 70, DType::F64)?;
+        let x = random_tensor(&[nodes, 9, 2], DType::F64, 71)?;
+        let r = random_tensor(&[edges, config.radial_len()], DType::F64, 72)?;
+        let wrap = candle_core::Error::wrap;
+        let both = |(y, e): Outputs| -> candle_core::Result<Tensor> {
+            let e = e.expect("extra outputs configured");
+            Tensor::cat(&[y.flatten_all()?, e.flatten_all()?], 0)
+        };
+        check_gradient(
+            |x| {
+                both(
+                    conv.forward_gather_rotated(x, &gather, &wigner, Some(&r))
+                        .map_err(wrap)?,
+                )
+            },
+            &x,
+            1e-6,
+        )?
+        .assert_within(1e-8);
+        check_gradient(
+            |r| {
+                both(
+                    conv.forward_gather_rotated(&x, &gather, &wigner, Some(r))
+                        .map_err(wrap)?,
+                )
+            },
+            &r,
+            1e-6,
+        )?
+        .assert_within(1e-8);
+        let single = MessageGather::Single(Tensor::new(&[2u32, 2, 0, 1, 2], &dev)?);
+        let (lin_like, _) = Module::new(&So2ConvConfig::new(layout, 2, 3), false, 32)?;
+        let Module::Conv(conv1) = &lin_like else {
+            unreachable!("a convolution was built")
+        };
+        check_gradient(
+            |x| {
+                conv1
+                    .forward_gather_rotate_in(x, &single, &wigner, None)
+                    .map_err(wrap)
+                    .map(|o| o.0)
+            },
+            &x,
+            1e-6,
+        )?
+        .assert_within(1e-8);
+        Ok(())
+    }
+
+    /// The backward pass is deterministic: two runs give bit-identical gradients (the node
+    /// gradient is summed per part in a fixed order, never with atomics or in scheduling
+    /// order), for the gathered and the per-edge layer.
+    #[test]
+    fn backward_is_bitwise_deterministic() -> TestResult {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(4).build()?;
+        let layout = SphericalLayout::new(3, 2)?;
+        let config = So2ConvConfig::new(layout, 6, 4).with_extra_m0_outputs(2);
+        let (module, varmap) = Module::new(&config, false, 41)?;
+        let Module::Conv(conv) = &module else {
+            unreachable!("a convolution was built")
+        };
+        let (nodes, edges) = (30, 900);
+        let dev = Device::Cpu;
+        let gather = MessageGather::Pair {
+            source: Tensor::new(random_index(edges, nodes, 3).as_slice(), &dev)?,
+            target: Tensor::new(random_index(edges, nodes, 4).as_slice(), &dev)?,
+        };
+        let wigner = random_wigner(edges, 3, 80, DType::F32)?;
+        let x = Var::from_tensor(&random_tensor(&[nodes, 16, 3], DType::F32, 81)?)?;
+        let xe = Var::from_tensor(&random_tensor(&[edges, 16, 6], DType::F32, 82)?)?;
+        let r = random_tensor(&[edges, config.radial_len()], DType::F32, 83)?;
+        let params = varmap.data().lock().unwrap().clone();
+        let run =
+            |gathered: bool| -> std::result::Result<Vec<Vec<f32>>, Box<dyn std::error::Error>> {
+                let grads = pool.install(|| -> crate::error::Result<_> {
+                    let (y, extra) = if gathered {
+                        conv.forward_gather_rotated(x.as_tensor(), &gather, &wigner, Some(&r))?
+                    } else {
+                        conv.forward_rotated(xe.as_tensor(), &wigner, Some(&r))?
+                    };
+                    let extra = extra.expect("extra outputs configured");
+                    let l = (y.sum_all()? + extra.sum_all()?)?;
+                    Ok(l.backward()?)
+                })?;
+                let mut out = vec![];
+                let leaf = if gathered { &x } else { &xe };
+                for t in
+                    std::iter::once(leaf.as_tensor()).chain(params.values().map(Var::as_tensor))
+                {
+                    let g = grads.get(t).ok_or("gradient")?;
+                    out.push(g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+                }
+                Ok(out)
+            };
+        for gathered in [true, false] {
+            let first = run(gathered)?;
+            for _ in 0..3 {
+                assert!(
+                    run(gathered)? == first,
+                    "gathered {gathered}: gradients differ between runs"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn gather_rejects_bad_arguments() -> TestResult {
+        let layout = SphericalLayout::new(2, 1)?;
+        let (module, _) = Module::new(&So2ConvConfig::new(layout, 4, 2), false, 1)?;
+        let Module::Conv(conv) = &module else {
+            unreachable!("a convolution was built")
+        };
+        let dev = Device::Cpu;
+        let wigner = random_wigner(3, 2, 0, DType::F64)?;
+        let x = random_tensor(&[2, 9, 2], DType::F64, 0)?;
+        let pair = |s: &[u32], t: &[u32]| -> candle_core::Result<MessageGather> {
+            Ok(MessageGather::Pair {
+                source: Tensor::new(s, &dev)?,
+                target: Tensor::new(t, &dev)?,
+            })
+        };
+        let ok = pair(&[0, 1, 1], &[1, 0, 0])?;
+        assert!(conv.forward_gather_rotated(&x, &ok, &wigner, None).is_ok());
+        // A node index out of range, named with its edge.
+        let err = conv
+            .forward_gather_rotated(&x, &pair(&[0, 1, 1], &[1, 2, 0])?, &wigner, None)
+            .unwrap_err();
+        assert!(
+            matches!(&err, EquivariantError::InvalidArgument { name: "target", reason } if reason.contains("edge 1")),
+            "{err}"
+        );
+        // Source and target of different lengths.
+        let err = conv
+            .forward_gather_rotated(&x, &pair(&[0, 1, 1], &[1, 0])?, &wigner, None)
+            .unwrap_err();
+        assert!(
+            matches!(err, EquivariantError::ShapeMismatch { arg: "target", .. }),
+            "{err}"
+        );
+        // Negative i64 index; float index.
+        let neg = MessageGather::Single(Tensor::new(&[0i64, -1, 1], &dev)?);
+        let (module1, _) = Module::new(&So2ConvConfig::new(layout, 2, 2), false, 1)?;
+        let Module::Conv(conv1) = &module1 else {
+            unreachable!("a convolution was built")
+        };
+        let err = conv1
+            .forward_gather_rotated(&x, &neg, &wigner, None)
+            .unwrap_err();
+        assert!(
+            matches!(err, EquivariantError::InvalidArgument { name: "index", .. }),
+            "{err}"
+        );
+        let float = MessageGather::Single(Tensor::new(&[0f32, 1., 1.], &dev)?);
+        let err = conv1
+            .forward_gather_rotated(&x, &float, &wigner, None)
+            .unwrap_err();
+        assert!(
+            matches!(err, EquivariantError::InvalidArgument { name: "index", .. }),
+            "{err}"
+        );
+        // Node channels that do not make in_channels with a pair (3 · 2 ≠ 4).
+        let x3 = random_tensor(&[2, 9, 3], DType::F64, 0)?;
+        let err = conv
+            .forward_gather_rotated(&x3, &ok, &wigner, None)
+            .unwrap_err();
+        assert!(
+            matches!(err, EquivariantError::ShapeMismatch { arg: "x", .. }),
+            "{err}"
+        );
+        // Wigner blocks for another number of edges; radial weights of the wrong width.
+        let w4 = random_wigner(4, 2, 0, DType::F64)?;
+        let err = conv.forward_gather_rotated(&x, &ok, &w4, None).unwrap_err();
+        assert!(
+            matches!(err, EquivariantError::ShapeMismatch { arg: "wigner", .. }),
+            "{err}"
+        );
+        let r = random_tensor(&[3, 5], DType::F64, 0)?;
+        let err = conv
+            .forward_gather_rotated(&x, &ok, &wigner, Some(&r))
+            .unwrap_err();
+        assert!(
+            matches!(err, EquivariantError::ShapeMismatch { arg: "radial", .. }),
+            "{err}"
+        );
+        Ok(())
+    }
+
+    /// No edges: empty outputs, a zero node gradient of the node shape.
+    #[test]
+    fn gather_handles_zero_edges() -> TestResult {
+        let layout = SphericalLayout::new(2, 1)?;
+        let (module, _) = Module::new(&So2ConvConfig::new(layout, 4, 3), false, 2)?;
+        let Module::Conv(conv) = &module else {
+            unreachable!("a convolution was built")
+        };
+        let dev = Device::Cpu;
+        let empty = Tensor::zeros(0, DType::U32, &dev)?;
+        let gather = MessageGather::Pair {
+            source: empty.clone(),
+            target: empty,
+        };
+        let wigner = random_wigner(0, 2, 0, DType::F64)?;
+        let x = Var::from_tensor(&random_tensor(&[2, 9, 2], DType::F64, 3)?)?;
+        let (y, _) = conv.forward_gather_rotated(x.as_tensor(), &gather, &wigner, None)?;
+        assert_eq!(y.dims(), &[0, 9, 3]);
+        let grads = y.sum_all()?.backward()?;
+        let g = grads.get(x.as_tensor()).ok_or("node gradient")?;
+        assert_eq!(g.dims(), &[2, 9, 2]);
+        assert_eq!(g.abs()?.max_all()?.to_scalar::<f64>()?, 0.0);
         Ok(())
     }
 }

@@ -511,6 +511,15 @@ impl candle_core::CustomOp1 for ShiftedSoftplusOp {
         Ok((out, layout.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        matscale_equivariant::cuda::shifted_softplus(storage, layout, self.order, self.name())
+    }
+
     fn bwd(
         &self,
         arg: &Tensor,

@@ -370,7 +370,7 @@ fn f32_agrees_with_f64() {
 }
 
 #[test]
-fn check_names_the_field_and_conservative_mode_is_refused() {
+fn check_names_the_field() {
     let field_of = |c: EquiformerV2Config| match c.check() {
         Err(ModelError::Config { field, .. }) => field,
         other => panic!("expected a config error, got {other:?}"),
@@ -412,9 +412,100 @@ fn check_names_the_field_and_conservative_mode_is_refused() {
         }),
         "equiformer_v2.alpha_drop"
     );
+}
+
+/// The small model in conservative mode (energy only; forces and stress by autograd).
+fn conservative(config: &EquiformerV2Config) -> matscale_models::AtomisticModel {
+    let spec = matscale_models::ModelSpec {
+        model: matscale_models::ModelConfig::EquiformerV2(config.clone()),
+        force_mode: ForceMode::Conservative,
+    };
+    common::build(&spec, DType::F64).1
+}
+
+#[test]
+fn conservative_forces_and_stress_are_gradients_of_the_energy() {
+    // The frames are differentiable functions of the edge vectors (frames_diff), so −∂E/∂r
+    // includes the angular paths through them. The energy is a smooth function of the
+    // positions at any grid resolution (the grid limits equivariance, not smoothness), but it
+    // curves on the 0.017 Å scale of the 600 Gaussians over 5 Å, so a central difference is
+    // off by O(h²) with a large constant (measured on forces: 1.2e-2, 1.2e-4, 1.2e-6 relative
+    // at h = 1e-4, 1e-5, 1e-6 Å). Richardson extrapolation of h = 2e-6 and 1e-6 cancels the
+    // h² term; what remains is round-off.
+    let config = EquiformerV2Config {
+        num_layers: 1,
+        ..small(18)
+    };
+    let model = conservative(&config);
+    let mut structure = random_structures(3, 13)
+        .into_iter()
+        .min_by_key(|s| s.len())
+        .unwrap();
+    // One edge exactly along +y (the second frame chart, common in crystals): atom 1 sits
+    // 2.1 Å above atom 0.
+    let mut positions = structure.positions().to_vec();
+    positions[1] = [positions[0][0], positions[0][1] + 2.1, positions[0][2]];
+    structure.set_positions(positions).unwrap();
+    let p = predict(&model, std::slice::from_ref(&structure), config.max_radius);
+    let richardson = |coarse: Vec<f64>, fine: Vec<f64>| -> Vec<f64> {
+        coarse
+            .iter()
+            .zip(&fine)
+            .map(|(c, f)| (4.0 * f - c) / 3.0)
+            .collect()
+    };
+    let (h, r) = (2e-6, config.max_radius);
+    let fd = richardson(
+        flat_forces(&fd_forces(&model, &structure, r, h)),
+        flat_forces(&fd_forces(&model, &structure, r, h / 2.0)),
+    );
+    let forces = flat_forces(&p.forces[0]);
+    let force_error = relative(&forces, &fd);
+    let fd_s = richardson(
+        flat_mat(&fd_stress(&model, &structure, r, h)),
+        flat_mat(&fd_stress(&model, &structure, r, h / 2.0)),
+    );
+    let stress_error = relative(&flat_mat(&p.stress[0]), &fd_s);
+    println!("conservative vs finite differences: forces {force_error:e}, stress {stress_error:e}");
+    assert!(max_abs(&forces) > 1e-3, "forces are not trivially zero");
+    assert!(force_error < 1e-7, "forces: relative error {force_error:e}");
+    assert!(
+        stress_error < 1e-7,
+        "stress: relative error {stress_error:e}"
+    );
+    // The energy depends on differences of positions only: the forces sum to zero.
+    let sum: Vec<f64> = (0..3)
+        .map(|c| p.forces[0].iter().map(|f| f[c]).sum())
+        .collect();
+    assert!(
+        max_abs(&sum) < 1e-9 * max_abs(&forces).max(1.0),
+        "net force {sum:?}"
+    );
+}
+
+#[test]
+fn conservative_mode_builds_without_direct_heads_and_refuses_training_and_helpers() {
+    let config = small(18);
     let varmap = VarMap::new();
-    let vb = seeded_var_builder(&varmap, 0, DType::F32, &Device::Cpu);
-    match EquiformerV2::new(&small(18), ForceMode::Conservative, vb) {
+    let vb = seeded_var_builder(&varmap, 0, DType::F64, &Device::Cpu);
+    let net = EquiformerV2::new(&config, ForceMode::Conservative, vb).unwrap();
+    assert_eq!(
+        n_built(&varmap),
+        config.n_parameters(ForceMode::Conservative)
+    );
+    let structures = random_structures(1, 3);
+    let batch = GraphBatch::new(&structures, &GraphOptions::new(config.max_radius)).unwrap();
+    let tensors = BatchTensors::new(&batch, DType::F64, &Device::Cpu).unwrap();
+    let geometry = Geometry::of(&tensors).unwrap();
+    let out = net.forward(&tensors, &geometry, false).unwrap();
+    assert!(out.forces.is_none() && out.stress.is_none());
+    // Training needs second derivatives, which the fused kernels lack: refused, not wrong.
+    match net.forward(&tensors, &geometry, true) {
+        Err(ModelError::Config { field, .. }) => assert_eq!(field, "force_mode"),
+        other => panic!("expected a force_mode error, got {other:?}"),
+    }
+    let helpers = Tensor::zeros((batch.n_edges(), 3), DType::F64, &Device::Cpu).unwrap();
+    match net.forward_with_frame_helpers(&tensors, &geometry, &helpers) {
         Err(ModelError::Config { field, .. }) => assert_eq!(field, "force_mode"),
         other => panic!("expected a force_mode error, got {other:?}"),
     }
@@ -624,23 +715,45 @@ fn reproduces_fairchem_outputs_in_f64() {
 }
 
 #[test]
-fn reproduces_fairchem_outputs_in_f32() {
+fn reproduces_fairchem_outputs_in_f32_to_f32_round_off() {
+    // An f32 evaluation differs from the f64 reference by f32 round-off, and the forces (small
+    // sums of large per-edge terms that cancel) lose most: fairchem itself, run in f32 on the
+    // same model and inputs (parity_f32.json, make_f32_reference.py), is 5.8e-7 (energy),
+    // 1.4e-4 (forces) and 1.6e-6 (stress) from its own f64 outputs. So 1e-5 on forces is not
+    // reachable in f32 by either implementation. Asserted: matscale's f32 is within 3× of
+    // fairchem's own f32 error (floored at 1e-6) against the f64 reference (round-off of
+    // either side varies by that much; measured 1.2e-6, 7.3e-5, 2.9e-6: the forces are 2×
+    // better than fairchem's),
+    // energy and stress are within 1e-5, and the two f32 runs agree to 3× fairchem's round-off.
     let (energy, forces, stress, p) = parity_case(DType::F32);
     let f = &p.fixture;
-    let errors = [
-        relative(&energy, &numbers(&f["energy"])),
-        relative(&forces, &numbers(&f["forces"])),
-        relative(&stress, &numbers(&f["stress"])),
-    ];
-    // Against the f64 reference this measures f32 rounding: measured 1.1e-6 (energy),
-    // 7.3e-5 (forces: small differences of large per-edge terms), 2.9e-6 (stress).
-    println!("f32 relative errors vs fairchem [energy, forces, stress]: {errors:?}");
-    for (what, err, tol) in [
-        ("energy", errors[0], 1e-5),
-        ("forces", errors[1], 3e-4),
-        ("stress", errors[2], 1e-5),
-    ] {
-        assert!(err < tol, "{what}: relative error {err:e} against fairchem");
+    let text = std::fs::read_to_string(format!("{FIXTURES}/parity_f32.json")).unwrap();
+    let f32_ref: Value = serde_json::from_str(&text).unwrap();
+    let names = ["energy", "forces", "stress"];
+    let ours = [&energy, &forces, &stress];
+    for (what, values) in names.iter().zip(ours) {
+        let vs_f64 = relative(values, &numbers(&f[*what]));
+        let vs_fairchem_f32 = relative(values, &numbers(&f32_ref[*what]));
+        let fairchem_round_off = f32_ref["relative_error_f32_vs_f64"][*what]
+            .as_f64()
+            .unwrap();
+        println!(
+            "{what}: matscale f32 vs fairchem f64 {vs_f64:.2e}, vs fairchem f32 \
+             {vs_fairchem_f32:.2e}; fairchem f32 vs f64 {fairchem_round_off:.2e}"
+        );
+        // Floored at 1e-6: below it, f32 rounding of either side is noise of a few ulps.
+        let bound = 3.0 * fairchem_round_off.max(1e-6);
+        assert!(
+            vs_f64 <= bound,
+            "{what}: {vs_f64:e} against f64, fairchem's own f32 error is {fairchem_round_off:e}"
+        );
+        assert!(
+            vs_fairchem_f32 <= bound,
+            "{what}: {vs_fairchem_f32:e} against fairchem f32"
+        );
+        if *what != "forces" {
+            assert!(vs_f64 < 1e-5, "{what}: {vs_f64:e}");
+        }
     }
 }
 
@@ -796,9 +909,60 @@ fn training_mode_applies_dropout_and_drop_path() {
 }
 
 #[test]
-fn half_precision_weights_are_refused() {
+fn bf16_and_f16_weights_compute_in_f32_and_train() {
+    // Low-precision weights are the caller's variables (what the trainer's mixed precision
+    // refreshes and reads gradients of); the network computes in f32 on their casts. With the
+    // same seeded values rounded to 8 (bf16) or 11 (f16) significant bits, outputs stay close
+    // to the f32 model's.
+    let config = small(18);
+    let structures = random_structures(2, 3);
+    let (_v32, net32) = build(&config, DType::F32);
+    let (e32, f32_, s32) = run(&net32, &structures, config.max_radius, DType::F32);
+    for (dtype, tol) in [(DType::BF16, 5e-2), (DType::F16, 1e-2)] {
+        let varmap = VarMap::new();
+        let vb = seeded_var_builder(&varmap, 7, dtype, &Device::Cpu);
+        let net = EquiformerV2::new(&config, ForceMode::Direct, vb).unwrap();
+        assert_eq!(n_built(&varmap), config.n_parameters(ForceMode::Direct));
+        assert!(varmap.all_vars().iter().all(|v| v.dtype() == dtype));
+        let (e, f, st) = run(&net, &structures, config.max_radius, DType::F32);
+        let errors = [
+            relative(&e, &e32),
+            relative(&flat_forces(&f), &flat_forces(&f32_)),
+            relative(
+                &st.iter().flat_map(flat_mat).collect::<Vec<_>>(),
+                &s32.iter().flat_map(flat_mat).collect::<Vec<_>>(),
+            ),
+        ];
+        println!("{dtype:?} weights vs f32 [energy, forces, stress]: {errors:?}");
+        for err in errors {
+            assert!(err.is_finite() && err < tol, "{dtype:?}: {errors:?}");
+        }
+        assert!(errors[1] > 0.0, "the low-precision weights are used");
+        // Gradients reach the low-precision variables.
+        let batch = GraphBatch::new(&structures, &GraphOptions::new(config.max_radius)).unwrap();
+        let tensors = BatchTensors::new(&batch, DType::F32, &Device::Cpu).unwrap();
+        let geometry = Geometry::of(&tensors).unwrap();
+        let out = net.forward(&tensors, &geometry, false).unwrap();
+        let loss = (out.energy.sqr().unwrap().sum_all().unwrap()
+            + out.forces.unwrap().sqr().unwrap().sum_all().unwrap())
+        .unwrap();
+        let grads = loss.backward().unwrap();
+        let data = varmap.data().lock().unwrap();
+        let embedding = &data["backbone.sphere_embedding.weight"];
+        let g = grads.get(embedding.as_tensor()).expect("a gradient");
+        assert_eq!(g.dtype(), dtype);
+        let g: Vec<f32> = g
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert!(g.iter().all(|x| x.is_finite()) && g.iter().any(|x| *x != 0.0));
+    }
+    // Other dtypes are refused, naming the field.
     let varmap = VarMap::new();
-    let vb = seeded_var_builder(&varmap, 0, DType::BF16, &Device::Cpu);
+    let vb = seeded_var_builder(&varmap, 0, DType::U32, &Device::Cpu);
     match EquiformerV2::new(&small(18), ForceMode::Direct, vb) {
         Err(ModelError::Config { field, .. }) => assert_eq!(field, "dtype"),
         other => panic!("expected a dtype error, got {other:?}"),

@@ -5,6 +5,8 @@
 //! Embeddings are `[rows, (lmax+1)², C]` l-major; messages in the edge frame are m-major and
 //! truncated to `|m| ≤ mmax` (see [`matscale_equivariant::mapping`]).
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{Init, Linear, Module, VarBuilder};
 use matscale_equivariant::activation::{silu, smooth_leaky_relu};
@@ -13,10 +15,14 @@ use matscale_equivariant::norms::{EquivariantNorm, LayerNorm, NormConfig, NormTy
 use matscale_equivariant::radial::RadialFunction;
 use matscale_equivariant::s2grid::S2Grid;
 use matscale_equivariant::segment::Segments;
-use matscale_equivariant::so2::{rotate, rotate_inv, So2ConvConfig, So2Convolution, So2Init};
-use matscale_equivariant::wigner::WignerBlocks;
+use matscale_equivariant::so2::{So2ConvConfig, So2Convolution, So2Init};
+use matscale_equivariant::wigner::block_offset;
 
 use super::config::EquiformerV2Config;
+use grid_mlp::{GridMatrices, GridMlpOp};
+
+mod grid_mlp;
+use super::rotation::EdgeFrames;
 use crate::error::{ModelError, Result};
 
 /// fairchem's `negative_slope` of the attention's `SmoothLeakyReLU`.
@@ -152,14 +158,20 @@ pub(crate) struct EdgeGraph {
     pub target_numbers: Tensor,
     /// Gaussian distance features `[E, 600]` in the weight dtype.
     pub distance_features: Tensor,
-    /// Edge-frame Wigner-D blocks (detached); `None` without edges.
-    pub wigner: Option<WignerBlocks>,
+    /// Edge frames (detached, or differentiable for conservative forces); `None` without edges.
+    pub wigner: Option<EdgeFrames>,
     /// Edges grouped by target node.
     pub segments: Segments,
 }
 
 /// fairchem `EdgeDegreeEmbedding`: a radial function of each edge gives `m = 0` coefficients
 /// in the edge frame, rotated back and summed over incoming edges, divided by `avg_degree`.
+///
+/// Only the `m = 0` row of each degree is non-zero in the edge frame, so the rotation back is
+/// a per-edge scaling: coefficient `(l, j)` of the l-major output is
+/// `D^l[m=0 row][j] · rescale_l · m0[l]`. The `[E, (lmax+1)²]` weights are gathered from the
+/// Wigner blocks once (`m0_row`), instead of zero-padding the message to the full m-major
+/// layout and running a rotation on it.
 #[derive(Debug, Clone)]
 pub(crate) struct EdgeDegreeEmbedding {
     atom_edge: AtomEdgeEmbedding,
@@ -167,6 +179,12 @@ pub(crate) struct EdgeDegreeEmbedding {
     layout: SphericalLayout,
     channels: usize,
     avg_degree: f64,
+    /// Column of the Wigner blocks holding `D^l[l][j]` for each l-major coefficient `l² + j`.
+    m0_row: Tensor,
+    /// Degree of each l-major coefficient (u32), to spread `m0[l]` over `2l + 1` rows.
+    degree: Tensor,
+    /// `rotate_inv` rescale of each l-major coefficient's degree (f64 host copy).
+    rescale: Vec<f64>,
 }
 
 impl EdgeDegreeEmbedding {
@@ -174,15 +192,29 @@ impl EdgeDegreeEmbedding {
         let l = config.lmax();
         let ec = config.edge_channels;
         let c = config.sphere_channels;
+        let layout = SphericalLayout::new(l, config.mmax())?;
+        let (mut m0_row, mut degree, mut rescale) = (Vec::new(), Vec::new(), Vec::new());
+        for d in 0..=l {
+            let n = 2 * d + 1;
+            for j in 0..n {
+                m0_row.push((block_offset(d) + d * n + j) as u32);
+                degree.push(d as u32);
+                rescale.push(layout.rotate_inv_rescale(d));
+            }
+        }
+        let k = layout.num_coefficients();
         Ok(Self {
             atom_edge: AtomEdgeEmbedding::new(config, &vb)?,
             rad_func: RadialFunction::new(
                 &[config.radial_input_channels(), ec, ec, (l + 1) * c],
                 vb.pp("rad_func"),
             )?,
-            layout: SphericalLayout::new(l, config.mmax())?,
+            layout,
             channels: c,
             avg_degree: config.avg_degree,
+            m0_row: Tensor::from_vec(m0_row, k, vb.device())?,
+            degree: Tensor::from_vec(degree, k, vb.device())?,
+            rescale,
         })
     }
 
@@ -207,14 +239,17 @@ impl EdgeDegreeEmbedding {
             .rad_func
             .forward(&self.atom_edge.edge_features(graph)?)?
             .reshape((e, l1, self.channels))?;
-        let pad = Tensor::zeros(
-            (e, self.layout.num_truncated() - l1, self.channels),
-            dtype,
-            device,
-        )?;
-        let m_major = Tensor::cat(&[&m0, &pad], 1)?;
-        let l_major = rotate_inv(&m_major, wigner, self.layout)?;
-        Ok((graph.segments.sum(&l_major)? / self.avg_degree)?)
+        // Rescale and 1/avg_degree folded into the per-coefficient weights.
+        let scale: Vec<f64> = self.rescale.iter().map(|r| r / self.avg_degree).collect();
+        let scale = Tensor::from_vec(scale, (1, k), device)?.to_dtype(dtype)?;
+        let weights = wigner
+            .blocks()
+            .index_select(&self.m0_row, 1)?
+            .broadcast_mul(&scale)?;
+        let spread = m0
+            .index_select(&self.degree, 1)?
+            .broadcast_mul(&weights.unsqueeze(2)?)?;
+        Ok(graph.segments.sum(&spread)?)
     }
 }
 
@@ -236,7 +271,6 @@ pub(crate) struct GraphAttention {
     to_l: Tensor,
     /// truncated l-major coefficient of each m-major slot (fairchem `_m_primary`).
     to_m: Tensor,
-    layout: SphericalLayout,
     num_heads: usize,
     alpha_channels: usize,
     value_channels: usize,
@@ -304,7 +338,6 @@ impl GraphAttention {
             grid,
             to_l: Tensor::from_vec(to_l_host, n, vb.device())?,
             to_m: Tensor::from_vec(to_m_host, n, vb.device())?,
-            layout,
             num_heads: heads,
             alpha_channels: alpha,
             value_channels: value,
@@ -325,17 +358,10 @@ impl GraphAttention {
         let radial = self
             .rad_func
             .forward(&self.atom_edge.edge_features(graph)?)?;
-        let message = Tensor::cat(
-            &[
-                &x.index_select(&graph.src, 0)?,
-                &x.index_select(&graph.dst, 0)?,
-            ],
-            2,
-        )?;
-        // fairchem `_rotate` + `_m_primary` + `SO2_Convolution` (the fused
-        // `forward_rotate_in` of newer matscale-equivariant computes the same).
-        let rotated = rotate(&message, wigner, self.layout)?;
-        let (hidden, extra) = self.conv_1.forward(&rotated, Some(&radial))?;
+        let message = gather_pair(x, graph)?;
+        // fairchem `_rotate` + `_m_primary` + `SO2_Convolution`, one fused op: the rotated
+        // message `[E, n_trunc, 2C]` only ever exists chunk by chunk inside the kernel.
+        let (hidden, extra) = wigner.conv_rotate_in(&self.conv_1, &message, Some(&radial))?;
         let extra = extra.ok_or_else(|| {
             ModelError::Batch("the first SO(2) convolution returned no attention scalars".into())
         })?;
@@ -348,8 +374,8 @@ impl GraphAttention {
         let hidden_l = hidden.index_select(&self.to_l, 1)?;
         let activated = self.grid.separable_s2_activation(&gating, &hidden_l)?;
         let hidden = activated.index_select(&self.to_m, 1)?;
-        let (values, _) = self.conv_2.forward(&hidden, None)?;
-        let values = rotate_inv(&values, wigner, self.layout)?;
+        // Second `SO2_Convolution` + `_l_primary` + `rotate_inv`, fused likewise.
+        let (values, _) = wigner.conv_rotate_out(&self.conv_2, &hidden, None)?;
         // Attention weights: LayerNorm → SmoothLeakyReLU → dot with alpha_dot → softmax.
         let mut logits = logits_in.reshape((e, heads, self.alpha_channels))?;
         if let Some(norm) = &self.alpha_norm {
@@ -364,13 +390,248 @@ impl GraphAttention {
             alpha = candle_nn::ops::dropout(&alpha, self.alpha_drop as f32)?;
         }
         // Rotation back is linear per channel, so the per-edge, per-head weights commute with
-        // it and are applied to the l-major values.
-        let weighted = values
-            .reshape((e, k, heads, value))?
-            .broadcast_mul(&alpha.reshape((e, 1, heads, 1))?)?
-            .reshape((e, k, heads * value))?;
-        let summed = graph.segments.sum(&weighted)?;
+        // it and are applied to the l-major values, fused with the sum over incoming edges.
+        let summed = attention_sum(&values, &alpha, graph, heads)?;
         Ok(self.proj.forward(&summed)?)
+    }
+}
+
+/// The message `[x[src] ‖ x[dst]]` (channels concatenated), `[N, K, C]` → `[E, K, 2C]`.
+///
+/// On the CPU one gather op ([`GatherPair`]) writes it directly; the composed
+/// `index_select` + `cat` would keep both `[E, K, C]` halves alive in the autograd graph.
+fn gather_pair(x: &Tensor, graph: &EdgeGraph) -> Result<Tensor> {
+    if !x.device().is_cpu() || !matches!(x.dtype(), DType::F32 | DType::F64) {
+        return Ok(Tensor::cat(
+            &[
+                &x.index_select(&graph.src, 0)?,
+                &x.index_select(&graph.dst, 0)?,
+            ],
+            2,
+        )?);
+    }
+    let op = GatherPair {
+        src: graph.src.to_vec1::<u32>()?.into(),
+        dst: graph.dst.to_vec1::<u32>()?.into(),
+        src_index: graph.src.clone(),
+        dst_index: graph.dst.clone(),
+    };
+    Ok(x.contiguous()?.apply_op1(op)?)
+}
+
+/// The CPU op of [`gather_pair`]; its backward (`index_add` of the two channel halves) is
+/// composed of differentiable ops.
+#[derive(Debug, Clone)]
+struct GatherPair {
+    src: Arc<[u32]>,
+    dst: Arc<[u32]>,
+    src_index: Tensor,
+    dst_index: Tensor,
+}
+
+impl GatherPair {
+    fn run<T: candle_core::WithDType>(&self, x: &[T], (n, k, c): (usize, usize, usize)) -> Vec<T> {
+        use rayon::prelude::*;
+        let e = self.src.len();
+        let mut out = vec![T::zero(); e * k * 2 * c];
+        out.par_chunks_mut(k * 2 * c)
+            .enumerate()
+            .for_each(|(edge, row)| {
+                let (s, d) = (self.src[edge] as usize, self.dst[edge] as usize);
+                debug_assert!(s < n && d < n);
+                for (kk, r) in row.chunks_exact_mut(2 * c).enumerate() {
+                    r[..c].copy_from_slice(&x[(s * k + kk) * c..][..c]);
+                    r[c..].copy_from_slice(&x[(d * k + kk) * c..][..c]);
+                }
+            });
+        out
+    }
+}
+
+impl candle_core::CustomOp1 for GatherPair {
+    fn name(&self) -> &'static str {
+        "gather-pair"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::CpuStorage as S;
+        let (n, k, c) = layout.shape().dims3()?;
+        if self.src.iter().chain(self.dst.iter()).any(|&i| i as usize >= n) {
+            candle_core::bail!("{}: an edge index is not below {n} nodes", self.name());
+        }
+        let Some((a, b)) = layout.contiguous_offsets() else {
+            candle_core::bail!("{}: non-contiguous input", self.name());
+        };
+        let out = match storage {
+            S::F32(v) => S::F32(self.run(&v[a..b], (n, k, c))),
+            S::F64(v) => S::F64(self.run(&v[a..b], (n, k, c))),
+            _ => candle_core::bail!("{}: only f32 and f64", self.name()),
+        };
+        Ok((out, (self.src.len(), k, 2 * c).into()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let c = x.dim(2)?;
+        let dx = x
+            .zeros_like()?
+            .index_add(&self.src_index, &grad_res.narrow(2, 0, c)?.contiguous()?, 0)?
+            .index_add(&self.dst_index, &grad_res.narrow(2, c, c)?.contiguous()?, 0)?;
+        Ok(Some(dx))
+    }
+}
+
+/// `out[n, k, h·V + v] = Σ_{e → n} alpha[e, h] · values[e, k, h·V + v]`: the attention-weighted
+/// sum of the l-major values over the incoming edges of each node, `[E, K, H·V]` and `[E, H]`
+/// → `[N, K, H·V]`.
+///
+/// On the CPU with edges sorted by target (as `GraphBatch` builds them) this is one pass
+/// ([`AttentionSum`]) that never materialises the weighted `[E, K, H·V]` tensor; otherwise the
+/// composed `broadcast_mul` + segment sum.
+fn attention_sum(
+    values: &Tensor,
+    alpha: &Tensor,
+    graph: &EdgeGraph,
+    heads: usize,
+) -> Result<Tensor> {
+    let (e, k, hv) = values.dims3()?;
+    let fused = values.device().is_cpu()
+        && matches!(values.dtype(), DType::F32 | DType::F64)
+        && alpha.dtype() == values.dtype()
+        && graph.segments.is_sorted();
+    if !fused {
+        let weighted = values
+            .reshape((e, k, heads, hv / heads))?
+            .broadcast_mul(&alpha.reshape((e, 1, heads, 1))?)?
+            .reshape((e, k, hv))?;
+        return Ok(graph.segments.sum(&weighted)?);
+    }
+    let mut offsets = Vec::with_capacity(graph.n_nodes + 1);
+    offsets.push(0);
+    for count in graph.segments.counts() {
+        offsets.push(offsets.last().copied().unwrap_or(0) + count);
+    }
+    let op = AttentionSum {
+        offsets: offsets.into(),
+        segments: graph.segments.clone(),
+        heads,
+    };
+    Ok(values.contiguous()?.apply_op2(&alpha.contiguous()?, op)?)
+}
+
+/// The CPU op of [`attention_sum`] (args: values `[E, K, H·V]`, alpha `[E, H]`; edges sorted
+/// by target, `offsets[n]..offsets[n + 1]` the incoming edges of node `n`). Its backward is
+/// composed of differentiable ops (`∂values = alpha · gather(∂out)`, `∂alpha = Σ_{k,v}
+/// values · gather(∂out)`), so gradients of gradients flow through it.
+#[derive(Debug, Clone)]
+struct AttentionSum {
+    offsets: std::sync::Arc<[usize]>,
+    segments: Segments,
+    heads: usize,
+}
+
+impl AttentionSum {
+    fn run<T: candle_core::WithDType>(
+        &self,
+        values: &[T],
+        alpha: &[T],
+        (k, hv): (usize, usize),
+    ) -> Vec<T> {
+        use rayon::prelude::*;
+        let n = self.offsets.len() - 1;
+        let (h, v) = (self.heads, hv / self.heads);
+        let row = k * hv;
+        let mut out = vec![T::zero(); n * row];
+        out.par_chunks_mut(row)
+            .enumerate()
+            .for_each(|(node, out_row)| {
+                for edge in self.offsets[node]..self.offsets[node + 1] {
+                    let val = &values[edge * row..(edge + 1) * row];
+                    let a = &alpha[edge * h..(edge + 1) * h];
+                    for (out_k, val_k) in out_row.chunks_exact_mut(hv).zip(val.chunks_exact(hv)) {
+                        for ((o, x), &w) in
+                            out_k.chunks_exact_mut(v).zip(val_k.chunks_exact(v)).zip(a)
+                        {
+                            for (o, &x) in o.iter_mut().zip(x) {
+                                *o += w * x;
+                            }
+                        }
+                    }
+                }
+            });
+        out
+    }
+}
+
+impl candle_core::CustomOp2 for AttentionSum {
+    fn name(&self) -> &'static str {
+        "attention-segment-sum"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::CpuStorage as S;
+        let (e, k, hv) = l1.shape().dims3()?;
+        let n = self.offsets.len() - 1;
+        if l2.shape().dims() != [e, self.heads] || hv % self.heads != 0 || self.offsets[n] != e {
+            candle_core::bail!(
+                "{}: values {:?}, alpha {:?}, {} heads, {} edges in the segments",
+                self.name(),
+                l1.shape(),
+                l2.shape(),
+                self.heads,
+                self.offsets[n]
+            );
+        }
+        fn slice<'a, T>(v: &'a [T], l: &candle_core::Layout) -> candle_core::Result<&'a [T]> {
+            match l.contiguous_offsets() {
+                Some((a, b)) => Ok(&v[a..b]),
+                None => candle_core::bail!("attention-segment-sum: non-contiguous input"),
+            }
+        }
+        let out = match (s1, s2) {
+            (S::F32(v), S::F32(a)) => S::F32(self.run(slice(v, l1)?, slice(a, l2)?, (k, hv))),
+            (S::F64(v), S::F64(a)) => S::F64(self.run(slice(v, l1)?, slice(a, l2)?, (k, hv))),
+            _ => candle_core::bail!(
+                "{}: values and alpha must be both f32 or both f64",
+                self.name()
+            ),
+        };
+        Ok((out, (n, k, hv).into()))
+    }
+
+    fn bwd(
+        &self,
+        values: &Tensor,
+        alpha: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (e, k, hv) = values.dims3()?;
+        let (h, v) = (self.heads, hv / self.heads);
+        let grad = self
+            .segments
+            .gather(grad_res)
+            .map_err(candle_core::Error::wrap)?
+            .reshape((e, k, h, v))?;
+        let d_values = grad
+            .broadcast_mul(&alpha.reshape((e, 1, h, 1))?)?
+            .reshape((e, k, hv))?;
+        let d_alpha = (grad * values.reshape((e, k, h, v))?)?.sum(3)?.sum(1)?;
+        Ok((Some(d_values), Some(d_alpha)))
     }
 }
 
@@ -381,14 +642,25 @@ impl GraphAttention {
 pub(crate) struct Grids {
     attention: S2Grid,
     ffn: S2Grid,
+    /// The feed-forward grid's matrices for the fused grid MLP.
+    ffn_matrices: Arc<GridMatrices>,
 }
 
 impl Grids {
     pub(crate) fn new(config: &EquiformerV2Config) -> Result<Self> {
         let l = config.lmax();
+        let ffn = S2Grid::equiformer_v2(l, l, resolution(config))?;
+        let host = |m: Tensor| -> Result<Vec<f64>> { Ok(m.flatten_all()?.to_vec1::<f64>()?) };
+        let ffn_matrices = GridMatrices::new(
+            ffn.num_points(),
+            ffn.num_coefficients(),
+            host(ffn.to_grid_matrix(DType::F64, &Device::Cpu)?)?,
+            host(ffn.from_grid_matrix(DType::F64, &Device::Cpu)?)?,
+        );
         Ok(Self {
             attention: S2Grid::equiformer_v2(l, config.mmax(), resolution(config))?,
-            ffn: S2Grid::equiformer_v2(l, l, resolution(config))?,
+            ffn,
+            ffn_matrices: Arc::new(ffn_matrices),
         })
     }
 }
@@ -408,6 +680,7 @@ pub(crate) struct FeedForward {
     grid_mlp: [Linear; 3],
     so3_linear_2: So3LinearV2,
     grid: S2Grid,
+    grid_matrices: Arc<GridMatrices>,
 }
 
 impl FeedForward {
@@ -431,6 +704,7 @@ impl FeedForward {
             ],
             so3_linear_2: So3LinearV2::new(f, out, l, vb.pp("so3_linear_2"))?,
             grid: grids.ffn.clone(),
+            grid_matrices: grids.ffn_matrices.clone(),
         })
     }
 
@@ -439,11 +713,28 @@ impl FeedForward {
         let k = x.dim(1)?;
         let gating = silu(&self.scalar_mlp.forward(&x.narrow(1, 0, 1)?)?)?;
         let hidden = self.so3_linear_1.forward(x)?;
-        let mut grid = self.grid.to_grid(&hidden)?;
-        grid = silu(&self.grid_mlp[0].forward(&grid)?)?;
-        grid = silu(&self.grid_mlp[1].forward(&grid)?)?;
-        grid = self.grid_mlp[2].forward(&grid)?;
-        let back = self.grid.from_grid(&grid.contiguous()?)?;
+        let back = if hidden.device().is_cpu() && matches!(hidden.dtype(), DType::F32 | DType::F64)
+        {
+            // One fused op (see `grid_mlp`): no `[N, G, F]` grid signal outlives a node chunk.
+            let weights = self
+                .grid_mlp
+                .iter()
+                .map(|l| l.weight().flatten_all())
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let weights = Tensor::cat(&weights, 0)?.to_dtype(hidden.dtype())?;
+            hidden.contiguous()?.apply_op2(
+                &weights,
+                GridMlpOp {
+                    mats: self.grid_matrices.clone(),
+                },
+            )?
+        } else {
+            let mut grid = self.grid.to_grid(&hidden)?;
+            grid = silu(&self.grid_mlp[0].forward(&grid)?)?;
+            grid = silu(&self.grid_mlp[1].forward(&grid)?)?;
+            grid = self.grid_mlp[2].forward(&grid)?;
+            self.grid.from_grid(&grid.contiguous()?)?
+        };
         let hidden = Tensor::cat(&[&gating, &back.narrow(1, 1, k - 1)?], 1)?;
         Ok(self.so3_linear_2.forward(&hidden)?)
     }
@@ -508,4 +799,208 @@ fn drop_path(
     let mask = (u.ge(rate as f32)?.to_dtype(h.dtype())? / keep)?;
     let per_node = mask.index_select(node_structure, 0)?;
     Ok(h.broadcast_mul(&per_node.reshape((h.dim(0)?, 1, 1))?)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+
+    /// The fused attention sum against `broadcast_mul` + segment sum: values and gradients
+    /// (f64), with an empty node and unequal in-degrees.
+    #[test]
+    fn fused_attention_sum_matches_the_composed_ops() {
+        let dev = Device::Cpu;
+        let (e, k, heads, v) = (7, 4, 2, 3);
+        let dst = [0u32, 0, 1, 1, 1, 3, 3];
+        let segments = Segments::from_indices(&dst, 4).unwrap();
+        assert!(segments.is_sorted());
+        let values = Var::randn(0f64, 1.0, (e, k, heads * v), &dev).unwrap();
+        let alpha = Var::randn(0f64, 1.0, (e, heads), &dev).unwrap();
+        let probe = Tensor::randn(0f64, 1.0, (4, k, heads * v), &dev).unwrap();
+        let mut offsets = vec![0];
+        for c in segments.counts() {
+            offsets.push(offsets.last().unwrap() + c);
+        }
+        let op = AttentionSum {
+            offsets: offsets.into(),
+            segments: segments.clone(),
+            heads,
+        };
+        let fused = values.as_tensor().apply_op2(alpha.as_tensor(), op).unwrap();
+        let weighted = values
+            .as_tensor()
+            .reshape((e, k, heads, v))
+            .unwrap()
+            .broadcast_mul(&alpha.as_tensor().reshape((e, 1, heads, 1)).unwrap())
+            .unwrap()
+            .reshape((e, k, heads * v))
+            .unwrap();
+        let composed = segments.sum(&weighted).unwrap();
+        let max_diff = |a: &Tensor, b: &Tensor| -> f64 {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar()
+                .unwrap()
+        };
+        assert!(max_diff(&fused, &composed) < 1e-12);
+        // Node 2 has no incoming edge.
+        let empty = fused
+            .narrow(0, 2, 1)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        assert_eq!(empty.to_scalar::<f64>().unwrap(), 0.0);
+        let grads = |out: &Tensor| {
+            let g = (out * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            (
+                g.get(values.as_tensor()).unwrap().clone(),
+                g.get(alpha.as_tensor()).unwrap().clone(),
+            )
+        };
+        let (dv_fused, da_fused) = grads(&fused);
+        let (dv_composed, da_composed) = grads(&composed);
+        assert!(max_diff(&dv_fused, &dv_composed) < 1e-12);
+        assert!(max_diff(&da_fused, &da_composed) < 1e-12);
+    }
+
+    /// The fused message gather against `index_select` + `cat`: values and the input gradient.
+    #[test]
+    fn fused_gather_pair_matches_the_composed_ops() {
+        let dev = Device::Cpu;
+        let (n, k, c) = (4, 3, 2);
+        let (src, dst) = (vec![1u32, 3, 0, 2, 2], vec![0u32, 0, 1, 3, 3]);
+        let src_index = Tensor::new(src.as_slice(), &dev).unwrap();
+        let dst_index = Tensor::new(dst.as_slice(), &dev).unwrap();
+        let x = Var::randn(0f64, 1.0, (n, k, c), &dev).unwrap();
+        let op = GatherPair {
+            src: src.into(),
+            dst: dst.into(),
+            src_index: src_index.clone(),
+            dst_index: dst_index.clone(),
+        };
+        let fused = x.as_tensor().apply_op1(op).unwrap();
+        let composed = Tensor::cat(
+            &[
+                &x.as_tensor().index_select(&src_index, 0).unwrap(),
+                &x.as_tensor().index_select(&dst_index, 0).unwrap(),
+            ],
+            2,
+        )
+        .unwrap();
+        assert_eq!(max_abs_diff(&fused, &composed), 0.0);
+        let probe = Tensor::randn(0f64, 1.0, (5, k, 2 * c), &dev).unwrap();
+        let grad = |out: &Tensor| {
+            let g = (out * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            g.get(x.as_tensor()).unwrap().clone()
+        };
+        assert!(max_abs_diff(&grad(&fused), &grad(&composed)) < 1e-14);
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    /// The fused grid MLP against `to_grid` → 3 × Linear (SiLU) → `from_grid` composed of
+    /// candle ops: outputs and gradients of the input and of the three weights, in f64 (to
+    /// 1e-12) and f32 (its polynomial `exp`, to 1e-5 relative).
+    #[test]
+    fn fused_grid_mlp_matches_the_composed_ops() {
+        let dev = Device::Cpu;
+        let grid = S2Grid::equiformer_v2(3, 3, Some(8)).unwrap();
+        let (n, k, f) = (5, grid.num_coefficients(), 6);
+        let host = |m: Tensor| m.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let mats = Arc::new(GridMatrices::new(
+            grid.num_points(),
+            k,
+            host(grid.to_grid_matrix(DType::F64, &dev).unwrap()),
+            host(grid.from_grid_matrix(DType::F64, &dev).unwrap()),
+        ));
+        for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-5)] {
+            let x = Var::randn(0f64, 1.0, (n, k, f), &dev).unwrap();
+            let ws: Vec<Var> = (0..3)
+                .map(|_| Var::randn(0f64, 0.5, (f, f), &dev).unwrap())
+                .collect();
+            let probe = Tensor::randn(0f64, 1.0, (n, k, f), &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let xd = x.as_tensor().to_dtype(dtype).unwrap();
+            let wd: Vec<Tensor> = ws
+                .iter()
+                .map(|w| w.as_tensor().to_dtype(dtype).unwrap())
+                .collect();
+            let packed = Tensor::cat(
+                &wd.iter()
+                    .map(|w| w.flatten_all().unwrap())
+                    .collect::<Vec<_>>(),
+                0,
+            )
+            .unwrap();
+            let fused = xd
+                .apply_op2(&packed, GridMlpOp { mats: mats.clone() })
+                .unwrap();
+            let mut g = grid.to_grid(&xd).unwrap();
+            for (i, w) in wd.iter().enumerate() {
+                g = Linear::new(w.clone(), None).forward(&g).unwrap();
+                if i < 2 {
+                    g = silu(&g).unwrap();
+                }
+            }
+            let composed = grid.from_grid(&g.contiguous().unwrap()).unwrap();
+            let scale = |t: &Tensor| {
+                t.abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap()
+            };
+            let err = max_abs_diff(&fused, &composed) / scale(&composed);
+            assert!(err < tol, "{dtype:?} output: relative error {err:e}");
+            let grads = |out: &Tensor| {
+                let gs = (out * &probe)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                let mut v = vec![gs.get(x.as_tensor()).unwrap().clone()];
+                v.extend(ws.iter().map(|w| gs.get(w.as_tensor()).unwrap().clone()));
+                v
+            };
+            for (i, (a, b)) in grads(&fused).iter().zip(grads(&composed)).enumerate() {
+                let err = max_abs_diff(a, &b) / scale(&b);
+                assert!(err < tol, "{dtype:?} gradient {i}: relative error {err:e}");
+            }
+        }
+    }
 }

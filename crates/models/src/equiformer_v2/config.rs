@@ -115,7 +115,8 @@ pub struct EquiformerV2Config {
     pub avg_num_nodes: f64,
     /// Average in-degree; the edge-degree embedding is divided by it (default 61.95).
     pub avg_degree: f64,
-    /// Roll of the edge frames (default `random`, as fairchem).
+    /// Roll of the edge frames in direct mode (default `random`, as fairchem); conservative
+    /// mode always uses its deterministic differentiable frames.
     pub frame_roll: FrameRoll,
     /// Seed of the random frame rolls (default 0).
     pub frame_seed: u64,

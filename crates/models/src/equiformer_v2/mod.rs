@@ -9,7 +9,7 @@
 //!   ([`matscale_equivariant::radial::GaussianSmearing::equiformer_v2`]; fairchem ignores
 //!   `num_distance_basis`), concatenated per module with source/target atom embeddings.
 //! * Edge frames: [`matscale_equivariant::frames::edge_wigner`] (edge → +y, roll per
-//!   [`FrameRoll`]), detached like fairchem's.
+//!   [`FrameRoll`]), detached like fairchem's (differentiable in conservative mode, below).
 //! * `EdgeDegreeEmbedding` → `blocks::EdgeDegreeEmbedding`: a radial function gives `m = 0`
 //!   coefficients in the edge frame, rotated back, summed over incoming edges, `/ avg_degree`.
 //! * `TransBlockV2` → `blocks::TransBlock`: `x + GA(norm_1(x))`, then `x + FFN(norm_2(x))`
@@ -63,20 +63,37 @@
 //! Linear + SiLU to each `l = 2` component separately (kept for parity); the isotropic part
 //! (pressure) is invariant to the grid level.
 //!
-//! ## Limitations (this first stage of the port)
-//! * Direct forces and stress only: [`ForceMode::Conservative`] is refused, because the
-//!   edge frames carry no gradient (as in fairchem), so `−∂E/∂r` would miss the angular part.
-//! * f32 and f64 only (the equivariant kernels have no bf16/f16 path).
+//! ## Conservative mode
+//! In [`ForceMode::Conservative`] the network returns the energy only and
+//! [`crate::AtomisticModel`] differentiates it. fairchem's frames are detached (its `−∂E/∂r`
+//! would miss the angular part), so here the edge frames are built differentiably from the
+//! edge vectors ([`matscale_equivariant::frames_diff::zero_roll_wigner`]: the zero-roll frame,
+//! with a second chart for edges within 45° of ±y) and messages are rotated by batched matmuls
+//! with those per-edge matrices (`rotation::EdgeFrames`); `frame_roll` is ignored. Forces and
+//! stress then equal finite differences of the energy to 1e-9 (f64). The model **refuses to
+//! train** in this mode (`train = true` is an error naming `force_mode`): a force loss needs
+//! second derivatives, and the S2-activation, fused SO(2) and rotation kernels of
+//! `matscale-equivariant` have first derivatives only. See docs/arch/equiformer_v2-training.md.
+//!
+//! ## Limitations
+//! * Training in [`ForceMode::Conservative`] (above).
+//! * Arithmetic in f32 or f64 only: bf16/f16 weights are stored in low precision and cast to
+//!   f32 on every forward pass (see [`EquiformerV2::new`]); the equivariant kernels have no
+//!   bf16/f16 path.
 //! * One resolution (`lmax_list` of length 1); the options listed in [`EquiformerV2Config`]
 //!   are rejected by its `check`.
 
 mod blocks;
 pub mod config;
 mod heads;
+mod rotation;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Device, Shape, Tensor, D};
+use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
 use matscale_equivariant::frames::{edge_wigner, Roll};
 use matscale_equivariant::mapping::SphericalLayout;
@@ -94,6 +111,7 @@ use blocks::{
     norm, EdgeDegreeEmbedding, EdgeGraph, FeedForward, GraphAttention, Grids, TransBlock,
 };
 use heads::StressHead;
+use rotation::EdgeFrames;
 
 /// The EquiformerV2 network with its energy head and, in [`ForceMode::Direct`], its force and
 /// stress heads. See the [module docs](self).
@@ -109,30 +127,133 @@ pub struct EquiformerV2 {
     force_block: Option<GraphAttention>,
     stress_head: Option<StressHead>,
     forward_count: AtomicU64,
+    /// bf16/f16 weights: the variables, rebuilt into an f32 network on every forward pass.
+    low_precision: Option<LowPrecision>,
+}
+
+/// The low-precision variables of a network built from a bf16/f16 [`VarBuilder`] (see
+/// [`EquiformerV2::new`]).
+#[derive(Debug)]
+struct LowPrecision {
+    /// Full name → the caller's variable.
+    weights: HashMap<String, Tensor>,
+    /// Prefix of the caller's builder.
+    prefix: String,
+    mode: ForceMode,
+    grids: Grids,
+}
+
+/// A [`SimpleBackend`] that fetches every tensor from the caller's builder in its own dtype,
+/// records it, and hands out its cast to the requested dtype.
+struct Widening<'a> {
+    inner: VarBuilder<'a>,
+    fetched: Arc<Mutex<HashMap<String, Tensor>>>,
+}
+
+impl Widening<'_> {
+    fn record(&self, name: &str, tensor: &Tensor) {
+        self.fetched
+            .lock()
+            .expect("the weight record is never poisoned")
+            .insert(name.to_string(), tensor.clone());
+    }
+}
+
+impl SimpleBackend for Widening<'_> {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        hints: Init,
+        dtype: DType,
+        _device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let tensor = self
+            .inner
+            .get_with_hints_dtype(shape, name, hints, self.inner.dtype())?;
+        self.record(name, &tensor);
+        tensor.to_dtype(dtype)
+    }
+
+    fn get_unchecked(
+        &self,
+        name: &str,
+        dtype: DType,
+        _device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let tensor = self.inner.get_unchecked_dtype(name, self.inner.dtype())?;
+        self.record(name, &tensor);
+        tensor.to_dtype(dtype)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.inner.contains_tensor(name)
+    }
+}
+
+/// `vb` pushed to `prefix` (a dotted path; nothing if empty).
+fn with_prefix<'a>(vb: VarBuilder<'a>, prefix: &str) -> VarBuilder<'a> {
+    if prefix.is_empty() {
+        vb
+    } else {
+        vb.pp(prefix)
+    }
 }
 
 impl EquiformerV2 {
-    /// Builds the network from `vb` (f32 or f64 weights).
+    /// Builds the network from `vb`. With f32 or f64 weights the network computes in their
+    /// dtype. With bf16 or f16 weights (mixed precision) it keeps the caller's low-precision
+    /// variables and computes in f32 on their casts, rebuilt from their current values on
+    /// every forward pass (the equivariant kernels run in f32/f64 only); gradients flow back
+    /// through the casts to the low-precision variables.
     ///
     /// # Errors
-    /// An invalid configuration (the field named), [`ForceMode::Conservative`] (not supported,
-    /// see the [module docs](self)), a weight dtype other than f32/f64, candle errors.
+    /// An invalid configuration (the field named), a weight dtype other than
+    /// f32/f64/bf16/f16, candle errors.
     pub fn new(config: &EquiformerV2Config, mode: ForceMode, vb: VarBuilder) -> Result<Self> {
         config.check()?;
-        if mode == ForceMode::Conservative {
-            return Err(ModelError::config(
-                "force_mode",
-                "is `conservative`; EquiformerV2 supports `direct` only (its edge frames carry \
-                 no gradient, so −∂E/∂r would miss the angular part)",
-            ));
-        }
-        if !matches!(vb.dtype(), DType::F32 | DType::F64) {
-            return Err(ModelError::config(
-                "dtype",
-                format!("is {:?}; EquiformerV2 runs in f32 or f64 only", vb.dtype()),
-            ));
-        }
         let grids = Grids::new(config)?;
+        match vb.dtype() {
+            DType::F32 | DType::F64 => Self::build(config, mode, vb, &grids),
+            DType::BF16 | DType::F16 => {
+                // Build an f32 network on f32 casts of the caller's low-precision variables,
+                // recording those variables to rebuild it from their current values later.
+                let fetched = Arc::new(Mutex::new(HashMap::new()));
+                let widening = Widening {
+                    inner: vb.root(),
+                    fetched: Arc::clone(&fetched),
+                };
+                let wide = with_prefix(
+                    VarBuilder::from_backend(Box::new(widening), DType::F32, vb.device().clone()),
+                    &vb.prefix(),
+                );
+                let mut net = Self::build(config, mode, wide, &grids)?;
+                let weights = std::mem::take(
+                    &mut *fetched.lock().expect("the weight record is never poisoned"),
+                );
+                net.low_precision = Some(LowPrecision {
+                    weights,
+                    prefix: vb.prefix(),
+                    mode,
+                    grids,
+                });
+                Ok(net)
+            }
+            other => Err(ModelError::config(
+                "dtype",
+                format!("is {other:?}; EquiformerV2 takes f32, f64, bf16 or f16 weights"),
+            )),
+        }
+    }
+
+    /// The network in the dtype of `vb` (f32 or f64).
+    fn build(
+        config: &EquiformerV2Config,
+        mode: ForceMode,
+        vb: VarBuilder,
+        grids: &Grids,
+    ) -> Result<Self> {
+        let grids = grids.clone();
         let backbone = vb.pp("backbone");
         let sphere_embedding = backbone.pp("sphere_embedding").get_with_hints(
             (config.max_num_elements, config.sphere_channels),
@@ -178,7 +299,23 @@ impl EquiformerV2 {
             force_block,
             stress_head,
             forward_count: AtomicU64::new(0),
+            low_precision: None,
         })
+    }
+
+    /// With low-precision weights: the f32 network on f32 casts of their current values (the
+    /// casts are differentiable, so gradients reach the low-precision variables).
+    fn widened(&self, lp: &LowPrecision) -> Result<Self> {
+        let device = self.sphere_embedding.device();
+        let vb = with_prefix(
+            VarBuilder::from_tensors(lp.weights.clone(), DType::F32, device),
+            &lp.prefix,
+        );
+        let net = Self::build(&self.config, lp.mode, vb, &lp.grids)?;
+        // Continue this model's stream of random frame rolls.
+        let count = self.forward_count.fetch_add(1, Ordering::Relaxed);
+        net.forward_count.store(count, Ordering::Relaxed);
+        Ok(net)
     }
 
     /// The configuration.
@@ -195,9 +332,18 @@ impl EquiformerV2 {
         helpers: Option<&Tensor>,
     ) -> Result<(EdgeGraph, Tensor)> {
         let n_edges = batch.n_edges();
-        let edge_vectors = geometry.edge_vectors.detach().to_dtype(dtype)?;
+        let conservative = self.force_block.is_none();
+        let edge_vectors = if conservative {
+            geometry.edge_vectors.to_dtype(dtype)?
+        } else {
+            geometry.edge_vectors.detach().to_dtype(dtype)?
+        };
         let wigner = if n_edges == 0 {
             None
+        } else if conservative {
+            // Frames differentiable in the edge vectors (deterministic, whatever frame_roll).
+            let layout = SphericalLayout::new(self.config.lmax(), self.config.mmax())?;
+            Some(EdgeFrames::differentiable(&edge_vectors, layout)?)
         } else {
             let count = self.forward_count.fetch_add(1, Ordering::Relaxed);
             let roll = match (helpers, self.config.frame_roll) {
@@ -207,7 +353,11 @@ impl EquiformerV2 {
                     seed: self.config.frame_seed.wrapping_add(count),
                 },
             };
-            Some(edge_wigner(&edge_vectors, self.config.lmax(), &roll)?)
+            Some(EdgeFrames::Detached(edge_wigner(
+                &edge_vectors,
+                self.config.lmax(),
+                &roll,
+            )?))
         };
         let distance_features = self
             .smearing
@@ -268,13 +418,21 @@ impl EquiformerV2 {
     /// instead of [`EquiformerV2Config::frame_roll`]: reproduces a fairchem run exactly.
     ///
     /// # Errors
-    /// As [`Model::forward`], plus a shape error if `helpers` is not `[E, 3]`.
+    /// As [`Model::forward`], plus a shape error if `helpers` is not `[E, 3]`, and a
+    /// configuration error in [`ForceMode::Conservative`].
     pub fn forward_with_frame_helpers(
         &self,
         batch: &BatchTensors,
         geometry: &Geometry,
         helpers: &Tensor,
     ) -> Result<RawOutput> {
+        if self.force_block.is_none() {
+            return Err(ModelError::config(
+                "force_mode",
+                "is `conservative`, whose frames are the deterministic differentiable ones; \
+                 fairchem's frame helpers apply to direct mode only",
+            ));
+        }
         if helpers.dims() != [batch.n_edges(), 3] {
             return Err(ModelError::Batch(format!(
                 "frame helpers have shape {:?}; expected [{}, 3]",
@@ -292,6 +450,9 @@ impl EquiformerV2 {
         train: bool,
         helpers: Option<&Tensor>,
     ) -> Result<RawOutput> {
+        if let Some(lp) = &self.low_precision {
+            return self.widened(lp)?.run(batch, geometry, train, helpers);
+        }
         let (x, graph, edge_vectors) = self.backbone(batch, geometry, train, helpers)?;
         let n = batch.n_nodes();
         let per_atom = self.energy_block.forward(&x)?.narrow(1, 0, 1)?.reshape(n)?;
@@ -324,6 +485,16 @@ impl EquiformerV2 {
 
 impl Model for EquiformerV2 {
     fn forward(&self, batch: &BatchTensors, geometry: &Geometry, train: bool) -> Result<RawOutput> {
+        if train && self.force_block.is_none() {
+            return Err(ModelError::config(
+                "force_mode",
+                "is `conservative`, which EquiformerV2 evaluates but cannot train yet: training \
+                 on conservative forces differentiates them again, and the S2 activation, \
+                 fused SO(2) and rotation kernels of matscale-equivariant have first \
+                 derivatives only (their gradients would silently miss most paths); train in \
+                 `direct` mode",
+            ));
+        }
         self.run(batch, geometry, train, None)
     }
 

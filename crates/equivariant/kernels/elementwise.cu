@@ -1,0 +1,106 @@
+// Elementwise kernels: the activations of crates/equivariant/src/activation.rs (SiLU, sigmoid,
+// smooth leaky ReLU and their first two derivatives), SchNet's shifted softplus
+// (crates/models/src/schnet.rs), the Gaussian smearing of radial.rs, and the SiLU steps of the
+// S2 grid activation (s2grid.rs) that run between its batched GEMMs.
+#include "common.cuh"
+
+// function: 0 SiLU, 1 sigmoid, 2 smooth leaky ReLU with `slope`; order 0, 1 or 2.
+template <typename T> __device__ __forceinline__ T activation(int function, int order, T slope, T x) {
+    const T one = T(1), two = T(2);
+    if (function == 0) {
+        const T s = sigmoid_of(x);
+        if (order == 0) return x * s;
+        if (order == 1) return s * (one + x * (one - s));
+        return s * (one - s) * (two + x * (one - two * s));
+    }
+    if (function == 1) {
+        const T s = sigmoid_of(x);
+        if (order == 0) return s;
+        if (order == 1) return s * (one - s);
+        return s * (one - s) * (one - two * s);
+    }
+    const T a = (one + slope) / two, b = (one - slope) / two;
+    const T t = two * sigmoid_of(x) - one;
+    if (order == 0) return a * x + b * x * t;
+    if (order == 1) return a + b * t + b * x * (one - t * t) / two;
+    return b * (one - t * t) * (one - x * t / two);
+}
+
+template <typename T>
+__device__ void activation_impl(long long n, int function, int order, T slope, const T* __restrict__ x,
+                                T* __restrict__ out) {
+    MATSCALE_GRID_STRIDE(i, n) { out[i] = activation(function, order, slope, x[i]); }
+}
+
+MATSCALE_F32_F64(activation,
+    (long long n, int function, int order, float slope, const float* x, float* out),
+    (long long n, int function, int order, double slope, const double* x, double* out),
+    (n, function, order, slope, x, out))
+
+// Shifted softplus ssp(x) = max(x, 0) + ln(1 + e^{−|x|}) − ln 2 (order 0), σ(x) (order 1),
+// σ(x)(1 − σ(x)) (order 2).
+template <typename T>
+__device__ void shifted_softplus_impl(long long n, int order, const T* __restrict__ x, T* __restrict__ out) {
+    MATSCALE_GRID_STRIDE(i, n) {
+        const T v = x[i];
+        T r;
+        if (order == 0) {
+            r = (v > T(0) ? v : T(0)) + log1p(exp(-fabs(v))) - T(0.69314718055994530942);
+        } else {
+            const T s = sigmoid_of(v);
+            r = order == 1 ? s : s * (T(1) - s);
+        }
+        out[i] = r;
+    }
+}
+
+MATSCALE_F32_F64(shifted_softplus, (long long n, int order, const float* x, float* out),
+    (long long n, int order, const double* x, double* out), (n, order, x, out))
+
+// out[e, k] = exp(coeff (d[e] − μ_k)²).
+template <typename T>
+__device__ void gaussian_smearing_impl(long long total, int k, T coeff, const T* __restrict__ d,
+                                       const T* __restrict__ mu, T* __restrict__ out) {
+    MATSCALE_GRID_STRIDE(idx, total) {
+        const T x = d[idx / k] - mu[idx % k];
+        out[idx] = exp(coeff * x * x);
+    }
+}
+
+MATSCALE_F32_F64(gaussian_smearing,
+    (long long total, int k, float coeff, const float* d, const float* mu, float* out),
+    (long long total, int k, double coeff, const double* d, const double* mu, double* out),
+    (total, k, coeff, d, mu, out))
+
+// x ← SiLU(x) in place.
+template <typename T> __device__ void silu_inplace_impl(long long n, T* x) {
+    MATSCALE_GRID_STRIDE(i, n) { x[i] = x[i] * sigmoid_of(x[i]); }
+}
+
+MATSCALE_F32_F64(silu_inplace, (long long n, float* x), (long long n, double* x), (n, x))
+
+// x ← g · SiLU'(x) in place (g = 0 where `zero_grad`).
+template <typename T> __device__ void silu_backward_inplace_impl(long long n, int zero_grad, T* x, const T* g) {
+    MATSCALE_GRID_STRIDE(i, n) {
+        const T s = sigmoid_of(x[i]);
+        const T gi = zero_grad ? T(0) : g[i];
+        x[i] = gi * s * (T(1) + x[i] * (T(1) - s));
+    }
+}
+
+MATSCALE_F32_F64(silu_backward_inplace, (long long n, int zero_grad, float* x, const float* g),
+    (long long n, int zero_grad, double* x, const double* g), (n, zero_grad, x, g))
+
+// out[r · rs + j] = SiLU(scalars[r · c + j]) for j < c (row 0 of the separable S2 activation).
+template <typename T>
+__device__ void silu_rows_impl(long long total, int c, const T* __restrict__ scalars, T* out, long long rs) {
+    MATSCALE_GRID_STRIDE(idx, total) {
+        const long long r = idx / c;
+        const int j = (int)(idx % c);
+        const T v = scalars[idx];
+        out[r * rs + j] = v * sigmoid_of(v);
+    }
+}
+
+MATSCALE_F32_F64(silu_rows, (long long total, int c, const float* scalars, float* out, long long rs),
+    (long long total, int c, const double* scalars, double* out, long long rs), (total, c, scalars, out, rs))

@@ -1,0 +1,169 @@
+// Block-diagonal rotation between the l-major layout and the truncated m-major edge-frame
+// layout (crates/equivariant/src/so2.rs `RotateOp`), plus the small row kernels that the
+// fused SO(2) layer (so2_fused.rs) runs between its cuBLAS GEMMs.
+//
+// Wigner rows: [E, wlen], block l at block_off[l], row-major (2l+1)². One thread per output
+// element, channels fastest so that loads and stores of a warp are contiguous.
+#include "common.cuh"
+
+// out[e, r, ch] = scale[l] Σ_j D^l[i][j] x[e, l² + j, ch] for the m-major row r = (l, i = m + l).
+template <typename T>
+__device__ void rotate_to_edge_impl(long long total, int c, int full, int trunc, int wlen,
+                                    const T* __restrict__ x, const T* __restrict__ w,
+                                    const int* __restrict__ row_l, const int* __restrict__ row_i,
+                                    const int* __restrict__ block_off, const T* __restrict__ scale,
+                                    T* __restrict__ out) {
+    MATSCALE_GRID_STRIDE(idx, total) {
+        const int ch = (int)(idx % c);
+        const long long er = idx / c;
+        const int r = (int)(er % trunc);
+        const long long e = er / trunc;
+        const int l = row_l[r], i = row_i[r], k = 2 * l + 1;
+        const T* d = w + e * wlen + block_off[l] + i * k;
+        const T* xe = x + (e * full + l * l) * c + ch;
+        T acc = T(0);
+        for (int j = 0; j < k; ++j) acc += d[j] * xe[(long long)j * c];
+        out[idx] = acc * scale[l];
+    }
+}
+
+MATSCALE_F32_F64(rotate_to_edge,
+    (long long total, int c, int full, int trunc, int wlen, const float* x, const float* w, const int* row_l, const int* row_i, const int* block_off, const float* scale, float* out),
+    (long long total, int c, int full, int trunc, int wlen, const double* x, const double* w, const int* row_l, const int* row_i, const int* block_off, const double* scale, double* out),
+    (total, c, full, trunc, wlen, x, w, row_l, row_i, block_off, scale, out))
+
+// out[e, l² + j, ch] = scale[l] Σ_{|m| ≤ min(l, mmax)} D^l[m + l][j] y[e, slot(l, m), ch].
+// `slot` maps the l-major index l² + m + l to the m-major row (unused entries are −1).
+template <typename T>
+__device__ void rotate_from_edge_impl(long long total, int c, int full, int trunc, int wlen,
+                                      int mmax, const T* __restrict__ y, const T* __restrict__ w,
+                                      const int* __restrict__ slot, const int* __restrict__ block_off,
+                                      const T* __restrict__ scale, T* __restrict__ out) {
+    MATSCALE_GRID_STRIDE(idx, total) {
+        const int ch = (int)(idx % c);
+        const long long eq = idx / c;
+        const int q = (int)(eq % full);
+        const long long e = eq / full;
+        int l = 0;
+        while ((l + 1) * (l + 1) <= q) ++l;
+        const int j = q - l * l, k = 2 * l + 1;
+        const int mm = l < mmax ? l : mmax;
+        const T* d = w + e * wlen + block_off[l];
+        const T* ye = y + e * (long long)trunc * c + ch;
+        T acc = T(0);
+        for (int m = -mm; m <= mm; ++m) {
+            acc += d[(m + l) * k + j] * ye[(long long)slot[l * l + m + l] * c];
+        }
+        out[idx] = acc * scale[l];
+    }
+}
+
+MATSCALE_F32_F64(rotate_from_edge,
+    (long long total, int c, int full, int trunc, int wlen, int mmax, const float* y, const float* w, const int* slot, const int* block_off, const float* scale, float* out),
+    (long long total, int c, int full, int trunc, int wlen, int mmax, const double* y, const double* w, const int* slot, const int* block_off, const double* scale, double* out),
+    (total, c, full, trunc, wlen, mmax, y, w, slot, block_off, scale, out))
+
+// dst[e, s, ch] = src[e, s, ch] · rad[e, rows[s], ch] (dst may be src).
+template <typename T>
+__device__ void radial_scale_impl(long long total, int c, int trunc, int num_rows, const T* src,
+                                  const T* __restrict__ rad, const int* __restrict__ rows, T* dst) {
+    MATSCALE_GRID_STRIDE(idx, total) {
+        const int ch = (int)(idx % c);
+        const long long es = idx / c;
+        const int s = (int)(es % trunc);
+        const long long e = es / trunc;
+        dst[idx] = src[idx] * rad[(e * num_rows + rows[s]) * c + ch];
+    }
+}
+
+MATSCALE_F32_F64(radial_scale,
+    (long long total, int c, int trunc, int num_rows, const float* src, const float* rad, const int* rows, float* dst),
+    (long long total, int c, int trunc, int num_rows, const double* src, const double* rad, const int* rows, double* dst),
+    (total, c, trunc, num_rows, src, rad, rows, dst))
+
+// Radial backward, one thread per (e, radial row q, ch): the one or two m-major slots of row q
+// (`slots[2q]`, `slots[2q + 1]`, −1 if absent) give
+// grad_rad[e, q, ch] = Σ_s g[e, s, ch] x[e, s, ch] and gx[e, s, ch] = g[e, s, ch] rad[e, q, ch].
+template <typename T>
+__device__ void radial_backward_impl(long long total, int c, int trunc, int num_rows,
+                                     const T* __restrict__ g, const T* __restrict__ x,
+                                     const T* __restrict__ rad, const int* __restrict__ slots,
+                                     T* __restrict__ grad_rad, T* __restrict__ gx) {
+    MATSCALE_GRID_STRIDE(idx, total) {
+        const int ch = (int)(idx % c);
+        const long long eq = idx / c;
+        const int q = (int)(eq % num_rows);
+        const long long e = eq / num_rows;
+        const T r = rad[idx];
+        T acc = T(0);
+        for (int p = 0; p < 2; ++p) {
+            const int s = slots[2 * q + p];
+            if (s < 0) continue;
+            const long long at = (e * trunc + s) * c + ch;
+            acc += g[at] * x[at];
+            gx[at] = g[at] * r;
+        }
+        grad_rad[idx] = acc;
+    }
+}
+
+MATSCALE_F32_F64(radial_backward,
+    (long long total, int c, int trunc, int num_rows, const float* g, const float* x, const float* rad, const int* slots, float* grad_rad, float* gx),
+    (long long total, int c, int trunc, int num_rows, const double* g, const double* x, const double* rad, const int* slots, double* grad_rad, double* gx),
+    (total, c, trunc, num_rows, g, x, rad, slots, grad_rad, gx))
+
+// dst[e, j] = a[e·rs + off1 + j] + a[e·rs + off2 + j] for j < n (dst dense [E, n]).
+template <typename T>
+__device__ void add_rows_impl(long long total, int n, const T* __restrict__ a, long long off1,
+                              long long off2, long long rs, T* __restrict__ dst) {
+    MATSCALE_GRID_STRIDE(idx, total) {
+        const long long e = idx / n;
+        const int j = (int)(idx % n);
+        dst[idx] = a[e * rs + off1 + j] + a[e * rs + off2 + j];
+    }
+}
+
+MATSCALE_F32_F64(add_rows,
+    (long long total, int n, const float* a, long long off1, long long off2, long long rs, float* dst),
+    (long long total, int n, const double* a, long long off1, long long off2, long long rs, double* dst),
+    (total, n, a, off1, off2, rs, dst))
+
+// dst[e·drs + doff + j] = src[e·srs + soff + j] for j < n (non-overlapping rows).
+template <typename T>
+__device__ void copy_rows_impl(long long total, int n, const T* src, long long soff, long long srs,
+                               T* dst, long long doff, long long drs) {
+    MATSCALE_GRID_STRIDE(idx, total) {
+        const long long e = idx / n;
+        const int j = (int)(idx % n);
+        dst[e * drs + doff + j] = src[e * srs + soff + j];
+    }
+}
+
+MATSCALE_F32_F64(copy_rows,
+    (long long total, int n, const float* src, long long soff, long long srs, float* dst, long long doff, long long drs),
+    (long long total, int n, const double* src, long long soff, long long srs, double* dst, long long doff, long long drs),
+    (total, n, src, soff, srs, dst, doff, drs))
+
+// dst[e·drs + doff + j] = v[j] for j < n (the bias of every edge's m = 0 outputs).
+template <typename T>
+__device__ void broadcast_rows_impl(long long total, int n, const T* __restrict__ v, T* dst,
+                                    long long doff, long long drs) {
+    MATSCALE_GRID_STRIDE(idx, total) {
+        const long long e = idx / n;
+        const int j = (int)(idx % n);
+        dst[e * drs + doff + j] = v[j];
+    }
+}
+
+MATSCALE_F32_F64(broadcast_rows,
+    (long long total, int n, const float* v, float* dst, long long doff, long long drs),
+    (long long total, int n, const double* v, double* dst, long long doff, long long drs),
+    (total, n, v, dst, doff, drs))
+
+// dst[i] = value.
+template <typename T> __device__ void fill_impl(long long total, T value, T* dst) {
+    MATSCALE_GRID_STRIDE(idx, total) { dst[idx] = value; }
+}
+
+MATSCALE_F32_F64(fill, (long long total, float value, float* dst),
+    (long long total, double value, double* dst), (total, value, dst))

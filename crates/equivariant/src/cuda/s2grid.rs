@@ -1,0 +1,314 @@
+//! S2 grid transforms and activations on the device: the per-row products with the grid
+//! matrices run as strided-batched cuBLAS GEMMs (the matrix shared by all rows, stride 0),
+//! SiLU and its derivative as elementwise kernels in between (`kernels/elementwise.cu`).
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, PushKernelArg};
+use candle_core::cuda_backend::WrapErr;
+use candle_core::{CudaDevice, CudaStorage, DType, Layout, Shape};
+
+use super::{
+    gemm_batched, int, kernel, launch_cfg, long, mat, upload, view, zeros, CudaFloat, ELEMENTWISE,
+};
+
+/// The grid of `s2grid.rs` (`GridInner`): `to` and `from` are `[G, K]` row-major, in both
+/// float types.
+pub(crate) struct Grid<'a> {
+    pub(crate) g: usize,
+    pub(crate) k: usize,
+    pub(crate) to_f32: &'a [f32],
+    pub(crate) from_f32: &'a [f32],
+    pub(crate) to_f64: &'a [f64],
+    pub(crate) from_f64: &'a [f64],
+}
+
+/// Which grid transform (`s2grid.rs` `LinearKind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum GridMap {
+    /// `to · x` (`[N, K, C]` → `[N, G, C]`).
+    To,
+    /// `toᵀ · x` (`[N, G, C]` → `[N, K, C]`).
+    ToAdjoint,
+    /// `fromᵀ · x` (`[N, G, C]` → `[N, K, C]`).
+    From,
+    /// `from · x` (`[N, K, C]` → `[N, G, C]`).
+    FromAdjoint,
+}
+
+trait GridFloat: CudaFloat {
+    fn matrices<'a>(grid: &Grid<'a>) -> (&'a [Self], &'a [Self]);
+}
+
+impl GridFloat for f32 {
+    fn matrices<'a>(grid: &Grid<'a>) -> (&'a [f32], &'a [f32]) {
+        (grid.to_f32, grid.from_f32)
+    }
+}
+
+impl GridFloat for f64 {
+    fn matrices<'a>(grid: &Grid<'a>) -> (&'a [f64], &'a [f64]) {
+        (grid.to_f64, grid.from_f64)
+    }
+}
+
+/// `out[n] = op(M)[rows_out × rows_in] · x[n][rows_in × c]` for all rows `n`, where `M` is a
+/// `[G, K]` matrix at column offset `col` (`k − col` columns used), transposed when `trans`.
+#[allow(clippy::too_many_arguments)]
+fn batched<T: CudaFloat>(
+    dev: &CudaDevice,
+    m: &CudaSlice<T>,
+    (k, col, trans): (usize, usize, bool),
+    (rows_out, rows_in): (usize, usize),
+    x: &candle_core::cuda_backend::cudarc::driver::CudaView<'_, T>,
+    (x_off, x_stride): (usize, usize),
+    out: &mut CudaSlice<T>,
+    (out_off, out_stride): (usize, usize),
+    n: usize,
+    c: usize,
+) -> candle_core::Result<()> {
+    let mv = m.slice(..);
+    gemm_batched(
+        dev,
+        (rows_out, c, rows_in),
+        mat(&mv, col, k, trans),
+        mat(x, x_off, c, false),
+        out,
+        out_off,
+        c,
+        n,
+        (0, x_stride, out_stride),
+    )
+}
+
+fn grid_linear_typed<T: GridFloat>(
+    s: &CudaStorage,
+    l: &Layout,
+    grid: &Grid<'_>,
+    map: GridMap,
+    (n, rows_in, c): (usize, usize, usize),
+    rows_out: usize,
+    name: &str,
+) -> candle_core::Result<CudaStorage> {
+    let dev = &s.device;
+    let x = view::<T>(s, l, name)?;
+    let (to, from) = T::matrices(grid);
+    let (matrix, trans) = match map {
+        GridMap::To => (to, false),
+        GridMap::ToAdjoint => (to, true),
+        GridMap::From => (from, true),
+        GridMap::FromAdjoint => (from, false),
+    };
+    let m = upload(dev, matrix)?;
+    let mut out = zeros::<T>(dev, n * rows_out * c)?;
+    batched(
+        dev,
+        &m,
+        (grid.k, 0, trans),
+        (rows_out, rows_in),
+        &x,
+        (0, rows_in * c),
+        &mut out,
+        (0, rows_out * c),
+        n,
+        c,
+    )?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}
+
+/// `cuda_fwd` of `GridLinear`.
+pub(crate) fn grid_linear(
+    s: &CudaStorage,
+    l: &Layout,
+    grid: &Grid<'_>,
+    map: GridMap,
+    name: &str,
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    let (n, rows_in, c) = l.shape().dims3()?;
+    let (expect_in, rows_out) = match map {
+        GridMap::To | GridMap::FromAdjoint => (grid.k, grid.g),
+        GridMap::ToAdjoint | GridMap::From => (grid.g, grid.k),
+    };
+    if rows_in != expect_in {
+        candle_core::bail!("{name}: expected {expect_in} rows, got {rows_in}");
+    }
+    let dims = (n, rows_in, c);
+    let out = match s.dtype() {
+        DType::F32 => grid_linear_typed::<f32>(s, l, grid, map, dims, rows_out, name)?,
+        DType::F64 => grid_linear_typed::<f64>(s, l, grid, map, dims, rows_out, name)?,
+        _ => candle_core::bail!("{name}: only f32 and f64 are supported"),
+    };
+    Ok((out, Shape::from((n, rows_out, c))))
+}
+
+fn act_forward_typed<T: GridFloat>(
+    x: (&CudaStorage, &Layout),
+    scalars: Option<(&CudaStorage, &Layout)>,
+    grid: &Grid<'_>,
+    (n, c): (usize, usize),
+    name: &str,
+) -> candle_core::Result<CudaStorage> {
+    let dev = &x.0.device;
+    let (g, k) = (grid.g, grid.k);
+    let xv = view::<T>(x.0, x.1, name)?;
+    let (to, from) = T::matrices(grid);
+    let (to, from) = (upload(dev, to)?, upload(dev, from)?);
+    let mut values = zeros::<T>(dev, n * g * c)?;
+    let mut out = zeros::<T>(dev, n * k * c)?;
+    if n * c == 0 {
+        return Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()));
+    }
+    batched(
+        dev,
+        &to,
+        (k, 0, false),
+        (g, k),
+        &xv,
+        (0, k * c),
+        &mut values,
+        (0, g * c),
+        n,
+        c,
+    )?;
+    let total = n * g * c;
+    let func = kernel::<T>(dev, ELEMENTWISE, "silu_inplace")?;
+    let t = long(total);
+    let mut b = func.builder();
+    b.arg(&t).arg(&mut values);
+    // SAFETY: values holds n × g × c elements.
+    unsafe { b.launch(launch_cfg(total)) }.w()?;
+    let skip = usize::from(scalars.is_some());
+    let vv = values.slice(..);
+    batched(
+        dev,
+        &from,
+        (k, skip, true),
+        (k - skip, g),
+        &vv,
+        (0, g * c),
+        &mut out,
+        (skip * c, k * c),
+        n,
+        c,
+    )?;
+    if let Some(sc) = scalars {
+        let sv = view::<T>(sc.0, sc.1, name)?;
+        let func = kernel::<T>(dev, ELEMENTWISE, "silu_rows")?;
+        let (t, ci, rs) = (long(n * c), int(c, "channels")?, long(k * c));
+        let mut b = func.builder();
+        b.arg(&t).arg(&ci).arg(&sv).arg(&mut out).arg(&rs);
+        // SAFETY: scalars hold n × c elements, out n × k × c.
+        unsafe { b.launch(launch_cfg(n * c)) }.w()?;
+    }
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}
+
+/// `cuda_fwd` of `S2Act` (no scalars) and `SeparableS2Act` (with `[N, C]` scalars).
+pub(crate) fn activation(
+    x: (&CudaStorage, &Layout),
+    scalars: Option<(&CudaStorage, &Layout)>,
+    grid: &Grid<'_>,
+    name: &str,
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    let (n, rows, c) = x.1.shape().dims3()?;
+    if rows != grid.k {
+        candle_core::bail!("{name}: expected {} coefficient rows, got {rows}", grid.k);
+    }
+    let out = match x.0.dtype() {
+        DType::F32 => act_forward_typed::<f32>(x, scalars, grid, (n, c), name)?,
+        DType::F64 => act_forward_typed::<f64>(x, scalars, grid, (n, c), name)?,
+        _ => candle_core::bail!("{name}: only f32 and f64 are supported"),
+    };
+    Ok((out, x.1.shape().clone()))
+}
+
+fn act_backward_typed<T: GridFloat>(
+    x: (&CudaStorage, &Layout),
+    dy: (&CudaStorage, &Layout),
+    grid: &Grid<'_>,
+    separable: bool,
+    (n, c): (usize, usize),
+    name: &str,
+) -> candle_core::Result<CudaStorage> {
+    let dev = &x.0.device;
+    let (g, k) = (grid.g, grid.k);
+    let xv = view::<T>(x.0, x.1, name)?;
+    let dyv = view::<T>(dy.0, dy.1, name)?;
+    let (to, from) = T::matrices(grid);
+    let (to, from) = (upload(dev, to)?, upload(dev, from)?);
+    let mut values = zeros::<T>(dev, n * g * c)?;
+    let mut grads = zeros::<T>(dev, n * g * c)?;
+    let mut dx = zeros::<T>(dev, n * k * c)?;
+    if n * c == 0 {
+        return Ok(CudaStorage::wrap_cuda_slice(dx, dev.clone()));
+    }
+    let skip = usize::from(separable);
+    batched(
+        dev,
+        &to,
+        (k, 0, false),
+        (g, k),
+        &xv,
+        (0, k * c),
+        &mut values,
+        (0, g * c),
+        n,
+        c,
+    )?;
+    batched(
+        dev,
+        &from,
+        (k, skip, false),
+        (g, k - skip),
+        &dyv,
+        (skip * c, k * c),
+        &mut grads,
+        (0, g * c),
+        n,
+        c,
+    )?;
+    let total = n * g * c;
+    let func = kernel::<T>(dev, ELEMENTWISE, "silu_backward_inplace")?;
+    let (t, zero_grad) = (long(total), i32::from(k == skip));
+    let mut b = func.builder();
+    b.arg(&t).arg(&zero_grad).arg(&mut values).arg(&grads);
+    // SAFETY: values and grads hold n × g × c elements.
+    unsafe { b.launch(launch_cfg(total)) }.w()?;
+    let vv = values.slice(..);
+    batched(
+        dev,
+        &to,
+        (k, 0, true),
+        (k, g),
+        &vv,
+        (0, g * c),
+        &mut dx,
+        (0, k * c),
+        n,
+        c,
+    )?;
+    Ok(CudaStorage::wrap_cuda_slice(dx, dev.clone()))
+}
+
+/// `cuda_fwd` of `S2ActBackward`: `dx = toᵀ · (SiLU'(to · x) ⊙ (from · dy))` per row.
+pub(crate) fn activation_backward(
+    x: (&CudaStorage, &Layout),
+    dy: (&CudaStorage, &Layout),
+    grid: &Grid<'_>,
+    separable: bool,
+    name: &str,
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    let (n, rows, c) = x.1.shape().dims3()?;
+    if rows != grid.k {
+        candle_core::bail!("{name}: expected {} coefficient rows, got {rows}", grid.k);
+    }
+    let out = match (x.0.dtype(), dy.0.dtype()) {
+        (DType::F32, DType::F32) => {
+            act_backward_typed::<f32>(x, dy, grid, separable, (n, c), name)?
+        }
+        (DType::F64, DType::F64) => {
+            act_backward_typed::<f64>(x, dy, grid, separable, (n, c), name)?
+        }
+        _ => candle_core::bail!("{name}: x and grad must both be f32 or both f64"),
+    };
+    Ok((out, x.1.shape().clone()))
+}

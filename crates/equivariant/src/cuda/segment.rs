@@ -1,0 +1,167 @@
+//! Segment sum / gather / softmax on the device (`kernels/segment.cu`).
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+use candle_core::cuda_backend::WrapErr;
+use candle_core::{CudaStorage, DType, Layout, Shape};
+
+use super::{int, kernel, launch_cfg, long, upload, view, zeros, CudaFloat, SEGMENT};
+
+/// The CSR grouping of `segment.rs` (`Csr`), borrowed from the op.
+pub(crate) struct Csr<'a> {
+    pub(crate) num_segments: usize,
+    pub(crate) index: &'a [u32],
+    pub(crate) offsets: &'a [usize],
+    pub(crate) order: Option<&'a [u32]>,
+}
+
+/// Which segment op.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum SegmentKind {
+    /// Sum of the items of every segment.
+    Sum,
+    /// Each item gets its segment's row.
+    Gather,
+    /// Softmax over the items of every segment (per column), `1 / (Σ + eps)`.
+    Softmax(f64),
+}
+
+fn offsets_u32(csr: &Csr<'_>) -> candle_core::Result<Vec<u32>> {
+    csr.offsets
+        .iter()
+        .map(|&o| {
+            u32::try_from(o)
+                .map_err(|_| candle_core::Error::Msg(format!("segment offset {o} exceeds u32")))
+        })
+        .collect()
+}
+
+fn run<T: CudaFloat>(
+    s: &CudaStorage,
+    l: &Layout,
+    csr: &Csr<'_>,
+    kind: SegmentKind,
+    cols: usize,
+    name: &str,
+) -> candle_core::Result<CudaStorage> {
+    let dev = &s.device;
+    let src = view::<T>(s, l, name)?;
+    let items = csr.index.len();
+    let rows_out = match kind {
+        SegmentKind::Sum => csr.num_segments,
+        SegmentKind::Gather | SegmentKind::Softmax(_) => items,
+    };
+    let mut out = zeros::<T>(dev, rows_out * cols)?;
+    let c = int(cols.max(1), "columns")?;
+    match kind {
+        SegmentKind::Gather => {
+            let total = items * cols;
+            if total > 0 {
+                let index = upload(dev, csr.index)?;
+                let func = kernel::<T>(dev, SEGMENT, "segment_gather")?;
+                let t = long(total);
+                let mut b = func.builder();
+                b.arg(&t).arg(&c).arg(&index).arg(&src).arg(&mut out);
+                // SAFETY: index has `items` entries < num_segments; src [num_segments, cols].
+                unsafe { b.launch(launch_cfg(total)) }.w()?;
+            }
+        }
+        SegmentKind::Sum | SegmentKind::Softmax(_) => {
+            let total = csr.num_segments * cols;
+            if total > 0 {
+                let offsets = upload(dev, &offsets_u32(csr)?)?;
+                let order = upload(dev, csr.order.unwrap_or(&[]))?;
+                let has_order = i32::from(csr.order.is_some());
+                let t = long(total);
+                let (fname, eps) = match kind {
+                    SegmentKind::Softmax(eps) => ("segment_softmax", Some(T::from_f64(eps))),
+                    _ => ("segment_sum", None),
+                };
+                let func = kernel::<T>(dev, SEGMENT, fname)?;
+                let mut b = func.builder();
+                b.arg(&t).arg(&c).arg(&offsets).arg(&order).arg(&has_order);
+                if let Some(eps) = &eps {
+                    b.arg(eps);
+                }
+                b.arg(&src).arg(&mut out);
+                // SAFETY: offsets has num_segments + 1 entries bounding `order` (items entries);
+                // src and out hold items × cols (sum: out num_segments × cols).
+                unsafe { b.launch(launch_cfg(total)) }.w()?;
+            }
+        }
+    }
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}
+
+/// `cuda_fwd` of `SegmentOp`.
+pub(crate) fn forward(
+    s: &CudaStorage,
+    l: &Layout,
+    csr: &Csr<'_>,
+    kind: SegmentKind,
+    name: &str,
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    let dims = l.dims();
+    let cols: usize = dims[1..].iter().product();
+    let mut out_dims = dims.to_vec();
+    out_dims[0] = match kind {
+        SegmentKind::Sum => csr.num_segments,
+        SegmentKind::Gather | SegmentKind::Softmax(_) => csr.index.len(),
+    };
+    let out = match s.dtype() {
+        DType::F32 => run::<f32>(s, l, csr, kind, cols, name)?,
+        DType::F64 => run::<f64>(s, l, csr, kind, cols, name)?,
+        _ => candle_core::bail!("{name}: only f32 and f64 are supported"),
+    };
+    Ok((out, Shape::from(out_dims)))
+}
+
+fn softmax_backward_typed<T: CudaFloat>(
+    y: (&CudaStorage, &Layout),
+    g: (&CudaStorage, &Layout),
+    csr: &Csr<'_>,
+    cols: usize,
+) -> candle_core::Result<CudaStorage> {
+    const NAME: &str = "segment-softmax-backward";
+    let dev = &y.0.device;
+    let yv = view::<T>(y.0, y.1, NAME)?;
+    let gv = view::<T>(g.0, g.1, NAME)?;
+    let mut out = zeros::<T>(dev, csr.index.len() * cols)?;
+    let total = csr.num_segments * cols;
+    if total > 0 {
+        let offsets = upload(dev, &offsets_u32(csr)?)?;
+        let order = upload(dev, csr.order.unwrap_or(&[]))?;
+        let has_order = i32::from(csr.order.is_some());
+        let (t, c) = (long(total), int(cols, "columns")?);
+        let func = kernel::<T>(dev, SEGMENT, "segment_softmax_backward")?;
+        let mut b = func.builder();
+        b.arg(&t)
+            .arg(&c)
+            .arg(&offsets)
+            .arg(&order)
+            .arg(&has_order)
+            .arg(&yv)
+            .arg(&gv)
+            .arg(&mut out);
+        // SAFETY: as in `run`; y, g and out hold items × cols.
+        unsafe { b.launch(launch_cfg(total)) }.w()?;
+    }
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}
+
+/// `cuda_fwd` of `SoftmaxBackward`: `(y, g)` → `y (g − Σ_segment g y)`.
+pub(crate) fn softmax_backward(
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+    csr: &Csr<'_>,
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    let cols: usize = l1.dims()[1..].iter().product();
+    let out = match (s1.dtype(), s2.dtype()) {
+        (DType::F32, DType::F32) => softmax_backward_typed::<f32>((s1, l1), (s2, l2), csr, cols)?,
+        (DType::F64, DType::F64) => softmax_backward_typed::<f64>((s1, l1), (s2, l2), csr, cols)?,
+        _ => candle_core::bail!("segment-softmax-backward: y and g must both be f32 or f64"),
+    };
+    Ok((out, l1.shape().clone()))
+}

@@ -1,0 +1,467 @@
+//! Every CUDA kernel of this crate against its CPU implementation on the same inputs, values
+//! and gradients (`cargo test -p matscale-equivariant --features cuda`).
+//!
+//! Tolerances: f64 to 1e-12 and f32 to 1e-5, relative to the largest magnitude of the CPU
+//! result (`max |gpu − cpu| / max |cpu|`). Without a usable GPU every test prints
+//! `no CUDA device (…): nothing compared` and returns: the kernels then only compiled (the
+//! build runs nvcc; `tests/kernels.rs` checks the sources and kernel names without a GPU).
+#![cfg(feature = "cuda")]
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use matscale_equivariant::frames::{edge_wigner, Roll};
+use matscale_equivariant::mapping::SphericalLayout;
+use matscale_equivariant::radial::GaussianSmearing;
+use matscale_equivariant::s2grid::S2Grid;
+use matscale_equivariant::segment::Segments;
+use matscale_equivariant::sh::{spherical_harmonics, Normalization};
+use matscale_equivariant::so2::{rotate, rotate_inv, So2ConvConfig, So2Convolution, So2Linear};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+/// CUDA device 0, or `None` with one line saying why the test compares nothing.
+fn gpu(test: &str) -> Option<Device> {
+    match Device::new_cuda(0) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            eprintln!("{test}: no CUDA device ({e}): nothing compared");
+            None
+        }
+    }
+}
+
+fn tolerance(dtype: DType) -> f64 {
+    match dtype {
+        DType::F64 => 1e-12,
+        _ => 1e-5,
+    }
+}
+
+fn values(t: &Tensor) -> candle_core::Result<Vec<f64>> {
+    t.to_device(&Device::Cpu)?
+        .to_dtype(DType::F64)?
+        .flatten_all()?
+        .to_vec1()
+}
+
+/// `max |a − b| / max |b|` (0 for an all-zero reference that `a` matches exactly).
+fn rel_err(a: &Tensor, b: &Tensor) -> candle_core::Result<f64> {
+    let (a, b) = (values(a)?, values(b)?);
+    assert_eq!(a.len(), b.len(), "sizes differ");
+    let scale = b.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    let diff = a
+        .iter()
+        .zip(&b)
+        .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()));
+    Ok(if scale > 0.0 { diff / scale } else { diff })
+}
+
+fn assert_close(what: &str, gpu: &Tensor, cpu: &Tensor) -> TestResult {
+    assert_eq!(gpu.dims(), cpu.dims(), "{what}: shapes");
+    let err = rel_err(gpu, cpu)?;
+    let tol = tolerance(cpu.dtype());
+    assert!(
+        err <= tol,
+        "{what} ({:?}): relative error {err:e} > {tol:e}",
+        cpu.dtype()
+    );
+    Ok(())
+}
+
+fn random(shape: &[usize], seed: u64, dtype: DType) -> candle_core::Result<Tensor> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    let v: Vec<f64> = (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu)?.to_dtype(dtype)
+}
+
+/// Runs `f` on a CPU and a CUDA `Var` holding `x`; compares outputs and the gradients of
+/// `Σ out · w` (a fixed random `w`) with respect to `x`.
+fn compare_with_grad(
+    what: &str,
+    dev: &Device,
+    x: &Tensor,
+    f: impl Fn(&Tensor) -> Result<Tensor, Box<dyn std::error::Error>>,
+) -> TestResult {
+    let xc = Var::from_tensor(x)?;
+    let xg = Var::from_tensor(&x.to_device(dev)?)?;
+    let yc = f(xc.as_tensor())?;
+    let yg = f(xg.as_tensor())?;
+    assert!(yg.device().is_cuda(), "{what}: output left the GPU");
+    assert_close(what, &yg, &yc)?;
+    let w = random(yc.dims(), 99, yc.dtype())?;
+    let gc = (&yc * &w)?.sum_all()?.backward()?;
+    let gg = (&yg * &w.to_device(dev)?)?.sum_all()?.backward()?;
+    let dc = gc.get(xc.as_tensor()).ok_or("no CPU gradient")?;
+    let dg = gg.get(xg.as_tensor()).ok_or("no GPU gradient")?;
+    assert_close(&format!("{what} gradient"), dg, dc)
+}
+
+#[test]
+fn every_ptx_module_loads() -> TestResult {
+    let Some(dev) = gpu("every_ptx_module_loads") else {
+        return Ok(());
+    };
+    // The smallest op of each module, so that each PTX text is loaded by the driver.
+    let x = random(&[7, 3], 1, DType::F32)?.to_device(&dev)?;
+    spherical_harmonics(&x, 2, true, Normalization::Component)?;
+    edge_wigner(&x, 2, &Roll::Zero)?;
+    matscale_equivariant::activation::silu(&x)?;
+    Segments::from_indices(&[0u32, 1, 1, 0, 2, 2, 2], 3)?.sum(&x)?;
+    let layout = SphericalLayout::new(1, 1)?;
+    let w = edge_wigner(&x, 1, &Roll::Zero)?;
+    rotate(
+        &random(&[7, 4, 2], 2, DType::F32)?.to_device(&dev)?,
+        &w,
+        layout,
+    )?;
+    dev.synchronize()?;
+    Ok(())
+}
+
+#[test]
+fn spherical_harmonics_match_cpu_with_gradients() -> TestResult {
+    let Some(dev) = gpu("spherical_harmonics_match_cpu_with_gradients") else {
+        return Ok(());
+    };
+    for dtype in [DType::F64, DType::F32] {
+        // 300 vectors (several thread blocks and a ragged tail), one of them zero.
+        let x = random(&[300, 3], 3, dtype)?;
+        let x = Tensor::cat(&[&x, &Tensor::zeros((1, 3), dtype, &Device::Cpu)?], 0)?;
+        for (lmax, normalize, norm) in [
+            (6, true, Normalization::Component),
+            (4, false, Normalization::Norm),
+            (8, true, Normalization::Integral),
+            (0, true, Normalization::Component),
+        ] {
+            let what = format!("sh lmax {lmax} normalize {normalize} {norm:?}");
+            let f = |t: &Tensor| Ok(spherical_harmonics(t, lmax, normalize, norm)?);
+            if normalize {
+                // The zero vector has no gradient defined by the reference; skip it there.
+                compare_with_grad(&what, &dev, &x.narrow(0, 0, 300)?, f)?;
+            } else {
+                compare_with_grad(&what, &dev, &x, f)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Edge vectors with awkward directions (poles, axes) among random ones.
+fn edges(dtype: DType) -> candle_core::Result<Tensor> {
+    let mut v = values(&random(&[64, 3], 5, DType::F64)?)?;
+    v.extend([
+        0.0, 2.0, 0.0, 0.0, -1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, -3.0, 1.0, 1.0, 1.0,
+    ]);
+    Tensor::from_vec(v, (69, 3), &Device::Cpu)?.to_dtype(dtype)
+}
+
+#[test]
+fn wigner_blocks_match_cpu_for_every_roll() -> TestResult {
+    let Some(dev) = gpu("wigner_blocks_match_cpu_for_every_roll") else {
+        return Ok(());
+    };
+    for dtype in [DType::F64, DType::F32] {
+        let e = edges(dtype)?;
+        let helpers = (random(&[69, 3], 8, DType::F64)? * 0.5)?;
+        for lmax in [0, 2, 6, 11] {
+            for (name, roll_cpu, roll_gpu) in [
+                ("zero", Roll::Zero, Roll::Zero),
+                ("random", Roll::Random { seed: 4 }, Roll::Random { seed: 4 }),
+                ("helpers", Roll::Helpers(&helpers), Roll::Helpers(&helpers)),
+            ] {
+                let cpu = edge_wigner(&e, lmax, &roll_cpu)?;
+                let gpu = edge_wigner(&e.to_device(&dev)?, lmax, &roll_gpu)?;
+                assert!(gpu.blocks().device().is_cuda());
+                assert_close(
+                    &format!("wigner lmax {lmax} roll {name}"),
+                    gpu.blocks(),
+                    cpu.blocks(),
+                )?;
+            }
+        }
+    }
+    // A zero edge is reported with its index, as on the CPU.
+    let mut v = values(&edges(DType::F64)?)?;
+    v[3 * 5..3 * 6].fill(0.0);
+    let bad = Tensor::from_vec(v, (69, 3), &dev)?;
+    match edge_wigner(&bad, 2, &Roll::Zero) {
+        Err(matscale_equivariant::error::EquivariantError::DegenerateEdge { index: 5, .. }) => {}
+        other => panic!("expected DegenerateEdge at 5, got {other:?}"),
+    }
+    Ok(())
+}
+
+#[test]
+fn rotations_match_cpu_with_gradients() -> TestResult {
+    let Some(dev) = gpu("rotations_match_cpu_with_gradients") else {
+        return Ok(());
+    };
+    for dtype in [DType::F64, DType::F32] {
+        for (lmax, mmax, c) in [(4, 2, 8), (6, 4, 5), (2, 2, 3)] {
+            let layout = SphericalLayout::new(lmax, mmax)?;
+            let e = edges(dtype)?;
+            let w_cpu = edge_wigner(&e, lmax, &Roll::Random { seed: 1 })?;
+            let w_gpu = edge_wigner(&e.to_device(&dev)?, lmax, &Roll::Random { seed: 1 })?;
+            let on = |t: &Tensor| t.device().is_cuda();
+            let x = random(&[69, layout.num_coefficients(), c], 6, dtype)?;
+            compare_with_grad(&format!("rotate {lmax}/{mmax}"), &dev, &x, |t| {
+                Ok(rotate(t, if on(t) { &w_gpu } else { &w_cpu }, layout)?)
+            })?;
+            let y = random(&[69, layout.num_truncated(), c], 7, dtype)?;
+            compare_with_grad(&format!("rotate_inv {lmax}/{mmax}"), &dev, &y, |t| {
+                Ok(rotate_inv(t, if on(t) { &w_gpu } else { &w_cpu }, layout)?)
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// Seeded parameters for a module built by `build` on `device` (same values on every device).
+fn seeded_varmap(
+    dtype: DType,
+    device: &Device,
+    build: impl Fn(VarBuilder) -> Result<(), Box<dyn std::error::Error>>,
+) -> Result<VarMap, Box<dyn std::error::Error>> {
+    let varmap = VarMap::new();
+    build(VarBuilder::from_varmap(&varmap, dtype, device))?;
+    let mut names: Vec<String> = varmap
+        .data()
+        .lock()
+        .map_err(|e| e.to_string())?
+        .keys()
+        .cloned()
+        .collect();
+    names.sort();
+    for (i, name) in names.iter().enumerate() {
+        let var = varmap.data().lock().map_err(|e| e.to_string())?[name].clone();
+        var.set(&random(var.dims(), 100 + i as u64, dtype)?.to_device(device)?)?;
+    }
+    Ok(varmap)
+}
+
+#[test]
+fn fused_so2_layers_match_cpu_with_all_gradients() -> TestResult {
+    let Some(dev) = gpu("fused_so2_layers_match_cpu_with_all_gradients") else {
+        return Ok(());
+    };
+    for dtype in [DType::F64, DType::F32] {
+        for (lmax, mmax, c_in, c_out, extra, linear) in [
+            (4, 2, 6, 5, 3, false),
+            (6, 4, 4, 4, 0, false),
+            (3, 1, 5, 3, 0, true),
+        ] {
+            let layout = SphericalLayout::new(lmax, mmax)?;
+            let config = So2ConvConfig::new(layout, c_in, c_out).with_extra_m0_outputs(extra);
+            let config = if linear {
+                So2ConvConfig::new(layout, c_in, c_out)
+            } else {
+                config
+            };
+            let e = edges(dtype)?;
+            let x = random(&[69, layout.num_coefficients(), c_in], 11, dtype)?;
+            let mut results = Vec::new();
+            for device in [Device::Cpu, dev.clone()] {
+                let build = |vb: VarBuilder| -> Result<(), Box<dyn std::error::Error>> {
+                    if linear {
+                        So2Linear::new(&config, vb)?;
+                    } else {
+                        So2Convolution::new(&config, vb)?;
+                    }
+                    Ok(())
+                };
+                let varmap = seeded_varmap(dtype, &device, build)?;
+                let vb = VarBuilder::from_varmap(&varmap, dtype, &device);
+                let wigner = edge_wigner(&e.to_device(&device)?, lmax, &Roll::Random { seed: 2 })?;
+                let xv = Var::from_tensor(&x.to_device(&device)?)?;
+                let (out, extra_out, radial) = if linear {
+                    let m = So2Linear::new(&config, vb)?;
+                    let radial = Var::from_tensor(
+                        &random(&[69, m.radial_len()], 12, dtype)?.to_device(&device)?,
+                    )?;
+                    (
+                        m.forward_rotated(xv.as_tensor(), &wigner, Some(radial.as_tensor()))?,
+                        None,
+                        radial,
+                    )
+                } else {
+                    let m = So2Convolution::new(&config, vb)?;
+                    let radial = Var::from_tensor(
+                        &random(&[69, m.radial_len()], 12, dtype)?.to_device(&device)?,
+                    )?;
+                    let (o, ex) =
+                        m.forward_rotated(xv.as_tensor(), &wigner, Some(radial.as_tensor()))?;
+                    (o, ex, radial)
+                };
+                let w = random(out.dims(), 13, dtype)?.to_device(&device)?;
+                let mut loss = (&out * &w)?.sum_all()?;
+                if let Some(ex) = &extra_out {
+                    let we = random(ex.dims(), 14, dtype)?.to_device(&device)?;
+                    loss = (loss + (ex * &we)?.sum_all()?)?;
+                }
+                let grads = loss.backward()?;
+                let mut named = vec![("out".to_string(), out.clone())];
+                if let Some(ex) = extra_out {
+                    named.push(("extra".into(), ex));
+                }
+                named.push((
+                    "grad x".into(),
+                    grads.get(xv.as_tensor()).ok_or("grad x")?.clone(),
+                ));
+                named.push((
+                    "grad radial".into(),
+                    grads.get(radial.as_tensor()).ok_or("grad radial")?.clone(),
+                ));
+                let data = varmap.data().lock().map_err(|e| e.to_string())?;
+                let mut params: Vec<_> = data.iter().collect();
+                params.sort_by(|a, b| a.0.cmp(b.0));
+                for (name, var) in params {
+                    named.push((
+                        format!("grad {name}"),
+                        grads.get(var.as_tensor()).ok_or("grad param")?.clone(),
+                    ));
+                }
+                results.push(named);
+            }
+            let (gpu_res, cpu_res) = (results.pop().ok_or("gpu")?, results.pop().ok_or("cpu")?);
+            for ((name, g), (_, c)) in gpu_res.iter().zip(&cpu_res) {
+                assert_close(&format!("so2 {lmax}/{mmax} linear {linear}: {name}"), g, c)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn segment_ops_match_cpu_with_gradients() -> TestResult {
+    let Some(dev) = gpu("segment_ops_match_cpu_with_gradients") else {
+        return Ok(());
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(21);
+    let unsorted: Vec<u32> = (0..500).map(|_| rng.gen_range(0..90)).collect();
+    let mut sorted = unsorted.clone();
+    sorted.sort_unstable();
+    for dtype in [DType::F64, DType::F32] {
+        for index in [&sorted, &unsorted] {
+            let seg = Segments::from_indices(index, 90)?;
+            let x = (random(&[500, 4], 22, dtype)? * 4.0)?;
+            compare_with_grad("segment sum", &dev, &x, |t| Ok(seg.sum(t)?))?;
+            compare_with_grad("segment softmax", &dev, &x, |t| Ok(seg.softmax(t)?))?;
+            let s = random(&[90, 2, 3], 23, dtype)?;
+            compare_with_grad("segment gather", &dev, &s, |t| Ok(seg.gather(t)?))?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn s2_grid_ops_match_cpu_with_gradients() -> TestResult {
+    let Some(dev) = gpu("s2_grid_ops_match_cpu_with_gradients") else {
+        return Ok(());
+    };
+    for dtype in [DType::F64, DType::F32] {
+        for (lmax, mmax) in [(4, 2), (6, 4)] {
+            let grid = S2Grid::equiformer_v2(lmax, mmax, None)?;
+            let (k, g) = (grid.num_coefficients(), grid.num_points());
+            let x = random(&[37, k, 6], 31, dtype)?;
+            compare_with_grad("to_grid", &dev, &x, |t| Ok(grid.to_grid(t)?))?;
+            let sig = random(&[37, g, 6], 32, dtype)?;
+            compare_with_grad("from_grid", &dev, &sig, |t| Ok(grid.from_grid(t)?))?;
+            compare_with_grad("s2 activation", &dev, &x, |t| Ok(grid.s2_activation(t)?))?;
+            let scalars = random(&[37, 6], 33, dtype)?;
+            compare_with_grad("separable s2 activation (x)", &dev, &x, |t| {
+                Ok(grid.separable_s2_activation(&scalars.to_device(t.device())?, t)?)
+            })?;
+            compare_with_grad("separable s2 activation (scalars)", &dev, &scalars, |t| {
+                Ok(grid.separable_s2_activation(t, &x.to_device(t.device())?)?)
+            })?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn elementwise_ops_match_cpu_with_gradients() -> TestResult {
+    use matscale_equivariant::activation::{
+        sigmoid, silu, smooth_leaky_relu, Elementwise, Function,
+    };
+    let Some(dev) = gpu("elementwise_ops_match_cpu_with_gradients") else {
+        return Ok(());
+    };
+    for dtype in [DType::F64, DType::F32] {
+        let x = (random(&[1000], 41, dtype)? * 8.0)?;
+        compare_with_grad("silu", &dev, &x, |t| Ok(silu(t)?))?;
+        compare_with_grad("sigmoid", &dev, &x, |t| Ok(sigmoid(t)?))?;
+        compare_with_grad("smooth leaky relu", &dev, &x, |t| {
+            Ok(smooth_leaky_relu(t, 0.2)?)
+        })?;
+        // Every derivative order of every function, as the raw op.
+        for function in [
+            Function::Silu,
+            Function::Sigmoid,
+            Function::SmoothLeakyRelu(0.2),
+        ] {
+            for order in 0u8..3 {
+                let op = Elementwise { function, order };
+                let cpu = x.apply_op1_no_bwd(&op)?;
+                let gpu = x.to_device(&dev)?.apply_op1_no_bwd(&op)?;
+                assert_close(&format!("{function:?} order {order}"), &gpu, &cpu)?;
+            }
+        }
+        let smearing = GaussianSmearing::equiformer_v2(12.0)?;
+        let d = ((random(&[300], 42, dtype)? + 1.0)? * 6.0)?;
+        compare_with_grad("gaussian smearing", &dev, &d, |t| Ok(smearing.forward(t)?))?;
+    }
+    Ok(())
+}
+
+/// SchNet's shifted softplus kernel (the op lives in matscale-models; its CUDA kernel here).
+#[test]
+fn shifted_softplus_kernel_matches_its_formula() -> TestResult {
+    let Some(dev) = gpu("shifted_softplus_kernel_matches_its_formula") else {
+        return Ok(());
+    };
+    struct Ssp(u8);
+    impl candle_core::CustomOp1 for Ssp {
+        fn name(&self) -> &'static str {
+            "shifted-softplus-test"
+        }
+        fn cpu_fwd(
+            &self,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            candle_core::bail!("GPU only")
+        }
+        fn cuda_fwd(
+            &self,
+            s: &candle_core::CudaStorage,
+            l: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+            matscale_equivariant::cuda::shifted_softplus(s, l, self.0, "shifted-softplus-test")
+        }
+    }
+    for dtype in [DType::F64, DType::F32] {
+        let x = (random(&[2000], 51, dtype)? * 30.0)?;
+        let xv = values(&x)?;
+        for order in 0u8..3 {
+            let expected: Vec<f64> = xv
+                .iter()
+                .map(|&v| {
+                    let s = 1.0 / (1.0 + (-v).exp());
+                    match order {
+                        0 => v.max(0.0) + (-v.abs()).exp().ln_1p() - std::f64::consts::LN_2,
+                        1 => s,
+                        _ => s * (1.0 - s),
+                    }
+                })
+                .collect();
+            let expected = Tensor::from_vec(expected, 2000, &Device::Cpu)?.to_dtype(dtype)?;
+            let got = x.to_device(&dev)?.apply_op1_no_bwd(&Ssp(order))?;
+            assert_close(&format!("ssp order {order}"), &got, &expected)?;
+        }
+    }
+    Ok(())
+}

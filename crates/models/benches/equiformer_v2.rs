@@ -1,0 +1,285 @@
+//! EquiformerV2 on the CPU: forward and forward+backward of the whole model on a fixed batch,
+//! and the peak memory of each (one process per measurement).
+//!
+//! Two modes:
+//! * `cargo bench -p matscale-models --bench equiformer_v2 [-- FILTER]`: criterion benches
+//!   `equiformer_v2/{small,eqv2-s}/{forward,forward_backward}` (10 samples each; the eqV2-S
+//!   ones take a few minutes).
+//! * `equiformer_v2 compare --config small|eqv2-s --phase forward|forward_backward
+//!   [--reps 3] [--warmup 1]`: the side-by-side mode of `equiformer_v2_compare.sh`. Prints one
+//!   JSON line (every repetition's seconds, best, median, the process's peak RSS). Run one
+//!   measurement per process so that the peak RSS is that measurement's.
+//! * `equiformer_v2 input PATH`: writes the batch (structures and the edge list with its
+//!   vectors) as JSON for `equiformer_v2_fairchem.py`, so both sides run on the same graph.
+//!
+//! Input: 8 fcc alloys of 32 atoms from matscale's EMT structure generator
+//! (`AlloyGenerator { seed: 2026, .. }`, structures 0..8: 2–4 of Al, Cu, Ag, Au, Ni, Pd, Pt,
+//! strained ±3%, rattled), 256 atoms; edges within 12 Å, the 20 nearest per atom plus any
+//! within 0.01 Å of the 20th (fairchem's non-strict `max_neighbors`). Models (f32, eval mode,
+//! direct forces): `small` is eqV2-S with 2 layers and 64 sphere channels (lmax 4, mmax 2,
+//! grid 18), `eqv2-s` the OMat24 eqV2-S; both with the energy, force and stress heads.
+//! Forward: inference with the weights as plain tensors (no autograd graph kept, as PyTorch
+//! under `no_grad`). Forward+backward: the weights as `Var`s, the loss `mean(E²) + mean(F²)` of the normalised outputs, then the
+//! gradient of every weight. The frame roll is random per forward, as in fairchem.
+//!
+//! The allocator is tuned as `cargo xtask` tunes it (`mallopt`: no `mmap` below 32 MiB, no
+//! trimming below 1 GiB): without it glibc returns every large temporary to the kernel and
+//! the page faults of re-touching it cost a large share of the run time.
+
+use std::collections::HashMap;
+use std::error::Error;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use criterion::Criterion;
+use matscale_models::equiformer_v2::{EquiformerV2, EquiformerV2Config};
+use matscale_models::{seeded_var_builder, BatchTensors, ForceMode, Geometry, Model};
+use matscale_structures::batch::{GraphBatch, GraphOptions};
+use matscale_structures::generate::AlloyGenerator;
+
+type BenchResult<T> = Result<T, Box<dyn Error + Send + Sync>>;
+
+/// Structures in the batch.
+const STRUCTURES: u64 = 8;
+/// Generator seed of the batch.
+const SEED: u64 = 2026;
+/// fairchem's tolerance for neighbours tied with the last kept one, Å.
+const DEGENERACY_TOLERANCE: f64 = 0.01;
+
+fn tune_allocator() {
+    // SAFETY: mallopt only changes allocator parameters; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TOP_PAD, 64 << 20);
+    }
+}
+
+/// Peak resident set size of this process, bytes.
+fn peak_rss_bytes() -> u64 {
+    // SAFETY: getrusage writes into the zeroed struct we pass.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    usage.ru_maxrss as u64 * 1024
+}
+
+fn config(name: &str) -> BenchResult<EquiformerV2Config> {
+    match name {
+        "small" => Ok(EquiformerV2Config {
+            num_layers: 2,
+            sphere_channels: 64,
+            ..EquiformerV2Config::eqv2_s()
+        }),
+        "eqv2-s" => Ok(EquiformerV2Config::eqv2_s()),
+        other => Err(format!("unknown config {other:?} (small, eqv2-s)").into()),
+    }
+}
+
+fn batch(config: &EquiformerV2Config) -> BenchResult<GraphBatch> {
+    let generator = AlloyGenerator {
+        seed: SEED,
+        ..AlloyGenerator::default()
+    }
+    .check()?;
+    let structures = generator.generate(0..STRUCTURES);
+    let options = GraphOptions {
+        cutoff: config.max_radius,
+        max_neighbors: Some(config.max_neighbors),
+        degeneracy_tolerance: Some(DEGENERACY_TOLERANCE),
+    };
+    Ok(GraphBatch::new(&structures, &options)?)
+}
+
+/// A built model and its inputs.
+struct Case {
+    net: EquiformerV2,
+    tensors: BatchTensors,
+    geometry: Geometry,
+    n_parameters: usize,
+    n_atoms: usize,
+    n_edges: usize,
+}
+
+impl Case {
+    /// The model of `name` on the benchmark batch. With `frozen` its weights are plain tensors
+    /// instead of `Var`s, so a forward pass keeps no autograd graph (inference, as PyTorch
+    /// under `no_grad`).
+    fn new(name: &str, frozen: bool) -> BenchResult<Self> {
+        let config = config(name)?;
+        let batch = batch(&config)?;
+        let device = Device::Cpu;
+        let varmap = VarMap::new();
+        let vb = seeded_var_builder(&varmap, 7, DType::F32, &device);
+        let mut net = EquiformerV2::new(&config, ForceMode::Direct, vb)?;
+        let n_parameters = varmap.all_vars().iter().map(|v| v.elem_count()).sum();
+        if frozen {
+            let tensors: HashMap<String, Tensor> = varmap
+                .data()
+                .lock()
+                .map_err(|_| "poisoned var map")?
+                .iter()
+                .map(|(name, var)| (name.clone(), var.as_tensor().detach()))
+                .collect();
+            let vb = VarBuilder::from_tensors(tensors, DType::F32, &device);
+            net = EquiformerV2::new(&config, ForceMode::Direct, vb)?;
+        }
+        let tensors = BatchTensors::new(&batch, DType::F32, &device)?;
+        let geometry = Geometry::of(&tensors)?;
+        Ok(Self {
+            net,
+            tensors,
+            geometry,
+            n_parameters,
+            n_atoms: batch.n_nodes(),
+            n_edges: batch.n_edges(),
+        })
+    }
+
+    /// Energy, forces, stress; with `backward`, also the weight gradients of
+    /// `mean(E²) + mean(F²)`. Returns the loss (to keep the work observable).
+    fn step(&self, backward: bool) -> BenchResult<f32> {
+        let out = self.net.forward(&self.tensors, &self.geometry, false)?;
+        let forces = out.forces.ok_or("direct forces missing")?;
+        // The stress is computed (and its graph freed: it is not in the loss).
+        std::hint::black_box(out.stress.ok_or("direct stress missing")?);
+        let loss = (out.energy.sqr()?.mean_all()? + forces.sqr()?.mean_all()?)?;
+        if backward {
+            let grads = loss.backward()?;
+            std::hint::black_box(grads);
+        }
+        Ok(loss.to_scalar::<f32>()?)
+    }
+}
+
+fn median(sorted: &[f64]) -> f64 {
+    let n = sorted.len();
+    if n % 2 == 1 {
+        sorted[n / 2]
+    } else {
+        0.5 * (sorted[n / 2 - 1] + sorted[n / 2])
+    }
+}
+
+fn compare(args: &[String]) -> BenchResult<()> {
+    let mut name = "small".to_string();
+    let mut phase = "forward".to_string();
+    let (mut reps, mut warmup) = (3usize, 1usize);
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let mut value = || {
+            it.next()
+                .cloned()
+                .ok_or_else(|| format!("{flag} needs a value"))
+        };
+        match flag.as_str() {
+            "--config" => name = value()?,
+            "--phase" => phase = value()?,
+            "--reps" => reps = value()?.parse()?,
+            "--warmup" => warmup = value()?.parse()?,
+            other => return Err(format!("unknown option {other}").into()),
+        }
+    }
+    let backward = match phase.as_str() {
+        "forward" => false,
+        "forward_backward" => true,
+        other => return Err(format!("unknown phase {other:?}").into()),
+    };
+    if reps == 0 {
+        return Err("--reps must be at least 1".into());
+    }
+    let case = Case::new(&name, !backward)?;
+    for _ in 0..warmup {
+        case.step(backward)?;
+    }
+    let mut seconds = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let start = Instant::now();
+        case.step(backward)?;
+        seconds.push(start.elapsed().as_secs_f64());
+    }
+    let mut sorted = seconds.clone();
+    sorted.sort_by(f64::total_cmp);
+    println!(
+        "{{\"impl\": \"matscale\", \"config\": \"{name}\", \"phase\": \"{phase}\", \
+         \"parameters\": {}, \"atoms\": {}, \"edges\": {}, \"threads\": {}, \
+         \"seconds\": {seconds:?}, \"best_s\": {}, \"median_s\": {}, \"peak_rss_bytes\": {}}}",
+        case.n_parameters,
+        case.n_atoms,
+        case.n_edges,
+        rayon::current_num_threads(),
+        sorted[0],
+        median(&sorted),
+        peak_rss_bytes()
+    );
+    Ok(())
+}
+
+/// Writes the batch for the fairchem side: per structure its numbers, positions and cell;
+/// the edges as `src`, `dst` (global node indices), `vec` (`r_src − r_dst + shift·cell`, Å).
+fn write_input(path: &str) -> BenchResult<()> {
+    let config = config("small")?;
+    let b = batch(&config)?;
+    let mut structures = Vec::new();
+    for s in 0..b.n_structures() {
+        let (lo, hi) = (b.node_ptr[s], b.node_ptr[s + 1]);
+        let numbers: Vec<u8> = b.numbers[lo..hi].to_vec();
+        let positions: Vec<&[f64]> = b.positions[3 * lo..3 * hi].chunks(3).collect();
+        let cell: Vec<&[f64]> = b.cells[9 * s..9 * s + 9].chunks(3).collect();
+        structures.push(format!(
+            "{{\"numbers\": {numbers:?}, \"positions\": {positions:?}, \"cell\": {cell:?}}}"
+        ));
+    }
+    let vec: Vec<&[f64]> = b.edge_vectors.chunks(3).collect();
+    let json = format!(
+        "{{\"generator\": \"AlloyGenerator seed {SEED}, structures 0..{STRUCTURES}\", \
+         \"cutoff\": {}, \"max_neighbors\": {}, \"structures\": [{}], \
+         \"edges\": {{\"src\": {:?}, \"dst\": {:?}, \"vec\": {vec:?}}}}}",
+        config.max_radius,
+        config.max_neighbors,
+        structures.join(", "),
+        b.edge_src,
+        b.edge_dst,
+    );
+    std::fs::write(path, json)?;
+    eprintln!(
+        "wrote {path}: {} structures, {} atoms, {} edges",
+        b.n_structures(),
+        b.n_nodes(),
+        b.n_edges()
+    );
+    Ok(())
+}
+
+fn criterion_benches() -> BenchResult<()> {
+    let mut c = Criterion::default()
+        .sample_size(10)
+        .warm_up_time(std::time::Duration::from_secs(1))
+        .configure_from_args();
+    for name in ["small", "eqv2-s"] {
+        let mut group = c.benchmark_group(format!("equiformer_v2/{name}"));
+        group.sample_size(10);
+        for (phase, backward) in [("forward", false), ("forward_backward", true)] {
+            let case = Case::new(name, !backward)?;
+            group.bench_function(phase, |b| {
+                b.iter(|| case.step(backward).expect("EquiformerV2 step"))
+            });
+        }
+        group.finish();
+    }
+    c.final_summary();
+    Ok(())
+}
+
+fn main() -> BenchResult<()> {
+    tune_allocator();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("compare") => compare(&args[1..]),
+        Some("input") => write_input(args.get(1).ok_or("input needs a path")?),
+        _ => criterion_benches(),
+    }
+}

@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# GPU verification of matscale's `cuda` feature, in two halves: build here (no GPU needed),
+# run on a GPU machine that has the NVIDIA driver and a Python with torch + e3nn but no Rust.
+#
+#   scripts/gpu-verify.sh build          # here: CUDA 13.0 toolkit (cargo xtask cuda-env), release
+#                                        # builds with --features cuda, stripped binaries packed
+#                                        # into target/gpu-stage/matscale-gpu.tar.xz
+#   scripts/gpu-verify.sh run [OUTDIR]   # there, from the repository root, with target/gpu-stage
+#                                        # carried: the CUDA kernel tests (every kernel against the
+#                                        # CPU, values and gradients), `bench kernels --device cuda`
+#                                        # with the e3nn/PyTorch reference side by side, and a short
+#                                        # SchNet training run on the GPU. Logs and JSON go to OUTDIR
+#                                        # (default $OUT, else target/gpu-out).
+#
+# With the device tool: after `build`, run
+#   command: bash scripts/gpu-verify.sh run "$OUT"     carry: ["target/gpu-stage"]
+# The CUDA libraries (cuBLAS, cuRAND, NVRTC, runtime) come from the machine's PyTorch venv
+# (python3 -c 'import nvidia'): never put the toolkit's lib/stubs on LD_LIBRARY_PATH there,
+# the stub libcuda.so.1 would hide the driver's.
+# Environment: TARGET_DIR (default /work/target-cuda), CUDA_COMPUTE_CAP (default 90),
+# SANITIZE=1 to also run the kernel tests under compute-sanitizer.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+STAGE=target/gpu-stage
+
+build() {
+    local td="${TARGET_DIR:-/work/target-cuda}"
+    eval "$(cargo xtask cuda-env --compute-cap "${CUDA_COMPUTE_CAP:-90}")"
+    echo "== building with --features cuda into $td (the first build of candle's kernels takes ~10 min on 2 cores)"
+    cargo build --release --features cuda -p xtask --target-dir "$td"
+    local tests
+    tests=$(cargo test --release --features cuda -p matscale-equivariant --test cuda --no-run \
+        --target-dir "$td" 2>&1 | tee /dev/stderr | sed -n 's/.*Executable tests\/cuda.rs (\(.*\))/\1/p')
+    [ -x "$tests" ] || { echo "could not find the cuda test binary" >&2; exit 1; }
+    rm -rf "$STAGE" && mkdir -p "$STAGE/bin"
+    cp "$td/release/xtask" "$STAGE/bin/xtask"
+    cp "$tests" "$STAGE/bin/cuda-tests"
+    strip "$STAGE/bin/xtask" "$STAGE/bin/cuda-tests"
+    ls -l "$STAGE/bin"
+    tar -C "$STAGE" -cJf "$STAGE/matscale-gpu.tar.xz" bin
+    rm -rf "$STAGE/bin"
+    ls -l "$STAGE"
+    local size
+    size=$(stat -c %s "$STAGE/matscale-gpu.tar.xz")
+    if [ "$size" -gt $((60 * 1024 * 1024)) ]; then
+        echo "warning: $STAGE is $((size >> 20)) MiB, close to the 64 MiB carry limit" >&2
+    fi
+    echo "staged; on the GPU machine: bash scripts/gpu-verify.sh run \"\$OUT\"  (carry target/gpu-stage)"
+}
+
+run() {
+    local out="${1:-${OUT:-target/gpu-out}}"
+    mkdir -p "$out"
+    out=$(cd "$out" && pwd)
+    local bin=/tmp/matscale-gpu
+    rm -rf "$bin" && mkdir -p "$bin"
+    tar -C "$bin" -xJf "$STAGE/matscale-gpu.tar.xz"
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/device.txt"
+    # The CUDA 13 libraries of the PyTorch venv (every folder under nvidia/ holding a .so).
+    local libs
+    libs=$(python3 - <<'PY'
+import glob, os, nvidia
+dirs = set()
+for p in nvidia.__path__:
+    for f in glob.glob(os.path.join(p, "**", "lib*.so*"), recursive=True):
+        dirs.add(os.path.dirname(f))
+print(":".join(sorted(dirs)))
+PY
+)
+    export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    for b in xtask cuda-tests; do
+        if ldd "$bin/bin/$b" | grep "not found"; then
+            echo "missing libraries for $b (LD_LIBRARY_PATH=$LD_LIBRARY_PATH)" >&2
+            exit 1
+        fi
+    done
+    local status=0
+    echo "== CUDA kernel tests (each kernel against the CPU, f32 1e-5, f64 1e-12, with gradients)"
+    "$bin/bin/cuda-tests" --test-threads=1 2>&1 | tee "$out/cuda-tests.log" || status=1
+    if grep -q "no CUDA device" "$out/cuda-tests.log"; then
+        echo "the tests found no CUDA device: nothing was compared" >&2
+        status=1
+    fi
+    if [ "${SANITIZE:-0}" = 1 ] && command -v compute-sanitizer >/dev/null; then
+        echo "== the same tests under compute-sanitizer (memcheck)"
+        compute-sanitizer --tool memcheck "$bin/bin/cuda-tests" --test-threads=1 \
+            > "$out/sanitizer.log" 2>&1 || status=1
+        tail -n 5 "$out/sanitizer.log"
+    fi
+    echo "== bench kernels --device cuda, with the e3nn / PyTorch reference"
+    "$bin/bin/xtask" bench kernels --device cuda --reference --python python3 \
+        --out "$out/bench-kernels-cuda0.json" 2>&1 | tee "$out/bench-kernels.log" || status=1
+    echo "== a short SchNet training run on the GPU (EMT-labelled alloys)"
+    "$bin/bin/xtask" train --model schnet --size 1e5 --data emt --emt-structures 64 --epochs 2 \
+        --device cuda --out "$out/schnet-run" 2>&1 | tail -n 20 | tee "$out/train.log" || status=1
+    echo "results in $out (status $status)"
+    return "$status"
+}
+
+case "${1:-}" in
+    build) build ;;
+    run) shift; run "$@" ;;
+    *) sed -n '2,20p' "$0"; exit 2 ;;
+esac
