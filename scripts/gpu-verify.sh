@@ -27,10 +27,12 @@ build() {
     local td="${TARGET_DIR:-/work/target-cuda}"
     eval "$(cargo xtask cuda-env --compute-cap "${CUDA_COMPUTE_CAP:-90}")"
     echo "== building with --features cuda into $td (the first build of candle's kernels takes ~10 min on 2 cores)"
-    cargo build --release --features cuda -p xtask --target-dir "$td"
+    # One feature set for both (xtask and the equivariant tests), so candle is built once.
+    cargo build --release --features cuda -p xtask -p matscale-equivariant --target-dir "$td"
     local tests
-    tests=$(cargo test --release --features cuda -p matscale-equivariant --test cuda --no-run \
-        --target-dir "$td" 2>&1 | tee /dev/stderr | sed -n 's/.*Executable tests\/cuda.rs (\(.*\))/\1/p')
+    tests=$(cargo test --release --features cuda -p xtask -p matscale-equivariant --test cuda \
+        --no-run --target-dir "$td" 2>&1 | tee /dev/stderr \
+        | sed -n 's/.*Executable tests\/cuda.rs (\(.*\))/\1/p')
     [ -x "$tests" ] || { echo "could not find the cuda test binary" >&2; exit 1; }
     rm -rf "$STAGE" && mkdir -p "$STAGE/bin"
     cp "$td/release/xtask" "$STAGE/bin/xtask"

@@ -89,7 +89,11 @@ fn open_cuda() -> Result<Device, String> {
     std::panic::set_hook(hook);
     match result {
         Ok(Ok(device)) => Ok(device),
-        Ok(Err(e)) => Err(format!("CUDA device 0 is unavailable ({e})")),
+        // The first line only: candle appends a backtrace when RUST_BACKTRACE is set.
+        Ok(Err(e)) => Err(format!(
+            "CUDA device 0 is unavailable ({})",
+            e.to_string().lines().next().unwrap_or_default().trim()
+        )),
         Err(panic) => {
             let what = panic
                 .downcast_ref::<String>()

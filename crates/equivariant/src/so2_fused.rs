@@ -12,8 +12,22 @@
 //! on the chunk (single-threaded `gemm`, the threads work on different chunks) and rotates
 //! the result straight into the output. The backward pass is one op as well: it recomputes
 //! the rotated input of the chunk instead of storing it, and writes the gradients of the
-//! input, of the radial weights and (one accumulator per worker thread, summed at the end) of
-//! the packed weights.
+//! input and of the radial weights (each written once, never read first: fresh output pages
+//! are touched once) and accumulates those of the packed weights.
+//!
+//! ## Gathered messages
+//! The `forward_gather_*` variants ([`MessageGather`]) take node rows `[N, (lmax+1)², C]`
+//! and build each edge's message (`x[i]`, or `cat(x[src], x[dst])` along channels) inside the
+//! op, one edge at a time in a task-local buffer, before rotating it into the frame: the
+//! `[E, (lmax+1)², C_in]` message tensor never exists. Their backward pass rotates each edge's
+//! input gradient back and adds it into the node rows of a node-sized gradient.
+//!
+//! ## Deterministic backward
+//! The backward pass splits the chunks into one contiguous part per rayon thread. Each part
+//! runs its chunks in edge order and accumulates the weight gradient (and, for the gathered
+//! variants, the node gradient) in its own buffer, the first part straight into the output;
+//! the parts are then added in part order. No atomics and no scheduling-order sums: the
+//! gradients are bit-for-bit reproducible for a given thread count.
 //!
 //! ## Complex products with three multiplications
 //! For `m > 0` a convolution computes `y₊ = x₊A − x₋B`, `y₋ = x₋A + x₊B` (`A = W_rᵀ`,

@@ -1,7 +1,7 @@
 //! EquiformerV2 on the CPU: forward and forward+backward of the whole model on a fixed batch,
 //! and the peak memory of each (one process per measurement).
 //!
-//! Two modes:
+//! Three modes:
 //! * `cargo bench -p matscale-models --bench equiformer_v2 [-- FILTER]`: criterion benches
 //!   `equiformer_v2/{small,eqv2-s}/{forward,forward_backward}` (10 samples each; the eqV2-S
 //!   ones take a few minutes).
@@ -19,8 +19,9 @@
 //! direct forces): `small` is eqV2-S with 2 layers and 64 sphere channels (lmax 4, mmax 2,
 //! grid 18), `eqv2-s` the OMat24 eqV2-S; both with the energy, force and stress heads.
 //! Forward: inference with the weights as plain tensors (no autograd graph kept, as PyTorch
-//! under `no_grad`). Forward+backward: the weights as `Var`s, the loss `mean(E²) + mean(F²)` of the normalised outputs, then the
-//! gradient of every weight. The frame roll is random per forward, as in fairchem.
+//! under `no_grad`). Forward+backward: the weights as `Var`s, the loss `mean(E²) + mean(F²)`
+//! of the normalised outputs, then the gradient of every weight (the stress is computed but
+//! not in the loss). The frame roll is random per forward, as in fairchem.
 //!
 //! The allocator is tuned as `cargo xtask` tunes it (`mallopt`: no `mmap` below 32 MiB, no
 //! trimming below 1 GiB): without it glibc returns every large temporary to the kernel and

@@ -7,8 +7,16 @@ use candle_core::{CudaDevice, CudaStorage, DType, Layout, Shape};
 
 use super::{cast, kernel, long, upload, view, CudaFloat, SH};
 
-/// Vectors per thread block of the forward kernel (its rows are staged in shared memory).
-const VECTORS_PER_BLOCK: u32 = 64;
+/// Vectors per thread block of the forward kernel (its rows are staged in shared memory):
+/// 64, or 32 where 64 rows would exceed the 48 KiB of dynamic shared memory a launch gets
+/// without opting in (f64 at lmax ≥ 9).
+fn vectors_per_block<T>(dim: usize) -> u32 {
+    if 64 * dim * std::mem::size_of::<T>() <= 48 * 1024 {
+        64
+    } else {
+        32
+    }
+}
 
 /// The recurrence tables of `sh.rs` (`Recurrence::<f64>`): `start[m]`, `alpha`/`beta` at
 /// `l (lmax + 1) + m`.
@@ -35,18 +43,17 @@ fn launch_forward<T: CudaFloat>(
     let alpha = upload(dev, &cast::<T>(rec.alpha))?;
     let beta = upload(dev, &cast::<T>(rec.beta))?;
     let func = kernel::<T>(dev, SH, "sh_forward")?;
-    let blocks = n.div_ceil(VECTORS_PER_BLOCK as usize);
+    let per_block = vectors_per_block::<T>(dim);
+    let blocks = n.div_ceil(per_block as usize);
     let cfg = LaunchConfig {
         grid_dim: (
             u32::try_from(blocks).map_err(candle_core::Error::wrap)?,
             1,
             1,
         ),
-        block_dim: (VECTORS_PER_BLOCK, 1, 1),
-        shared_mem_bytes: u32::try_from(
-            VECTORS_PER_BLOCK as usize * dim * std::mem::size_of::<T>(),
-        )
-        .expect("64 rows of at most 144 f64 fit in shared memory"),
+        block_dim: (per_block, 1, 1),
+        shared_mem_bytes: u32::try_from(per_block as usize * dim * std::mem::size_of::<T>())
+            .expect("at most 64 rows of at most 144 f64"),
     };
     let (n, lmax, normalize) = (long(n), rec.lmax as i32, i32::from(rec.normalize));
     let mut b = func.builder();

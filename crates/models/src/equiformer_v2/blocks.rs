@@ -4,6 +4,13 @@
 //!
 //! Embeddings are `[rows, (lmax+1)², C]` l-major; messages in the edge frame are m-major and
 //! truncated to `|m| ≤ mmax` (see [`matscale_equivariant::mapping`]).
+//!
+//! On the CPU the per-edge and per-grid-point work runs in fused ops that keep their
+//! temporaries in per-task scratch and store only their inputs for the backward pass: the
+//! gathered SO(2) convolutions of `matscale_equivariant::so2`, the separable S2 activation, the
+//! attention-weighted segment sum (`AttentionSum`), the message gather for differentiable
+//! frames (`GatherPair`) and the feed-forward grid MLP ([`grid_mlp`]); each has a composed
+//! fallback and a test against it. See docs/ARCHITECTURE.md ("EquiformerV2 on the CPU: what is fused and why").
 
 use std::sync::Arc;
 
@@ -15,7 +22,7 @@ use matscale_equivariant::norms::{EquivariantNorm, LayerNorm, NormConfig, NormTy
 use matscale_equivariant::radial::RadialFunction;
 use matscale_equivariant::s2grid::S2Grid;
 use matscale_equivariant::segment::Segments;
-use matscale_equivariant::so2::{So2ConvConfig, So2Convolution, So2Init};
+use matscale_equivariant::so2::{MessageGather, So2ConvConfig, So2Convolution, So2Init};
 use matscale_equivariant::wigner::block_offset;
 
 use super::config::EquiformerV2Config;
@@ -27,6 +34,12 @@ use crate::error::{ModelError, Result};
 
 /// fairchem's `negative_slope` of the attention's `SmoothLeakyReLU`.
 const ALPHA_NEGATIVE_SLOPE: f64 = 0.2;
+/// Gaussian distance features below this are set to zero before the radial MLPs. Most of the
+/// 600 Gaussians of an edge are far from its length and tiny; their products with the weights
+/// are subnormal floats, which slow the radial MLP's matrix products (its forward and its
+/// weight gradient) on x86 by orders of magnitude. The change is far below the rounding of
+/// any output (as SchNet's `RBF_FLOOR`).
+const GAUSSIAN_FLOOR: f64 = 1e-20;
 /// LayerNorm epsilon (PyTorch's default).
 const LN_EPS: f64 = 1e-5;
 
@@ -128,11 +141,14 @@ impl AtomEdgeEmbedding {
         })
     }
 
-    /// `[distance features ‖ source embedding ‖ target embedding]`, `[E, 600 + 2·ec]`.
+    /// `[distance features ‖ source embedding ‖ target embedding]`, `[E, 600 + 2·ec]`; Gaussian
+    /// features below [`GAUSSIAN_FLOOR`] are set to zero.
     fn edge_features(&self, graph: &EdgeGraph) -> Result<Tensor> {
+        let d = &graph.distance_features;
+        let d = (d * d.ge(GAUSSIAN_FLOOR)?.to_dtype(d.dtype())?)?;
         Ok(Tensor::cat(
             &[
-                &graph.distance_features,
+                &d,
                 &self.source.index_select(&graph.source_numbers, 0)?,
                 &self.target.index_select(&graph.target_numbers, 0)?,
             ],
@@ -358,10 +374,23 @@ impl GraphAttention {
         let radial = self
             .rad_func
             .forward(&self.atom_edge.edge_features(graph)?)?;
-        let message = gather_pair(x, graph)?;
-        // fairchem `_rotate` + `_m_primary` + `SO2_Convolution`, one fused op: the rotated
-        // message `[E, n_trunc, 2C]` only ever exists chunk by chunk inside the kernel.
-        let (hidden, extra) = wigner.conv_rotate_in(&self.conv_1, &message, Some(&radial))?;
+        // fairchem's message `[x_src ‖ x_dst]`, `_rotate`, `_m_primary` and `SO2_Convolution`.
+        // With detached frames one fused op: neither the gathered message `[E, K, 2C]` nor its
+        // rotation exist outside a chunk of edges inside the kernel, and the input gradient is
+        // node-sized. Differentiable frames rotate a gathered message by matmuls.
+        let (hidden, extra) = match wigner {
+            EdgeFrames::Detached(blocks) => {
+                let message = MessageGather::Pair {
+                    source: graph.src.clone(),
+                    target: graph.dst.clone(),
+                };
+                self.conv_1
+                    .forward_gather_rotate_in(x, &message, blocks, Some(&radial))?
+            }
+            frames => {
+                frames.conv_rotate_in(&self.conv_1, &gather_pair(x, graph)?, Some(&radial))?
+            }
+        };
         let extra = extra.ok_or_else(|| {
             ModelError::Batch("the first SO(2) convolution returned no attention scalars".into())
         })?;
@@ -460,7 +489,12 @@ impl candle_core::CustomOp1 for GatherPair {
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
         use candle_core::CpuStorage as S;
         let (n, k, c) = layout.shape().dims3()?;
-        if self.src.iter().chain(self.dst.iter()).any(|&i| i as usize >= n) {
+        if self
+            .src
+            .iter()
+            .chain(self.dst.iter())
+            .any(|&i| i as usize >= n)
+        {
             candle_core::bail!("{}: an edge index is not below {n} nodes", self.name());
         }
         let Some((a, b)) = layout.contiguous_offsets() else {
@@ -904,7 +938,12 @@ mod tests {
         assert_eq!(max_abs_diff(&fused, &composed), 0.0);
         let probe = Tensor::randn(0f64, 1.0, (5, k, 2 * c), &dev).unwrap();
         let grad = |out: &Tensor| {
-            let g = (out * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let g = (out * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
             g.get(x.as_tensor()).unwrap().clone()
         };
         assert!(max_abs_diff(&grad(&fused), &grad(&composed)) < 1e-14);

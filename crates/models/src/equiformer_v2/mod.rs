@@ -73,7 +73,7 @@
 //! stress then equal finite differences of the energy to 1e-9 (f64). The model **refuses to
 //! train** in this mode (`train = true` is an error naming `force_mode`): a force loss needs
 //! second derivatives, and the S2-activation, fused SO(2) and rotation kernels of
-//! `matscale-equivariant` have first derivatives only. See docs/arch/equiformer_v2-training.md.
+//! `matscale-equivariant` have first derivatives only. See docs/ARCHITECTURE.md ("EquiformerV2: training").
 //!
 //! ## Limitations
 //! * Training in [`ForceMode::Conservative`] (above).

@@ -172,7 +172,10 @@ mod tests {
                 .iter()
                 .zip(tail(zero_roll.blocks()))
                 .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
-            assert!(err < 1e-12, "first-chart edges have the zero-roll frames: {err:e}");
+            assert!(
+                err < 1e-12,
+                "first-chart edges have the zero-roll frames: {err:e}"
+            );
             let k = layout.num_coefficients();
             let x: Vec<f64> = (0..4 * k * 3)
                 .map(|i| ((i * 37 % 11) as f64) - 5.0)
