@@ -31,7 +31,8 @@ Examples:
   cargo xtask train --model schnet --size 1e5 --data emt --epochs 20 --out runs/schnet-1e5
   cargo xtask train --model schnet --preset pyg-default --data tests/data/real/mlearn/Si/training.json \\
       --val-data tests/data/real/mlearn/Si/test.json --epochs 200 --out runs/si
-  cargo xtask train --config configs/train/schnet-emt.toml --out runs/x";
+  cargo xtask train --config configs/train/schnet-emt.toml --out runs/x
+  cargo xtask train --model equiformer_v2 --preset study-03 --data emt --epochs 5 --out runs/eqv2";
 
 /// Train a model on a data set.
 #[derive(clap::Args)]
@@ -40,7 +41,7 @@ pub struct TrainArgs {
     /// Run configuration (TOML with `[model]`, `force_mode`, `[data]`, `[train]`); flags override it.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Model family (fcn, transformer, schnet).
+    /// Model family (fcn, transformer, schnet, equiformer_v2).
     #[arg(long)]
     model: Option<Family>,
     /// Target parameter count on the family's size ladder (e.g. 1e5).
@@ -143,7 +144,7 @@ fn resolve(args: &TrainArgs) -> anyhow::Result<RunConfig> {
         run.model.preset = args.preset.clone();
     }
     if run.model.family.is_none() && run.model.config.is_none() {
-        anyhow::bail!("no model: give --model FAMILY (fcn, transformer, schnet) or a [model] section in --config");
+        anyhow::bail!("no model: give --model FAMILY (fcn, transformer, schnet, equiformer_v2) or a [model] section in --config");
     }
     let d = &mut run.data;
     if let Some(v) = &args.data {
