@@ -110,8 +110,13 @@ pub struct EquiformerV2Config {
     pub max_radius: f64,
     /// One past the largest atomic number embedded (default 96, as eqV2-S).
     pub max_num_elements: usize,
-    /// Average atoms per structure; the energy sum is divided by it (default 31.17, the
-    /// study's OMat24 value).
+    /// The energy head's sum over atoms is divided by this (fairchem's "average atoms per
+    /// structure"). Default **1**: matscale's trainer already scales energies per atom (its
+    /// normaliser predicts `E = s·raw + Σ ref[Z]` with `s` the per-atom spread), so any other
+    /// value makes the per-atom outputs grow by that factor before the energy can fit, and
+    /// small models then barely learn energies in practical budgets. fairchem's OMat24 models
+    /// and the scaling study use 31.17: set it to reproduce their raw outputs or to use their
+    /// weights with their own normalisation.
     pub avg_num_nodes: f64,
     /// Average in-degree; the edge-degree embedding is divided by it (default 61.95).
     pub avg_degree: f64,
@@ -157,7 +162,7 @@ impl Default for EquiformerV2Config {
             max_neighbors: 20,
             max_radius: 12.0,
             max_num_elements: 96,
-            avg_num_nodes: 31.17,
+            avg_num_nodes: 1.0,
             avg_degree: 61.95,
             frame_roll: FrameRoll::Random,
             frame_seed: 0,
@@ -373,7 +378,8 @@ impl EquiformerV2Config {
         }
     }
 
-    /// fairchem's OMat24 eqV2-S (31,207,434 parameters in [`ForceMode::Direct`]).
+    /// fairchem's OMat24 eqV2-S (31,207,434 parameters in [`ForceMode::Direct`]); as every
+    /// preset, with `avg_num_nodes = 1` for matscale's normaliser (fairchem: 31.17).
     pub fn eqv2_s() -> Self {
         Self::default()
     }
