@@ -1278,17 +1278,28 @@ impl So2LayerOp {
             Some(r) => x.apply_op3_no_bwd(&g, r, &bwd)?,
             None => x.apply_op2_no_bwd(&g, &bwd)?,
         };
-        let n_x = x.elem_count();
-        let n_r = radial.map_or(0, Tensor::elem_count);
-        let gx = flat.narrow(0, 0, n_x)?.reshape(x.shape())?;
-        let gr = radial
-            .map(|r| flat.narrow(0, n_x, n_r)?.reshape(r.shape()))
-            .transpose()?;
-        let gw = flat
-            .narrow(0, n_x + n_r, weights.elem_count())?
-            .reshape(weights.shape())?;
-        Ok((gx, gr, gw))
+        split_gradients(&flat, x, radial, weights)
     }
+}
+
+/// Splits the flat output of a fused backward op (`[grad x | grad radial | grad weights]`)
+/// into the three gradients, shaped like their inputs.
+fn split_gradients(
+    flat: &Tensor,
+    x: &Tensor,
+    radial: Option<&Tensor>,
+    weights: &Tensor,
+) -> candle_core::Result<(Tensor, Option<Tensor>, Tensor)> {
+    let n_x = x.elem_count();
+    let n_r = radial.map_or(0, Tensor::elem_count);
+    let gx = flat.narrow(0, 0, n_x)?.reshape(x.shape())?;
+    let gr = radial
+        .map(|r| flat.narrow(0, n_x, n_r)?.reshape(r.shape()))
+        .transpose()?;
+    let gw = flat
+        .narrow(0, n_x + n_r, weights.elem_count())?
+        .reshape(weights.shape())?;
+    Ok((gx, gr, gw))
 }
 
 impl CustomOp2 for So2LayerOp {
@@ -1805,16 +1816,7 @@ impl So2GatherOp {
             Some(r) => x.apply_op3_no_bwd(&g, r, &bwd)?,
             None => x.apply_op2_no_bwd(&g, &bwd)?,
         };
-        let n_x = x.elem_count();
-        let n_r = radial.map_or(0, Tensor::elem_count);
-        let gx = flat.narrow(0, 0, n_x)?.reshape(x.shape())?;
-        let gr = radial
-            .map(|r| flat.narrow(0, n_x, n_r)?.reshape(r.shape()))
-            .transpose()?;
-        let gw = flat
-            .narrow(0, n_x + n_r, weights.elem_count())?
-            .reshape(weights.shape())?;
-        Ok((gx, gr, gw))
+        split_gradients(&flat, x, radial, weights)
     }
 }
 
