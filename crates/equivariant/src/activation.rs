@@ -120,25 +120,74 @@ impl Float for f32 {
         exp_f32(self)
     }
     fn silu_in_place(xs: &mut [Self]) {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-            unsafe { silu_f32_avx2(xs) };
-            return;
-        }
-        silu_f32_body(xs);
+        silu_f32_slice(xs);
     }
     fn silu_backward_in_place(xs: &mut [Self], grad: &[Self]) {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-            unsafe { silu_backward_f32_avx2(xs, grad) };
-            return;
-        }
-        silu_backward_f32_body(xs, grad);
+        silu_backward_f32_slice(xs, grad);
     }
+}
+
+/// Runs `$body` compiled for AVX-512F, else AVX2 + FMA, else the baseline target, picking the
+/// widest instruction set the CPU has at run time (the branch-free bodies vectorise to it).
+macro_rules! simd_dispatch {
+    (($($arg:ident: $ty:ty),*), $body:expr) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx512f,avx2,fma")]
+            unsafe fn avx512($($arg: $ty),*) {
+                $body
+            }
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn avx2($($arg: $ty),*) {
+                $body
+            }
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU supports AVX-512F (checked just above).
+                unsafe { avx512($($arg),*) };
+                return;
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+                unsafe { avx2($($arg),*) };
+                return;
+            }
+        }
+        $body
+    }};
+}
+
+/// `x ← SiLU(x) = x σ(x)` over an f32 slice, vectorised with the widest SIMD the CPU has
+/// (AVX-512F, AVX2 + FMA, or the baseline) and the polynomial [`exp_f32`].
+pub fn silu_f32_slice(xs: &mut [f32]) {
+    simd_dispatch!((xs: &mut [f32]), {
+        for x in xs.iter_mut() {
+            *x = *x / (1.0 + exp_f32(-*x));
+        }
+    })
+}
+
+/// `x ← grad · SiLU'(x)` over f32 slices of equal length (the backward of
+/// [`silu_f32_slice`] given its input), vectorised like it.
+pub fn silu_backward_f32_slice(xs: &mut [f32], grad: &[f32]) {
+    simd_dispatch!((xs: &mut [f32], grad: &[f32]), {
+        for (x, &g) in xs.iter_mut().zip(grad) {
+            let s = 1.0 / (1.0 + exp_f32(-*x));
+            *x = g * s * (1.0 + *x * (1.0 - s));
+        }
+    })
+}
+
+/// `grad ← grad · SiLU'(pre)` over f32 slices of equal length (`pre` the SiLU inputs),
+/// vectorised like [`silu_f32_slice`].
+pub fn silu_grad_mul_f32(grad: &mut [f32], pre: &[f32]) {
+    simd_dispatch!((grad: &mut [f32], pre: &[f32]), {
+        for (g, &x) in grad.iter_mut().zip(pre) {
+            let s = 1.0 / (1.0 + exp_f32(-x));
+            *g *= s * (1.0 + x * (1.0 - s));
+        }
+    })
 }
 
 /// `e^x` in f32 without branches, so that loops over it vectorise: `x = k ln2 + r` with
@@ -146,48 +195,25 @@ impl Float for f32 {
 /// interval) and `2^k` assembled in the exponent bits. Inputs are clamped to `[−87, 88]`, so
 /// the result never overflows to infinity nor becomes subnormal.
 #[inline(always)]
-pub(crate) fn exp_f32(x: f32) -> f32 {
+pub fn exp_f32(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
-    // 1.5 · 2^23: adding and subtracting it rounds to the nearest integer.
+    // 1.5 · 2^23: adding it rounds to the nearest integer, which then sits in the low
+    // mantissa bits (so `k` is read with integer arithmetic, not a saturating `as i32` that
+    // would not vectorise).
     const ROUND: f32 = 12_582_912.0;
     let x = x.clamp(-87.0, 88.0);
-    let k = (x * LOG2E + ROUND) - ROUND;
+    let shifted = x * LOG2E + ROUND;
+    let k = shifted - ROUND;
     let r = (x - k * LN2_HI) - k * LN2_LO;
     let p = 1.0
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    let scale = f32::from_bits((((k as i32) + 127) << 23) as u32);
+    let k_bits = shifted.to_bits().wrapping_sub(ROUND.to_bits());
+    let scale = f32::from_bits(k_bits.wrapping_add(127) << 23);
     p * scale
-}
-
-#[inline(always)]
-fn silu_f32_body(xs: &mut [f32]) {
-    for x in xs {
-        *x = *x / (1.0 + exp_f32(-*x));
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn silu_f32_avx2(xs: &mut [f32]) {
-    silu_f32_body(xs);
-}
-
-#[inline(always)]
-fn silu_backward_f32_body(xs: &mut [f32], grad: &[f32]) {
-    for (x, &g) in xs.iter_mut().zip(grad) {
-        let s = 1.0 / (1.0 + exp_f32(-*x));
-        *x = g * s * (1.0 + *x * (1.0 - s));
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn silu_backward_f32_avx2(xs: &mut [f32], grad: &[f32]) {
-    silu_backward_f32_body(xs, grad);
 }
 
 /// The elementwise functions of [`Elementwise`].
@@ -204,7 +230,7 @@ pub enum Function {
 impl Function {
     /// The `order`-th derivative (0 = value) at `x`, evaluated in the kernel's float type.
     #[inline(always)]
-    fn eval<T: Float>(self, order: u8, x: T) -> T {
+    pub(crate) fn eval<T: Float>(self, order: u8, x: T) -> T {
         let one = T::ONE;
         let two = one + one;
         match self {

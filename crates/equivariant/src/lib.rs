@@ -12,6 +12,7 @@ pub mod error;
 pub mod frames;
 pub mod frames_diff;
 pub mod mapping;
+pub mod norm_act;
 pub mod norms;
 pub mod radial;
 pub mod s2grid;

@@ -53,8 +53,9 @@
 use candle_core::{DType, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 
-use crate::activation::check_float;
+use crate::activation::{check_float, Function};
 use crate::error::{EquivariantError, Result};
+use crate::norm_act::layer_norm_act;
 
 /// How the squared size of a degree is measured (fairchem's `normalization` argument).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -206,6 +207,12 @@ impl LayerNorm {
         Ok(normed
             .broadcast_mul(&self.weight)?
             .broadcast_add(&self.bias)?)
+    }
+
+    /// `act(self.forward(x))` as one fused op ([`crate::norm_act::layer_norm_act`]); `None`
+    /// is [`Self::forward`] itself.
+    pub fn forward_act(&self, x: &Tensor, act: Option<Function>) -> Result<Tensor> {
+        layer_norm_act(x, &self.weight, &self.bias, self.eps, act)
     }
 }
 

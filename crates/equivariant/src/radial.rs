@@ -41,7 +41,7 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use candle_nn::{Linear, Module, VarBuilder};
 use rayon::prelude::*;
 
-use crate::activation::{check_float, silu, Float};
+use crate::activation::{check_float, Float, Function};
 use crate::error::{EquivariantError, Result};
 use crate::norms::LayerNorm;
 
@@ -236,7 +236,7 @@ impl RadialFunction {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut h = x.clone();
         for (linear, norm) in &self.hidden {
-            h = silu(&norm.forward(&linear.forward(&h)?)?)?;
+            h = norm.forward_act(&linear.forward(&h)?, Some(Function::Silu))?;
         }
         Ok(self.last.forward(&h)?)
     }

@@ -289,6 +289,59 @@ impl S2Grid {
         })
     }
 
+    /// The same grid with its coefficients re-ordered: coefficient `i` of the new grid is
+    /// coefficient `order[i]` of this one (the matrices' columns and [`Self::degrees`]
+    /// permuted). EquiformerV2 uses it to run the S2 activation directly on the m-major layout
+    /// of its edge messages (`order` = [`SphericalLayout::to_m`](crate::mapping::SphericalLayout::to_m)),
+    /// with no re-indexing of the messages before and after.
+    ///
+    /// # Errors
+    /// `order` is not a permutation of `0..K`, or moves coefficient 0 (the `l = 0` row that
+    /// [`Self::separable_s2_activation`] replaces must stay first).
+    pub fn permuted(&self, order: &[usize]) -> Result<Self> {
+        let k = self.inner.k;
+        let mut seen = vec![false; k];
+        let valid = order.len() == k
+            && order.first() == Some(&0)
+            && order
+                .iter()
+                .all(|&c| c < k && !std::mem::replace(&mut seen[c], true));
+        if !valid {
+            return Err(EquivariantError::InvalidArgument {
+                name: "order",
+                reason: format!(
+                    "must be a permutation of 0..{k} that keeps coefficient 0 first, got {order:?}"
+                ),
+            });
+        }
+        fn permute<T: Copy>(m: &Matrices<T>, k: usize, order: &[usize]) -> Matrices<T> {
+            let columns = |m: &[T]| -> Vec<T> {
+                m.chunks(k)
+                    .flat_map(|row| order.iter().map(move |&c| row[c]))
+                    .collect()
+            };
+            Matrices {
+                to: columns(&m.to),
+                from: columns(&m.from),
+            }
+        }
+        let inner = &self.inner;
+        Ok(Self {
+            inner: Arc::new(GridInner {
+                lmax: inner.lmax,
+                mmax: inner.mmax,
+                res_beta: inner.res_beta,
+                res_alpha: inner.res_alpha,
+                normalization: inner.normalization,
+                k,
+                g: inner.g,
+                degrees: order.iter().map(|&c| inner.degrees[c]).collect(),
+                f64: permute(&inner.f64, k, order),
+                f32: permute(&inner.f32, k, order),
+            }),
+        })
+    }
+
     /// The grid fairchem's EquiformerV2 builds as `SO3_Grid(lmax, mmax, normalization =
     /// "component", resolution)`: `resolution × resolution` points if given, else
     /// `2(lmax+1) × (2 mmax + 1)`, or `2(lmax+1) × (2 mmax + 3)` when `mmax = lmax`.
@@ -1178,6 +1231,49 @@ mod tests {
             errors[1],
             errors[0]
         );
+        Ok(())
+    }
+
+    /// A permuted grid on permuted coefficients equals the original grid (separable S2
+    /// activation, values and input gradients), and bad orders are refused.
+    #[test]
+    fn permuted_grid_acts_on_permuted_coefficients() -> Result<()> {
+        let grid = S2Grid::equiformer_v2(4, 2, Some(18))?;
+        let k = grid.num_coefficients();
+        let layout = crate::mapping::SphericalLayout::new(4, 2)?;
+        let order = layout.to_m();
+        let permuted = grid.permuted(&order)?;
+        let index = Tensor::from_vec(
+            order.iter().map(|&c| c as u32).collect::<Vec<_>>(),
+            k,
+            &Device::Cpu,
+        )?;
+        let x = candle_core::Var::from_tensor(&random_tensor(&[3, k, 5], DType::F64, 11)?)?;
+        let scalars = random_tensor(&[3, 5], DType::F64, 12)?;
+        let reference = grid
+            .separable_s2_activation(&scalars, x.as_tensor())?
+            .index_select(&index, 1)?;
+        let x_m = x.as_tensor().index_select(&index, 1)?;
+        let out = permuted.separable_s2_activation(&scalars, &x_m)?;
+        let flat = |t: &Tensor| -> Vec<f64> { t.flatten_all().unwrap().to_vec1().unwrap() };
+        assert_close_slice(&flat(&out), &flat(&reference), 1e-12);
+        let probe = random_tensor(&[3, k, 5], DType::F64, 13)?;
+        let g1 = (&out * &probe)?.sum_all()?.backward()?;
+        let g2 = (&reference * &probe)?.sum_all()?.backward()?;
+        let (g1, g2) = (
+            g1.get(x.as_tensor()).unwrap(),
+            g2.get(x.as_tensor()).unwrap(),
+        );
+        assert_close_slice(&flat(g1), &flat(g2), 1e-12);
+        let degrees: Vec<usize> = order.iter().map(|&c| grid.degrees()[c]).collect();
+        assert_eq!(permuted.degrees(), &degrees[..]);
+        assert!(grid.permuted(&[1, 0]).is_err());
+        let mut swapped = order.clone();
+        swapped.swap(0, 1);
+        assert!(grid.permuted(&swapped).is_err());
+        let mut repeated = order.clone();
+        repeated[2] = repeated[1];
+        assert!(grid.permuted(&repeated).is_err());
         Ok(())
     }
 

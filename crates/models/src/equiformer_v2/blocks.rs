@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{Init, Linear, Module, VarBuilder};
-use matscale_equivariant::activation::{silu, smooth_leaky_relu};
+use matscale_equivariant::activation::{silu, smooth_leaky_relu, Function};
 use matscale_equivariant::mapping::SphericalLayout;
 use matscale_equivariant::norms::{EquivariantNorm, LayerNorm, NormConfig, NormType, So3LinearV2};
 use matscale_equivariant::radial::RadialFunction;
@@ -283,10 +283,6 @@ pub(crate) struct GraphAttention {
     alpha_dot: Tensor,
     proj: So3LinearV2,
     grid: S2Grid,
-    /// m-major slot of each truncated l-major coefficient (fairchem `_l_primary`).
-    to_l: Tensor,
-    /// truncated l-major coefficient of each m-major slot (fairchem `_m_primary`).
-    to_m: Tensor,
     num_heads: usize,
     alpha_channels: usize,
     value_channels: usize,
@@ -335,14 +331,10 @@ impl GraphAttention {
             },
         )?;
         let proj = So3LinearV2::new(heads * value, out, l, vb.pp("proj"))?;
-        let grid = grids.attention.clone();
-        let to_m_host = layout.to_m();
-        let mut to_l_host = vec![0u32; to_m_host.len()];
-        for (slot, &coefficient) in to_m_host.iter().enumerate() {
-            to_l_host[coefficient] = slot as u32;
-        }
-        let to_m_host: Vec<u32> = to_m_host.iter().map(|&i| i as u32).collect();
-        let n = to_m_host.len();
+        // The attention grid with its coefficients in the m-major order of the edge
+        // messages (fairchem's `_l_primary` before and `_m_primary` after the activation are
+        // folded into the grid matrices).
+        let grid = grids.attention.permuted(&layout.to_m())?;
         Ok(Self {
             atom_edge: AtomEdgeEmbedding::new(config, &vb)?,
             rad_func,
@@ -352,8 +344,6 @@ impl GraphAttention {
             alpha_dot,
             proj,
             grid,
-            to_l: Tensor::from_vec(to_l_host, n, vb.device())?,
-            to_m: Tensor::from_vec(to_m_host, n, vb.device())?,
             num_heads: heads,
             alpha_channels: alpha,
             value_channels: value,
@@ -399,18 +389,20 @@ impl GraphAttention {
         let gating = extra
             .narrow(1, alpha_width, self.hidden_channels)?
             .contiguous()?;
-        // Separable S2 activation on the truncated l-major layout, then back to m-major.
-        let hidden_l = hidden.index_select(&self.to_l, 1)?;
-        let activated = self.grid.separable_s2_activation(&gating, &hidden_l)?;
-        let hidden = activated.index_select(&self.to_m, 1)?;
+        // Separable S2 activation, on the m-major layout (the grid's columns are permuted).
+        let hidden = self.grid.separable_s2_activation(&gating, &hidden)?;
         // Second `SO2_Convolution` + `_l_primary` + `rotate_inv`, fused likewise.
         let (values, _) = wigner.conv_rotate_out(&self.conv_2, &hidden, None)?;
         // Attention weights: LayerNorm → SmoothLeakyReLU → dot with alpha_dot → softmax.
-        let mut logits = logits_in.reshape((e, heads, self.alpha_channels))?;
-        if let Some(norm) = &self.alpha_norm {
-            logits = norm.forward(&logits)?;
-        }
-        logits = smooth_leaky_relu(&logits, ALPHA_NEGATIVE_SLOPE)?;
+        let logits = logits_in.reshape((e, heads, self.alpha_channels))?;
+        let logits = match &self.alpha_norm {
+            // One fused LayerNorm + activation node instead of a dozen `[E, H, A]` ones.
+            Some(norm) => norm.forward_act(
+                &logits,
+                Some(Function::SmoothLeakyRelu(ALPHA_NEGATIVE_SLOPE)),
+            )?,
+            None => smooth_leaky_relu(&logits, ALPHA_NEGATIVE_SLOPE)?,
+        };
         let logits = logits
             .broadcast_mul(&self.alpha_dot.unsqueeze(0)?)?
             .sum(D::Minus1)?;

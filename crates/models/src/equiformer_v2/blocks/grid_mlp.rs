@@ -14,6 +14,7 @@
 use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor, WithDType};
+use matscale_equivariant::activation;
 use rayon::prelude::*;
 
 /// Nodes per rayon task (`CHUNK · G` rows per GEMM).
@@ -44,41 +45,24 @@ impl GridMatrices {
     }
 }
 
-/// f32 / f64 with the matrices and a vectorisable SiLU.
+/// f32 / f64 with the matrices and vectorised SiLU loops.
 trait Elem: WithDType + Copy + Send + Sync + 'static {
     fn mats(m: &GridMatrices) -> (&[Self], &[Self]);
-    fn silu(x: Self) -> Self;
-    /// `SiLU'(x)`.
-    fn silu_grad(x: Self) -> Self;
-}
-
-/// `e^x` for f32: range reduction by ln 2 and a degree-6 polynomial (about 1 ulp), branch-free
-/// so that loops over slices vectorise.
-#[inline(always)]
-fn exp_f32(x: f32) -> f32 {
-    let x = x.clamp(-87.0, 88.0);
-    // Round to nearest with the 1.5·2²³ trick (no `round` call, which would not vectorise).
-    let n = (x * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
-    let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6;
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    f32::from_bits(((n as i32 + 127) << 23) as u32) * p
+    /// `x ← SiLU(x)`.
+    fn silu_in_place(xs: &mut [Self]);
+    /// `grad ← grad · SiLU'(pre)`.
+    fn silu_grad_mul(grad: &mut [Self], pre: &[Self]);
 }
 
 impl Elem for f32 {
     fn mats(m: &GridMatrices) -> (&[f32], &[f32]) {
         (&m.to32, &m.from32)
     }
-    #[inline(always)]
-    fn silu(x: f32) -> f32 {
-        x / (1.0 + exp_f32(-x))
+    fn silu_in_place(xs: &mut [f32]) {
+        activation::silu_f32_slice(xs);
     }
-    #[inline(always)]
-    fn silu_grad(x: f32) -> f32 {
-        let s = 1.0 / (1.0 + exp_f32(-x));
-        s * (1.0 + x * (1.0 - s))
+    fn silu_grad_mul(grad: &mut [f32], pre: &[f32]) {
+        activation::silu_grad_mul_f32(grad, pre);
     }
 }
 
@@ -86,14 +70,16 @@ impl Elem for f64 {
     fn mats(m: &GridMatrices) -> (&[f64], &[f64]) {
         (&m.to64, &m.from64)
     }
-    #[inline(always)]
-    fn silu(x: f64) -> f64 {
-        x / (1.0 + (-x).exp())
+    fn silu_in_place(xs: &mut [f64]) {
+        for x in xs {
+            *x /= 1.0 + (-*x).exp();
+        }
     }
-    #[inline(always)]
-    fn silu_grad(x: f64) -> f64 {
-        let s = 1.0 / (1.0 + (-x).exp());
-        s * (1.0 + x * (1.0 - s))
+    fn silu_grad_mul(grad: &mut [f64], pre: &[f64]) {
+        for (g, &x) in grad.iter_mut().zip(pre) {
+            let s = 1.0 / (1.0 + (-x).exp());
+            *g *= s * (1.0 + x * (1.0 - s));
+        }
     }
 }
 
@@ -200,13 +186,11 @@ fn linear<T: Elem>(f: usize, rows: usize, w: &[T], src: &[T], dst: &mut [T]) {
 fn hidden<T: Elem>(f: usize, rows: usize, w: &[T], g0: &[T], [a1, h1, a2, h2]: [&mut [T]; 4]) {
     let ff = f * f;
     linear(f, rows, &w[..ff], &g0[..rows * f], a1);
-    for (h, &a) in h1[..rows * f].iter_mut().zip(&a1[..rows * f]) {
-        *h = T::silu(a);
-    }
+    h1[..rows * f].copy_from_slice(&a1[..rows * f]);
+    T::silu_in_place(&mut h1[..rows * f]);
     linear(f, rows, &w[ff..2 * ff], &h1[..rows * f], a2);
-    for (h, &a) in h2[..rows * f].iter_mut().zip(&a2[..rows * f]) {
-        *h = T::silu(a);
-    }
+    h2[..rows * f].copy_from_slice(&a2[..rows * f]);
+    T::silu_in_place(&mut h2[..rows * f]);
 }
 
 fn forward<T: Elem>(mats: &GridMatrices, d: Dims, x: &[T], w: &[T]) -> Vec<T> {
@@ -309,9 +293,7 @@ fn backward<T: Elem>(mats: &GridMatrices, d: Dims, x: &[T], dy: &[T], w: &[T]) -
                         (f, 1),
                     );
                 }
-                for (v, &a) in h2[..rows * f].iter_mut().zip(&a2[..rows * f]) {
-                    *v *= T::silu_grad(a);
-                }
+                T::silu_grad_mul(&mut h2[..rows * f], &a2[..rows * f]);
                 // Layer 2 (input h1).
                 unsafe {
                     mm(
@@ -335,9 +317,7 @@ fn backward<T: Elem>(mats: &GridMatrices, d: Dims, x: &[T], dy: &[T], w: &[T]) -
                         (f, 1),
                     );
                 }
-                for (v, &a) in h1[..rows * f].iter_mut().zip(&a1[..rows * f]) {
-                    *v *= T::silu_grad(a);
-                }
+                T::silu_grad_mul(&mut h1[..rows * f], &a1[..rows * f]);
                 // Layer 1 (input g0).
                 unsafe {
                     mm(

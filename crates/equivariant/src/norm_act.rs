@@ -1,0 +1,420 @@
+//! LayerNorm over the last dimension fused with a pointwise activation, as one candle op.
+//!
+//! `y = act((x − mean) / √(var + eps) · weight + bias)` per row (biased variance), the
+//! `Linear → LayerNorm → SiLU` step of EquiformerV2's radial MLPs (fairchem `RadialFunction`).
+//! Composed from candle ops ([`LayerNorm::forward`](crate::norms::LayerNorm::forward) then the
+//! activation) this is about a dozen row-sized tensors in the autograd graph, each of which
+//! candle's backward pass zero-fills and accumulates into; here it is one node whose backward is
+//! one pass over the rows:
+//!
+//! ```text
+//! n = (x − μ) · r,  r = 1/√(σ² + eps),  y = n w + b,  dy = g · act'(y)
+//! dx = r · (dy w − mean(dy w) − n · mean(dy w · n)),  dw = Σ_rows dy n,  db = Σ_rows dy
+//! ```
+//!
+//! The weight and bias gradients are summed over fixed row blocks and the block sums added in
+//! order, so results do not depend on the number of threads.
+//!
+//! The CPU kernel serves f32 and f64. Elsewhere (CUDA, half precision), and whenever
+//! higher-order gradients are requested (`CANDLE_GRAD_DO_NOT_DETACH` set, as
+//! `matscale_models::enable_higher_order_gradients` does), [`layer_norm_act`] composes the same
+//! function from differentiable candle ops instead, because the fused backward is first order.
+//!
+//! # Example
+//!
+//! ```
+//! use candle_core::{Device, Tensor};
+//! use matscale_equivariant::activation::Function;
+//! use matscale_equivariant::norm_act::layer_norm_act;
+//!
+//! # fn main() -> matscale_equivariant::error::Result<()> {
+//! let dev = Device::Cpu;
+//! let x = Tensor::new(&[[1.0f64, 2.0, 3.0, 6.0]], &dev)?;
+//! let (w, b) = (Tensor::ones(4, x.dtype(), &dev)?, Tensor::zeros(4, x.dtype(), &dev)?);
+//! let y: Vec<f64> = layer_norm_act(&x, &w, &b, 1e-5, None)?.flatten_all()?.to_vec1()?;
+//! assert!(y.iter().sum::<f64>().abs() < 1e-12); // zero mean
+//! let silu = layer_norm_act(&x, &w, &b, 1e-5, Some(Function::Silu))?;
+//! assert_eq!(silu.dims(), &[1, 4]);
+//! # Ok(())
+//! # }
+//! ```
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, D};
+use rayon::prelude::*;
+
+use crate::activation::{Elementwise, Float, Function};
+use crate::error::{EquivariantError, Result};
+
+/// Rows per block of the weight-gradient sums (fixed, so the summation order is too).
+const ROWS_PER_BLOCK: usize = 256;
+
+/// Whether candle keeps the backward graph (`CANDLE_GRAD_DO_NOT_DETACH` set and not `0`).
+fn higher_order_requested() -> bool {
+    std::env::var_os("CANDLE_GRAD_DO_NOT_DETACH").is_some_and(|v| !v.is_empty() && v != "0")
+}
+
+/// `act(LayerNorm(x) · weight + bias)` over the last dimension of `x` (`weight`, `bias`: that
+/// dimension's size); `act = None` is the plain affine LayerNorm. Differentiable in all three
+/// inputs; see the [module docs](self) for when the fused kernel runs.
+pub fn layer_norm_act(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    act: Option<Function>,
+) -> Result<Tensor> {
+    let a = x.dim(D::Minus1)?;
+    for (name, t) in [("weight", weight), ("bias", bias)] {
+        if t.dims() != [a] || t.dtype() != x.dtype() {
+            return Err(EquivariantError::ShapeMismatch {
+                arg: name,
+                expected: format!("[{a}] with the dtype of `x`"),
+                found: t.dims().to_vec(),
+            });
+        }
+    }
+    let fused = x.device().is_cpu()
+        && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
+        && !higher_order_requested();
+    if !fused {
+        let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+        let y = centred
+            .broadcast_div(&(var + eps)?.sqrt()?)?
+            .broadcast_mul(weight)?
+            .broadcast_add(bias)?;
+        return Ok(match act {
+            None => y,
+            Some(function) => y.apply_op1(Elementwise { function, order: 0 })?,
+        });
+    }
+    Ok(x.contiguous()?.apply_op3(
+        &weight.contiguous()?,
+        &bias.contiguous()?,
+        LayerNormAct { eps, act },
+    )?)
+}
+
+/// The fused op (args `x`, `weight`, `bias`).
+#[derive(Debug, Clone, Copy)]
+struct LayerNormAct {
+    eps: f64,
+    act: Option<Function>,
+}
+
+/// `(mean, 1/√(var + eps))` of one row.
+#[inline(always)]
+fn row_stats<T: Float>(row: &[T], eps: T) -> (T, T) {
+    let inv = T::ONE / T::from_f64(row.len() as f64);
+    let mut mean = T::ZERO;
+    for &v in row {
+        mean += v;
+    }
+    mean *= inv;
+    let mut var = T::ZERO;
+    for &v in row {
+        let d = v - mean;
+        var += d * d;
+    }
+    var *= inv;
+    (mean, T::ONE / T::from_f64((var + eps).to_f64().sqrt()))
+}
+
+fn forward_kernel<T: Float>(x: &[T], w: &[T], b: &[T], op: LayerNormAct) -> Vec<T> {
+    let a = w.len();
+    let eps = T::from_f64(op.eps);
+    let mut out = vec![T::ZERO; x.len()];
+    if a == 0 {
+        return out;
+    }
+    out.par_chunks_mut(ROWS_PER_BLOCK * a)
+        .zip(x.par_chunks(ROWS_PER_BLOCK * a))
+        .for_each(|(out, x)| {
+            for (o, row) in out.chunks_mut(a).zip(x.chunks(a)) {
+                let (mean, r) = row_stats(row, eps);
+                for (((o, &v), &w), &b) in o.iter_mut().zip(row).zip(w).zip(b) {
+                    *o = (v - mean) * r * w + b;
+                }
+                match op.act {
+                    None => {}
+                    Some(Function::Silu) => T::silu_in_place(o),
+                    Some(f) => o.iter_mut().for_each(|v| *v = f.eval(0, *v)),
+                }
+            }
+        });
+    out
+}
+
+/// `[dx (rows·A) | dw (A) | db (A)]`.
+fn backward_kernel<T: Float>(x: &[T], w: &[T], b: &[T], g: &[T], op: LayerNormAct) -> Vec<T> {
+    let a = w.len();
+    let eps = T::from_f64(op.eps);
+    let mut out = vec![T::ZERO; x.len() + 2 * a];
+    if a == 0 {
+        return out;
+    }
+    let (dx, dwb) = out.split_at_mut(x.len());
+    let inv_a = T::ONE / T::from_f64(a as f64);
+    let partials: Vec<Vec<T>> = dx
+        .par_chunks_mut(ROWS_PER_BLOCK * a)
+        .zip(x.par_chunks(ROWS_PER_BLOCK * a))
+        .zip(g.par_chunks(ROWS_PER_BLOCK * a))
+        .map(|((dx, x), g)| {
+            let mut acc = vec![T::ZERO; 2 * a];
+            let mut n = vec![T::ZERO; a];
+            let mut dn = vec![T::ZERO; a];
+            for ((dx, row), g) in dx.chunks_mut(a).zip(x.chunks(a)).zip(g.chunks(a)) {
+                let (mean, r) = row_stats(row, eps);
+                let (mut sum_dn, mut sum_dn_n) = (T::ZERO, T::ZERO);
+                for j in 0..a {
+                    let nj = (row[j] - mean) * r;
+                    let dy = match op.act {
+                        None => g[j],
+                        Some(f) => g[j] * f.eval(1, nj * w[j] + b[j]),
+                    };
+                    acc[j] += dy * nj;
+                    acc[a + j] += dy;
+                    let d = dy * w[j];
+                    n[j] = nj;
+                    dn[j] = d;
+                    sum_dn += d;
+                    sum_dn_n += d * nj;
+                }
+                let (mean_dn, mean_dn_n) = (sum_dn * inv_a, sum_dn_n * inv_a);
+                for j in 0..a {
+                    dx[j] = r * (dn[j] - mean_dn - n[j] * mean_dn_n);
+                }
+            }
+            acc
+        })
+        .collect();
+    for p in partials {
+        for (d, v) in dwb.iter_mut().zip(p) {
+            *d += v;
+        }
+    }
+    out
+}
+
+/// Contiguous slice of a storage's layout, or an error naming the op.
+fn slice<'a, T>(v: &'a [T], layout: &Layout, name: &str) -> candle_core::Result<&'a [T]> {
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{name}: inputs must be contiguous")))?;
+    Ok(&v[start..end])
+}
+
+impl CustomOp3 for LayerNormAct {
+    fn name(&self) -> &'static str {
+        "layer-norm-act"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
+                CpuStorage::F32(forward_kernel(
+                    slice(x, l1, name)?,
+                    slice(w, l2, name)?,
+                    slice(b, l3, name)?,
+                    *self,
+                ))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
+                CpuStorage::F64(forward_kernel(
+                    slice(x, l1, name)?,
+                    slice(w, l2, name)?,
+                    slice(b, l3, name)?,
+                    *self,
+                ))
+            }
+            _ => candle_core::bail!("{name}: x, weight and bias must all be f32 or all f64"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let a = weight.elem_count();
+        let wb = Tensor::cat(&[weight, bias], 0)?;
+        let back = LayerNormActBackward { op: *self };
+        let flat = x.apply_op3_no_bwd(&grad_res.contiguous()?, &wb, &back)?;
+        let n = x.elem_count();
+        let dx = flat.narrow(0, 0, n)?.reshape(x.shape())?;
+        let dw = flat.narrow(0, n, a)?;
+        let db = flat.narrow(0, n + a, a)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// The backward kernel as an op of (`x`, `grad`, `[weight ‖ bias]`) returning the flat
+/// `[dx | dw | db]`.
+#[derive(Debug, Clone, Copy)]
+struct LayerNormActBackward {
+    op: LayerNormAct,
+}
+
+impl CustomOp3 for LayerNormActBackward {
+    fn name(&self) -> &'static str {
+        "layer-norm-act-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        let a = l3.shape().elem_count() / 2;
+        let len = l1.shape().elem_count() + 2 * a;
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(g), CpuStorage::F32(wb)) => {
+                let wb = slice(wb, l3, name)?;
+                CpuStorage::F32(backward_kernel(
+                    slice(x, l1, name)?,
+                    &wb[..a],
+                    &wb[a..],
+                    slice(g, l2, name)?,
+                    self.op,
+                ))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(g), CpuStorage::F64(wb)) => {
+                let wb = slice(wb, l3, name)?;
+                CpuStorage::F64(backward_kernel(
+                    slice(x, l1, name)?,
+                    &wb[..a],
+                    &wb[a..],
+                    slice(g, l2, name)?,
+                    self.op,
+                ))
+            }
+            _ => candle_core::bail!("{name}: all inputs must be f32 or all f64"),
+        };
+        Ok((out, Shape::from(len)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::norms::LayerNorm;
+    use crate::testing::{assert_close_slice, check_gradient, random_tensor};
+    use candle_core::{DType, Device, Var};
+    use candle_nn::{VarBuilder, VarMap};
+
+    fn composed(x: &Tensor, w: &Tensor, b: &Tensor, act: Option<Function>) -> Tensor {
+        let centred = x
+            .broadcast_sub(&x.mean_keepdim(D::Minus1).unwrap())
+            .unwrap();
+        let var = centred.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+        let y = centred
+            .broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap())
+            .unwrap()
+            .broadcast_mul(w)
+            .unwrap()
+            .broadcast_add(b)
+            .unwrap();
+        match act {
+            None => y,
+            Some(function) => y.apply_op1(Elementwise { function, order: 0 }).unwrap(),
+        }
+    }
+
+    /// Values and the gradients of all three inputs equal the composed ops' (f64, 1e-12), for
+    /// each activation, with more rows than one weight-gradient block.
+    #[test]
+    fn fused_equals_composed_with_gradients() -> Result<()> {
+        let (rows, a) = (ROWS_PER_BLOCK + 37, 12);
+        for act in [
+            None,
+            Some(Function::Silu),
+            Some(Function::SmoothLeakyRelu(0.2)),
+        ] {
+            let x = Var::from_tensor(&random_tensor(&[rows, a], DType::F64, 1)?)?;
+            let w = Var::from_tensor(&(random_tensor(&[a], DType::F64, 2)? + 1.0)?)?;
+            let b = Var::from_tensor(&random_tensor(&[a], DType::F64, 3)?)?;
+            let probe = random_tensor(&[rows, a], DType::F64, 4)?;
+            let fused = layer_norm_act(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5, act)?;
+            let reference = composed(x.as_tensor(), w.as_tensor(), b.as_tensor(), act);
+            let flat = |t: &Tensor| -> Vec<f64> { t.flatten_all().unwrap().to_vec1().unwrap() };
+            assert_close_slice(&flat(&fused), &flat(&reference), 1e-12);
+            let gf = (&fused * &probe)?.sum_all()?.backward()?;
+            let gc = (&reference * &probe)?.sum_all()?.backward()?;
+            for var in [&x, &w, &b] {
+                let f = gf.get(var.as_tensor()).expect("fused gradient");
+                let c = gc.get(var.as_tensor()).expect("composed gradient");
+                assert_close_slice(&flat(f), &flat(c), 1e-11);
+            }
+        }
+        Ok(())
+    }
+
+    /// The input gradient agrees with finite differences (f64).
+    #[test]
+    fn gradient_matches_finite_differences() -> Result<()> {
+        let a = 7;
+        let w = (random_tensor(&[a], DType::F64, 5)? + 1.0)?;
+        let b = random_tensor(&[a], DType::F64, 6)?;
+        let x = random_tensor(&[3, 2, a], DType::F64, 7)?;
+        let check = check_gradient(
+            |x| {
+                layer_norm_act(x, &w, &b, 1e-5, Some(Function::Silu))
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))
+            },
+            &x,
+            1e-6,
+        )?;
+        check.assert_within(1e-8);
+        Ok(())
+    }
+
+    /// f32 agrees with f64 to f32 precision, and with `LayerNorm::forward` + SiLU.
+    #[test]
+    fn f32_matches_f64_and_the_layer_norm_module() -> Result<()> {
+        let dev = Device::Cpu;
+        let map = VarMap::new();
+        let vb = VarBuilder::from_varmap(&map, DType::F32, &dev);
+        let norm = LayerNorm::new(16, 1e-5, vb)?;
+        let x = random_tensor(&[50, 16], DType::F32, 8)?;
+        let module = crate::activation::silu(&norm.forward(&x)?)?;
+        let fused = norm.forward_act(&x, Some(Function::Silu))?;
+        let flat = |t: &Tensor| -> Vec<f64> {
+            t.to_dtype(DType::F64)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        assert_close_slice(&flat(&fused), &flat(&module), 1e-5);
+        Ok(())
+    }
+
+    #[test]
+    fn mismatched_parameters_are_reported() {
+        let dev = Device::Cpu;
+        let x = Tensor::zeros((2, 3), DType::F64, &dev).unwrap();
+        let w = Tensor::ones(4, DType::F64, &dev).unwrap();
+        let b = Tensor::zeros(3, DType::F64, &dev).unwrap();
+        let err = layer_norm_act(&x, &w, &b, 1e-5, None).unwrap_err();
+        assert!(err.to_string().contains("weight"), "{err}");
+    }
+}
