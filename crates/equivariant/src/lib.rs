@@ -23,3 +23,11 @@ mod so2_fused;
 #[cfg(test)]
 pub(crate) mod testing;
 pub mod wigner;
+
+/// Whether candle keeps the graph of backward passes (`CANDLE_GRAD_DO_NOT_DETACH` set and not
+/// `0`, as `matscale_models::enable_higher_order_gradients` sets it), i.e. whether gradients
+/// of gradients may be taken. Fused ops whose hand-written backward is first order use this to
+/// fall back to differentiable compositions.
+pub fn higher_order_gradients_requested() -> bool {
+    std::env::var_os("CANDLE_GRAD_DO_NOT_DETACH").is_some_and(|v| !v.is_empty() && v != "0")
+}

@@ -48,11 +48,6 @@ use crate::error::{EquivariantError, Result};
 /// Rows per block of the weight-gradient sums (fixed, so the summation order is too).
 const ROWS_PER_BLOCK: usize = 256;
 
-/// Whether candle keeps the backward graph (`CANDLE_GRAD_DO_NOT_DETACH` set and not `0`).
-fn higher_order_requested() -> bool {
-    std::env::var_os("CANDLE_GRAD_DO_NOT_DETACH").is_some_and(|v| !v.is_empty() && v != "0")
-}
-
 /// `act(LayerNorm(x) · weight + bias)` over the last dimension of `x` (`weight`, `bias`: that
 /// dimension's size); `act = None` is the plain affine LayerNorm. Differentiable in all three
 /// inputs; see the [module docs](self) for when the fused kernel runs.
@@ -75,7 +70,7 @@ pub fn layer_norm_act(
     }
     let fused = x.device().is_cpu()
         && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
-        && !higher_order_requested();
+        && !crate::higher_order_gradients_requested();
     if !fused {
         let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
         let var = centred.sqr()?.mean_keepdim(D::Minus1)?;

@@ -234,9 +234,68 @@ impl RadialFunction {
 
     /// `[E, c0] → [E, cn]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut h = x.clone();
-        for (linear, norm) in &self.hidden {
-            h = norm.forward_act(&linear.forward(&h)?, Some(Function::Silu))?;
+        let first = match self.hidden.first() {
+            Some((linear, _)) => linear.forward(x)?,
+            None => return Ok(self.last.forward(x)?),
+        };
+        self.forward_after_first(first)
+    }
+
+    /// [`Self::forward`] of `cat([dense, table₀[index₀], table₁[index₁], …], 1)` without
+    /// building that `[E, c0]` input: the first linear's columns of each gathered part multiply
+    /// the (small) table, and the product rows are gathered. EquiformerV2's radial input is 600
+    /// distance features followed by source and target atom embeddings (tables of one row per
+    /// element), so this replaces an `[E, 600 + 2·ec]` concatenation by two `[E, c1]` gathers.
+    ///
+    /// # Errors
+    /// The widths do not add up to `c0`, or an index is out of range.
+    pub fn forward_gathered(
+        &self,
+        dense: &Tensor,
+        gathered: &[(&Tensor, &Tensor)],
+    ) -> Result<Tensor> {
+        let Some((linear, _)) = self.hidden.first() else {
+            let mut parts = vec![dense.clone()];
+            for (table, index) in gathered {
+                parts.push(table.index_select(index, 0)?);
+            }
+            return Ok(self.last.forward(&Tensor::cat(&parts, 1)?)?);
+        };
+        let w = linear.weight();
+        let c0 = w.dim(1)?;
+        let mut widths = dense.dim(1)?;
+        for (table, _) in gathered {
+            widths += table.dim(1)?;
+        }
+        if widths != c0 {
+            return Err(EquivariantError::ShapeMismatch {
+                arg: "dense and gathered",
+                expected: format!("widths adding up to the first layer's {c0} inputs"),
+                found: vec![widths],
+            });
+        }
+        let mut offset = dense.dim(1)?;
+        let mut h = dense.matmul(&w.narrow(1, 0, offset)?.t()?.contiguous()?)?;
+        for (table, index) in gathered {
+            let width = table.dim(1)?;
+            let projected = table.matmul(&w.narrow(1, offset, width)?.t()?.contiguous()?)?;
+            h = (h + projected.index_select(index, 0)?)?;
+            offset += width;
+        }
+        if let Some(bias) = linear.bias() {
+            h = h.broadcast_add(bias)?;
+        }
+        self.forward_after_first(h)
+    }
+
+    /// The network after the first linear layer's output `first`.
+    fn forward_after_first(&self, first: Tensor) -> Result<Tensor> {
+        let mut h = first;
+        for (i, (linear, norm)) in self.hidden.iter().enumerate() {
+            if i > 0 {
+                h = linear.forward(&h)?;
+            }
+            h = norm.forward_act(&h, Some(Function::Silu))?;
         }
         Ok(self.last.forward(&h)?)
     }
@@ -320,6 +379,42 @@ mod tests {
         check_gradient(|t| s.forward(t).map_err(to_c), &d, 1e-6)?.assert_within(1e-8);
         assert!(GaussianSmearing::new(1.0, 1.0, 10, 1.0).is_err());
         assert!(GaussianSmearing::new(0.0, 1.0, 1, 1.0).is_err());
+        Ok(())
+    }
+
+    /// `forward_gathered` equals `forward` of the concatenated input, values and the
+    /// gradients of the dense input, the tables and the first layer's weight (f64).
+    #[test]
+    fn gathered_input_equals_the_concatenation() -> Result<()> {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu);
+        let radial = RadialFunction::new(&[6 + 2 + 3, 5, 4, 3], vb)?;
+        let dense = candle_core::Var::from_tensor(&random_tensor(&[7, 6], DType::F64, 21)?)?;
+        let a = candle_core::Var::from_tensor(&random_tensor(&[4, 2], DType::F64, 22)?)?;
+        let b = candle_core::Var::from_tensor(&random_tensor(&[5, 3], DType::F64, 23)?)?;
+        let ia = Tensor::new(&[0u32, 3, 3, 1, 2, 0, 1], &Device::Cpu)?;
+        let ib = Tensor::new(&[4u32, 0, 1, 1, 2, 3, 4], &Device::Cpu)?;
+        let (ta, tb, td) = (a.as_tensor(), b.as_tensor(), dense.as_tensor());
+        let fast = radial.forward_gathered(td, &[(ta, &ia), (tb, &ib)])?;
+        let cat = Tensor::cat(
+            &[td, &ta.index_select(&ia, 0)?, &tb.index_select(&ib, 0)?],
+            1,
+        )?;
+        let reference = radial.forward(&cat)?;
+        let flat = |t: &Tensor| -> Vec<f64> { t.flatten_all().unwrap().to_vec1().unwrap() };
+        assert_close_slice(&flat(&fast), &flat(&reference), 1e-12);
+        let probe = random_tensor(&[7, 3], DType::F64, 24)?;
+        let g1 = (&fast * &probe)?.sum_all()?.backward()?;
+        let g2 = (&reference * &probe)?.sum_all()?.backward()?;
+        let w = varmap.data().lock().expect("varmap lock")["net.0.weight"].clone();
+        for t in [td, ta, tb, w.as_tensor()] {
+            assert_close_slice(&flat(g1.get(t).unwrap()), &flat(g2.get(t).unwrap()), 1e-12);
+        }
+        assert!(radial
+            .forward_gathered(td, &[(ta, &ia)])
+            .unwrap_err()
+            .to_string()
+            .contains("widths"));
         Ok(())
     }
 

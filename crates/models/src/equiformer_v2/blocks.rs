@@ -39,7 +39,7 @@ const ALPHA_NEGATIVE_SLOPE: f64 = 0.2;
 /// are subnormal floats, which slow the radial MLP's matrix products (its forward and its
 /// weight gradient) on x86 by orders of magnitude. The change is far below the rounding of
 /// any output (as SchNet's `RBF_FLOOR`).
-const GAUSSIAN_FLOOR: f64 = 1e-20;
+pub(crate) const GAUSSIAN_FLOOR: f64 = 1e-20;
 /// LayerNorm epsilon (PyTorch's default).
 const LN_EPS: f64 = 1e-5;
 
@@ -141,18 +141,16 @@ impl AtomEdgeEmbedding {
         })
     }
 
-    /// `[distance features ‖ source embedding ‖ target embedding]`, `[E, 600 + 2·ec]`; Gaussian
-    /// features below [`GAUSSIAN_FLOOR`] are set to zero.
-    fn edge_features(&self, graph: &EdgeGraph) -> Result<Tensor> {
-        let d = &graph.distance_features;
-        let d = (d * d.ge(GAUSSIAN_FLOOR)?.to_dtype(d.dtype())?)?;
-        Ok(Tensor::cat(
+    /// `rad_func` of `[distance features ‖ source embedding ‖ target embedding]` (fairchem's
+    /// `x_edge`), without building that `[E, 600 + 2·ec]` input
+    /// ([`RadialFunction::forward_gathered`]).
+    fn radial(&self, rad_func: &RadialFunction, graph: &EdgeGraph) -> Result<Tensor> {
+        Ok(rad_func.forward_gathered(
+            &graph.distance_features,
             &[
-                &d,
-                &self.source.index_select(&graph.source_numbers, 0)?,
-                &self.target.index_select(&graph.target_numbers, 0)?,
+                (&self.source, &graph.source_numbers),
+                (&self.target, &graph.target_numbers),
             ],
-            1,
         )?)
     }
 }
@@ -172,7 +170,8 @@ pub(crate) struct EdgeGraph {
     pub source_numbers: Tensor,
     /// Atomic number of each edge's target `[E]`, u32.
     pub target_numbers: Tensor,
-    /// Gaussian distance features `[E, 600]` in the weight dtype.
+    /// Gaussian distance features `[E, 600]` in the weight dtype, those below
+    /// [`GAUSSIAN_FLOOR`] set to zero.
     pub distance_features: Tensor,
     /// Edge frames (detached, or differentiable for conservative forces); `None` without edges.
     pub wigner: Option<EdgeFrames>,
@@ -252,8 +251,8 @@ impl EdgeDegreeEmbedding {
         let e = graph.n_edges;
         let l1 = self.layout.lmax() + 1;
         let m0 = self
-            .rad_func
-            .forward(&self.atom_edge.edge_features(graph)?)?
+            .atom_edge
+            .radial(&self.rad_func, graph)?
             .reshape((e, l1, self.channels))?;
         // Rescale and 1/avg_degree folded into the per-coefficient weights.
         let scale: Vec<f64> = self.rescale.iter().map(|r| r / self.avg_degree).collect();
@@ -361,9 +360,7 @@ impl GraphAttention {
             return Ok(self.proj.forward(&zeros)?);
         };
         let e = graph.n_edges;
-        let radial = self
-            .rad_func
-            .forward(&self.atom_edge.edge_features(graph)?)?;
+        let radial = self.atom_edge.radial(&self.rad_func, graph)?;
         // fairchem's message `[x_src ‖ x_dst]`, `_rotate`, `_m_primary` and `SO2_Convolution`.
         // With detached frames one fused op: neither the gathered message `[E, K, 2C]` nor its
         // rotation exist outside a chunk of edges inside the kernel, and the input gradient is
@@ -647,7 +644,19 @@ impl candle_core::CustomOp2 for AttentionSum {
         grad_res: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (e, k, hv) = values.dims3()?;
-        let (h, v) = (self.heads, hv / self.heads);
+        let h = self.heads;
+        if !matscale_equivariant::higher_order_gradients_requested() {
+            // One pass: both gradients from each edge's row of `∂out`, no gathered copy.
+            let flat = values.contiguous()?.apply_op3_no_bwd(
+                &alpha.contiguous()?,
+                &grad_res.contiguous()?,
+                &AttentionSumBackward { sum: self.clone() },
+            )?;
+            let d_values = flat.narrow(0, 0, e * k * hv)?.reshape((e, k, hv))?;
+            let d_alpha = flat.narrow(0, e * k * hv, e * h)?.reshape((e, h))?;
+            return Ok((Some(d_values), Some(d_alpha)));
+        }
+        let v = hv / h;
         let grad = self
             .segments
             .gather(grad_res)
@@ -658,6 +667,112 @@ impl candle_core::CustomOp2 for AttentionSum {
             .reshape((e, k, hv))?;
         let d_alpha = (grad * values.reshape((e, k, h, v))?)?.sum(3)?.sum(1)?;
         Ok((Some(d_values), Some(d_alpha)))
+    }
+}
+
+/// First-order backward of [`AttentionSum`] (args: values, alpha, `∂out`), the flat
+/// `[∂values (E·K·H·V) | ∂alpha (E·H)]`: `∂values[e] = alpha[e] · ∂out[dst e]` per head and
+/// `∂alpha[e, h] = Σ_{k,v} values[e, k, h, v] · ∂out[dst e, k, h, v]`.
+#[derive(Debug, Clone)]
+struct AttentionSumBackward {
+    sum: AttentionSum,
+}
+
+impl AttentionSumBackward {
+    fn run<T: candle_core::WithDType>(
+        &self,
+        values: &[T],
+        alpha: &[T],
+        grad: &[T],
+        (k, hv): (usize, usize),
+    ) -> Vec<T> {
+        use rayon::prelude::*;
+        let offsets = &self.sum.offsets;
+        let n = offsets.len() - 1;
+        let e = offsets[n];
+        let (h, v) = (self.sum.heads, hv / self.sum.heads);
+        let row = k * hv;
+        let mut dst = vec![0usize; e];
+        for node in 0..n {
+            dst[offsets[node]..offsets[node + 1]].fill(node);
+        }
+        let mut out = vec![T::zero(); e * row + e * h];
+        let (d_values, d_alpha) = out.split_at_mut(e * row);
+        d_values
+            .par_chunks_mut(row)
+            .zip(d_alpha.par_chunks_mut(h))
+            .enumerate()
+            .for_each(|(edge, (dv, da))| {
+                let g = &grad[dst[edge] * row..(dst[edge] + 1) * row];
+                let val = &values[edge * row..(edge + 1) * row];
+                let a = &alpha[edge * h..(edge + 1) * h];
+                for ((dv_k, g_k), val_k) in dv
+                    .chunks_exact_mut(hv)
+                    .zip(g.chunks_exact(hv))
+                    .zip(val.chunks_exact(hv))
+                {
+                    for (head, ((dv, g), x)) in dv_k
+                        .chunks_exact_mut(v)
+                        .zip(g_k.chunks_exact(v))
+                        .zip(val_k.chunks_exact(v))
+                        .enumerate()
+                    {
+                        let w = a[head];
+                        let mut dot = T::zero();
+                        for ((d, &g), &x) in dv.iter_mut().zip(g).zip(x) {
+                            *d = w * g;
+                            dot += g * x;
+                        }
+                        da[head] += dot;
+                    }
+                }
+            });
+        out
+    }
+}
+
+impl candle_core::CustomOp3 for AttentionSumBackward {
+    fn name(&self) -> &'static str {
+        "attention-segment-sum-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+        s3: &candle_core::CpuStorage,
+        l3: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::CpuStorage as S;
+        let (e, k, hv) = l1.shape().dims3()?;
+        let n = self.sum.offsets.len() - 1;
+        if l3.shape().dims() != [n, k, hv] || l2.shape().dims() != [e, self.sum.heads] {
+            candle_core::bail!(
+                "{}: values {:?}, alpha {:?}, gradient {:?}",
+                self.name(),
+                l1.shape(),
+                l2.shape(),
+                l3.shape()
+            );
+        }
+        let name = self.name();
+        let slice = |l: &candle_core::Layout| -> candle_core::Result<(usize, usize)> {
+            l.contiguous_offsets()
+                .ok_or_else(|| candle_core::Error::Msg(format!("{name}: non-contiguous input")))
+        };
+        let ((a1, b1), (a2, b2), (a3, b3)) = (slice(l1)?, slice(l2)?, slice(l3)?);
+        let out = match (s1, s2, s3) {
+            (S::F32(v), S::F32(a), S::F32(g)) => {
+                S::F32(self.run(&v[a1..b1], &a[a2..b2], &g[a3..b3], (k, hv)))
+            }
+            (S::F64(v), S::F64(a), S::F64(g)) => {
+                S::F64(self.run(&v[a1..b1], &a[a2..b2], &g[a3..b3], (k, hv)))
+            }
+            _ => candle_core::bail!("{name}: all inputs must be f32 or all f64"),
+        };
+        Ok((out, (e * k * hv + e * self.sum.heads).into()))
     }
 }
 

@@ -362,6 +362,10 @@ impl EquiformerV2 {
         let distance_features = self
             .smearing
             .forward(&geometry.edge_lengths.to_dtype(dtype)?)?;
+        let keep = distance_features
+            .ge(blocks::GAUSSIAN_FLOOR)?
+            .to_dtype(distance_features.dtype())?;
+        let distance_features = (distance_features * keep)?;
         let graph = EdgeGraph {
             n_nodes: batch.n_nodes(),
             n_edges,
