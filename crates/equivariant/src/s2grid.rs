@@ -68,7 +68,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::activation::{check_float, Elementwise, Float, Function};
+use crate::activation::{check_float, silu, Elementwise, Float, Function};
 use crate::error::{EquivariantError, Result};
 pub use crate::sh::Normalization;
 use crate::sh::{spherical_harmonics_f64, SH_LMAX};
@@ -436,9 +436,20 @@ impl S2Grid {
         self.linear(grid, LinearKind::From)
     }
 
-    /// fairchem `S2Activation`: `from_grid(SiLU(to_grid(x)))`, `[N, K, C]` → `[N, K, C]`, fused.
+    /// `from_grid(SiLU(to_grid(x)))` from the grid products and the SiLU op, each with a
+    /// backward of its own: differentiable to any order, used when higher-order gradients are
+    /// requested (the fused ops' backward is first order).
+    fn s2_activation_composed(&self, x: &Tensor) -> Result<Tensor> {
+        self.from_grid(&silu(&self.to_grid(x)?)?)
+    }
+
+    /// fairchem `S2Activation`: `from_grid(SiLU(to_grid(x)))`, `[N, K, C]` → `[N, K, C]`, fused
+    /// (composed from differentiable ops when higher-order gradients are requested).
     pub fn s2_activation(&self, x: &Tensor) -> Result<Tensor> {
         self.check(x, "x", self.inner.k, "coefficients")?;
+        if crate::higher_order_gradients_requested() {
+            return self.s2_activation_composed(x);
+        }
         Ok(x.contiguous()?.apply_op1(S2Act {
             grid: self.inner.clone(),
         })?)
@@ -455,6 +466,14 @@ impl S2Grid {
                 expected: format!("[{n}, {c}] with the dtype of `x`"),
                 found: scalars.dims().to_vec(),
             });
+        }
+        if crate::higher_order_gradients_requested() {
+            let rows = self.s2_activation_composed(x)?;
+            let k = self.inner.k;
+            return Ok(Tensor::cat(
+                &[&silu(scalars)?.unsqueeze(1)?, &rows.narrow(1, 1, k - 1)?],
+                1,
+            )?);
         }
         Ok(x.contiguous()?.apply_op2(
             &scalars.contiguous()?,

@@ -543,7 +543,10 @@ impl CustomOp2 for RotateOp {
             direction: self.direction.adjoint(),
             rescale: self.rescale,
         };
-        let grad = grad_res.contiguous()?.apply_op2_no_bwd(wigner, &adjoint)?;
+        // With its own backward (the adjoint's adjoint), so gradients of gradients flow.
+        let grad = grad_res
+            .contiguous()?
+            .apply_op2(&wigner.detach(), adjoint)?;
         Ok((Some(grad), None))
     }
 }
@@ -877,6 +880,9 @@ impl So2Params {
         let wigner = wigner.filter(|_| rotate_in || rotate_out);
         let edges = self.check_inputs(x, radial, wigner, rotate_in)?;
         let layout = self.config.layout;
+        if crate::higher_order_gradients_requested() {
+            return self.forward_differentiable(x, radial, wigner, (rotate_in, rotate_out));
+        }
         let shape = LayerShape {
             layout,
             c_in: self.config.in_channels,
@@ -920,6 +926,82 @@ impl So2Params {
 }
 
 impl So2Params {
+    /// The layer composed from candle ops (per-order `matmul`s, the rotations as [`rotate`] /
+    /// [`rotate_inv`]), differentiable to any order: used when higher-order gradients are
+    /// requested, since the fused op's backward is first order. Same values as the fused op
+    /// up to rounding (tested).
+    fn forward_differentiable(
+        &self,
+        x: &Tensor,
+        radial: Option<&Tensor>,
+        wigner: Option<&WignerBlocks>,
+        (rotate_in, rotate_out): (bool, bool),
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let layout = self.config.layout;
+        let (c_in, c_out) = (self.config.in_channels, self.config.out_channels);
+        let rotation = || {
+            wigner.ok_or_else(|| EquivariantError::InvalidArgument {
+                name: "wigner",
+                reason: "a rotated layer needs the edge frames".into(),
+            })
+        };
+        let x = if rotate_in {
+            rotate(x, rotation()?, layout)?
+        } else {
+            x.clone()
+        };
+        let e = x.dim(0)?;
+        let extra = self.extra();
+        let dtype = x.dtype();
+        let scaled = |rows: Tensor, r_off: usize, width: usize| -> Result<Tensor> {
+            Ok(match radial {
+                Some(r) => (rows * r.narrow(1, r_off, width)?)?,
+                None => rows,
+            })
+        };
+        let n0 = layout.m_size(0);
+        let x0 = scaled(x.narrow(1, 0, n0)?.reshape((e, n0 * c_in))?, 0, n0 * c_in)?;
+        let mut r_off = n0 * c_in;
+        let y0 = x0
+            .matmul(&self.fc_m0_weight.to_dtype(dtype)?.t()?)?
+            .broadcast_add(&self.fc_m0_bias.to_dtype(dtype)?)?;
+        let extra_out = if extra > 0 {
+            Some(y0.narrow(1, 0, extra)?)
+        } else {
+            None
+        };
+        let mut parts = vec![y0.narrow(1, extra, n0 * c_out)?.reshape((e, n0, c_out))?];
+        for (i, w) in self.m_weights.iter().enumerate() {
+            let m = i + 1;
+            let (n_l, off) = (layout.m_size(m), layout.m_offset(m));
+            let (k, n) = (n_l * c_in, n_l * c_out);
+            let xp = scaled(x.narrow(1, off, n_l)?.reshape((e, k))?, r_off, k)?;
+            let xm = scaled(x.narrow(1, off + n_l, n_l)?.reshape((e, k))?, r_off, k)?;
+            r_off += k;
+            let wt = w.to_dtype(dtype)?.t()?;
+            let (fp, fm) = (xp.matmul(&wt)?, xm.matmul(&wt)?);
+            let (yp, ym) = if self.complex {
+                // fairchem: fc(x₊) = [x₊A | x₊B], fc(x₋) = [x₋A | x₋B];
+                // y₊ = x₊A − x₋B, y₋ = x₋A + x₊B.
+                (
+                    (fp.narrow(1, 0, n)? - fm.narrow(1, n, n)?)?,
+                    (fm.narrow(1, 0, n)? + fp.narrow(1, n, n)?)?,
+                )
+            } else {
+                (fp, fm)
+            };
+            parts.push(yp.reshape((e, n_l, c_out))?);
+            parts.push(ym.reshape((e, n_l, c_out))?);
+        }
+        let y = Tensor::cat(&parts, 1)?;
+        let y = if rotate_out {
+            rotate_inv(&y, rotation()?, layout)?
+        } else {
+            y
+        };
+        Ok((y, extra_out))
+    }
+
     /// The gathered layer (node rows in, see [`MessageGather`]), rotated in and optionally
     /// rotated back.
     fn forward_gather(
@@ -941,6 +1023,12 @@ impl So2Params {
             radial: radial.is_some(),
         };
         check_float("x", x)?;
+        if !x.device().is_cpu() || crate::higher_order_gradients_requested() {
+            // The gathered kernel is CPU-only and first order: gather the message, then the
+            // per-edge layer (which composes itself when higher-order gradients are on).
+            let message = gather.message(x)?;
+            return self.forward(&message, radial, Some(wigner), (true, rotate_out));
+        }
         let weights = self.packed_weights()?.to_dtype(x.dtype())?;
         crate::so2_fused::forward_gather(shape, &weights, x, gather, wigner, radial)
     }
@@ -1573,6 +1661,91 @@ mod tests {
             match ex {
                 Some(ex) => crate::testing::assert_close_slice(&to_vec(&ex), &ref_extra, 1e-12),
                 None => assert_eq!(extra, 0),
+            }
+        }
+        Ok(())
+    }
+
+    /// The composed (any-order differentiable) layer equals the fused one: values, the extra
+    /// outputs and the gradients of the input, the radial weights and every parameter, for the
+    /// convolution and the linear map, with and without rotations (f64).
+    #[test]
+    fn differentiable_composition_equals_the_fused_layer() -> TestResult {
+        let layout = SphericalLayout::new(3, 2)?;
+        let edges = 5;
+        let frames: Vec<_> = (0..edges as u64)
+            .map(|i| crate::testing::random_rotation(70 + i))
+            .collect();
+        let wigner = WignerBlocks::from_rotations(&frames, 3, DType::F64, &Device::Cpu)?;
+        for complex in [true, false] {
+            let config = So2ConvConfig::new(layout, 3, 2).with_extra_m0_outputs(2);
+            let varmap = VarMap::new();
+            let vb = VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu);
+            let params = So2Params::new(&config, complex, &vb)?;
+            for (i, var) in varmap.all_vars().iter().enumerate() {
+                var.set(&random_tensor(var.dims(), DType::F64, 90 + i as u64)?)?;
+            }
+            for (rotate_in, rotate_out) in [(false, false), (true, true), (true, false)] {
+                let rows = if rotate_in {
+                    layout.num_coefficients()
+                } else {
+                    layout.num_truncated()
+                };
+                let x = candle_core::Var::from_tensor(&random_tensor(
+                    &[edges, rows, 3],
+                    DType::F64,
+                    1,
+                )?)?;
+                let r = candle_core::Var::from_tensor(&random_tensor(
+                    &[edges, config.radial_len()],
+                    DType::F64,
+                    2,
+                )?)?;
+                let w = (rotate_in || rotate_out).then_some(&wigner);
+                let run = |composed: bool| -> crate::error::Result<(Tensor, Option<Tensor>)> {
+                    if composed {
+                        params.forward_differentiable(
+                            x.as_tensor(),
+                            Some(r.as_tensor()),
+                            w,
+                            (rotate_in, rotate_out),
+                        )
+                    } else {
+                        params.forward(
+                            x.as_tensor(),
+                            Some(r.as_tensor()),
+                            w,
+                            (rotate_in, rotate_out),
+                        )
+                    }
+                };
+                let (fused, composed) = (run(false)?, run(true)?);
+                crate::testing::assert_close_slice(&to_vec(&composed.0), &to_vec(&fused.0), 1e-12);
+                match (&fused.1, &composed.1) {
+                    (Some(a), Some(b)) => {
+                        crate::testing::assert_close_slice(&to_vec(b), &to_vec(a), 1e-12)
+                    }
+                    (None, None) => assert!(!complex),
+                    _ => panic!("extra outputs on one side only"),
+                }
+                let loss = |out: &(Tensor, Option<Tensor>)| -> candle_core::Result<Tensor> {
+                    let probe = random_tensor(out.0.dims(), DType::F64, 3)?;
+                    let mut l = (&out.0 * probe)?.sum_all()?;
+                    if let Some(e) = &out.1 {
+                        l = (l + (e * random_tensor(e.dims(), DType::F64, 4)?)?.sum_all()?)?;
+                    }
+                    Ok(l)
+                };
+                let (gf, gc) = (loss(&fused)?.backward()?, loss(&composed)?.backward()?);
+                let mut tensors = vec![x.as_tensor().clone(), r.as_tensor().clone()];
+                tensors.extend(varmap.all_vars().iter().map(|v| v.as_tensor().clone()));
+                for t in &tensors {
+                    let (a, b) = (
+                        gf.get(t).expect("fused gradient"),
+                        gc.get(t).expect("composed gradient"),
+                    );
+                    crate::testing::assert_close_slice(&to_vec(b), &to_vec(a), 1e-11);
+                }
             }
         }
         Ok(())

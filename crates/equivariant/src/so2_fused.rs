@@ -1537,6 +1537,19 @@ impl MessageGather {
             Self::Pair { .. } => 2,
         }
     }
+
+    /// The `[E, rows, parts·C]` message tensor itself (`index_select` and, for pairs, `cat`
+    /// along channels), which the fused CPU op never builds. Devices without the gathered
+    /// kernel (CUDA) run the per-edge layer on it.
+    pub fn message(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Self::Single(index) => x.index_select(index, 0)?,
+            Self::Pair { source, target } => Tensor::cat(
+                &[&x.index_select(source, 0)?, &x.index_select(target, 0)?],
+                2,
+            )?,
+        })
+    }
 }
 
 /// Validated, contiguous u32 indices held by the gather ops.
@@ -2383,16 +2396,6 @@ mod tests {
     }
 
     /// The gathered message `x[index]` or `cat(x[source], x[target])` built with candle ops.
-    fn gathered(x: &Tensor, gather: &MessageGather) -> candle_core::Result<Tensor> {
-        match gather {
-            MessageGather::Single(i) => x.index_select(i, 0),
-            MessageGather::Pair { source, target } => Tensor::cat(
-                &[&x.index_select(source, 0)?, &x.index_select(target, 0)?],
-                2,
-            ),
-        }
-    }
-
     /// Values and all gradients (node features, radial weights, parameters) of the gathered
     /// layer equal those of `index_select` (+ `cat`) followed by the per-edge fused layer, for
     /// single and paired gathers, both output sides, several chunks and several backward
@@ -2447,7 +2450,7 @@ mod tests {
             let r_opt = radial.then_some(r.as_tensor());
             for rotate_out in [true, false] {
                 let (fused, reference) = pool.install(|| -> crate::error::Result<_> {
-                    let msg = gathered(x.as_tensor(), &gather)?;
+                    let msg = gather.message(x.as_tensor())?;
                     Ok(if rotate_out {
                         (
                             conv.forward_gather_rotated(x.as_tensor(), &gather, &wigner, r_opt)?,

@@ -536,7 +536,8 @@ fn conservative_mode_builds_without_direct_heads_and_refuses_training_and_helper
     let geometry = Geometry::of(&tensors).unwrap();
     let out = net.forward(&tensors, &geometry, false).unwrap();
     assert!(out.forces.is_none() && out.stress.is_none());
-    // Training needs second derivatives, which the fused kernels lack: refused, not wrong.
+    // Training needs second derivatives: without enable_higher_order_gradients (this test
+    // process never calls it) it is refused, not silently wrong.
     match net.forward(&tensors, &geometry, true) {
         Err(ModelError::Config { field, .. }) => assert_eq!(field, "force_mode"),
         other => panic!("expected a force_mode error, got {other:?}"),

@@ -1,7 +1,8 @@
 //! The training loop with EquiformerV2: a tiny model (one layer, `lmax 2`, `mmax 1`, 8
 //! channels) memorises a few EMT-labelled alloys, and the saved best weights reproduce the
-//! recorded validation loss; mixed precision (bf16 weights, f32 compute) learns; training on
-//! conservative forces is refused.
+//! recorded validation loss; mixed precision (bf16 weights, f32 compute) learns. Training on
+//! conservative forces is in `training_equiformer_conservative.rs` (its own process: it
+//! enables higher-order gradients, which switches EquiformerV2 off its fused kernels).
 
 use std::path::Path;
 
@@ -119,31 +120,6 @@ fn a_tiny_equiformer_v2_overfits_a_few_alloys() {
         "{again} vs {}",
         result.best_val_loss
     );
-}
-
-#[test]
-fn conservative_training_is_refused_with_a_clear_error() {
-    // EquiformerV2's conservative forces are exact gradients (crates/models tests), but
-    // training on them needs second derivatives that the fused equivariant kernels lack, so
-    // the first training step stops with an error naming the setting instead of training on
-    // wrong gradients.
-    let train = Dataset::new(alloys(4, 1), DataConfig::default().graph(), "train").unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let spec = ModelSpec {
-        model: ModelConfig::EquiformerV2(tiny()),
-        force_mode: ForceMode::Conservative,
-    };
-    let config = TrainConfig {
-        epochs: 1,
-        batch_size: 4,
-        ..Default::default()
-    };
-    let err = Trainer::new(spec, config, train.clone(), train, dir.path(), Device::Cpu)
-        .unwrap()
-        .run(&mut Silent)
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("force_mode"), "{err}");
 }
 
 #[test]

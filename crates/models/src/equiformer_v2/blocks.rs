@@ -854,8 +854,10 @@ impl FeedForward {
         let k = x.dim(1)?;
         let gating = silu(&self.scalar_mlp.forward(&x.narrow(1, 0, 1)?)?)?;
         let hidden = self.so3_linear_1.forward(x)?;
-        let back = if hidden.device().is_cpu() && matches!(hidden.dtype(), DType::F32 | DType::F64)
-        {
+        let fused = hidden.device().is_cpu()
+            && matches!(hidden.dtype(), DType::F32 | DType::F64)
+            && !matscale_equivariant::higher_order_gradients_requested();
+        let back = if fused {
             // One fused op (see `grid_mlp`): no `[N, G, F]` grid signal outlives a node chunk.
             let weights = self
                 .grid_mlp

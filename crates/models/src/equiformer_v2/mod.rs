@@ -70,13 +70,18 @@
 //! edge vectors ([`matscale_equivariant::frames_diff::zero_roll_wigner`]: the zero-roll frame,
 //! with a second chart for edges within 45° of ±y) and messages are rotated by batched matmuls
 //! with those per-edge matrices (`rotation::EdgeFrames`); `frame_roll` is ignored. Forces and
-//! stress then equal finite differences of the energy to 1e-9 (f64). The model **refuses to
-//! train** in this mode (`train = true` is an error naming `force_mode`): a force loss needs
-//! second derivatives, and the S2-activation, fused SO(2) and rotation kernels of
-//! `matscale-equivariant` have first derivatives only. See docs/ARCHITECTURE.md ("EquiformerV2: training").
+//! stress then equal finite differences of the energy to 1e-9 (f64).
+//!
+//! Training on conservative forces differentiates them again (weights ← forces ← energy).
+//! The fused CPU kernels have first-order backwards, so whenever higher-order gradients are
+//! requested ([`crate::enable_higher_order_gradients`], which the trainer calls for
+//! conservative models) every block switches to differentiable compositions of candle ops
+//! (SO(2) convolutions as per-order `matmul`s, the S2 activations and grid MLP through the
+//! grid products and the SiLU op, norms and attention sums composed); without it,
+//! `train = true` in conservative mode is an error naming `force_mode`. The composed path is
+//! several times slower and holds every intermediate, as fairchem's would.
 //!
 //! ## Limitations
-//! * Training in [`ForceMode::Conservative`] (above).
 //! * Arithmetic in f32 or f64 only: bf16/f16 weights are stored in low precision and cast to
 //!   f32 on every forward pass (see [`EquiformerV2::new`]); the equivariant kernels have no
 //!   bf16/f16 path.
@@ -489,14 +494,16 @@ impl EquiformerV2 {
 
 impl Model for EquiformerV2 {
     fn forward(&self, batch: &BatchTensors, geometry: &Geometry, train: bool) -> Result<RawOutput> {
-        if train && self.force_block.is_none() {
+        if train
+            && self.force_block.is_none()
+            && !matscale_equivariant::higher_order_gradients_requested()
+        {
             return Err(ModelError::config(
                 "force_mode",
-                "is `conservative`, which EquiformerV2 evaluates but cannot train yet: training \
-                 on conservative forces differentiates them again, and the S2 activation, \
-                 fused SO(2) and rotation kernels of matscale-equivariant have first \
-                 derivatives only (their gradients would silently miss most paths); train in \
-                 `direct` mode",
+                "is `conservative`: training on conservative forces differentiates them again, \
+                 which needs `matscale_models::enable_higher_order_gradients()` first (the \
+                 trainer calls it); without it the fused kernels' first-order backward would \
+                 silently miss most paths",
             ));
         }
         self.run(batch, geometry, train, None)
