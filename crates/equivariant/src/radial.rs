@@ -236,7 +236,7 @@ impl RadialFunction {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let first = match self.hidden.first() {
             Some((linear, _)) => linear.forward(x)?,
-            None => return Ok(self.last.forward(x)?),
+            None => return linear_bias_folded(&self.last, x),
         };
         self.forward_after_first(first)
     }
@@ -259,7 +259,7 @@ impl RadialFunction {
             for (table, index) in gathered {
                 parts.push(table.index_select(index, 0)?);
             }
-            return Ok(self.last.forward(&Tensor::cat(&parts, 1)?)?);
+            return linear_bias_folded(&self.last, &Tensor::cat(&parts, 1)?);
         };
         let w = linear.weight();
         let c0 = w.dim(1)?;
@@ -297,8 +297,21 @@ impl RadialFunction {
             }
             h = norm.forward_act(&h, Some(Function::Silu))?;
         }
-        Ok(self.last.forward(&h)?)
+        linear_bias_folded(&self.last, &h)
     }
+}
+
+/// `linear.forward(h)` for `[E, in]` rows with the bias folded into the matrix product
+/// (`[h ‖ 1] · [W ‖ b]ᵀ`): the wide `[E, out]` output is one autograd node instead of a product
+/// and a broadcast addition (whose backward also reduces `[E, out]` for the bias gradient).
+fn linear_bias_folded(linear: &Linear, h: &Tensor) -> Result<Tensor> {
+    let Some(bias) = linear.bias() else {
+        return Ok(linear.forward(h)?);
+    };
+    let ones = Tensor::ones((h.dim(0)?, 1), h.dtype(), h.device())?;
+    let h = Tensor::cat(&[h, &ones], 1)?;
+    let w = Tensor::cat(&[linear.weight(), &bias.unsqueeze(1)?], 1)?;
+    Ok(h.matmul(&w.t()?)?)
 }
 
 #[cfg(test)]
