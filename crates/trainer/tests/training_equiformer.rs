@@ -4,59 +4,15 @@
 //! conservative forces is in `training_equiformer_conservative.rs` (its own process: it
 //! enables higher-order gradients, which switches EquiformerV2 off its fused kernels).
 
+mod common;
+
 use std::path::Path;
 
 use candle_core::{DType, Device};
-use matscale_models::equiformer_v2::{EquiformerV2Config, FrameRoll};
+use common::{alloys, tiny};
 use matscale_models::{ForceMode, ModelConfig, ModelSpec};
-use matscale_structures::emt::Emt;
-use matscale_structures::generate::AlloyGenerator;
-use matscale_structures::Structure;
 use matscale_trainer::source::DataConfig;
 use matscale_trainer::{evaluate, Dataset, Precision, Silent, TrainConfig, Trainer};
-
-/// `n` EMT-labelled 4-atom alloys (the conventional fcc cell, strained and rattled).
-fn alloys(n: u64, seed: u64) -> Vec<Structure> {
-    AlloyGenerator {
-        elements: vec!["Cu".into(), "Ni".into(), "Pd".into()],
-        min_elements: 2,
-        max_elements: 2,
-        supercells: vec![[1, 1, 1]],
-        seed,
-        ..Default::default()
-    }
-    .check()
-    .unwrap()
-    .generate_labelled(0..n, &Emt::new())
-    .unwrap()
-}
-
-/// The smallest EquiformerV2 that still has every part of the architecture: one layer,
-/// `lmax 2`, `mmax 1`, 8 sphere channels, a 5 Å radial range (the data's cutoff), no dropout,
-/// zero frame roll (a deterministic function of the geometry).
-fn tiny() -> EquiformerV2Config {
-    EquiformerV2Config {
-        num_layers: 1,
-        sphere_channels: 8,
-        attn_hidden_channels: 8,
-        num_heads: 2,
-        attn_alpha_channels: 4,
-        attn_value_channels: 4,
-        ffn_hidden_channels: 8,
-        edge_channels: 8,
-        lmax_list: vec![2],
-        mmax_list: vec![1],
-        grid_resolution: 0,
-        max_radius: 5.0,
-        max_num_elements: 50,
-        avg_num_nodes: 4.0,
-        avg_degree: 40.0,
-        alpha_drop: 0.0,
-        drop_path_rate: 0.0,
-        frame_roll: FrameRoll::Zero,
-        ..EquiformerV2Config::default()
-    }
-}
 
 fn first_val_loss(run: &Path) -> f64 {
     let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();

@@ -6,52 +6,19 @@
 //!
 //! Its own test binary: enabling higher-order gradients is process-wide.
 
+mod common;
+
 use candle_core::Device;
-use matscale_models::equiformer_v2::{EquiformerV2Config, FrameRoll};
 use matscale_models::{ForceMode, ModelConfig, ModelSpec};
-use matscale_structures::emt::Emt;
-use matscale_structures::generate::AlloyGenerator;
 use matscale_trainer::source::DataConfig;
 use matscale_trainer::{Dataset, Silent, TrainConfig, Trainer};
 
 #[test]
 fn a_tiny_conservative_equiformer_v2_learns_forces() {
-    let structures = AlloyGenerator {
-        elements: vec!["Cu".into(), "Ni".into(), "Pd".into()],
-        min_elements: 2,
-        max_elements: 2,
-        supercells: vec![[1, 1, 1]],
-        seed: 1,
-        ..Default::default()
-    }
-    .check()
-    .unwrap()
-    .generate_labelled(0..4, &Emt::new())
-    .unwrap();
+    let structures = common::alloys(4, 1);
     let train = Dataset::new(structures, DataConfig::default().graph(), "train").unwrap();
-    let config = EquiformerV2Config {
-        num_layers: 1,
-        sphere_channels: 8,
-        attn_hidden_channels: 8,
-        num_heads: 2,
-        attn_alpha_channels: 4,
-        attn_value_channels: 4,
-        ffn_hidden_channels: 8,
-        edge_channels: 8,
-        lmax_list: vec![2],
-        mmax_list: vec![1],
-        grid_resolution: 0,
-        max_radius: 5.0,
-        max_num_elements: 50,
-        avg_num_nodes: 4.0,
-        avg_degree: 40.0,
-        alpha_drop: 0.0,
-        drop_path_rate: 0.0,
-        frame_roll: FrameRoll::Zero,
-        ..EquiformerV2Config::default()
-    };
     let spec = ModelSpec {
-        model: ModelConfig::EquiformerV2(config),
+        model: ModelConfig::EquiformerV2(common::tiny()),
         force_mode: ForceMode::Conservative,
     };
     let dir = tempfile::tempdir().unwrap();
