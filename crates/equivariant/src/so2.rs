@@ -880,7 +880,9 @@ impl So2Params {
         let wigner = wigner.filter(|_| rotate_in || rotate_out);
         let edges = self.check_inputs(x, radial, wigner, rotate_in)?;
         let layout = self.config.layout;
-        if crate::higher_order_gradients_requested() {
+        // The fused op's backward is first order (with no edges every gradient is zero, so
+        // the fused op serves then too).
+        if edges > 0 && crate::higher_order_gradients_requested() {
             return self.forward_differentiable(x, radial, wigner, (rotate_in, rotate_out));
         }
         let shape = LayerShape {
@@ -1023,14 +1025,17 @@ impl So2Params {
             radial: radial.is_some(),
         };
         check_float("x", x)?;
-        if !x.device().is_cpu() || crate::higher_order_gradients_requested() {
-            // The gathered kernel is CPU-only and first order: gather the message, then the
-            // per-edge layer (which composes itself when higher-order gradients are on).
-            let message = gather.message(x)?;
-            return self.forward(&message, radial, Some(wigner), (true, rotate_out));
-        }
-        let weights = self.packed_weights()?.to_dtype(x.dtype())?;
-        crate::so2_fused::forward_gather(shape, &weights, x, gather, wigner, radial)
+        // The gathered kernel is CPU-only and first order; elsewhere the per-edge layer runs
+        // on the gathered message (and composes itself when higher-order gradients are on).
+        crate::so2_fused::forward_gather(
+            shape,
+            || Ok(self.packed_weights()?.to_dtype(x.dtype())?),
+            x,
+            gather,
+            wigner,
+            radial,
+            |message| self.forward(message, radial, Some(wigner), (true, rotate_out)),
+        )
     }
 }
 

@@ -1610,17 +1610,15 @@ fn check_index(
     Ok(t.to_dtype(DType::U32)?.contiguous()?)
 }
 
-/// The gathered layer (see [`MessageGather`]): checks the arguments, applies the op and
-/// splits off the extra `m = 0` outputs. `shape.rotate_in` must be set; `weights` are packed
-/// (see the module docs) and of `x`'s dtype.
-pub(crate) fn forward_gather(
+/// Checks the arguments of the gathered layer (see [`MessageGather`]) and returns its
+/// validated indices. `shape.rotate_in` must be set.
+fn check_gather(
     shape: LayerShape,
-    weights: &Tensor,
     x: &Tensor,
     gather: &MessageGather,
     wigner: &WignerBlocks,
     radial: Option<&Tensor>,
-) -> Result<(Tensor, Option<Tensor>)> {
+) -> Result<GatherIndex> {
     debug_assert!(shape.rotate_in, "the gathered layer rotates its input");
     let layout = shape.layout;
     let full = layout.num_coefficients();
@@ -1708,6 +1706,28 @@ pub(crate) fn forward_gather(
             });
         }
     }
+    Ok(index)
+}
+
+/// The gathered layer (see [`MessageGather`]): checks the arguments, then applies the fused op
+/// and splits off the extra `m = 0` outputs; `weights` are packed (see the module docs) and of
+/// `x`'s dtype. Where the fused op does not apply (off the CPU, or with higher-order gradients
+/// requested, its backward being first order) `per_edge` runs on the gathered message instead.
+pub(crate) fn forward_gather(
+    shape: LayerShape,
+    weights: impl FnOnce() -> Result<Tensor>,
+    x: &Tensor,
+    gather: &MessageGather,
+    wigner: &WignerBlocks,
+    radial: Option<&Tensor>,
+    per_edge: impl FnOnce(&Tensor) -> Result<(Tensor, Option<Tensor>)>,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let index = check_gather(shape, x, gather, wigner, radial)?;
+    let edges = index.source.dims1()?;
+    if !x.device().is_cpu() || (edges > 0 && crate::higher_order_gradients_requested()) {
+        return per_edge(&gather.message(x)?);
+    }
+    let weights = weights()?;
     let op = So2GatherOp {
         shape,
         wigner: wigner.blocks().detach().contiguous()?,
@@ -1715,8 +1735,8 @@ pub(crate) fn forward_gather(
     };
     let x = x.contiguous()?;
     let out = match radial {
-        Some(r) => x.apply_op3(&r.contiguous()?, weights, op)?,
-        None => x.apply_op2(weights, op)?,
+        Some(r) => x.apply_op3(&r.contiguous()?, &weights, op)?,
+        None => x.apply_op2(&weights, op)?,
     };
     if shape.extra == 0 {
         return Ok((out, None));

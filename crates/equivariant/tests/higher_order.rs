@@ -212,3 +212,27 @@ fn layer_norm_act_has_second_derivatives() -> TestResult {
     assert!(err < 1e-6, "layer_norm_act: {err:e}");
     Ok(())
 }
+
+/// The differentiable edge frames (`frames_diff`, used by conservative EquiformerV2): the
+/// gradient of `Σ w·D(r)` with respect to the edge vectors is itself differentiable in `w`
+/// (and in `r`): `∂²/∂r∂w` against finite differences.
+#[test]
+fn differentiable_frames_have_second_derivatives() -> TestResult {
+    enable();
+    let lmax = 3;
+    let r = tensor(&[4, 3], 14);
+    let len = matscale_equivariant::wigner::blocks_len(lmax);
+    let w = tensor(&[4, len], 15);
+    let err = check_second_derivative(
+        |r, w| {
+            let blocks = matscale_equivariant::frames_diff::zero_roll_wigner(r, lmax).unwrap();
+            let flat: Vec<Tensor> = blocks.iter().map(|b| b.flatten_from(1).unwrap()).collect();
+            Tensor::cat(&flat, 1).unwrap().mul(w).unwrap()
+        },
+        &r,
+        &w,
+        &[0, 7, len + 3, 3 * len - 1],
+    );
+    assert!(err < 1e-6, "frames: {err:e}");
+    Ok(())
+}
