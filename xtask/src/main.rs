@@ -47,22 +47,10 @@ enum Command {
     CudaEnv(cuda_env::CudaEnvArgs),
 }
 
-/// Keeps freed tensor buffers in the heap for reuse instead of returning them to the kernel:
-/// glibc serves every allocation above 128 KiB by a fresh `mmap` by default, so each candle op
-/// on a large tensor paid for page faults on new zeroed pages (a third of a training step's
-/// time on this 2-core kind of machine).
-fn tune_allocator() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator parameters; called before any other thread exists.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
-        libc::mallopt(libc::M_TOP_PAD, 64 << 20);
-    }
-}
-
 fn main() -> anyhow::Result<()> {
-    tune_allocator();
+    // Freed tensor buffers stay in the heap for reuse (no page faults and kernel zero-fills
+    // on every step's fresh tensors); see the function's docs.
+    matscale_equivariant::buffer::tune_allocator();
     let cli = Cli::parse();
     match cli.command {
         Command::Sweep(args) => sweep::run(args),

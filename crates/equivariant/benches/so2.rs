@@ -346,6 +346,8 @@ fn quick(repeats: usize) {
 }
 
 fn main() {
+    // The heap policy of `cargo xtask` (freed tensors stay mapped for reuse).
+    matscale_equivariant::buffer::tune_allocator();
     if let Some(repeats) = std::env::var("MATSCALE_BENCH_REPEATS")
         .ok()
         .and_then(|v| v.parse::<usize>().ok())

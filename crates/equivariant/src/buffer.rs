@@ -5,8 +5,29 @@
 //! an op like the spherical harmonics. [`zeroed_vec`] asks Linux for transparent huge pages
 //! (`madvise(MADV_HUGEPAGE)`, 2 MiB) on large buffers before they are first touched, which cuts
 //! the fault count by ~500x. Elsewhere it is a plain zeroed `Vec`.
+//!
+//! [`tune_allocator`] is the heap policy of matscale's binaries (`cargo xtask` and the
+//! benches): freed buffers stay in the process for reuse, so the large tensors and gradients
+//! of every training step are not mapped, faulted in and zeroed anew.
 
 use candle_core::WithDType;
+
+/// Makes glibc keep every freed block in the heap for reuse: all sizes come from the heap
+/// (`M_MMAP_MAX = 0`; by default blocks above 128 KiB–32 MiB are fresh `mmap`s, unmapped on
+/// free) and the heap top is never trimmed. A step that frees and re-allocates the same
+/// edge-sized tensors then reuses pages that are already mapped instead of taking a page fault
+/// and a kernel zero-fill for each of them (measured on the SO(2) layer's forward+backward and
+/// on EquiformerV2: docs/BENCHMARKS.md). The process keeps its peak heap until it exits. Call it
+/// at program start, before other threads allocate. No effect outside Linux/glibc.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters (it takes the arena locks itself).
+    unsafe {
+        libc::mallopt(libc::M_MMAP_MAX, 0);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_TOP_PAD, 64 << 20);
+    }
+}
 
 /// Buffers smaller than this are left to the allocator as they are.
 const HUGE_PAGE_MIN_BYTES: usize = 8 << 20;

@@ -4,7 +4,7 @@
 //! operations with gradients. (Being built: see the equivariant issue.)
 
 pub mod activation;
-pub(crate) mod buffer;
+pub mod buffer;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod device;

@@ -23,9 +23,10 @@
 //! of the normalised outputs, then the gradient of every weight (the stress is computed but
 //! not in the loss). The frame roll is random per forward, as in fairchem.
 //!
-//! The allocator is tuned as `cargo xtask` tunes it (`mallopt`: no `mmap` below 32 MiB, no
-//! trimming below 1 GiB): without it glibc returns every large temporary to the kernel and
-//! the page faults of re-touching it cost a large share of the run time.
+//! The allocator is tuned as `cargo xtask` tunes it
+//! (`matscale_equivariant::buffer::tune_allocator`: freed blocks stay in the heap for reuse):
+//! without it glibc returns every large temporary to the kernel and the page faults and
+//! zero-fills of fresh pages cost a large share of the run time.
 
 use std::collections::HashMap;
 use std::error::Error;
@@ -47,15 +48,6 @@ const STRUCTURES: u64 = 8;
 const SEED: u64 = 2026;
 /// fairchem's tolerance for neighbours tied with the last kept one, Å.
 const DEGENERACY_TOLERANCE: f64 = 0.01;
-
-fn tune_allocator() {
-    // SAFETY: mallopt only changes allocator parameters; called before any other thread exists.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
-        libc::mallopt(libc::M_TOP_PAD, 64 << 20);
-    }
-}
 
 /// Peak resident set size of this process, bytes.
 fn peak_rss_bytes() -> u64 {
@@ -276,7 +268,7 @@ fn criterion_benches() -> BenchResult<()> {
 }
 
 fn main() -> BenchResult<()> {
-    tune_allocator();
+    matscale_equivariant::buffer::tune_allocator();
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("compare") => compare(&args[1..]),
