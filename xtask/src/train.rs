@@ -264,6 +264,9 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         run.data.source,
         run.train.precision
     );
+    for note in run.advisories(&spec) {
+        eprintln!("note: {note}");
+    }
     if args.dry_run {
         println!(
             "{}",

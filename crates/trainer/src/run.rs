@@ -139,4 +139,86 @@ impl RunConfig {
         spec.check()?;
         Ok(spec)
     }
+
+    /// Settings that are valid but probably not meant, one sentence each, for `spec` (this
+    /// configuration's resolved model). `cargo xtask train` prints them before training.
+    ///
+    /// Today: an EquiformerV2 whose radial range (`max_radius`, the span of its 600 Gaussian
+    /// distance features) differs from the neighbour-list cutoff. fairchem uses one value for
+    /// both; the presets and the size ladder keep fairchem's 12 Å, which on 5 Å neighbour lists
+    /// leaves most of the Gaussians unused.
+    pub fn advisories(&self, spec: &ModelSpec) -> Vec<String> {
+        let mut out = Vec::new();
+        if let ModelConfig::EquiformerV2(c) = &spec.model {
+            let cutoff = self.data.cutoff;
+            if (c.max_radius - cutoff).abs() > 1e-9 * cutoff.max(1.0) {
+                let effect = if c.max_radius > cutoff {
+                    format!(
+                        "{:.0}% of its Gaussian distance features lie beyond every edge",
+                        100.0 * (c.max_radius - cutoff) / c.max_radius
+                    )
+                } else {
+                    "edges longer than it all read the last Gaussians".to_string()
+                };
+                out.push(format!(
+                    "equiformer_v2.max_radius is {} Å but the neighbour lists are built at {} Å: \
+                     {effect}; fairchem uses one value for both (set `max_radius` in \
+                     [model.config] or `--cutoff`)",
+                    c.max_radius, cutoff
+                ));
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use matscale_models::equiformer_v2::EquiformerV2Config;
+
+    fn run_with(model: ModelConfig, cutoff: f64) -> (RunConfig, ModelSpec) {
+        let run = RunConfig {
+            model: ModelChoice {
+                config: Some(model.clone()),
+                ..ModelChoice::default()
+            },
+            force_mode: ForceMode::Direct,
+            data: DataConfig {
+                cutoff,
+                ..DataConfig::default()
+            },
+            train: TrainConfig::default(),
+        };
+        let spec = ModelSpec {
+            model,
+            force_mode: ForceMode::Direct,
+        };
+        (run, spec)
+    }
+
+    #[test]
+    fn equiformer_radial_range_off_the_cutoff_is_flagged() {
+        let eqv2 = |r: f64| {
+            ModelConfig::EquiformerV2(EquiformerV2Config {
+                max_radius: r,
+                ..EquiformerV2Config::default()
+            })
+        };
+        let (run, spec) = run_with(eqv2(12.0), 5.0);
+        let notes = run.advisories(&spec);
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(notes[0].contains("12 Å") && notes[0].contains("5 Å") && notes[0].contains("58%"));
+        let (run, spec) = run_with(eqv2(4.0), 5.0);
+        assert!(run.advisories(&spec)[0].contains("last Gaussians"));
+        let (run, spec) = run_with(eqv2(5.0), 5.0);
+        assert!(run.advisories(&spec).is_empty());
+        let schnet = ModelConfig::presets()
+            .into_iter()
+            .find(|(_, c)| !matches!(c, ModelConfig::EquiformerV2(_)))
+            .map(|(_, c)| c)
+            .expect("a non-EquiformerV2 preset");
+        let (run, spec) = run_with(schnet, 5.0);
+        assert!(run.advisories(&spec).is_empty());
+    }
 }
