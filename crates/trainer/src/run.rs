@@ -162,8 +162,8 @@ impl RunConfig {
                 };
                 out.push(format!(
                     "equiformer_v2.max_radius is {} Å but the neighbour lists are built at {} Å: \
-                     {effect}; fairchem uses one value for both (set `max_radius` in \
-                     [model.config] or `--cutoff`)",
+                     {effect}; fairchem uses one value for both (set `max_radius` in a \
+                     `[model.config]` section, or the data `cutoff`)",
                     c.max_radius, cutoff
                 ));
             }

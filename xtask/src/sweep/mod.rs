@@ -167,6 +167,21 @@ pub fn run(args: SweepArgs) -> anyhow::Result<()> {
         .or_else(|| config.out.clone())
         .unwrap_or_else(|| PathBuf::from("runs").join(&config.name));
     let mut plan = Plan::new(config, true)?;
+    // Valid but probably unintended settings, once each (e.g. an EquiformerV2 radial range
+    // that differs from the neighbour-list cutoff).
+    let mut notes: Vec<String> = Vec::new();
+    for run in &plan.runs {
+        if let Ok(spec) = run.config.resolve() {
+            for note in run.config.advisories(&spec) {
+                if !notes.contains(&note) {
+                    notes.push(note);
+                }
+            }
+        }
+    }
+    for note in &notes {
+        eprintln!("note: {note}");
+    }
     let measured = plan.calibrate(&dir);
     if !measured.is_empty() {
         let rates: Vec<String> = measured
