@@ -44,6 +44,7 @@ use rayon::prelude::*;
 
 use crate::activation::{Elementwise, Float, Function};
 use crate::error::{EquivariantError, Result};
+use crate::s2grid::contiguous;
 
 /// Rows per block of the weight-gradient sums (fixed, so the summation order is too).
 const ROWS_PER_BLOCK: usize = 256;
@@ -191,14 +192,6 @@ fn backward_kernel<T: Float>(x: &[T], w: &[T], b: &[T], g: &[T], op: LayerNormAc
     out
 }
 
-/// Contiguous slice of a storage's layout, or an error naming the op.
-fn slice<'a, T>(v: &'a [T], layout: &Layout, name: &str) -> candle_core::Result<&'a [T]> {
-    let (start, end) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg(format!("{name}: inputs must be contiguous")))?;
-    Ok(&v[start..end])
-}
-
 impl CustomOp3 for LayerNormAct {
     fn name(&self) -> &'static str {
         "layer-norm-act"
@@ -217,17 +210,17 @@ impl CustomOp3 for LayerNormAct {
         let out = match (s1, s2, s3) {
             (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
                 CpuStorage::F32(forward_kernel(
-                    slice(x, l1, name)?,
-                    slice(w, l2, name)?,
-                    slice(b, l3, name)?,
+                    contiguous(x, l1, name)?,
+                    contiguous(w, l2, name)?,
+                    contiguous(b, l3, name)?,
                     *self,
                 ))
             }
             (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
                 CpuStorage::F64(forward_kernel(
-                    slice(x, l1, name)?,
-                    slice(w, l2, name)?,
-                    slice(b, l3, name)?,
+                    contiguous(x, l1, name)?,
+                    contiguous(w, l2, name)?,
+                    contiguous(b, l3, name)?,
                     *self,
                 ))
             }
@@ -282,22 +275,22 @@ impl CustomOp3 for LayerNormActBackward {
         let len = l1.shape().elem_count() + 2 * a;
         let out = match (s1, s2, s3) {
             (CpuStorage::F32(x), CpuStorage::F32(g), CpuStorage::F32(wb)) => {
-                let wb = slice(wb, l3, name)?;
+                let wb = contiguous(wb, l3, name)?;
                 CpuStorage::F32(backward_kernel(
-                    slice(x, l1, name)?,
+                    contiguous(x, l1, name)?,
                     &wb[..a],
                     &wb[a..],
-                    slice(g, l2, name)?,
+                    contiguous(g, l2, name)?,
                     self.op,
                 ))
             }
             (CpuStorage::F64(x), CpuStorage::F64(g), CpuStorage::F64(wb)) => {
-                let wb = slice(wb, l3, name)?;
+                let wb = contiguous(wb, l3, name)?;
                 CpuStorage::F64(backward_kernel(
-                    slice(x, l1, name)?,
+                    contiguous(x, l1, name)?,
                     &wb[..a],
                     &wb[a..],
-                    slice(g, l2, name)?,
+                    contiguous(g, l2, name)?,
                     self.op,
                 ))
             }

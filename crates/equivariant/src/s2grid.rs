@@ -617,7 +617,12 @@ fn grid_linear_kernel<T: GridFloat>(
     out
 }
 
-fn contiguous<'a, T>(v: &'a [T], layout: &Layout, name: &str) -> candle_core::Result<&'a [T]> {
+/// The contiguous data of a CPU op's input, or an error naming the op.
+pub(crate) fn contiguous<'a, T>(
+    v: &'a [T],
+    layout: &Layout,
+    name: &str,
+) -> candle_core::Result<&'a [T]> {
     match layout.contiguous_offsets() {
         Some((a, b)) => Ok(&v[a..b]),
         None => Err(candle_core::Error::Msg(format!(

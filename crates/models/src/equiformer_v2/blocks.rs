@@ -330,10 +330,7 @@ impl GraphAttention {
             },
         )?;
         let proj = So3LinearV2::new(heads * value, out, l, vb.pp("proj"))?;
-        // The attention grid with its coefficients in the m-major order of the edge
-        // messages (fairchem's `_l_primary` before and `_m_primary` after the activation are
-        // folded into the grid matrices).
-        let grid = grids.attention.permuted(&layout.to_m())?;
+        let grid = grids.attention.clone();
         Ok(Self {
             atom_edge: AtomEdgeEmbedding::new(config, &vb)?,
             rad_func,
@@ -619,15 +616,14 @@ impl candle_core::CustomOp2 for AttentionSum {
                 self.offsets[n]
             );
         }
-        fn slice<'a, T>(v: &'a [T], l: &candle_core::Layout) -> candle_core::Result<&'a [T]> {
-            match l.contiguous_offsets() {
-                Some((a, b)) => Ok(&v[a..b]),
-                None => candle_core::bail!("attention-segment-sum: non-contiguous input"),
-            }
-        }
+        let name = self.name();
         let out = match (s1, s2) {
-            (S::F32(v), S::F32(a)) => S::F32(self.run(slice(v, l1)?, slice(a, l2)?, (k, hv))),
-            (S::F64(v), S::F64(a)) => S::F64(self.run(slice(v, l1)?, slice(a, l2)?, (k, hv))),
+            (S::F32(v), S::F32(a)) => {
+                S::F32(self.run(contiguous(v, l1, name)?, contiguous(a, l2, name)?, (k, hv)))
+            }
+            (S::F64(v), S::F64(a)) => {
+                S::F64(self.run(contiguous(v, l1, name)?, contiguous(a, l2, name)?, (k, hv)))
+            }
             _ => candle_core::bail!(
                 "{}: values and alpha must be both f32 or both f64",
                 self.name()
@@ -758,27 +754,43 @@ impl candle_core::CustomOp3 for AttentionSumBackward {
             );
         }
         let name = self.name();
-        let slice = |l: &candle_core::Layout| -> candle_core::Result<(usize, usize)> {
-            l.contiguous_offsets()
-                .ok_or_else(|| candle_core::Error::Msg(format!("{name}: non-contiguous input")))
-        };
-        let ((a1, b1), (a2, b2), (a3, b3)) = (slice(l1)?, slice(l2)?, slice(l3)?);
         let out = match (s1, s2, s3) {
-            (S::F32(v), S::F32(a), S::F32(g)) => {
-                S::F32(self.run(&v[a1..b1], &a[a2..b2], &g[a3..b3], (k, hv)))
-            }
-            (S::F64(v), S::F64(a), S::F64(g)) => {
-                S::F64(self.run(&v[a1..b1], &a[a2..b2], &g[a3..b3], (k, hv)))
-            }
+            (S::F32(v), S::F32(a), S::F32(g)) => S::F32(self.run(
+                contiguous(v, l1, name)?,
+                contiguous(a, l2, name)?,
+                contiguous(g, l3, name)?,
+                (k, hv),
+            )),
+            (S::F64(v), S::F64(a), S::F64(g)) => S::F64(self.run(
+                contiguous(v, l1, name)?,
+                contiguous(a, l2, name)?,
+                contiguous(g, l3, name)?,
+                (k, hv),
+            )),
             _ => candle_core::bail!("{name}: all inputs must be f32 or all f64"),
         };
         Ok((out, (e * k * hv + e * self.sum.heads).into()))
     }
 }
 
+/// The contiguous data of a CPU op's input, or an error naming the op.
+fn contiguous<'a, T>(
+    v: &'a [T],
+    l: &candle_core::Layout,
+    name: &str,
+) -> candle_core::Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("{name}: non-contiguous input"),
+    }
+}
+
 /// The sphere grids, built once per model and shared by every block (`S2Grid` clones share
 /// their matrices): the attention's `(lmax, mmax)` grid and the feed-forward's `(lmax, lmax)`
-/// grid, as fairchem's `SO3_grid[lmax][mmax]` and `SO3_grid[lmax][lmax]`.
+/// grid, as fairchem's `SO3_grid[lmax][mmax]` and `SO3_grid[lmax][lmax]`. The attention grid's
+/// coefficients are in the m-major order of the edge messages (`S2Grid::permuted` with
+/// `to_m`: fairchem's `_l_primary` before and `_m_primary` after the activation are folded into
+/// the grid matrices).
 #[derive(Debug, Clone)]
 pub(crate) struct Grids {
     attention: S2Grid,
@@ -799,7 +811,8 @@ impl Grids {
             host(ffn.from_grid_matrix(DType::F64, &Device::Cpu)?)?,
         );
         Ok(Self {
-            attention: S2Grid::equiformer_v2(l, config.mmax(), resolution(config))?,
+            attention: S2Grid::equiformer_v2(l, config.mmax(), resolution(config))?
+                .permuted(&SphericalLayout::new(l, config.mmax())?.to_m())?,
             ffn,
             ffn_matrices: Arc::new(ffn_matrices),
         })

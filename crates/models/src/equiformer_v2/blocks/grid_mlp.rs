@@ -15,6 +15,8 @@ use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor, WithDType};
 use matscale_equivariant::activation;
+
+use super::contiguous;
 use rayon::prelude::*;
 
 /// Nodes per rayon task (`CHUNK · G` rows per GEMM).
@@ -372,13 +374,6 @@ fn backward<T: Elem>(mats: &GridMatrices, d: Dims, x: &[T], dy: &[T], w: &[T]) -
         );
     dw_out.copy_from_slice(&dw);
     out
-}
-
-fn contiguous<'a, T>(v: &'a [T], l: &Layout, name: &str) -> candle_core::Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("{name}: non-contiguous input"),
-    }
 }
 
 /// The forward op: `(x [N, K, F], w [3·F·F])` → `[N, K, F]`.
