@@ -2,12 +2,13 @@
 //! resumption after an interruption is bit-identical, mixed precision and conservative forces
 //! train, a diverging run stops with its last checkpoint intact.
 
+mod common;
+
 use std::path::Path;
 
 use candle_core::{DType, Device};
+use common::alloys;
 use matscale_models::{Family, ForceMode, ModelConfig, ModelSpec};
-use matscale_structures::emt::Emt;
-use matscale_structures::generate::AlloyGenerator;
 use matscale_structures::Structure;
 use matscale_trainer::checkpoint;
 use matscale_trainer::source::DataConfig;
@@ -15,21 +16,6 @@ use matscale_trainer::train::fit_normalizer;
 use matscale_trainer::{
     evaluate, Dataset, Observer, Precision, Silent, TrainConfig, TrainError, Trainer,
 };
-
-/// `n` EMT-labelled 4-atom alloys (the conventional fcc cell, strained and rattled).
-fn alloys(n: u64, seed: u64) -> Vec<Structure> {
-    let generator = AlloyGenerator {
-        elements: vec!["Cu".into(), "Ni".into(), "Pd".into()],
-        min_elements: 2,
-        max_elements: 2,
-        supercells: vec![[1, 1, 1]],
-        seed,
-        ..Default::default()
-    }
-    .check()
-    .unwrap();
-    generator.generate_labelled(0..n, &Emt::new()).unwrap()
-}
 
 fn dataset(structures: Vec<Structure>) -> Dataset {
     Dataset::new(structures, DataConfig::default().graph(), "test").unwrap()

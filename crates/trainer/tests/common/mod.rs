@@ -1,4 +1,6 @@
-//! Shared by the EquiformerV2 training tests: EMT-labelled alloys and the tiny model.
+//! Shared by the trainer's tests: EMT-labelled alloys and the tiny EquiformerV2.
+// Each test binary uses part of it.
+#![allow(dead_code)]
 
 use matscale_models::equiformer_v2::{EquiformerV2Config, FrameRoll};
 use matscale_structures::emt::Emt;
