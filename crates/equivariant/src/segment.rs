@@ -223,6 +223,17 @@ impl Segments {
         self.csr.order.is_none()
     }
 
+    /// CSR offsets `[S + 1]`: the items of segment `s` are `offsets[s]..offsets[s + 1]` in
+    /// segment order (the items themselves when [`Self::is_sorted`]).
+    pub fn offsets(&self) -> &[usize] {
+        &self.csr.offsets
+    }
+
+    /// The segment of every item `[E]` (the index the grouping was built from, as u32).
+    pub fn segment_of(&self) -> &[u32] {
+        &self.csr.index
+    }
+
     /// Number of items in every segment (the in-degree of every node).
     pub fn counts(&self) -> Vec<usize> {
         self.csr.offsets.windows(2).map(|w| w[1] - w[0]).collect()

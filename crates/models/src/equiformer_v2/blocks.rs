@@ -534,13 +534,7 @@ fn attention_sum(
             .reshape((e, k, hv))?;
         return Ok(graph.segments.sum(&weighted)?);
     }
-    let mut offsets = Vec::with_capacity(graph.n_nodes + 1);
-    offsets.push(0);
-    for count in graph.segments.counts() {
-        offsets.push(offsets.last().copied().unwrap_or(0) + count);
-    }
     let op = AttentionSum {
-        offsets: offsets.into(),
         segments: graph.segments.clone(),
         heads,
     };
@@ -548,12 +542,11 @@ fn attention_sum(
 }
 
 /// The CPU op of [`attention_sum`] (args: values `[E, K, H·V]`, alpha `[E, H]`; edges sorted
-/// by target, `offsets[n]..offsets[n + 1]` the incoming edges of node `n`). Its backward is
+/// by target, `segments.offsets()[n]..[n + 1]` the incoming edges of node `n`). Its backward is
 /// composed of differentiable ops (`∂values = alpha · gather(∂out)`, `∂alpha = Σ_{k,v}
 /// values · gather(∂out)`), so gradients of gradients flow through it.
 #[derive(Debug, Clone)]
 struct AttentionSum {
-    offsets: std::sync::Arc<[usize]>,
     segments: Segments,
     heads: usize,
 }
@@ -566,14 +559,15 @@ impl AttentionSum {
         (k, hv): (usize, usize),
     ) -> Vec<T> {
         use rayon::prelude::*;
-        let n = self.offsets.len() - 1;
+        let offsets = self.segments.offsets();
+        let n = offsets.len() - 1;
         let (h, v) = (self.heads, hv / self.heads);
         let row = k * hv;
         let mut out = vec![T::zero(); n * row];
         out.par_chunks_mut(row)
             .enumerate()
             .for_each(|(node, out_row)| {
-                for edge in self.offsets[node]..self.offsets[node + 1] {
+                for edge in offsets[node]..offsets[node + 1] {
                     let val = &values[edge * row..(edge + 1) * row];
                     let a = &alpha[edge * h..(edge + 1) * h];
                     for (out_k, val_k) in out_row.chunks_exact_mut(hv).zip(val.chunks_exact(hv)) {
@@ -605,15 +599,16 @@ impl candle_core::CustomOp2 for AttentionSum {
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
         use candle_core::CpuStorage as S;
         let (e, k, hv) = l1.shape().dims3()?;
-        let n = self.offsets.len() - 1;
-        if l2.shape().dims() != [e, self.heads] || hv % self.heads != 0 || self.offsets[n] != e {
+        let offsets = self.segments.offsets();
+        let n = offsets.len() - 1;
+        if l2.shape().dims() != [e, self.heads] || hv % self.heads != 0 || offsets[n] != e {
             candle_core::bail!(
                 "{}: values {:?}, alpha {:?}, {} heads, {} edges in the segments",
                 self.name(),
                 l1.shape(),
                 l2.shape(),
                 self.heads,
-                self.offsets[n]
+                offsets[n]
             );
         }
         let name = self.name();
@@ -683,15 +678,10 @@ impl AttentionSumBackward {
         (k, hv): (usize, usize),
     ) -> Vec<T> {
         use rayon::prelude::*;
-        let offsets = &self.sum.offsets;
-        let n = offsets.len() - 1;
-        let e = offsets[n];
+        let e = self.sum.segments.offsets().last().copied().unwrap_or(0);
         let (h, v) = (self.sum.heads, hv / self.sum.heads);
         let row = k * hv;
-        let mut dst = vec![0usize; e];
-        for node in 0..n {
-            dst[offsets[node]..offsets[node + 1]].fill(node);
-        }
+        let dst = self.sum.segments.segment_of();
         let mut out = vec![T::zero(); e * row + e * h];
         let (d_values, d_alpha) = out.split_at_mut(e * row);
         d_values
@@ -699,7 +689,8 @@ impl AttentionSumBackward {
             .zip(d_alpha.par_chunks_mut(h))
             .enumerate()
             .for_each(|(edge, (dv, da))| {
-                let g = &grad[dst[edge] * row..(dst[edge] + 1) * row];
+                let node = dst[edge] as usize;
+                let g = &grad[node * row..(node + 1) * row];
                 let val = &values[edge * row..(edge + 1) * row];
                 let a = &alpha[edge * h..(edge + 1) * h];
                 for ((dv_k, g_k), val_k) in dv
@@ -743,7 +734,7 @@ impl candle_core::CustomOp3 for AttentionSumBackward {
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
         use candle_core::CpuStorage as S;
         let (e, k, hv) = l1.shape().dims3()?;
-        let n = self.sum.offsets.len() - 1;
+        let n = self.sum.segments.offsets().len() - 1;
         if l3.shape().dims() != [n, k, hv] || l2.shape().dims() != [e, self.sum.heads] {
             candle_core::bail!(
                 "{}: values {:?}, alpha {:?}, gradient {:?}",
@@ -974,12 +965,7 @@ mod tests {
         let values = Var::randn(0f64, 1.0, (e, k, heads * v), &dev).unwrap();
         let alpha = Var::randn(0f64, 1.0, (e, heads), &dev).unwrap();
         let probe = Tensor::randn(0f64, 1.0, (4, k, heads * v), &dev).unwrap();
-        let mut offsets = vec![0];
-        for c in segments.counts() {
-            offsets.push(offsets.last().unwrap() + c);
-        }
         let op = AttentionSum {
-            offsets: offsets.into(),
             segments: segments.clone(),
             heads,
         };
