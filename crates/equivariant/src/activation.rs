@@ -72,6 +72,9 @@ pub(crate) trait Float:
     const ONE: Self;
     /// `e^self` (a fast vectorisable polynomial for f32, `f64::exp` for f64).
     fn exp(self) -> Self;
+    /// `self · a + b` with one rounding: one instruction where the code is compiled with FMA
+    /// (the AVX2 and AVX-512 kernels, aarch64), a library call elsewhere.
+    fn mul_add(self, a: Self, b: Self) -> Self;
     /// The larger of two values (no NaN handling needed by the callers).
     #[inline(always)]
     fn fmax(self, other: Self) -> Self {
@@ -99,6 +102,10 @@ impl Float for f64 {
     fn exp(self) -> Self {
         f64::exp(self)
     }
+    #[inline(always)]
+    fn mul_add(self, a: Self, b: Self) -> Self {
+        f64::mul_add(self, a, b)
+    }
     fn silu_in_place(xs: &mut [Self]) {
         for x in xs {
             *x = *x / (1.0 + (-*x).exp());
@@ -118,6 +125,10 @@ impl Float for f32 {
     #[inline(always)]
     fn exp(self) -> Self {
         exp_f32(self)
+    }
+    #[inline(always)]
+    fn mul_add(self, a: Self, b: Self) -> Self {
+        f32::mul_add(self, a, b)
     }
     fn silu_in_place(xs: &mut [Self]) {
         silu_f32_slice(xs);

@@ -4,13 +4,14 @@
 //! 196 MB output the first time costs ~48,000 page faults, several times the arithmetic of
 //! an op like the spherical harmonics. [`zeroed_vec`] asks Linux for transparent huge pages
 //! (`madvise(MADV_HUGEPAGE)`, 2 MiB) on large buffers before they are first touched, which cuts
-//! the fault count by ~500x. Elsewhere it is a plain zeroed `Vec`.
+//! the fault count by ~500x, and zeroes large buffers with all rayon threads.
 //!
 //! [`tune_allocator`] is the heap policy of matscale's binaries (`cargo xtask` and the
 //! benches): freed buffers stay in the process for reuse, so the large tensors and gradients
 //! of every training step are not mapped, faulted in and zeroed anew.
 
 use candle_core::WithDType;
+use rayon::prelude::*;
 
 /// Makes glibc keep every freed block in the heap for reuse: all sizes come from the heap
 /// (`M_MMAP_MAX = 0`; by default blocks above 128 KiB–32 MiB are fresh `mmap`s, unmapped on
@@ -32,28 +33,55 @@ pub fn tune_allocator() {
 /// Buffers smaller than this are left to the allocator as they are.
 const HUGE_PAGE_MIN_BYTES: usize = 8 << 20;
 
-/// A zero-filled `Vec` of `len` elements, backed by transparent huge pages when it is large
-/// (Linux). The zeroing is the allocator's (`calloc` of fresh pages), not a separate pass.
-pub(crate) fn zeroed_vec<T: WithDType>(len: usize) -> Vec<T> {
-    let v = vec![T::zero(); len];
-    advise_huge_pages(&v);
+/// Buffers at least this large are zeroed by all rayon threads instead of the calling one.
+const PARALLEL_ZERO_MIN_BYTES: usize = 1 << 20;
+
+/// Bytes each rayon task zeroes.
+const ZERO_CHUNK_BYTES: usize = 256 << 10;
+
+/// A zero-filled `Vec` of `len` elements for a kernel's output, backed by transparent huge
+/// pages when it is large (Linux).
+///
+/// A large buffer is zeroed by all rayon threads in 256 KiB pieces. Under the heap policy of
+/// [`tune_allocator`] freed blocks are reused, so `calloc` cannot hand out fresh zero pages and
+/// zeroes the block itself, on the calling thread: in an EquiformerV2 step that serial
+/// `memset` of every output held the other threads idle for several per cent of the step.
+pub fn zeroed_vec<T: WithDType>(len: usize) -> Vec<T> {
+    let bytes = len * std::mem::size_of::<T>();
+    if bytes < PARALLEL_ZERO_MIN_BYTES || rayon::current_num_threads() < 2 {
+        let v = vec![T::zero(); len];
+        advise_huge_pages(v.as_ptr(), bytes);
+        return v;
+    }
+    let mut v = Vec::<T>::with_capacity(len);
+    advise_huge_pages(v.as_ptr(), bytes);
+    let chunk = (ZERO_CHUNK_BYTES / std::mem::size_of::<T>()).max(1);
+    v.spare_capacity_mut()[..len]
+        .par_chunks_mut(chunk)
+        .for_each(|piece| {
+            // SAFETY: `piece` is uninitialised memory owned by `v`; writing zero bytes into
+            // it is always allowed, and the all-zero bit pattern is the value zero of every
+            // candle dtype (u8, u32, i64, f16, bf16, f32, f64).
+            unsafe { std::ptr::write_bytes(piece.as_mut_ptr(), 0, piece.len()) }
+        });
+    // SAFETY: every element of `0..len` was initialised (to zero) above.
+    unsafe { v.set_len(len) };
     v
 }
 
 #[cfg(target_os = "linux")]
-fn advise_huge_pages<T>(v: &[T]) {
+fn advise_huge_pages<T>(start: *const T, bytes: usize) {
     const PAGE: usize = 4096;
-    let bytes = std::mem::size_of_val(v);
     if bytes < HUGE_PAGE_MIN_BYTES {
         return;
     }
-    let start = v.as_ptr() as usize;
+    let start = start as usize;
     let aligned = (start + PAGE - 1) & !(PAGE - 1);
     let len = (start + bytes - aligned) & !(PAGE - 1);
-    // SAFETY: `[aligned, aligned + len)` lies inside the allocation owned by `v` and is
-    // page-aligned as madvise requires. MADV_HUGEPAGE only changes how the kernel backs the
-    // range with physical pages; it neither reads, writes nor unmaps the memory, so `v` stays
-    // valid and its (zero) contents are unchanged. A failure (e.g. THP disabled) is harmless
+    // SAFETY: `[aligned, aligned + len)` lies inside an allocation of at least `bytes` bytes
+    // starting at `start` (the caller's `Vec`) and is page-aligned as madvise requires.
+    // MADV_HUGEPAGE only changes how the kernel backs the range with physical pages; it
+    // neither reads, writes nor unmaps the memory. A failure (e.g. THP disabled) is harmless
     // and ignored.
     unsafe {
         libc::madvise(aligned as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
@@ -61,7 +89,7 @@ fn advise_huge_pages<T>(v: &[T]) {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn advise_huge_pages<T>(_v: &[T]) {}
+fn advise_huge_pages<T>(_start: *const T, _bytes: usize) {}
 
 #[cfg(test)]
 mod tests {
@@ -69,7 +97,12 @@ mod tests {
 
     #[test]
     fn buffers_are_zeroed_and_writable() {
-        for len in [0, 17, (HUGE_PAGE_MIN_BYTES / 4) + 1001] {
+        for len in [
+            0,
+            17,
+            (PARALLEL_ZERO_MIN_BYTES / 4) + 3,
+            (HUGE_PAGE_MIN_BYTES / 4) + 1001,
+        ] {
             let mut v = zeroed_vec::<f32>(len);
             assert_eq!(v.len(), len);
             assert!(v.iter().all(|x| *x == 0.0));

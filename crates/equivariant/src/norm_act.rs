@@ -119,7 +119,7 @@ fn row_stats<T: Float>(row: &[T], eps: T) -> (T, T) {
 fn forward_kernel<T: Float>(x: &[T], w: &[T], b: &[T], op: LayerNormAct) -> Vec<T> {
     let a = w.len();
     let eps = T::from_f64(op.eps);
-    let mut out = vec![T::ZERO; x.len()];
+    let mut out = crate::buffer::zeroed_vec::<T>(x.len());
     if a == 0 {
         return out;
     }
@@ -145,7 +145,7 @@ fn forward_kernel<T: Float>(x: &[T], w: &[T], b: &[T], op: LayerNormAct) -> Vec<
 fn backward_kernel<T: Float>(x: &[T], w: &[T], b: &[T], g: &[T], op: LayerNormAct) -> Vec<T> {
     let a = w.len();
     let eps = T::from_f64(op.eps);
-    let mut out = vec![T::ZERO; x.len() + 2 * a];
+    let mut out = crate::buffer::zeroed_vec::<T>(x.len() + 2 * a);
     if a == 0 {
         return out;
     }

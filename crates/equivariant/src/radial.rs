@@ -139,7 +139,7 @@ fn smearing_kernel<T: Float>(dist: &[T], offsets: &[f64], coeff: f64) -> Vec<T> 
     let k = offsets.len();
     let offs: Vec<T> = offsets.iter().map(|&o| T::from_f64(o)).collect();
     let c = T::from_f64(coeff);
-    let mut out = vec![T::ZERO; dist.len() * k];
+    let mut out = crate::buffer::zeroed_vec::<T>(dist.len() * k);
     out.par_chunks_mut(k * 64)
         .enumerate()
         .for_each(|(task, chunk)| {

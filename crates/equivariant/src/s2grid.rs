@@ -65,6 +65,9 @@
 use std::f64::consts::PI;
 use std::sync::Arc;
 
+mod factored;
+use factored::Factored;
+
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -94,22 +97,64 @@ struct GridInner {
     degrees: Vec<usize>,
     f64: Matrices<f64>,
     f32: Matrices<f32>,
+    /// The matrices factored over β and α (the S2 activations' CPU kernels use them), unless
+    /// some column is not separable.
+    factored_f64: Option<Factored<f64>>,
+    factored_f32: Option<Factored<f32>>,
+}
+
+impl GridInner {
+    /// The grid with these matrices and their β/α factors.
+    #[allow(clippy::too_many_arguments)]
+    fn with_matrices(
+        (lmax, mmax): (usize, usize),
+        (res_beta, res_alpha): (usize, usize),
+        normalization: Normalization,
+        degrees: Vec<usize>,
+        f64: Matrices<f64>,
+        f32: Matrices<f32>,
+    ) -> Self {
+        let k = degrees.len();
+        let factored_f64 = Factored::new(&f64.to, &f64.from, res_beta, res_alpha, k);
+        let factored_f32 = factored_f64.as_ref().map(Factored::to_f32);
+        Self {
+            lmax,
+            mmax,
+            res_beta,
+            res_alpha,
+            normalization,
+            k,
+            g: res_beta * res_alpha,
+            degrees,
+            f64,
+            f32,
+            factored_f64,
+            factored_f32,
+        }
+    }
 }
 
 /// Float types with grid matrices.
 trait GridFloat: Float + 'static {
     fn matrices(inner: &GridInner) -> &Matrices<Self>;
+    fn factored(inner: &GridInner) -> Option<&Factored<Self>>;
 }
 
 impl GridFloat for f64 {
     fn matrices(inner: &GridInner) -> &Matrices<f64> {
         &inner.f64
     }
+    fn factored(inner: &GridInner) -> Option<&Factored<f64>> {
+        inner.factored_f64.as_ref()
+    }
 }
 
 impl GridFloat for f32 {
     fn matrices(inner: &GridInner) -> &Matrices<f32> {
         &inner.f32
+    }
+    fn factored(inner: &GridInner) -> Option<&Factored<f32>> {
+        inner.factored_f32.as_ref()
     }
 }
 
@@ -274,18 +319,14 @@ impl S2Grid {
             from: from.iter().map(|&v| v as f32).collect(),
         };
         Ok(Self {
-            inner: Arc::new(GridInner {
-                lmax,
-                mmax,
-                res_beta,
-                res_alpha,
+            inner: Arc::new(GridInner::with_matrices(
+                (lmax, mmax),
+                (res_beta, res_alpha),
                 normalization,
-                k,
-                g,
                 degrees,
-                f64: Matrices { to, from },
+                Matrices { to, from },
                 f32,
-            }),
+            )),
         })
     }
 
@@ -327,18 +368,14 @@ impl S2Grid {
         }
         let inner = &self.inner;
         Ok(Self {
-            inner: Arc::new(GridInner {
-                lmax: inner.lmax,
-                mmax: inner.mmax,
-                res_beta: inner.res_beta,
-                res_alpha: inner.res_alpha,
-                normalization: inner.normalization,
-                k,
-                g: inner.g,
-                degrees: order.iter().map(|&c| inner.degrees[c]).collect(),
-                f64: permute(&inner.f64, k, order),
-                f32: permute(&inner.f32, k, order),
-            }),
+            inner: Arc::new(GridInner::with_matrices(
+                (inner.lmax, inner.mmax),
+                (inner.res_beta, inner.res_alpha),
+                inner.normalization,
+                order.iter().map(|&c| inner.degrees[c]).collect(),
+                permute(&inner.f64, k, order),
+                permute(&inner.f32, k, order),
+            )),
         })
     }
 
@@ -588,7 +625,7 @@ fn grid_linear_kernel<T: GridFloat>(
         LinearKind::To | LinearKind::FromAdjoint => (k, g, (k, 1)),
         LinearKind::ToAdjoint | LinearKind::From => (g, k, (1, k)),
     };
-    let mut out = vec![T::ZERO; n * rows_out * c];
+    let mut out = crate::buffer::zeroed_vec::<T>(n * rows_out * c);
     if c == 0 {
         return out;
     }
@@ -713,12 +750,30 @@ fn s2_act_forward<T: GridFloat>(
 ) -> Vec<T> {
     let (g, k) = (grid.g, grid.k);
     let mats = T::matrices(grid);
-    let mut out = vec![T::ZERO; n * k * c];
+    let mut out = crate::buffer::zeroed_vec::<T>(n * k * c);
     if c == 0 {
         return out;
     }
     let skip = usize::from(scalars.is_some());
     let block = rows_per_task(n);
+    if let Some(f) = T::factored(grid) {
+        out.par_chunks_mut(block * k * c).enumerate().for_each_init(
+            || f.scratch(c, false),
+            |sc, (task, chunk)| {
+                let rows = task * block * k * c..task * block * k * c + chunk.len();
+                factored::forward_rows(f, &x[rows], c, skip, chunk, sc);
+                if let Some(s) = scalars {
+                    for (r, out_row) in chunk.chunks_mut(k * c).enumerate() {
+                        let row = task * block + r;
+                        for (o, &v) in out_row[..c].iter_mut().zip(&s[row * c..(row + 1) * c]) {
+                            *o = v / (T::ONE + (-v).exp());
+                        }
+                    }
+                }
+            },
+        );
+        return out;
+    }
     out.par_chunks_mut(block * k * c).enumerate().for_each_init(
         || vec![T::ZERO; g * c],
         |values, (task, chunk)| {
@@ -774,12 +829,22 @@ fn s2_act_backward<T: GridFloat>(
 ) -> Vec<T> {
     let (g, k) = (grid.g, grid.k);
     let mats = T::matrices(grid);
-    let mut dx = vec![T::ZERO; n * k * c];
+    let mut dx = crate::buffer::zeroed_vec::<T>(n * k * c);
     if c == 0 {
         return dx;
     }
     let skip = usize::from(separable);
     let block = rows_per_task(n);
+    if let Some(f) = T::factored(grid) {
+        dx.par_chunks_mut(block * k * c).enumerate().for_each_init(
+            || f.scratch(c, true),
+            |sc, (task, chunk)| {
+                let rows = task * block * k * c..task * block * k * c + chunk.len();
+                factored::backward_rows(f, &x[rows.clone()], &dy[rows], c, skip, chunk, sc);
+            },
+        );
+        return dx;
+    }
     dx.par_chunks_mut(block * k * c).enumerate().for_each_init(
         || (vec![T::ZERO; g * c], vec![T::ZERO; g * c]),
         |(values, grads), (task, chunk)| {
@@ -1190,6 +1255,69 @@ mod tests {
             grid.from_grid(&g.sqr()?).map_err(to_c)
         };
         check_gradient(second, &x, 1e-6)?.assert_within(1e-8);
+        Ok(())
+    }
+
+    /// The same grid without its β/α factors: the activations take the dense products.
+    fn dense_only(grid: &S2Grid) -> S2Grid {
+        let inner = &grid.inner;
+        let copy = |m: &Matrices<f64>| Matrices {
+            to: m.to.clone(),
+            from: m.from.clone(),
+        };
+        let mut dense = GridInner::with_matrices(
+            (inner.lmax, inner.mmax),
+            (inner.res_beta, inner.res_alpha),
+            inner.normalization,
+            inner.degrees.clone(),
+            copy(&inner.f64),
+            Matrices {
+                to: inner.f32.to.clone(),
+                from: inner.f32.from.clone(),
+            },
+        );
+        dense.factored_f64 = None;
+        dense.factored_f32 = None;
+        S2Grid {
+            inner: Arc::new(dense),
+        }
+    }
+
+    #[test]
+    fn grids_factor_over_beta_and_alpha_and_match_the_dense_kernels() -> Result<()> {
+        let permuted = S2Grid::equiformer_v2(4, 2, Some(18))?
+            .permuted(&crate::mapping::SphericalLayout::new(4, 2)?.to_m())?;
+        for grid in [
+            S2Grid::equiformer_v2(4, 2, Some(18))?,
+            S2Grid::equiformer_v2(4, 4, Some(18))?,
+            S2Grid::equiformer_v2(6, 4, None)?,
+            S2Grid::new(3, 1, 8, 5, Normalization::Norm)?,
+            permuted,
+        ] {
+            let f = grid.inner.factored_f64.as_ref().expect("separable grid");
+            assert_eq!(f.groups(), 2 * grid.mmax() + 1, "{grid:?}");
+            assert!(grid.inner.factored_f32.is_some());
+            let dense = dense_only(&grid);
+            let k = grid.num_coefficients();
+            let x = candle_core::Var::from_tensor(&random_tensor(&[23, k, 6], DType::F64, 7)?)?;
+            let s = candle_core::Var::from_tensor(&random_tensor(&[23, 6], DType::F64, 8)?)?;
+            let w = random_tensor(&[23, k, 6], DType::F64, 9)?;
+            for separable in [false, true] {
+                let run = |g: &S2Grid| -> Result<(Tensor, Tensor)> {
+                    let y = if separable {
+                        g.separable_s2_activation(&s, &x)?
+                    } else {
+                        g.s2_activation(&x)?
+                    };
+                    let grads = (&y * &w)?.sum_all()?.backward()?;
+                    Ok((y, grads.get(&x).expect("dx").clone()))
+                };
+                let (y, dx) = run(&grid)?;
+                let (y_dense, dx_dense) = run(&dense)?;
+                assert_close(&y, &y_dense, 1e-12);
+                assert_close(&dx, &dx_dense, 1e-12);
+            }
+        }
         Ok(())
     }
 

@@ -313,7 +313,7 @@ struct SegmentOp {
 }
 
 fn sum_kernel<T: Float>(csr: &Csr, src: &[T], cols: usize) -> Vec<T> {
-    let mut out = vec![T::ZERO; csr.num_segments * cols];
+    let mut out = crate::buffer::zeroed_vec::<T>(csr.num_segments * cols);
     let blocks = csr.blocks(cols);
     let pieces = split_blocks(&mut out, &blocks, cols);
     pieces
@@ -334,7 +334,7 @@ fn sum_kernel<T: Float>(csr: &Csr, src: &[T], cols: usize) -> Vec<T> {
 }
 
 fn gather_kernel<T: Float>(csr: &Csr, src: &[T], cols: usize) -> Vec<T> {
-    let mut out = vec![T::ZERO; csr.num_items() * cols];
+    let mut out = crate::buffer::zeroed_vec::<T>(csr.num_items() * cols);
     let rows_per_task = (TASK_ELEMENTS / cols.max(1)).max(1);
     out.par_chunks_mut(rows_per_task * cols.max(1))
         .enumerate()
@@ -349,7 +349,7 @@ fn gather_kernel<T: Float>(csr: &Csr, src: &[T], cols: usize) -> Vec<T> {
 
 fn softmax_kernel<T: Float>(csr: &Csr, src: &[T], cols: usize) -> Vec<T> {
     // Results in the grouped order (each segment contiguous), then permuted back if needed.
-    let mut grouped = vec![T::ZERO; csr.num_items() * cols];
+    let mut grouped = crate::buffer::zeroed_vec::<T>(csr.num_items() * cols);
     let blocks = csr.blocks(cols);
     let item_bounds: Vec<(usize, usize)> = blocks
         .iter()
@@ -409,7 +409,7 @@ fn ungroup<T: Float>(csr: &Csr, grouped: Vec<T>, cols: usize) -> Vec<T> {
     for (k, &e) in order.iter().enumerate() {
         position[e as usize] = k as u32;
     }
-    let mut out = vec![T::ZERO; grouped.len()];
+    let mut out = crate::buffer::zeroed_vec::<T>(grouped.len());
     out.par_chunks_mut(cols.max(1))
         .zip(position.par_iter())
         .for_each(|(row, &k)| {
@@ -421,7 +421,7 @@ fn ungroup<T: Float>(csr: &Csr, grouped: Vec<T>, cols: usize) -> Vec<T> {
 
 /// Softmax backward `dx = y ⊙ (g − gather(sum(g ⊙ y)))` in one pass per segment.
 fn softmax_backward_kernel<T: Float>(csr: &Csr, y: &[T], g: &[T], cols: usize) -> Vec<T> {
-    let mut grouped = vec![T::ZERO; csr.num_items() * cols];
+    let mut grouped = crate::buffer::zeroed_vec::<T>(csr.num_items() * cols);
     let blocks = csr.blocks(cols);
     let item_bounds: Vec<(usize, usize)> = blocks
         .iter()

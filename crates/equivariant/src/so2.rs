@@ -314,7 +314,7 @@ impl RotateOp {
     fn run<T: WithDType>(&self, x: &[T], w: &[T], edges: usize, c: usize) -> Vec<T> {
         let plan = self.plan::<T>();
         let (rows_in, rows_out) = self.rows();
-        let mut out = vec![T::zero(); edges * rows_out * c];
+        let mut out = crate::buffer::zeroed_vec::<T>(edges * rows_out * c);
         if out.is_empty() {
             return out;
         }

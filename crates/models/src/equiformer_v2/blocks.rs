@@ -17,6 +17,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{Init, Linear, Module, VarBuilder};
 use matscale_equivariant::activation::{silu, smooth_leaky_relu, Function};
+use matscale_equivariant::buffer::zeroed_vec;
 use matscale_equivariant::mapping::SphericalLayout;
 use matscale_equivariant::norms::{EquivariantNorm, LayerNorm, NormConfig, NormType, So3LinearV2};
 use matscale_equivariant::radial::RadialFunction;
@@ -448,7 +449,7 @@ impl GatherPair {
     fn run<T: candle_core::WithDType>(&self, x: &[T], (n, k, c): (usize, usize, usize)) -> Vec<T> {
         use rayon::prelude::*;
         let e = self.src.len();
-        let mut out = vec![T::zero(); e * k * 2 * c];
+        let mut out = zeroed_vec::<T>(e * k * 2 * c);
         out.par_chunks_mut(k * 2 * c)
             .enumerate()
             .for_each(|(edge, row)| {
@@ -563,7 +564,7 @@ impl AttentionSum {
         let n = offsets.len() - 1;
         let (h, v) = (self.heads, hv / self.heads);
         let row = k * hv;
-        let mut out = vec![T::zero(); n * row];
+        let mut out = zeroed_vec::<T>(n * row);
         out.par_chunks_mut(row)
             .enumerate()
             .for_each(|(node, out_row)| {
@@ -682,7 +683,7 @@ impl AttentionSumBackward {
         let (h, v) = (self.sum.heads, hv / self.sum.heads);
         let row = k * hv;
         let dst = self.sum.segments.segment_of();
-        let mut out = vec![T::zero(); e * row + e * h];
+        let mut out = zeroed_vec::<T>(e * row + e * h);
         let (d_values, d_alpha) = out.split_at_mut(e * row);
         d_values
             .par_chunks_mut(row)

@@ -198,7 +198,7 @@ fn hidden<T: Elem>(f: usize, rows: usize, w: &[T], g0: &[T], [a1, h1, a2, h2]: [
 fn forward<T: Elem>(mats: &GridMatrices, d: Dims, x: &[T], w: &[T]) -> Vec<T> {
     let (to, from) = T::mats(mats);
     let (k, g, f) = (d.k, d.g, d.f);
-    let mut y = vec![T::zero(); d.n * k * f];
+    let mut y = matscale_equivariant::buffer::zeroed_vec::<T>(d.n * k * f);
     y.par_chunks_mut(CHUNK * k * f).enumerate().for_each_init(
         || buffers::<T>(d, 5),
         |bufs, (chunk, y_chunk)| {
@@ -236,7 +236,7 @@ fn backward<T: Elem>(mats: &GridMatrices, d: Dims, x: &[T], dy: &[T], w: &[T]) -
     let (to, from) = T::mats(mats);
     let (k, g, f) = (d.k, d.g, d.f);
     let ff = f * f;
-    let mut out = vec![T::zero(); d.n * k * f + 3 * ff];
+    let mut out = matscale_equivariant::buffer::zeroed_vec::<T>(d.n * k * f + 3 * ff);
     let (dx, dw_out) = out.split_at_mut(d.n * k * f);
     let dw = dx
         .par_chunks_mut(CHUNK * k * f)
