@@ -161,17 +161,31 @@ fn backward_kernel<T: Float>(x: &[T], w: &[T], b: &[T], g: &[T], op: LayerNormAc
             let mut dn = vec![T::ZERO; a];
             for ((dx, row), g) in dx.chunks_mut(a).zip(x.chunks(a)).zip(g.chunks(a)) {
                 let (mean, r) = row_stats(row, eps);
+                for (nj, &v) in n.iter_mut().zip(row) {
+                    *nj = (v - mean) * r;
+                }
+                // dn ← ∂loss/∂(normalised · w + b), the gradient through the activation; the
+                // SiLU derivative runs over the whole row in the vectorised slice loop.
+                match op.act {
+                    None => dn.copy_from_slice(g),
+                    Some(Function::Silu) => {
+                        for ((d, &nj), (&wj, &bj)) in dn.iter_mut().zip(&n).zip(w.iter().zip(b)) {
+                            *d = nj * wj + bj;
+                        }
+                        T::silu_backward_in_place(&mut dn, g);
+                    }
+                    Some(f) => {
+                        for (j, d) in dn.iter_mut().enumerate() {
+                            *d = g[j] * f.eval(1, n[j] * w[j] + b[j]);
+                        }
+                    }
+                }
                 let (mut sum_dn, mut sum_dn_n) = (T::ZERO, T::ZERO);
                 for j in 0..a {
-                    let nj = (row[j] - mean) * r;
-                    let dy = match op.act {
-                        None => g[j],
-                        Some(f) => g[j] * f.eval(1, nj * w[j] + b[j]),
-                    };
+                    let (dy, nj) = (dn[j], n[j]);
                     acc[j] += dy * nj;
                     acc[a + j] += dy;
                     let d = dy * w[j];
-                    n[j] = nj;
                     dn[j] = d;
                     sum_dn += d;
                     sum_dn_n += d * nj;
