@@ -10,7 +10,7 @@
 //! benches): freed buffers stay in the process for reuse, so the large tensors and gradients
 //! of every training step are not mapped, faulted in and zeroed anew.
 
-use candle_core::WithDType;
+use candle_core::{Layout, WithDType};
 use rayon::prelude::*;
 
 /// Makes glibc keep every freed block in the heap for reuse: all sizes come from the heap
@@ -67,6 +67,23 @@ pub fn zeroed_vec<T: WithDType>(len: usize) -> Vec<T> {
     // SAFETY: every element of `0..len` was initialised (to zero) above.
     unsafe { v.set_len(len) };
     v
+}
+
+/// The data of a CPU op's input within `layout` (`v` is its storage's typed slice), or an
+/// error naming the op `op` when the input is not contiguous. The CPU kernels of both
+/// library crates read their inputs through it.
+///
+/// # Errors
+/// `layout` is not contiguous.
+pub fn contiguous_input<'a, T>(
+    v: &'a [T],
+    layout: &Layout,
+    op: &str,
+) -> candle_core::Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&v[start..end]),
+        None => candle_core::bail!("{op}: input must be contiguous"),
+    }
 }
 
 #[cfg(target_os = "linux")]

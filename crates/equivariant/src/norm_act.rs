@@ -43,8 +43,8 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
 use crate::activation::{Elementwise, Float, Function};
+use crate::buffer::contiguous_input;
 use crate::error::{EquivariantError, Result};
-use crate::s2grid::contiguous;
 
 /// Rows per block of the weight-gradient sums (fixed, so the summation order is too).
 const ROWS_PER_BLOCK: usize = 256;
@@ -224,17 +224,17 @@ impl CustomOp3 for LayerNormAct {
         let out = match (s1, s2, s3) {
             (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
                 CpuStorage::F32(forward_kernel(
-                    contiguous(x, l1, name)?,
-                    contiguous(w, l2, name)?,
-                    contiguous(b, l3, name)?,
+                    contiguous_input(x, l1, name)?,
+                    contiguous_input(w, l2, name)?,
+                    contiguous_input(b, l3, name)?,
                     *self,
                 ))
             }
             (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
                 CpuStorage::F64(forward_kernel(
-                    contiguous(x, l1, name)?,
-                    contiguous(w, l2, name)?,
-                    contiguous(b, l3, name)?,
+                    contiguous_input(x, l1, name)?,
+                    contiguous_input(w, l2, name)?,
+                    contiguous_input(b, l3, name)?,
                     *self,
                 ))
             }
@@ -289,22 +289,22 @@ impl CustomOp3 for LayerNormActBackward {
         let len = l1.shape().elem_count() + 2 * a;
         let out = match (s1, s2, s3) {
             (CpuStorage::F32(x), CpuStorage::F32(g), CpuStorage::F32(wb)) => {
-                let wb = contiguous(wb, l3, name)?;
+                let wb = contiguous_input(wb, l3, name)?;
                 CpuStorage::F32(backward_kernel(
-                    contiguous(x, l1, name)?,
+                    contiguous_input(x, l1, name)?,
                     &wb[..a],
                     &wb[a..],
-                    contiguous(g, l2, name)?,
+                    contiguous_input(g, l2, name)?,
                     self.op,
                 ))
             }
             (CpuStorage::F64(x), CpuStorage::F64(g), CpuStorage::F64(wb)) => {
-                let wb = contiguous(wb, l3, name)?;
+                let wb = contiguous_input(wb, l3, name)?;
                 CpuStorage::F64(backward_kernel(
-                    contiguous(x, l1, name)?,
+                    contiguous_input(x, l1, name)?,
                     &wb[..a],
                     &wb[a..],
-                    contiguous(g, l2, name)?,
+                    contiguous_input(g, l2, name)?,
                     self.op,
                 ))
             }

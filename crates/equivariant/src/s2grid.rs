@@ -72,6 +72,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Shape
 use rayon::prelude::*;
 
 use crate::activation::{check_float, silu, Elementwise, Float, Function};
+use crate::buffer::contiguous_input;
 use crate::error::{EquivariantError, Result};
 pub use crate::sh::Normalization;
 use crate::sh::{spherical_harmonics_f64, SH_LMAX};
@@ -654,20 +655,6 @@ fn grid_linear_kernel<T: GridFloat>(
     out
 }
 
-/// The contiguous data of a CPU op's input, or an error naming the op.
-pub(crate) fn contiguous<'a, T>(
-    v: &'a [T],
-    layout: &Layout,
-    name: &str,
-) -> candle_core::Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => Err(candle_core::Error::Msg(format!(
-            "{name}: input must be contiguous"
-        ))),
-    }
-}
-
 impl CustomOp1 for GridLinear {
     fn name(&self) -> &'static str {
         match self.kind {
@@ -693,14 +680,14 @@ impl CustomOp1 for GridLinear {
             CpuStorage::F32(v) => CpuStorage::F32(grid_linear_kernel(
                 &self.grid,
                 self.kind,
-                contiguous(v, layout, self.name())?,
+                contiguous_input(v, layout, self.name())?,
                 n,
                 c,
             )),
             CpuStorage::F64(v) => CpuStorage::F64(grid_linear_kernel(
                 &self.grid,
                 self.kind,
-                contiguous(v, layout, self.name())?,
+                contiguous_input(v, layout, self.name())?,
                 n,
                 c,
             )),
@@ -915,14 +902,14 @@ impl CustomOp1 for S2Act {
         let out = match storage {
             CpuStorage::F32(v) => CpuStorage::F32(s2_act_forward(
                 &self.grid,
-                contiguous(v, layout, self.name())?,
+                contiguous_input(v, layout, self.name())?,
                 None,
                 n,
                 c,
             )),
             CpuStorage::F64(v) => CpuStorage::F64(s2_act_forward(
                 &self.grid,
-                contiguous(v, layout, self.name())?,
+                contiguous_input(v, layout, self.name())?,
                 None,
                 n,
                 c,
@@ -982,15 +969,15 @@ impl CustomOp2 for SeparableS2Act {
         let out = match (s1, s2) {
             (CpuStorage::F32(x), CpuStorage::F32(s)) => CpuStorage::F32(s2_act_forward(
                 &self.grid,
-                contiguous(x, l1, name)?,
-                Some(contiguous(s, l2, name)?),
+                contiguous_input(x, l1, name)?,
+                Some(contiguous_input(s, l2, name)?),
                 n,
                 c,
             )),
             (CpuStorage::F64(x), CpuStorage::F64(s)) => CpuStorage::F64(s2_act_forward(
                 &self.grid,
-                contiguous(x, l1, name)?,
-                Some(contiguous(s, l2, name)?),
+                contiguous_input(x, l1, name)?,
+                Some(contiguous_input(s, l2, name)?),
                 n,
                 c,
             )),
@@ -1057,16 +1044,16 @@ impl CustomOp2 for S2ActBackward {
         let out = match (s1, s2) {
             (CpuStorage::F32(x), CpuStorage::F32(g)) => CpuStorage::F32(s2_act_backward(
                 &self.grid,
-                contiguous(x, l1, name)?,
-                contiguous(g, l2, name)?,
+                contiguous_input(x, l1, name)?,
+                contiguous_input(g, l2, name)?,
                 self.separable,
                 n,
                 c,
             )),
             (CpuStorage::F64(x), CpuStorage::F64(g)) => CpuStorage::F64(s2_act_backward(
                 &self.grid,
-                contiguous(x, l1, name)?,
-                contiguous(g, l2, name)?,
+                contiguous_input(x, l1, name)?,
+                contiguous_input(g, l2, name)?,
                 self.separable,
                 n,
                 c,

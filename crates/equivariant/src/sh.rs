@@ -415,10 +415,7 @@ fn contiguous<'a, T: WithDType>(
     layout: &Layout,
     op: &str,
 ) -> candle_core::Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&storage.as_slice::<T>()?[start..end]),
-        None => candle_core::bail!("{op}: input must be contiguous"),
-    }
+    crate::buffer::contiguous_input(storage.as_slice::<T>()?, layout, op)
 }
 
 impl CustomOp1 for SphericalHarmonicsOp {

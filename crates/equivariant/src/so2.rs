@@ -166,11 +166,7 @@ pub(crate) fn contiguous_slice<'a, T: WithDType>(
     s: &'a CpuStorage,
     l: &Layout,
 ) -> candle_core::Result<&'a [T]> {
-    let data = T::cpu_storage_as_slice(s)?;
-    match l.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("matscale so2 kernels need contiguous inputs"),
-    }
+    crate::buffer::contiguous_input(T::cpu_storage_as_slice(s)?, l, "matscale so2 kernel")
 }
 
 /// Number of edges per rayon task so that each task writes roughly `target` elements.

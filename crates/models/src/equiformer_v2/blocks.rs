@@ -17,7 +17,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{Init, Linear, Module, VarBuilder};
 use matscale_equivariant::activation::{silu, smooth_leaky_relu, Function};
-use matscale_equivariant::buffer::zeroed_vec;
+use matscale_equivariant::buffer::{contiguous_input, zeroed_vec};
 use matscale_equivariant::mapping::SphericalLayout;
 use matscale_equivariant::norms::{EquivariantNorm, LayerNorm, NormConfig, NormType, So3LinearV2};
 use matscale_equivariant::radial::RadialFunction;
@@ -614,12 +614,16 @@ impl candle_core::CustomOp2 for AttentionSum {
         }
         let name = self.name();
         let out = match (s1, s2) {
-            (S::F32(v), S::F32(a)) => {
-                S::F32(self.run(contiguous(v, l1, name)?, contiguous(a, l2, name)?, (k, hv)))
-            }
-            (S::F64(v), S::F64(a)) => {
-                S::F64(self.run(contiguous(v, l1, name)?, contiguous(a, l2, name)?, (k, hv)))
-            }
+            (S::F32(v), S::F32(a)) => S::F32(self.run(
+                contiguous_input(v, l1, name)?,
+                contiguous_input(a, l2, name)?,
+                (k, hv),
+            )),
+            (S::F64(v), S::F64(a)) => S::F64(self.run(
+                contiguous_input(v, l1, name)?,
+                contiguous_input(a, l2, name)?,
+                (k, hv),
+            )),
             _ => candle_core::bail!(
                 "{}: values and alpha must be both f32 or both f64",
                 self.name()
@@ -748,32 +752,20 @@ impl candle_core::CustomOp3 for AttentionSumBackward {
         let name = self.name();
         let out = match (s1, s2, s3) {
             (S::F32(v), S::F32(a), S::F32(g)) => S::F32(self.run(
-                contiguous(v, l1, name)?,
-                contiguous(a, l2, name)?,
-                contiguous(g, l3, name)?,
+                contiguous_input(v, l1, name)?,
+                contiguous_input(a, l2, name)?,
+                contiguous_input(g, l3, name)?,
                 (k, hv),
             )),
             (S::F64(v), S::F64(a), S::F64(g)) => S::F64(self.run(
-                contiguous(v, l1, name)?,
-                contiguous(a, l2, name)?,
-                contiguous(g, l3, name)?,
+                contiguous_input(v, l1, name)?,
+                contiguous_input(a, l2, name)?,
+                contiguous_input(g, l3, name)?,
                 (k, hv),
             )),
             _ => candle_core::bail!("{name}: all inputs must be f32 or all f64"),
         };
         Ok((out, (e * k * hv + e * self.sum.heads).into()))
-    }
-}
-
-/// The contiguous data of a CPU op's input, or an error naming the op.
-fn contiguous<'a, T>(
-    v: &'a [T],
-    l: &candle_core::Layout,
-    name: &str,
-) -> candle_core::Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("{name}: non-contiguous input"),
     }
 }
 

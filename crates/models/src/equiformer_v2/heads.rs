@@ -10,7 +10,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, WithDType, D};
 use candle_nn::{Linear, Module, VarBuilder};
 use matscale_equivariant::activation::silu;
-use matscale_equivariant::buffer::zeroed_vec;
+use matscale_equivariant::buffer::{contiguous_input, zeroed_vec};
 use matscale_equivariant::norms::{EquivariantNorm, LayerNorm};
 use matscale_equivariant::sh::{spherical_harmonics, Normalization};
 
@@ -168,18 +168,6 @@ struct EdgeContract {
     dst: Arc<[u32]>,
 }
 
-/// The contiguous slice of a CPU input, or an error naming the op.
-fn contiguous_slice<'a, T>(
-    v: &'a [T],
-    layout: &Layout,
-    name: &str,
-) -> candle_core::Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("{name}: non-contiguous input"),
-    }
-}
-
 impl EdgeContract {
     /// Checks the shapes and indices; returns `(N, K, C)`.
     fn check(
@@ -247,13 +235,13 @@ impl CustomOp2 for EdgeContract {
         let (_, k, c) = self.check(l1, l2, name)?;
         let out = match (s1, s2) {
             (CpuStorage::F32(x), CpuStorage::F32(sh)) => CpuStorage::F32(self.run(
-                contiguous_slice(x, l1, name)?,
-                contiguous_slice(sh, l2, name)?,
+                contiguous_input(x, l1, name)?,
+                contiguous_input(sh, l2, name)?,
                 (k, c),
             )),
             (CpuStorage::F64(x), CpuStorage::F64(sh)) => CpuStorage::F64(self.run(
-                contiguous_slice(x, l1, name)?,
-                contiguous_slice(sh, l2, name)?,
+                contiguous_input(x, l1, name)?,
+                contiguous_input(sh, l2, name)?,
                 (k, c),
             )),
             _ => candle_core::bail!("{name}: x and sh must both be f32 or both f64"),
@@ -375,17 +363,17 @@ impl CustomOp3 for EdgeContractBackward {
         let out = match (s1, s2, s3) {
             (CpuStorage::F32(x), CpuStorage::F32(sh), CpuStorage::F32(g)) => {
                 CpuStorage::F32(self.run(
-                    contiguous_slice(x, l1, name)?,
-                    contiguous_slice(sh, l2, name)?,
-                    contiguous_slice(g, l3, name)?,
+                    contiguous_input(x, l1, name)?,
+                    contiguous_input(sh, l2, name)?,
+                    contiguous_input(g, l3, name)?,
                     (n, k, c),
                 ))
             }
             (CpuStorage::F64(x), CpuStorage::F64(sh), CpuStorage::F64(g)) => {
                 CpuStorage::F64(self.run(
-                    contiguous_slice(x, l1, name)?,
-                    contiguous_slice(sh, l2, name)?,
-                    contiguous_slice(g, l3, name)?,
+                    contiguous_input(x, l1, name)?,
+                    contiguous_input(sh, l2, name)?,
+                    contiguous_input(g, l3, name)?,
                     (n, k, c),
                 ))
             }

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor, WithDType};
 use matscale_equivariant::activation;
 
-use super::contiguous;
+use matscale_equivariant::buffer::contiguous_input;
 use rayon::prelude::*;
 
 /// Nodes per rayon task (`CHUNK · G` rows per GEMM).
@@ -421,14 +421,14 @@ impl CustomOp2 for GridMlpOp {
             (CpuStorage::F32(x), CpuStorage::F32(w)) => CpuStorage::F32(forward(
                 &self.mats,
                 d,
-                contiguous(x, l1, name)?,
-                contiguous(w, l2, name)?,
+                contiguous_input(x, l1, name)?,
+                contiguous_input(w, l2, name)?,
             )),
             (CpuStorage::F64(x), CpuStorage::F64(w)) => CpuStorage::F64(forward(
                 &self.mats,
                 d,
-                contiguous(x, l1, name)?,
-                contiguous(w, l2, name)?,
+                contiguous_input(x, l1, name)?,
+                contiguous_input(w, l2, name)?,
             )),
             _ => candle_core::bail!("{name}: x and weights must be both f32 or both f64"),
         };
@@ -483,18 +483,18 @@ impl CustomOp3 for GridMlpBackward {
                 CpuStorage::F32(backward(
                     &self.op.mats,
                     d,
-                    contiguous(x, l1, name)?,
-                    contiguous(dy, l2, name)?,
-                    contiguous(w, l3, name)?,
+                    contiguous_input(x, l1, name)?,
+                    contiguous_input(dy, l2, name)?,
+                    contiguous_input(w, l3, name)?,
                 ))
             }
             (CpuStorage::F64(x), CpuStorage::F64(dy), CpuStorage::F64(w)) => {
                 CpuStorage::F64(backward(
                     &self.op.mats,
                     d,
-                    contiguous(x, l1, name)?,
-                    contiguous(dy, l2, name)?,
-                    contiguous(w, l3, name)?,
+                    contiguous_input(x, l1, name)?,
+                    contiguous_input(dy, l2, name)?,
+                    contiguous_input(w, l3, name)?,
                 ))
             }
             _ => candle_core::bail!("{name}: mixed dtypes"),
