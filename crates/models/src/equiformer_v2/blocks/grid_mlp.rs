@@ -19,8 +19,11 @@ use matscale_equivariant::activation;
 use matscale_equivariant::buffer::contiguous_input;
 use rayon::prelude::*;
 
-/// Nodes per rayon task (`CHUNK · G` rows per GEMM).
+/// Nodes per chunk (`CHUNK · G` rows per GEMM).
 const CHUNK: usize = 4;
+
+/// Chunks per backward task: each task's weight gradient is one partial of the ordered sum.
+const BLOCK_CHUNKS: usize = 4;
 
 /// The grid matrices `to`, `from` (`[G, K]` row-major) in f32 and f64.
 #[derive(Debug)]
@@ -234,146 +237,168 @@ fn forward<T: Elem>(mats: &GridMatrices, d: Dims, x: &[T], w: &[T]) -> Vec<T> {
 /// `[dx (N·K·F) | dw (3·F·F)]`.
 fn backward<T: Elem>(mats: &GridMatrices, d: Dims, x: &[T], dy: &[T], w: &[T]) -> Vec<T> {
     let (to, from) = T::mats(mats);
-    let (k, g, f) = (d.k, d.g, d.f);
+    let (k, f) = (d.k, d.f);
     let ff = f * f;
     let mut out = matscale_equivariant::buffer::zeroed_vec::<T>(d.n * k * f + 3 * ff);
     let (dx, dw_out) = out.split_at_mut(d.n * k * f);
-    let dw = dx
-        .par_chunks_mut(CHUNK * k * f)
+    // One weight-gradient partial per fixed block of BLOCK_CHUNKS chunks, its chunks in order,
+    // the partials summed in block order: the same bits for any thread count or schedule.
+    let partials: Vec<Vec<T>> = dx
+        .par_chunks_mut(BLOCK_CHUNKS * CHUNK * k * f)
         .enumerate()
-        .fold(
-            || (buffers::<T>(d, 6), vec![T::zero(); 3 * ff]),
-            |(mut bufs, mut dw), (chunk, dx_chunk)| {
-                let nb = dx_chunk.len() / (k * f);
-                let rows = nb * g;
-                let x_chunk = &x[chunk * CHUNK * k * f..][..nb * k * f];
-                let dy_chunk = &dy[chunk * CHUNK * k * f..][..nb * k * f];
-                let [g0, a1, h1, a2, h2, dd] = bufs.as_mut_slice() else {
-                    unreachable!("six scratch buffers")
-                };
-                to_grid(d, to, x_chunk, nb, g0);
-                hidden(f, rows, w, g0, [a1, h1, a2, h2]);
-                // da3 = from · dy per node.
-                for i in 0..nb {
-                    // SAFETY: from G×K, dy_i K×F, dd[i] G×F; dd is scratch.
-                    unsafe {
-                        mm(
-                            (g, f, k),
-                            dd[i * g * f..].as_mut_ptr(),
-                            f,
-                            false,
-                            from.as_ptr(),
-                            (k, 1),
-                            dy_chunk[i * k * f..].as_ptr(),
-                            (f, 1),
-                        );
-                    }
-                }
-                // Layers 3, 2, 1: dW += daᵀ · input, d(input) = da · W, then through SiLU'.
-                // Layer 3 (input h2, pre-activation a2 of layer 2).
-                // SAFETY (all products below): operands are rows × F or F × F, in bounds, and
-                // each destination is a buffer that is not an operand of its own product.
-                unsafe {
-                    mm(
-                        (f, f, rows),
-                        dw[2 * ff..].as_mut_ptr(),
-                        f,
-                        true,
-                        dd.as_ptr(),
-                        (1, f),
-                        h2.as_ptr(),
-                        (f, 1),
-                    );
-                    mm(
-                        (rows, f, f),
-                        h2.as_mut_ptr(),
-                        f,
-                        false,
-                        dd.as_ptr(),
-                        (f, 1),
-                        w[2 * ff..].as_ptr(),
-                        (f, 1),
+        .map_init(
+            || buffers::<T>(d, 6),
+            |bufs, (block, dx_block)| {
+                let mut dw = vec![T::zero(); 3 * ff];
+                for (i, dx_chunk) in dx_block.chunks_mut(CHUNK * k * f).enumerate() {
+                    backward_chunk(
+                        (d, to, from, w),
+                        (block * BLOCK_CHUNKS + i) * CHUNK,
+                        (x, dy),
+                        dx_chunk,
+                        &mut dw,
+                        bufs,
                     );
                 }
-                T::silu_grad_mul(&mut h2[..rows * f], &a2[..rows * f]);
-                // Layer 2 (input h1).
-                unsafe {
-                    mm(
-                        (f, f, rows),
-                        dw[ff..].as_mut_ptr(),
-                        f,
-                        true,
-                        h2.as_ptr(),
-                        (1, f),
-                        h1.as_ptr(),
-                        (f, 1),
-                    );
-                    mm(
-                        (rows, f, f),
-                        h1.as_mut_ptr(),
-                        f,
-                        false,
-                        h2.as_ptr(),
-                        (f, 1),
-                        w[ff..].as_ptr(),
-                        (f, 1),
-                    );
-                }
-                T::silu_grad_mul(&mut h1[..rows * f], &a1[..rows * f]);
-                // Layer 1 (input g0).
-                unsafe {
-                    mm(
-                        (f, f, rows),
-                        dw.as_mut_ptr(),
-                        f,
-                        true,
-                        h1.as_ptr(),
-                        (1, f),
-                        g0.as_ptr(),
-                        (f, 1),
-                    );
-                    mm(
-                        (rows, f, f),
-                        dd.as_mut_ptr(),
-                        f,
-                        false,
-                        h1.as_ptr(),
-                        (f, 1),
-                        w.as_ptr(),
-                        (f, 1),
-                    );
-                }
-                // dx = toᵀ · dg0 per node.
-                for i in 0..nb {
-                    // SAFETY: toᵀ is K×G (strides (1, K)), dd[i] G×F, dx_i K×F.
-                    unsafe {
-                        mm(
-                            (k, f, g),
-                            dx_chunk[i * k * f..].as_mut_ptr(),
-                            f,
-                            false,
-                            to.as_ptr(),
-                            (1, k),
-                            dd[i * g * f..].as_ptr(),
-                            (f, 1),
-                        );
-                    }
-                }
-                (bufs, dw)
+                dw
             },
         )
-        .map(|(_, dw)| dw)
-        .reduce(
-            || vec![T::zero(); 3 * ff],
-            |mut a, b| {
-                for (x, y) in a.iter_mut().zip(&b) {
-                    *x += *y;
-                }
-                a
-            },
-        );
-    dw_out.copy_from_slice(&dw);
+        .collect();
+    for partial in &partials {
+        for (o, &v) in dw_out.iter_mut().zip(partial) {
+            *o += v;
+        }
+    }
     out
+}
+
+/// The backward pass of the `nb = dx_chunk.len() / (K·F)` nodes from node `first`: writes their
+/// input gradient into `dx_chunk` and adds their weight gradient to `dw`.
+fn backward_chunk<T: Elem>(
+    (d, to, from, w): (Dims, &[T], &[T], &[T]),
+    first: usize,
+    (x, dy): (&[T], &[T]),
+    dx_chunk: &mut [T],
+    dw: &mut [T],
+    bufs: &mut [Vec<T>],
+) {
+    let (k, g, f) = (d.k, d.g, d.f);
+    let ff = f * f;
+    let nb = dx_chunk.len() / (k * f);
+    let rows = nb * g;
+    let x_chunk = &x[first * k * f..][..nb * k * f];
+    let dy_chunk = &dy[first * k * f..][..nb * k * f];
+    let [g0, a1, h1, a2, h2, dd] = bufs else {
+        unreachable!("six scratch buffers")
+    };
+    to_grid(d, to, x_chunk, nb, g0);
+    hidden(f, rows, w, g0, [a1, h1, a2, h2]);
+    // da3 = from · dy per node.
+    for i in 0..nb {
+        // SAFETY: from G×K, dy_i K×F, dd[i] G×F; dd is scratch.
+        unsafe {
+            mm(
+                (g, f, k),
+                dd[i * g * f..].as_mut_ptr(),
+                f,
+                false,
+                from.as_ptr(),
+                (k, 1),
+                dy_chunk[i * k * f..].as_ptr(),
+                (f, 1),
+            );
+        }
+    }
+    // Layers 3, 2, 1: dW += daᵀ · input, d(input) = da · W, then through SiLU'.
+    // Layer 3 (input h2, pre-activation a2 of layer 2).
+    // SAFETY (all products below): operands are rows × F or F × F, in bounds, and
+    // each destination is a buffer that is not an operand of its own product.
+    unsafe {
+        mm(
+            (f, f, rows),
+            dw[2 * ff..].as_mut_ptr(),
+            f,
+            true,
+            dd.as_ptr(),
+            (1, f),
+            h2.as_ptr(),
+            (f, 1),
+        );
+        mm(
+            (rows, f, f),
+            h2.as_mut_ptr(),
+            f,
+            false,
+            dd.as_ptr(),
+            (f, 1),
+            w[2 * ff..].as_ptr(),
+            (f, 1),
+        );
+    }
+    T::silu_grad_mul(&mut h2[..rows * f], &a2[..rows * f]);
+    // Layer 2 (input h1).
+    unsafe {
+        mm(
+            (f, f, rows),
+            dw[ff..].as_mut_ptr(),
+            f,
+            true,
+            h2.as_ptr(),
+            (1, f),
+            h1.as_ptr(),
+            (f, 1),
+        );
+        mm(
+            (rows, f, f),
+            h1.as_mut_ptr(),
+            f,
+            false,
+            h2.as_ptr(),
+            (f, 1),
+            w[ff..].as_ptr(),
+            (f, 1),
+        );
+    }
+    T::silu_grad_mul(&mut h1[..rows * f], &a1[..rows * f]);
+    // Layer 1 (input g0).
+    unsafe {
+        mm(
+            (f, f, rows),
+            dw.as_mut_ptr(),
+            f,
+            true,
+            h1.as_ptr(),
+            (1, f),
+            g0.as_ptr(),
+            (f, 1),
+        );
+        mm(
+            (rows, f, f),
+            dd.as_mut_ptr(),
+            f,
+            false,
+            h1.as_ptr(),
+            (f, 1),
+            w.as_ptr(),
+            (f, 1),
+        );
+    }
+    // dx = toᵀ · dg0 per node.
+    for i in 0..nb {
+        // SAFETY: toᵀ is K×G (strides (1, K)), dd[i] G×F, dx_i K×F.
+        unsafe {
+            mm(
+                (k, f, g),
+                dx_chunk[i * k * f..].as_mut_ptr(),
+                f,
+                false,
+                to.as_ptr(),
+                (1, k),
+                dd[i * g * f..].as_ptr(),
+                (f, 1),
+            );
+        }
+    }
 }
 
 /// The forward op: `(x [N, K, F], w [3·F·F])` → `[N, K, F]`.
@@ -501,5 +526,54 @@ impl CustomOp3 for GridMlpBackward {
         };
         let len = d.n * d.k * d.f + 3 * d.f * d.f;
         Ok((out, Shape::from(len)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+    use matscale_equivariant::s2grid::S2Grid;
+
+    /// The backward pass (input and weight gradients) is bit-for-bit the same on 1, 2 and 3
+    /// threads, over enough nodes for several weight-gradient blocks.
+    #[test]
+    fn backward_is_deterministic_across_thread_counts() {
+        let dev = Device::Cpu;
+        let grid = S2Grid::equiformer_v2(2, 2, Some(6)).expect("grid");
+        let host = |m: Tensor| m.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let (n, k, f) = (70, grid.num_coefficients(), 8);
+        let mats = GridMatrices::new(
+            grid.num_points(),
+            k,
+            host(grid.to_grid_matrix(DType::F64, &dev).unwrap()),
+            host(grid.from_grid_matrix(DType::F64, &dev).unwrap()),
+        );
+        let d = Dims {
+            n,
+            k,
+            g: grid.num_points(),
+            f,
+        };
+        let random = |len: usize, seed: u64| -> Vec<f32> {
+            (0..len as u64)
+                .map(|i| ((i * 2_654_435_761 + seed * 97) % 1000) as f32 / 500.0 - 1.0)
+                .collect()
+        };
+        let (x, dy, w) = (random(n * k * f, 1), random(n * k * f, 2), random(3 * f * f, 3));
+        let run = |threads: usize| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("pool")
+                .install(|| backward::<f32>(&mats, d, &x, &dy, &w))
+        };
+        let one = run(1);
+        assert!(one.iter().all(|v| v.is_finite()) && one.iter().any(|&v| v != 0.0));
+        for threads in [2, 3] {
+            let other = run(threads);
+            let same = one.iter().zip(&other).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{threads} threads differ from 1");
+        }
     }
 }
