@@ -560,7 +560,11 @@ mod tests {
                 .map(|i| ((i * 2_654_435_761 + seed * 97) % 1000) as f32 / 500.0 - 1.0)
                 .collect()
         };
-        let (x, dy, w) = (random(n * k * f, 1), random(n * k * f, 2), random(3 * f * f, 3));
+        let (x, dy, w) = (
+            random(n * k * f, 1),
+            random(n * k * f, 2),
+            random(3 * f * f, 3),
+        );
         let run = |threads: usize| {
             rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
@@ -572,7 +576,10 @@ mod tests {
         assert!(one.iter().all(|v| v.is_finite()) && one.iter().any(|&v| v != 0.0));
         for threads in [2, 3] {
             let other = run(threads);
-            let same = one.iter().zip(&other).all(|(a, b)| a.to_bits() == b.to_bits());
+            let same = one
+                .iter()
+                .zip(&other)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
             assert!(same, "{threads} threads differ from 1");
         }
     }
