@@ -169,6 +169,36 @@ macro_rules! simd_dispatch {
     }};
 }
 
+/// Defines `fn $name<T: Float>(…)` whose `$body` runs compiled for AVX-512F, else AVX2 + FMA,
+/// else the baseline target, picked at run time (the generic counterpart of `simd_dispatch!`
+/// for kernels over f32 and f64: their branch-free loops vectorise to the widest SIMD).
+macro_rules! dispatch_float {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) $body:block) => {
+        $(#[$meta])*
+        $vis fn $name<T: Float>($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                fn avx512<T: Float>($($arg: $ty),*) $body
+                #[target_feature(enable = "avx2,fma")]
+                fn avx2<T: Float>($($arg: $ty),*) $body
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU supports AVX-512F (checked just above).
+                    return unsafe { avx512($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            $body
+        }
+    };
+}
+pub(crate) use dispatch_float;
+
 /// `x ← SiLU(x) = x σ(x)` over an f32 slice, vectorised with the widest SIMD the CPU has
 /// (AVX-512F, AVX2 + FMA, or the baseline) and the polynomial [`exp_f32`].
 pub fn silu_f32_slice(xs: &mut [f32]) {

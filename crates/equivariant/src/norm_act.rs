@@ -42,6 +42,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
+use crate::activation::dispatch_float;
 use crate::activation::{Elementwise, Float, Function};
 use crate::buffer::contiguous_input;
 use crate::error::{EquivariantError, Result};
@@ -98,22 +99,53 @@ struct LayerNormAct {
     act: Option<Function>,
 }
 
+/// Independent partial sums in [`lane_sum_by`]: reductions in one chain cannot vectorise
+/// (float addition is not reassociated), sixteen chains do.
+const LANES: usize = 16;
+
+/// `Σ_i f(a[i], b[i])` over equal-length slices, in [`LANES`] interleaved partial sums.
+#[inline(always)]
+fn lane_sum_by<T: Float>(a: &[T], b: &[T], f: impl Fn(T, T) -> T) -> T {
+    let mut acc = [T::ZERO; LANES];
+    let (ac, bc) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (at, bt) = (ac.remainder(), bc.remainder());
+    for (ca, cb) in ac.zip(bc) {
+        for l in 0..LANES {
+            acc[l] += f(ca[l], cb[l]);
+        }
+    }
+    let mut total = T::ZERO;
+    for (&x, &y) in at.iter().zip(bt) {
+        total += f(x, y);
+    }
+    acc.iter().fold(total, |t, &v| t + v)
+}
+
 /// `(mean, 1/√(var + eps))` of one row.
 #[inline(always)]
 fn row_stats<T: Float>(row: &[T], eps: T) -> (T, T) {
     let inv = T::ONE / T::from_f64(row.len() as f64);
-    let mut mean = T::ZERO;
-    for &v in row {
-        mean += v;
-    }
-    mean *= inv;
-    let mut var = T::ZERO;
-    for &v in row {
-        let d = v - mean;
-        var += d * d;
-    }
-    var *= inv;
+    let mean = lane_sum_by(row, row, |v, _| v) * inv;
+    let var = lane_sum_by(row, row, |v, _| (v - mean) * (v - mean)) * inv;
     (mean, T::ONE / T::from_f64((var + eps).to_f64().sqrt()))
+}
+
+dispatch_float! {
+    /// Forward of one block of rows of width `w.len()`.
+    fn forward_block(x: &[T], w: &[T], b: &[T], eps: T, act: Option<Function>, out: &mut [T]) {
+        let a = w.len();
+        for (o, row) in out.chunks_mut(a).zip(x.chunks(a)) {
+            let (mean, r) = row_stats(row, eps);
+            for (((o, &v), &w), &b) in o.iter_mut().zip(row).zip(w).zip(b) {
+                *o = (v - mean) * r * w + b;
+            }
+            match act {
+                None => {}
+                Some(Function::Silu) => T::silu_in_place(o),
+                Some(f) => o.iter_mut().for_each(|v| *v = f.eval(0, *v)),
+            }
+        }
+    }
 }
 
 fn forward_kernel<T: Float>(x: &[T], w: &[T], b: &[T], op: LayerNormAct) -> Vec<T> {
@@ -125,20 +157,69 @@ fn forward_kernel<T: Float>(x: &[T], w: &[T], b: &[T], op: LayerNormAct) -> Vec<
     }
     out.par_chunks_mut(ROWS_PER_BLOCK * a)
         .zip(x.par_chunks(ROWS_PER_BLOCK * a))
-        .for_each(|(out, x)| {
-            for (o, row) in out.chunks_mut(a).zip(x.chunks(a)) {
-                let (mean, r) = row_stats(row, eps);
-                for (((o, &v), &w), &b) in o.iter_mut().zip(row).zip(w).zip(b) {
-                    *o = (v - mean) * r * w + b;
+        .for_each(|(out, x)| forward_block(x, w, b, eps, op.act, out));
+    out
+}
+
+/// The read-only inputs of one backward block: rows `x`, their output gradient `g`, the
+/// affine weight `w` and bias `b`.
+#[derive(Clone, Copy)]
+struct BlockInputs<'a, T> {
+    x: &'a [T],
+    g: &'a [T],
+    w: &'a [T],
+    b: &'a [T],
+}
+
+dispatch_float! {
+    /// Backward of one block of rows: writes `dx`, adds the block's `[dw | db]` to `acc`;
+    /// `scratch` holds two rows.
+    fn backward_block(
+        inputs: BlockInputs<'_, T>,
+        eps: T,
+        act: Option<Function>,
+        dx: &mut [T],
+        acc: &mut [T],
+        scratch: &mut [T]
+    ) {
+        let BlockInputs { x, g, w, b } = inputs;
+        let a = w.len();
+        let (n, dn) = scratch.split_at_mut(a);
+        let inv_a = T::ONE / T::from_f64(a as f64);
+        for ((dx, row), g) in dx.chunks_mut(a).zip(x.chunks(a)).zip(g.chunks(a)) {
+            let (mean, r) = row_stats(row, eps);
+            for (nj, &v) in n.iter_mut().zip(row) {
+                *nj = (v - mean) * r;
+            }
+            // dn ← ∂loss/∂(normalised · w + b), the gradient through the activation; the
+            // SiLU derivative runs over the whole row in the vectorised slice loop.
+            match act {
+                None => dn.copy_from_slice(g),
+                Some(Function::Silu) => {
+                    for ((d, &nj), (&wj, &bj)) in dn.iter_mut().zip(&*n).zip(w.iter().zip(b)) {
+                        *d = nj * wj + bj;
+                    }
+                    T::silu_backward_in_place(dn, g);
                 }
-                match op.act {
-                    None => {}
-                    Some(Function::Silu) => T::silu_in_place(o),
-                    Some(f) => o.iter_mut().for_each(|v| *v = f.eval(0, *v)),
+                Some(f) => {
+                    for (j, d) in dn.iter_mut().enumerate() {
+                        *d = g[j] * f.eval(1, n[j] * w[j] + b[j]);
+                    }
                 }
             }
-        });
-    out
+            let (dw, db) = acc.split_at_mut(a);
+            for j in 0..a {
+                dw[j] += dn[j] * n[j];
+                db[j] += dn[j];
+                dn[j] *= w[j];
+            }
+            let mean_dn = lane_sum_by(dn, dn, |d, _| d) * inv_a;
+            let mean_dn_n = lane_sum_by(dn, n, |d, nj| d * nj) * inv_a;
+            for j in 0..a {
+                dx[j] = r * (dn[j] - mean_dn - n[j] * mean_dn_n);
+            }
+        }
+    }
 }
 
 /// `[dx (rows·A) | dw (A) | db (A)]`.
@@ -150,51 +231,15 @@ fn backward_kernel<T: Float>(x: &[T], w: &[T], b: &[T], g: &[T], op: LayerNormAc
         return out;
     }
     let (dx, dwb) = out.split_at_mut(x.len());
-    let inv_a = T::ONE / T::from_f64(a as f64);
+    // One `[dw | db]` partial per fixed block of rows, summed in block order: deterministic.
     let partials: Vec<Vec<T>> = dx
         .par_chunks_mut(ROWS_PER_BLOCK * a)
         .zip(x.par_chunks(ROWS_PER_BLOCK * a))
         .zip(g.par_chunks(ROWS_PER_BLOCK * a))
         .map(|((dx, x), g)| {
-            let mut acc = vec![T::ZERO; 2 * a];
-            let mut n = vec![T::ZERO; a];
-            let mut dn = vec![T::ZERO; a];
-            for ((dx, row), g) in dx.chunks_mut(a).zip(x.chunks(a)).zip(g.chunks(a)) {
-                let (mean, r) = row_stats(row, eps);
-                for (nj, &v) in n.iter_mut().zip(row) {
-                    *nj = (v - mean) * r;
-                }
-                // dn ← ∂loss/∂(normalised · w + b), the gradient through the activation; the
-                // SiLU derivative runs over the whole row in the vectorised slice loop.
-                match op.act {
-                    None => dn.copy_from_slice(g),
-                    Some(Function::Silu) => {
-                        for ((d, &nj), (&wj, &bj)) in dn.iter_mut().zip(&n).zip(w.iter().zip(b)) {
-                            *d = nj * wj + bj;
-                        }
-                        T::silu_backward_in_place(&mut dn, g);
-                    }
-                    Some(f) => {
-                        for (j, d) in dn.iter_mut().enumerate() {
-                            *d = g[j] * f.eval(1, n[j] * w[j] + b[j]);
-                        }
-                    }
-                }
-                let (mut sum_dn, mut sum_dn_n) = (T::ZERO, T::ZERO);
-                for j in 0..a {
-                    let (dy, nj) = (dn[j], n[j]);
-                    acc[j] += dy * nj;
-                    acc[a + j] += dy;
-                    let d = dy * w[j];
-                    dn[j] = d;
-                    sum_dn += d;
-                    sum_dn_n += d * nj;
-                }
-                let (mean_dn, mean_dn_n) = (sum_dn * inv_a, sum_dn_n * inv_a);
-                for j in 0..a {
-                    dx[j] = r * (dn[j] - mean_dn - n[j] * mean_dn_n);
-                }
-            }
+            let (mut acc, mut scratch) = (vec![T::ZERO; 2 * a], vec![T::ZERO; 2 * a]);
+            let inputs = BlockInputs { x, g, w, b };
+            backward_block(inputs, eps, op.act, dx, &mut acc, &mut scratch);
             acc
         })
         .collect();

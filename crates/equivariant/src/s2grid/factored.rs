@@ -18,7 +18,7 @@
 //! the dense matrices have; [`Factored::new`] refuses (and the kernels fall back to the dense
 //! products) if some column is not separable to 1e-12.
 
-use crate::activation::Float;
+use crate::activation::{dispatch_float, Float};
 
 /// The grid matrices of one float type as β factors, α factors and the coefficient groups.
 #[derive(Debug)]
@@ -352,35 +352,7 @@ fn backward_row_body<T: Float>(
     unproject_beta(f, &f.u_to, &sc.t2, c, 0, dx);
 }
 
-/// Runs `$body` compiled for AVX-512F, else AVX2 + FMA, else the baseline (the loops above
-/// vectorise over channels to whatever the function is compiled for).
-macro_rules! dispatch_rows {
-    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) $body:block) => {
-        $(#[$meta])*
-        $vis fn $name<T: Float>($($arg: $ty),*) {
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx512f,avx2,fma")]
-                fn avx512<T: Float>($($arg: $ty),*) $body
-                #[target_feature(enable = "avx2,fma")]
-                fn avx2<T: Float>($($arg: $ty),*) $body
-                if std::arch::is_x86_feature_detected!("avx512f") {
-                    // SAFETY: the CPU supports AVX-512F (checked just above).
-                    return unsafe { avx512($($arg),*) };
-                }
-                if std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-                {
-                    // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-                    return unsafe { avx2($($arg),*) };
-                }
-            }
-            $body
-        }
-    };
-}
-
-dispatch_rows! {
+dispatch_float! {
     /// [`forward_row_body`] for consecutive rows: `x` and `out` hold whole `[K, C]` rows.
     pub(super) fn forward_rows(
         f: &Factored<T>,
@@ -397,7 +369,7 @@ dispatch_rows! {
     }
 }
 
-dispatch_rows! {
+dispatch_float! {
     /// [`backward_row_body`] for consecutive rows.
     pub(super) fn backward_rows(
         f: &Factored<T>,
