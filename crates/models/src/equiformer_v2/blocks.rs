@@ -693,32 +693,37 @@ impl AttentionSumBackward {
             .par_chunks_mut(row)
             .zip(d_alpha.par_chunks_mut(h))
             .enumerate()
-            .for_each(|(edge, (dv, da))| {
-                let node = dst[edge] as usize;
-                let g = &grad[node * row..(node + 1) * row];
-                let val = &values[edge * row..(edge + 1) * row];
-                let a = &alpha[edge * h..(edge + 1) * h];
-                for ((dv_k, g_k), val_k) in dv
-                    .chunks_exact_mut(hv)
-                    .zip(g.chunks_exact(hv))
-                    .zip(val.chunks_exact(hv))
-                {
-                    for (head, ((dv, g), x)) in dv_k
-                        .chunks_exact_mut(v)
-                        .zip(g_k.chunks_exact(v))
-                        .zip(val_k.chunks_exact(v))
-                        .enumerate()
+            .for_each_init(
+                || vec![T::zero(); hv],
+                |dots, (edge, (dv, da))| {
+                    let node = dst[edge] as usize;
+                    let g = &grad[node * row..(node + 1) * row];
+                    let val = &values[edge * row..(edge + 1) * row];
+                    let a = &alpha[edge * h..(edge + 1) * h];
+                    // `g · x` summed over k channel by channel (independent sums that
+                    // vectorise), then over each head's V channels.
+                    dots.iter_mut().for_each(|d| *d = T::zero());
+                    for ((dv_k, g_k), val_k) in dv
+                        .chunks_exact_mut(hv)
+                        .zip(g.chunks_exact(hv))
+                        .zip(val.chunks_exact(hv))
                     {
-                        let w = a[head];
-                        let mut dot = T::zero();
-                        for ((d, &g), &x) in dv.iter_mut().zip(g).zip(x) {
-                            *d = w * g;
-                            dot += g * x;
+                        for (dot, (&g, &x)) in dots.iter_mut().zip(g_k.iter().zip(val_k)) {
+                            *dot += g * x;
                         }
-                        da[head] += dot;
+                        for ((dv, g), &w) in
+                            dv_k.chunks_exact_mut(v).zip(g_k.chunks_exact(v)).zip(a)
+                        {
+                            for (d, &g) in dv.iter_mut().zip(g) {
+                                *d = w * g;
+                            }
+                        }
                     }
-                }
-            });
+                    for (da, head) in da.iter_mut().zip(dots.chunks_exact(v)) {
+                        *da = head.iter().fold(T::zero(), |s, &d| s + d);
+                    }
+                },
+            );
         out
     }
 }
