@@ -1286,10 +1286,12 @@ mod tests {
             assert!(grid.inner.factored_f32.is_some());
             let dense = dense_only(&grid);
             let k = grid.num_coefficients();
-            let x = candle_core::Var::from_tensor(&random_tensor(&[23, k, 6], DType::F64, 7)?)?;
-            let s = candle_core::Var::from_tensor(&random_tensor(&[23, 6], DType::F64, 8)?)?;
-            let w = random_tensor(&[23, k, 6], DType::F64, 9)?;
-            for separable in [false, true] {
+            // 6 channels: the scalar tail of the kernels' channel blocks; 21: a 16-wide block
+            // and a tail; 80: a 64-wide block and a 16-wide one.
+            for (c, separable) in [(6, false), (6, true), (21, true), (80, false)] {
+                let x = candle_core::Var::from_tensor(&random_tensor(&[23, k, c], DType::F64, 7)?)?;
+                let s = candle_core::Var::from_tensor(&random_tensor(&[23, c], DType::F64, 8)?)?;
+                let w = random_tensor(&[23, k, c], DType::F64, 9)?;
                 let run = |g: &S2Grid| -> Result<(Tensor, Tensor)> {
                     let y = if separable {
                         g.separable_s2_activation(&s, &x)?
