@@ -12,7 +12,7 @@
 //! frames (`GatherPair`) and the feed-forward grid MLP ([`grid_mlp`]); each has a composed
 //! fallback and a test against it. See docs/ARCHITECTURE.md ("EquiformerV2 on the CPU: what is fused and why").
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{Init, Linear, Module, VarBuilder};
@@ -178,6 +178,50 @@ pub(crate) struct EdgeGraph {
     pub wigner: Option<EdgeFrames>,
     /// Edges grouped by target node.
     pub segments: Segments,
+    /// `src` and `dst` on the host, made on first use by a CPU op (see [`Self::ends`]).
+    pub ends: OnceLock<EdgeEnds>,
+}
+
+impl EdgeGraph {
+    /// The edges' source and target nodes on the host, copied once per graph for the CPU ops
+    /// that index node rows by edge.
+    pub(crate) fn ends(&self) -> Result<&EdgeEnds> {
+        if let Some(ends) = self.ends.get() {
+            return Ok(ends);
+        }
+        let ends = EdgeEnds {
+            src: self.src.to_vec1::<u32>()?.into(),
+            dst: self.dst.to_vec1::<u32>()?.into(),
+        };
+        Ok(self.ends.get_or_init(|| ends))
+    }
+}
+
+/// Source and target node of every edge, on the host (cheap to clone into an op).
+#[derive(Debug, Clone)]
+pub(crate) struct EdgeEnds {
+    pub src: Arc<[u32]>,
+    pub dst: Arc<[u32]>,
+}
+
+impl EdgeEnds {
+    /// Number of edges.
+    pub(crate) fn len(&self) -> usize {
+        self.src.len()
+    }
+
+    /// An error naming the op `name` unless every index is below `n` nodes.
+    pub(crate) fn check_below(&self, n: usize, name: &str) -> candle_core::Result<()> {
+        if self
+            .src
+            .iter()
+            .chain(self.dst.iter())
+            .any(|&i| i as usize >= n)
+        {
+            candle_core::bail!("{name}: an edge index is not below {n} nodes");
+        }
+        Ok(())
+    }
 }
 
 /// fairchem `EdgeDegreeEmbedding`: a radial function of each edge gives `m = 0` coefficients
@@ -427,8 +471,7 @@ fn gather_pair(x: &Tensor, graph: &EdgeGraph) -> Result<Tensor> {
         )?);
     }
     let op = GatherPair {
-        src: graph.src.to_vec1::<u32>()?.into(),
-        dst: graph.dst.to_vec1::<u32>()?.into(),
+        ends: graph.ends()?.clone(),
         src_index: graph.src.clone(),
         dst_index: graph.dst.clone(),
     };
@@ -439,8 +482,7 @@ fn gather_pair(x: &Tensor, graph: &EdgeGraph) -> Result<Tensor> {
 /// composed of differentiable ops.
 #[derive(Debug, Clone)]
 struct GatherPair {
-    src: Arc<[u32]>,
-    dst: Arc<[u32]>,
+    ends: EdgeEnds,
     src_index: Tensor,
     dst_index: Tensor,
 }
@@ -448,12 +490,12 @@ struct GatherPair {
 impl GatherPair {
     fn run<T: candle_core::WithDType>(&self, x: &[T], (n, k, c): (usize, usize, usize)) -> Vec<T> {
         use rayon::prelude::*;
-        let e = self.src.len();
+        let e = self.ends.len();
         let mut out = zeroed_vec::<T>(e * k * 2 * c);
         out.par_chunks_mut(k * 2 * c)
             .enumerate()
             .for_each(|(edge, row)| {
-                let (s, d) = (self.src[edge] as usize, self.dst[edge] as usize);
+                let (s, d) = (self.ends.src[edge] as usize, self.ends.dst[edge] as usize);
                 debug_assert!(s < n && d < n);
                 for (kk, r) in row.chunks_exact_mut(2 * c).enumerate() {
                     r[..c].copy_from_slice(&x[(s * k + kk) * c..][..c]);
@@ -476,23 +518,13 @@ impl candle_core::CustomOp1 for GatherPair {
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
         use candle_core::CpuStorage as S;
         let (n, k, c) = layout.shape().dims3()?;
-        if self
-            .src
-            .iter()
-            .chain(self.dst.iter())
-            .any(|&i| i as usize >= n)
-        {
-            candle_core::bail!("{}: an edge index is not below {n} nodes", self.name());
-        }
-        let Some((a, b)) = layout.contiguous_offsets() else {
-            candle_core::bail!("{}: non-contiguous input", self.name());
-        };
+        self.ends.check_below(n, self.name())?;
         let out = match storage {
-            S::F32(v) => S::F32(self.run(&v[a..b], (n, k, c))),
-            S::F64(v) => S::F64(self.run(&v[a..b], (n, k, c))),
+            S::F32(v) => S::F32(self.run(contiguous_input(v, layout, self.name())?, (n, k, c))),
+            S::F64(v) => S::F64(self.run(contiguous_input(v, layout, self.name())?, (n, k, c))),
             _ => candle_core::bail!("{}: only f32 and f64", self.name()),
         };
-        Ok((out, (self.src.len(), k, 2 * c).into()))
+        Ok((out, (self.ends.len(), k, 2 * c).into()))
     }
 
     fn bwd(
@@ -1027,8 +1059,10 @@ mod tests {
         let dst_index = Tensor::new(dst.as_slice(), &dev).unwrap();
         let x = Var::randn(0f64, 1.0, (n, k, c), &dev).unwrap();
         let op = GatherPair {
-            src: src.into(),
-            dst: dst.into(),
+            ends: EdgeEnds {
+                src: src.into(),
+                dst: dst.into(),
+            },
             src_index: src_index.clone(),
             dst_index: dst_index.clone(),
         };

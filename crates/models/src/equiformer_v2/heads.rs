@@ -5,8 +5,6 @@
 //!
 //! [`GraphAttention`]: super::blocks::GraphAttention
 
-use std::sync::Arc;
-
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, WithDType, D};
 use candle_nn::{Linear, Module, VarBuilder};
 use matscale_equivariant::activation::silu;
@@ -14,7 +12,7 @@ use matscale_equivariant::buffer::{contiguous_input, zeroed_vec};
 use matscale_equivariant::norms::{EquivariantNorm, LayerNorm};
 use matscale_equivariant::sh::{spherical_harmonics, Normalization};
 
-use super::blocks::{linear, norm, EdgeGraph, WeightInit};
+use super::blocks::{linear, norm, EdgeEnds, EdgeGraph, WeightInit};
 use super::config::EquiformerV2Config;
 use crate::batch::BatchTensors;
 use crate::error::Result;
@@ -154,8 +152,7 @@ fn edge_contract(x: &Tensor, sh: &Tensor, graph: &EdgeGraph) -> Result<Tensor> {
         return Ok(x_edge.broadcast_mul(&sh.unsqueeze(2)?)?.sum(1)?);
     }
     let op = EdgeContract {
-        src: graph.src.to_vec1::<u32>()?.into(),
-        dst: graph.dst.to_vec1::<u32>()?.into(),
+        ends: graph.ends()?.clone(),
     };
     Ok(x.contiguous()?.apply_op2(&sh.contiguous()?, op)?)
 }
@@ -164,8 +161,7 @@ fn edge_contract(x: &Tensor, sh: &Tensor, graph: &EdgeGraph) -> Result<Tensor> {
 /// [`EdgeContractBackward`], first order.
 #[derive(Debug, Clone)]
 struct EdgeContract {
-    src: Arc<[u32]>,
-    dst: Arc<[u32]>,
+    ends: EdgeEnds,
 }
 
 impl EdgeContract {
@@ -178,34 +174,27 @@ impl EdgeContract {
     ) -> candle_core::Result<(usize, usize, usize)> {
         let (n, k, c) = lx.shape().dims3()?;
         let (e, ksh) = lsh.shape().dims2()?;
-        if e != self.src.len() || ksh != k {
+        if e != self.ends.len() || ksh != k {
             candle_core::bail!(
                 "{name}: sh must be [E = {}, K = {k}], got {:?}",
-                self.src.len(),
+                self.ends.len(),
                 lsh.shape()
             );
         }
-        if self
-            .src
-            .iter()
-            .chain(self.dst.iter())
-            .any(|&i| i as usize >= n)
-        {
-            candle_core::bail!("{name}: an edge index is not below {n} nodes");
-        }
+        self.ends.check_below(n, name)?;
         Ok((n, k, c))
     }
 
     fn run<T: WithDType>(&self, x: &[T], sh: &[T], (k, c): (usize, usize)) -> Vec<T> {
         use rayon::prelude::*;
-        let mut out = zeroed_vec::<T>(self.src.len() * 2 * c);
+        let mut out = zeroed_vec::<T>(self.ends.len() * 2 * c);
         out.par_chunks_mut(2 * c)
             .enumerate()
             .for_each(|(edge, row)| {
                 let w = &sh[edge * k..(edge + 1) * k];
                 for (half, node) in row
                     .chunks_exact_mut(c)
-                    .zip([self.src[edge], self.dst[edge]])
+                    .zip([self.ends.src[edge], self.ends.dst[edge]])
                 {
                     let node = &x[node as usize * k * c..(node as usize + 1) * k * c];
                     for (&wk, xk) in w.iter().zip(node.chunks_exact(c)) {
@@ -246,7 +235,7 @@ impl CustomOp2 for EdgeContract {
             )),
             _ => candle_core::bail!("{name}: x and sh must both be f32 or both f64"),
         };
-        Ok((out, (self.src.len(), 2 * c).into()))
+        Ok((out, (self.ends.len(), 2 * c).into()))
     }
 
     fn bwd(
@@ -257,7 +246,7 @@ impl CustomOp2 for EdgeContract {
         grad_res: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (n, k, c) = x.dims3()?;
-        let e = self.src.len();
+        let e = self.ends.len();
         let back = EdgeContractBackward {
             forward: self.clone(),
         };
@@ -285,7 +274,7 @@ impl EdgeContractBackward {
         (n, k, c): (usize, usize, usize),
     ) -> Vec<T> {
         use rayon::prelude::*;
-        let (src, dst) = (&self.forward.src, &self.forward.dst);
+        let (src, dst) = (&self.forward.ends.src, &self.forward.ends.dst);
         let e = src.len();
         // Edges of every node as source, then as target (counting sort, edge order kept).
         let mut offsets = vec![0usize; n + 1];
@@ -352,7 +341,7 @@ impl CustomOp3 for EdgeContractBackward {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let name = self.name();
         let (n, k, c) = self.forward.check(l1, l2, name)?;
-        let e = self.forward.src.len();
+        let e = self.forward.ends.len();
         if l3.shape().dims() != [e, 2 * c] {
             candle_core::bail!(
                 "{name}: grad must be [{e}, {}], got {:?}",
@@ -417,8 +406,10 @@ mod tests {
         let src_t = Tensor::new(src.as_slice(), &dev)?;
         let dst_t = Tensor::new(dst.as_slice(), &dev)?;
         let fused = EdgeContract {
-            src: src.clone().into(),
-            dst: dst.clone().into(),
+            ends: EdgeEnds {
+                src: src.clone().into(),
+                dst: dst.clone().into(),
+            },
         };
         let y = x.as_tensor().apply_op2(sh.as_tensor(), fused)?;
         let composed = Tensor::cat(
@@ -438,8 +429,10 @@ mod tests {
         // Nodes 0, 2 and 5 are never targets, node 4 never a source (checked above); an index
         // out of range is an error, not a panic.
         let bad = EdgeContract {
-            src: vec![0, 9].into(),
-            dst: vec![1, 1].into(),
+            ends: EdgeEnds {
+                src: vec![0, 9].into(),
+                dst: vec![1, 1].into(),
+            },
         };
         let sh2 = Tensor::zeros((2, k), DType::F64, &dev)?;
         assert!(x.as_tensor().apply_op2(&sh2, bad).is_err());

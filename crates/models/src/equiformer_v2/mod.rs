@@ -381,6 +381,7 @@ impl EquiformerV2 {
             distance_features,
             wigner,
             segments: Segments::new(&batch.edge_dst, batch.n_nodes())?,
+            ends: Default::default(),
         };
         Ok((graph, edge_vectors))
     }
