@@ -237,13 +237,6 @@ pub fn silu_grad_mul_f32(grad: &mut [f32], pre: &[f32]) {
 /// the result never overflows to infinity nor becomes subnormal.
 #[inline(always)]
 pub fn exp_f32(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_145_75;
-    const LN2_LO: f32 = 1.428_606_8e-6;
-    // 1.5 · 2^23: adding it rounds to the nearest integer, which then sits in the low
-    // mantissa bits (so `k` is read with integer arithmetic, not a saturating `as i32` that
-    // would not vectorise).
-    const ROUND: f32 = 12_582_912.0;
     let x = x.clamp(-87.0, 88.0);
     let shifted = x * LOG2E + ROUND;
     let k = shifted - ROUND;
@@ -252,9 +245,25 @@ pub fn exp_f32(x: f32) -> f32 {
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    p * exp2_from_shifted(shifted)
+}
+
+/// `log2(e)` and `ln 2` split in a high part exact in f32 and a low remainder, for the range
+/// reduction `x = k ln2 + r` of [`exp_f32`] and [`exp_f32_fma`].
+const LOG2E: f32 = std::f32::consts::LOG2_E;
+const LN2_HI: f32 = 0.693_145_75;
+const LN2_LO: f32 = 1.428_606_8e-6;
+
+/// 1.5 · 2^23: adding it rounds to the nearest integer, which then sits in the low mantissa
+/// bits (so `k` is read with integer arithmetic, not a saturating `as i32` that would not
+/// vectorise).
+const ROUND: f32 = 12_582_912.0;
+
+/// `2^k` for `shifted = x·log2(e) + ROUND`, assembled in the exponent bits.
+#[inline(always)]
+fn exp2_from_shifted(shifted: f32) -> f32 {
     let k_bits = shifted.to_bits().wrapping_sub(ROUND.to_bits());
-    let scale = f32::from_bits(k_bits.wrapping_add(127) << 23);
-    p * scale
+    f32::from_bits(k_bits.wrapping_add(127) << 23)
 }
 
 /// [`exp_f32`] with the range reduction and the polynomial as fused multiply-adds: the same
@@ -263,10 +272,6 @@ pub fn exp_f32(x: f32) -> f32 {
 /// compiled without FMA every `mul_add` is a library call: use [`exp_f32`] there.
 #[inline(always)]
 fn exp_f32_fma(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_145_75;
-    const LN2_LO: f32 = 1.428_606_8e-6;
-    const ROUND: f32 = 12_582_912.0;
     let x = x.clamp(-87.0, 88.0);
     let shifted = x.mul_add(LOG2E, ROUND);
     let k = shifted - ROUND;
@@ -275,8 +280,7 @@ fn exp_f32_fma(x: f32) -> f32 {
     for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
         p = p.mul_add(r, c);
     }
-    let k_bits = shifted.to_bits().wrapping_sub(ROUND.to_bits());
-    p * f32::from_bits(k_bits.wrapping_add(127) << 23)
+    p * exp2_from_shifted(shifted)
 }
 
 /// The elementwise functions of [`Elementwise`].

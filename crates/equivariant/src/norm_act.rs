@@ -42,8 +42,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use crate::activation::dispatch_float;
-use crate::activation::{Elementwise, Float, Function};
+use crate::activation::{dispatch_float, Elementwise, Float, Function};
 use crate::buffer::contiguous_input;
 use crate::error::{EquivariantError, Result};
 

@@ -78,7 +78,7 @@ pub use crate::sh::Normalization;
 use crate::sh::{spherical_harmonics_f64, SH_LMAX};
 
 /// A pair of grid matrices `[G, K]`, row-major, in one float type.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Matrices<T> {
     to: Vec<T>,
     from: Vec<T>,
@@ -106,7 +106,6 @@ struct GridInner {
 
 impl GridInner {
     /// The grid with these matrices and their β/α factors.
-    #[allow(clippy::too_many_arguments)]
     fn with_matrices(
         (lmax, mmax): (usize, usize),
         (res_beta, res_alpha): (usize, usize),
@@ -749,58 +748,55 @@ fn s2_act_forward<T: GridFloat>(
             |sc, (task, chunk)| {
                 let rows = task * block * k * c..task * block * k * c + chunk.len();
                 factored::forward_rows(f, &x[rows], c, skip, chunk, sc);
-                if let Some(s) = scalars {
-                    for (r, out_row) in chunk.chunks_mut(k * c).enumerate() {
-                        let row = task * block + r;
-                        for (o, &v) in out_row[..c].iter_mut().zip(&s[row * c..(row + 1) * c]) {
-                            *o = v / (T::ONE + (-v).exp());
-                        }
+            },
+        );
+    } else {
+        out.par_chunks_mut(block * k * c).enumerate().for_each_init(
+            || vec![T::ZERO; g * c],
+            |values, (task, chunk)| {
+                for (r, out_row) in chunk.chunks_mut(k * c).enumerate() {
+                    let row = task * block + r;
+                    let x_row = &x[row * k * c..(row + 1) * k * c];
+                    // SAFETY: values is g × c, x_row k × c, the matrices g × k (strides (k, 1)
+                    // as G×K, (1, k) transposed, offset by `skip` columns for K−skip rows),
+                    // out_row k × c from row `skip`; all in bounds and disjoint.
+                    unsafe {
+                        gemm_into(
+                            (g, c, k),
+                            values.as_mut_ptr(),
+                            c,
+                            mats.to.as_ptr(),
+                            (k, 1),
+                            x_row.as_ptr(),
+                            (c, 1),
+                        );
+                    }
+                    T::silu_in_place(values);
+                    unsafe {
+                        gemm_into(
+                            (k - skip, c, g),
+                            out_row[skip * c..].as_mut_ptr(),
+                            c,
+                            mats.from[skip..].as_ptr(),
+                            (1, k),
+                            values.as_ptr(),
+                            (c, 1),
+                        );
                     }
                 }
             },
         );
-        return out;
     }
-    out.par_chunks_mut(block * k * c).enumerate().for_each_init(
-        || vec![T::ZERO; g * c],
-        |values, (task, chunk)| {
-            for (r, out_row) in chunk.chunks_mut(k * c).enumerate() {
-                let row = task * block + r;
-                let x_row = &x[row * k * c..(row + 1) * k * c];
-                // SAFETY: values is g × c, x_row k × c, the matrices g × k (strides (k, 1)
-                // as G×K, (1, k) transposed, offset by `skip` columns for K−skip rows),
-                // out_row k × c from row `skip`; all in bounds and disjoint.
-                unsafe {
-                    gemm_into(
-                        (g, c, k),
-                        values.as_mut_ptr(),
-                        c,
-                        mats.to.as_ptr(),
-                        (k, 1),
-                        x_row.as_ptr(),
-                        (c, 1),
-                    );
+    // Row 0 of the separable activation: SiLU of the scalars (the grid kernels skip it).
+    if let Some(s) = scalars {
+        out.par_chunks_mut(k * c)
+            .zip(s.par_chunks(c))
+            .for_each(|(out_row, s)| {
+                for (o, &v) in out_row[..c].iter_mut().zip(s) {
+                    *o = v / (T::ONE + (-v).exp());
                 }
-                T::silu_in_place(values);
-                unsafe {
-                    gemm_into(
-                        (k - skip, c, g),
-                        out_row[skip * c..].as_mut_ptr(),
-                        c,
-                        mats.from[skip..].as_ptr(),
-                        (1, k),
-                        values.as_ptr(),
-                        (c, 1),
-                    );
-                }
-                if let Some(s) = scalars {
-                    for (o, &v) in out_row[..c].iter_mut().zip(&s[row * c..(row + 1) * c]) {
-                        *o = v / (T::ONE + (-v).exp());
-                    }
-                }
-            }
-        },
-    );
+            });
+    }
     out
 }
 
@@ -1248,20 +1244,13 @@ mod tests {
     /// The same grid without its β/α factors: the activations take the dense products.
     fn dense_only(grid: &S2Grid) -> S2Grid {
         let inner = &grid.inner;
-        let copy = |m: &Matrices<f64>| Matrices {
-            to: m.to.clone(),
-            from: m.from.clone(),
-        };
         let mut dense = GridInner::with_matrices(
             (inner.lmax, inner.mmax),
             (inner.res_beta, inner.res_alpha),
             inner.normalization,
             inner.degrees.clone(),
-            copy(&inner.f64),
-            Matrices {
-                to: inner.f32.to.clone(),
-                from: inner.f32.from.clone(),
-            },
+            inner.f64.clone(),
+            inner.f32.clone(),
         );
         dense.factored_f64 = None;
         dense.factored_f32 = None;

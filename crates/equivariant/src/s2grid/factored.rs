@@ -187,8 +187,7 @@ impl<T: Float> Factored<T> {
     }
 }
 
-/// Channels [`lincomb`] accumulates at once: four AVX-512 registers of f32, so four
-/// independent add chains.
+/// Channels [`lincomb`] accumulates at once: four AVX-512 registers of f32 per accumulator.
 const WIDE: usize = 64;
 
 /// Channels of [`lincomb`]'s narrower tail blocks.
