@@ -15,8 +15,7 @@ use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor, WithDType};
 use matscale_equivariant::activation;
-
-use matscale_equivariant::buffer::contiguous_input;
+use matscale_equivariant::buffer::{contiguous_input, zeroed_vec};
 use rayon::prelude::*;
 
 /// Nodes per chunk (`CHUNK · G` rows per GEMM).
@@ -201,7 +200,7 @@ fn hidden<T: Elem>(f: usize, rows: usize, w: &[T], g0: &[T], [a1, h1, a2, h2]: [
 fn forward<T: Elem>(mats: &GridMatrices, d: Dims, x: &[T], w: &[T]) -> Vec<T> {
     let (to, from) = T::mats(mats);
     let (k, g, f) = (d.k, d.g, d.f);
-    let mut y = matscale_equivariant::buffer::zeroed_vec::<T>(d.n * k * f);
+    let mut y = zeroed_vec::<T>(d.n * k * f);
     y.par_chunks_mut(CHUNK * k * f).enumerate().for_each_init(
         || buffers::<T>(d, 5),
         |bufs, (chunk, y_chunk)| {
@@ -239,7 +238,7 @@ fn backward<T: Elem>(mats: &GridMatrices, d: Dims, x: &[T], dy: &[T], w: &[T]) -
     let (to, from) = T::mats(mats);
     let (k, f) = (d.k, d.f);
     let ff = f * f;
-    let mut out = matscale_equivariant::buffer::zeroed_vec::<T>(d.n * k * f + 3 * ff);
+    let mut out = zeroed_vec::<T>(d.n * k * f + 3 * ff);
     let (dx, dw_out) = out.split_at_mut(d.n * k * f);
     // One weight-gradient partial per fixed block of BLOCK_CHUNKS chunks, its chunks in order,
     // the partials summed in block order: the same bits for any thread count or schedule.
