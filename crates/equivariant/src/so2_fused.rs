@@ -43,8 +43,10 @@
 //! first), the bias `[extra + n₀]`, then per order `m ≥ 1` the row-major `[k_m, n_m]` matrices
 //! `P₁, P₂, P₃` (convolution) or `Wᵀ` (linear), `k_m = (lmax−m+1)·C_in`, `n_m = (lmax−m+1)·C_out`.
 
+use std::sync::{Arc, Mutex, PoisonError};
+
 use candle_core::{
-    CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, Tensor, WithDType,
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, Tensor, WithDType,
 };
 use rayon::prelude::*;
 
@@ -193,7 +195,12 @@ impl LayerShape {
 
     /// Elements of the forward output: `[E, rows_out, C_out]` then `[E, extra]`.
     fn out_len(&self, edges: usize) -> usize {
-        edges * (self.rows_out() * self.c_out + self.extra)
+        edges * (self.main_row() + self.extra)
+    }
+
+    /// Elements of one edge's main output row `[rows_out, C_out]`.
+    fn main_row(&self) -> usize {
+        self.rows_out() * self.c_out
     }
 
     /// Edges per task: 256, or fewer so that every thread gets at least four tasks. Large
@@ -766,7 +773,7 @@ impl<'a, T: WithDType> Inputs<'a, T> {
         &self,
         e0: usize,
         ne: usize,
-        g: &[T],
+        (g, g_extra): (&[T], Option<&[T]>),
         gx: &mut [T],
         grad_rad: &mut [T],
         gw: &mut [T],
@@ -789,9 +796,10 @@ impl<'a, T: WithDType> Inputs<'a, T> {
         } = scr;
         // Output gradient in the edge frame (adjoint of the rotation back, with its rescale).
         let main_len = s.rows_out() * c_out;
-        let edges_total = g.len() / (main_len + ex);
         let g_main = &g[e0 * main_len..(e0 + ne) * main_len];
-        let g_extra = &g[edges_total * main_len + e0 * ex..edges_total * main_len + (e0 + ne) * ex];
+        let g_extra = g_extra
+            .filter(|_| ex > 0)
+            .map(|ge| &ge[e0 * ex..(e0 + ne) * ex]);
         let gy: &[T] = match &self.plan_out {
             Some(plan) => {
                 let buf = &mut y[..ne * trunc * c_out];
@@ -823,7 +831,7 @@ impl<'a, T: WithDType> Inputs<'a, T> {
             view(w, ex, 1, wc),
             one,
         );
-        if ex > 0 {
+        if let Some(g_extra) = g_extra {
             gemm(
                 (ne, k0, ex),
                 gxs,
@@ -857,11 +865,13 @@ impl<'a, T: WithDType> Inputs<'a, T> {
         );
         let gb = s.bias_offset();
         for e in 0..ne {
-            for (acc, &v) in gw[gb..gb + ex]
-                .iter_mut()
-                .zip(&g_extra[e * ex..(e + 1) * ex])
-            {
-                *acc += v;
+            if let Some(g_extra) = g_extra {
+                for (acc, &v) in gw[gb..gb + ex]
+                    .iter_mut()
+                    .zip(&g_extra[e * ex..(e + 1) * ex])
+                {
+                    *acc += v;
+                }
             }
             for (acc, &v) in gw[gb + ex..gb + wc]
                 .iter_mut()
@@ -1035,13 +1045,25 @@ fn chunks(edges: usize, ec: usize) -> Vec<(usize, usize)> {
 fn forward<T: WithDType>(inputs: &Inputs<'_, T>, edges: usize) -> Vec<T> {
     let s = &inputs.shape;
     let mut out = zeroed_vec::<T>(s.out_len(edges));
+    let (main, extra) = out.split_at_mut(edges * s.rows_out() * s.c_out);
+    forward_into(inputs, edges, main, extra);
+    out
+}
+
+/// The forward pass into `main` (`[E, rows_out, C_out]`) and `extra` (`[E, extra]`).
+fn forward_into<T: WithDType>(
+    inputs: &Inputs<'_, T>,
+    edges: usize,
+    main: &mut [T],
+    extra: &mut [T],
+) {
+    let s = &inputs.shape;
     if edges == 0 {
-        return out;
+        return;
     }
     let ec = s.chunk_edges(edges);
     let chunks = chunks(edges, ec);
     let main_row = s.rows_out() * s.c_out;
-    let (main, extra) = out.split_at_mut(edges * main_row);
     let mains = split_pieces(
         main,
         &chunks.iter().map(|c| c.1 * main_row).collect::<Vec<_>>(),
@@ -1054,7 +1076,6 @@ fn forward<T: WithDType>(inputs: &Inputs<'_, T>, edges: usize) -> Vec<T> {
         || Scratch::new(s, ec, false, inputs.gather.is_some()),
         |scr, (((e0, ne), o), x)| inputs.forward_chunk(e0, ne, o, x, scr),
     );
-    out
 }
 
 /// The buffers a backward part owns (the first part writes into the output instead):
@@ -1062,13 +1083,20 @@ fn forward<T: WithDType>(inputs: &Inputs<'_, T>, edges: usize) -> Vec<T> {
 type PartBuffers<T> = (Option<Vec<T>>, Option<Vec<T>>);
 
 /// Backward: `[gx | grad_radial (E·R·C_in, if radial) | g_weights]`, `gx` per edge
-/// (`E·rows_in·C_in`) or, with `gather`, per node (`N·full·c_node`).
+/// (`E·rows_in·C_in`) or, with `gather`, per node (`N·full·c_node`), from the gradient `g` of
+/// the main output `[E, rows_out, C_out]` and `g_extra` of the extra `m = 0` outputs
+/// `[E, extra]` (`None`: zero).
 ///
 /// Deterministic: the chunks are split into one contiguous part per rayon thread; each part
 /// runs its chunks in order and accumulates the weight gradient (and, with `gather`, the node
 /// gradient) in its own buffer (the first part straight into the output); the parts are then
 /// summed in part order. No atomics, and the result depends only on the thread count.
-fn backward<T: WithDType>(inputs: &Inputs<'_, T>, g: &[T], edges: usize) -> Vec<T> {
+fn backward<T: WithDType>(
+    inputs: &Inputs<'_, T>,
+    g: &[T],
+    g_extra: Option<&[T]>,
+    edges: usize,
+) -> Vec<T> {
     let s = &inputs.shape;
     let gather = inputs.gather.is_some();
     let gx_row = s.rows_in() * s.c_in;
@@ -1142,7 +1170,7 @@ fn backward<T: WithDType>(inputs: &Inputs<'_, T>, g: &[T], edges: usize) -> Vec<
                     &mut gx[local * gx_row..(local + ne) * gx_row]
                 };
                 let rad_chunk = &mut rad[local * rad_row..(local + ne) * rad_row];
-                inputs.backward_chunk(e0, ne, g, gx_chunk, rad_chunk, gw, &mut scr);
+                inputs.backward_chunk(e0, ne, (g, g_extra), gx_chunk, rad_chunk, gw, &mut scr);
                 local += ne;
             }
             (own_gx, own_gw)
@@ -1426,7 +1454,9 @@ impl So2LayerBwdOp {
                     candle_core::bail!("matscale so2 layer backward: weights of the wrong size");
                 }
                 with_held::<T, _>(op.wigner.as_ref(), |wig| {
-                    Ok(backward(&Inputs::new(op.shape, xs, rs, ws, wig), gs, edges))
+                    let (g_main, g_extra) = gs.split_at(edges * op.shape.main_row());
+                    let inputs = Inputs::new(op.shape, xs, rs, ws, wig);
+                    Ok(backward(&inputs, g_main, Some(g_extra), edges))
                 })
             })
         }
@@ -1728,28 +1758,27 @@ pub(crate) fn forward_gather(
         return per_edge(&gather.message(x)?);
     }
     let weights = weights()?;
+    let extra_out = (shape.extra > 0).then(|| Arc::new(ExtraSlot::default()));
     let op = So2GatherOp {
         shape,
         wigner: wigner.blocks().detach().contiguous()?,
         index,
+        extra_out: extra_out.clone(),
     };
     let x = x.contiguous()?;
     let out = match radial {
         Some(r) => x.apply_op3(&r.contiguous()?, &weights, op)?,
         None => x.apply_op2(&weights, op)?,
     };
-    if shape.extra == 0 {
+    let Some(slot) = extra_out else {
         return Ok((out, None));
-    }
-    let main = edges * shape.rows_out() * shape.c_out;
-    Ok((
-        out.narrow(0, 0, main)?
-            .reshape((edges, shape.rows_out(), shape.c_out))?,
-        Some(
-            out.narrow(0, main, edges * shape.extra)?
-                .reshape((edges, shape.extra))?,
-        ),
-    ))
+    };
+    let extra = out.apply_op1(ExtraOutputOp {
+        slot,
+        edges,
+        extra: shape.extra,
+    })?;
+    Ok((out, Some(extra)))
 }
 
 /// Runs `f` with the CPU index slices and the gather description of `index`.
@@ -1776,6 +1805,91 @@ struct So2GatherOp {
     /// Detached Wigner blocks `[E, wigner_len]`.
     wigner: Tensor,
     index: GatherIndex,
+    /// With extra `m = 0` outputs: where they leave the op (see [`ExtraSlot`]).
+    extra_out: Option<Arc<ExtraSlot>>,
+}
+
+/// Carries a fused layer's second output, its extra `m = 0` outputs `[E, extra]`, past
+/// candle's one-output custom ops.
+///
+/// The forward op returns the main output `[E, rows_out, C_out]` and leaves the extra outputs
+/// here; [`ExtraOutputOp`], applied to the main output, hands them out as a tensor. In the
+/// backward pass candle reaches that op before the forward op (it consumes the forward op's
+/// output), so its gradient is waiting here when the forward op's backward runs, which takes
+/// it (`None`: the extra outputs did not reach the loss, zero gradient).
+///
+/// Returned through a `narrow` of one flat output instead, each of the two parts would get
+/// a full-size gradient (zeros around the part's own), allocated, concatenated and added by
+/// candle: about 5% of an EquiformerV2 step.
+#[derive(Debug, Default)]
+struct ExtraSlot {
+    value: Mutex<Option<CpuStorage>>,
+    grad: Mutex<Option<Tensor>>,
+}
+
+impl ExtraSlot {
+    fn put_value(&self, value: CpuStorage) {
+        *self.value.lock().unwrap_or_else(PoisonError::into_inner) = Some(value);
+    }
+
+    fn take_value(&self) -> Option<CpuStorage> {
+        self.value
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    }
+
+    fn put_grad(&self, grad: Tensor) {
+        *self.grad.lock().unwrap_or_else(PoisonError::into_inner) = Some(grad);
+    }
+
+    fn take_grad(&self) -> Option<Tensor> {
+        self.grad
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    }
+}
+
+/// `main → extra`: the extra `m = 0` outputs `[E, extra]` a gathered forward op left in its
+/// [`ExtraSlot`] (applied once, to that op's main output). Its backward leaves the gradient in
+/// the slot and gives the main output a zero gradient, so that the main output has one even
+/// when only the extra outputs reach the loss.
+#[derive(Debug)]
+struct ExtraOutputOp {
+    slot: Arc<ExtraSlot>,
+    edges: usize,
+    extra: usize,
+}
+
+impl CustomOp1 for ExtraOutputOp {
+    fn name(&self) -> &'static str {
+        "matscale-so2-extra-outputs"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _main: &CpuStorage,
+        _layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let value = self.slot.take_value().ok_or_else(|| {
+            candle_core::Error::Msg(
+                "matscale so2 gather layer: its extra outputs were already taken".into(),
+            )
+        })?;
+        Ok((value, Shape::from((self.edges, self.extra))))
+    }
+
+    fn bwd(
+        &self,
+        main: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        self.slot.put_grad(grad_res.clone());
+        let zero = Tensor::zeros((), main.dtype(), main.device())?;
+        Ok(Some(zero.broadcast_as(main.shape())?))
+    }
 }
 
 impl So2GatherOp {
@@ -1800,12 +1914,13 @@ impl So2GatherOp {
         {
             candle_core::bail!("matscale so2 gather layer: inconsistent input shapes");
         }
+        /// `(main output, extra outputs)`, or `(flat output, None)` without an extra slot.
         fn go<T: WithDType>(
             op: &So2GatherOp,
             x: (&CpuStorage, &Layout),
             radial: Option<(&CpuStorage, &Layout)>,
             w: (&CpuStorage, &Layout),
-        ) -> candle_core::Result<Vec<T>> {
+        ) -> candle_core::Result<(Vec<T>, Option<Vec<T>>)> {
             let xs = contiguous_slice::<T>(x.0, x.1)?;
             let rs = radial
                 .map(|r| contiguous_slice::<T>(r.0, r.1))
@@ -1815,21 +1930,47 @@ impl So2GatherOp {
                 with_gather(&op.index, |ga| {
                     let mut inputs = Inputs::new(op.shape, xs, rs, ws, wig);
                     inputs.gather = Some(ga);
-                    Ok(forward(&inputs, ga.source.len()))
+                    let edges = ga.source.len();
+                    Ok(if op.extra_out.is_some() {
+                        let mut main = zeroed_vec::<T>(edges * op.shape.main_row());
+                        let mut extra = zeroed_vec::<T>(edges * op.shape.extra);
+                        forward_into(&inputs, edges, &mut main, &mut extra);
+                        (main, Some(extra))
+                    } else {
+                        (forward(&inputs, edges), None)
+                    })
                 })
             })
         }
-        let out = match x.0 {
-            CpuStorage::F32(_) => CpuStorage::F32(go::<f32>(self, x, radial, w)?),
-            CpuStorage::F64(_) => CpuStorage::F64(go::<f64>(self, x, radial, w)?),
+        let (out, extra) = match x.0 {
+            CpuStorage::F32(_) => {
+                let (main, extra) = go::<f32>(self, x, radial, w)?;
+                (CpuStorage::F32(main), extra.map(CpuStorage::F32))
+            }
+            CpuStorage::F64(_) => {
+                let (main, extra) = go::<f64>(self, x, radial, w)?;
+                (CpuStorage::F64(main), extra.map(CpuStorage::F64))
+            }
             _ => candle_core::bail!("matscale so2 gather layer: needs f32 or f64 inputs"),
         };
-        let shape = if s.extra == 0 {
-            Shape::from((edges, s.rows_out(), s.c_out))
-        } else {
-            Shape::from(s.out_len(edges))
+        let shape = match (&self.extra_out, extra) {
+            (Some(slot), Some(extra)) => {
+                slot.put_value(extra);
+                Shape::from((edges, s.rows_out(), s.c_out))
+            }
+            _ if s.extra == 0 => Shape::from((edges, s.rows_out(), s.c_out)),
+            _ => Shape::from(s.out_len(edges)),
         };
         Ok((out, shape))
+    }
+
+    /// Elements of the output gradient the backward op receives.
+    fn grad_len(&self, edges: usize) -> usize {
+        if self.extra_out.is_some() {
+            edges * self.shape.main_row()
+        } else {
+            self.shape.out_len(edges)
+        }
     }
 
     /// Gradients `(x_nodes, radial, weights)` from the gathered backward op.
@@ -1840,9 +1981,14 @@ impl So2GatherOp {
         weights: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<(Tensor, Option<Tensor>, Tensor)> {
+        let grad_extra = match &self.extra_out {
+            Some(slot) => slot.take_grad().map(|g| g.contiguous()).transpose()?,
+            None => None,
+        };
         let bwd = So2GatherBwdOp {
             fwd: self.clone(),
             weights: weights.detach(),
+            grad_extra,
         };
         let g = grad_res.contiguous()?;
         let flat = match radial {
@@ -1916,6 +2062,8 @@ impl CustomOp3 for So2GatherOp {
 struct So2GatherBwdOp {
     fwd: So2GatherOp,
     weights: Tensor,
+    /// The gradient of the extra outputs when they left through an [`ExtraSlot`].
+    grad_extra: Option<Tensor>,
 }
 
 impl So2GatherBwdOp {
@@ -1927,7 +2075,12 @@ impl So2GatherBwdOp {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let s = &self.fwd.shape;
         let edges = self.fwd.edges();
-        if g.1.shape().elem_count() != s.out_len(edges) {
+        if g.1.shape().elem_count() != self.fwd.grad_len(edges)
+            || self
+                .grad_extra
+                .as_ref()
+                .is_some_and(|ge| ge.elem_count() != edges * s.extra)
+        {
             candle_core::bail!("matscale so2 gather layer backward: gradient of the wrong size");
         }
         if x.1.shape().elem_count() != self.fwd.index.nodes * s.rows_in() * self.fwd.index.c_node {
@@ -1953,10 +2106,19 @@ impl So2GatherBwdOp {
                     );
                 }
                 with_held::<T, _>(Some(&fwd.wigner), |wig| {
-                    with_gather(&fwd.index, |ga| {
-                        let mut inputs = Inputs::new(fwd.shape, xs, rs, ws, wig);
-                        inputs.gather = Some(ga);
-                        Ok(backward(&inputs, gs, ga.source.len()))
+                    with_held::<T, _>(op.grad_extra.as_ref(), |g_extra| {
+                        with_gather(&fwd.index, |ga| {
+                            let mut inputs = Inputs::new(fwd.shape, xs, rs, ws, wig);
+                            inputs.gather = Some(ga);
+                            let edges = ga.source.len();
+                            let (g_main, g_extra) = if fwd.extra_out.is_some() {
+                                (gs, g_extra)
+                            } else {
+                                let (main, extra) = gs.split_at(edges * fwd.shape.main_row());
+                                (main, Some(extra))
+                            };
+                            Ok(backward(&inputs, g_main, g_extra, edges))
+                        })
                     })
                 })
             })
@@ -2573,6 +2735,64 @@ mod tests {
             1e-6,
         )?
         .assert_within(1e-8);
+        Ok(())
+    }
+
+    /// The gathered layer's two outputs leave the op separately (the extra ones through
+    /// [`ExtraSlot`]): with only one of them in the loss, every gradient still equals the
+    /// per-edge layer's on the gathered message, and the backward pass does not fail for
+    /// want of a gradient of the unused output.
+    #[test]
+    fn gather_outputs_reach_the_loss_alone() -> TestResult {
+        let layout = SphericalLayout::new(3, 2)?;
+        let config = So2ConvConfig::new(layout, 6, 4).with_extra_m0_outputs(5);
+        let (module, varmap) = Module::new(&config, false, 51)?;
+        let Module::Conv(conv) = &module else {
+            unreachable!("a convolution was built")
+        };
+        let (nodes, edges) = (20, 300);
+        let dev = Device::Cpu;
+        let gather = MessageGather::Pair {
+            source: Tensor::new(random_index(edges, nodes, 5).as_slice(), &dev)?,
+            target: Tensor::new(random_index(edges, nodes, 6).as_slice(), &dev)?,
+        };
+        let wigner = random_wigner(edges, 3, 90, DType::F64)?;
+        let x = Var::from_tensor(&random_tensor(&[nodes, 16, 3], DType::F64, 91)?)?;
+        let r = Var::from_tensor(&random_tensor(
+            &[edges, config.radial_len()],
+            DType::F64,
+            92,
+        )?)?;
+        let params = varmap.data().lock().unwrap().clone();
+        let mut leaves = vec![x.as_tensor().clone(), r.as_tensor().clone()];
+        leaves.extend(params.values().map(|v| v.as_tensor().clone()));
+        for use_main in [true, false] {
+            let pick = |(y, e): Outputs| -> candle_core::Result<Tensor> {
+                let t = if use_main {
+                    y
+                } else {
+                    e.expect("extra outputs configured")
+                };
+                (&t * random_tensor(t.dims(), DType::F64, 93)?)?.sum_all()
+            };
+            let fused = pick(conv.forward_gather_rotate_in(
+                x.as_tensor(),
+                &gather,
+                &wigner,
+                Some(r.as_tensor()),
+            )?)?
+            .backward()?;
+            let msg = gather.message(x.as_tensor())?;
+            let reference =
+                pick(conv.forward_rotate_in(&msg, &wigner, Some(r.as_tensor()))?)?.backward()?;
+            for (i, t) in leaves.iter().enumerate() {
+                let (Some(a), Some(b)) = (fused.get(t), reference.get(t)) else {
+                    panic!("use_main {use_main}: no gradient for leaf {i}");
+                };
+                let scale = b.abs()?.max_all()?.to_scalar::<f64>()?.max(1.0);
+                assert_close(&(a / scale)?, &(b / scale)?, 1e-12);
+            }
+        }
         Ok(())
     }
 
