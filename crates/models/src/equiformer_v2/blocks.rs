@@ -886,7 +886,11 @@ impl FeedForward {
     /// `[N, (lmax+1)², C]` → `[N, (lmax+1)², out]`.
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let k = x.dim(1)?;
-        let gating = silu(&self.scalar_mlp.forward(&x.narrow(1, 0, 1)?)?)?;
+        // On `[N, C]`: candle_nn's `Linear` on a rank-3 input broadcasts its weight to
+        // `[N, C, F]` for a batched matmul, whose weight gradient is then summed over nodes.
+        let n = x.dim(0)?;
+        let scalars = x.narrow(1, 0, 1)?.reshape((n, x.dim(2)?))?;
+        let gating = silu(&self.scalar_mlp.forward(&scalars)?)?.unsqueeze(1)?;
         let hidden = self.so3_linear_1.forward(x)?;
         let fused = hidden.device().is_cpu()
             && matches!(hidden.dtype(), DType::F32 | DType::F64)
