@@ -141,10 +141,27 @@ dispatch_float! {
             match act {
                 None => {}
                 Some(Function::Silu) => T::silu_in_place(o),
+                Some(Function::SmoothLeakyRelu(slope)) => {
+                    let (ca, cb) = smooth_leaky_relu_coefficients::<T>(slope);
+                    for v in o.iter_mut() {
+                        let t = (T::ONE + T::ONE) * v.sigmoid() - T::ONE;
+                        *v = ca * *v + cb * *v * t;
+                    }
+                }
                 Some(f) => o.iter_mut().for_each(|v| *v = f.eval(0, *v)),
             }
         }
     }
+}
+
+/// `(a, b)` of fairchem's smooth leaky ReLU `f(x) = a x + b x tanh(x/2)`:
+/// `a = (1 + slope)/2`, `b = (1 − slope)/2` (see [`Function::SmoothLeakyRelu`]).
+#[inline(always)]
+fn smooth_leaky_relu_coefficients<T: Float>(slope: f64) -> (T, T) {
+    (
+        T::from_f64((1.0 + slope) / 2.0),
+        T::from_f64((1.0 - slope) / 2.0),
+    )
 }
 
 fn forward_kernel<T: Float>(x: &[T], w: &[T], b: &[T], op: LayerNormAct) -> Vec<T> {
@@ -199,6 +216,17 @@ dispatch_float! {
                         *d = nj * wj + bj;
                     }
                     T::silu_backward_in_place(dn, g);
+                }
+                Some(Function::SmoothLeakyRelu(slope)) => {
+                    let (ca, cb) = smooth_leaky_relu_coefficients::<T>(slope);
+                    let (one, two) = (T::ONE, T::ONE + T::ONE);
+                    for (((d, &nj), (&wj, &bj)), &gj) in
+                        dn.iter_mut().zip(&*n).zip(w.iter().zip(b)).zip(g)
+                    {
+                        let y = nj * wj + bj;
+                        let t = two * y.sigmoid() - one;
+                        *d = gj * (ca + cb * t + cb * y * (one - t * t) / two);
+                    }
                 }
                 Some(f) => {
                     for (j, d) in dn.iter_mut().enumerate() {
@@ -358,6 +386,282 @@ impl CustomOp3 for LayerNormActBackward {
     }
 }
 
+/// `Σ_a act(LayerNorm(x) · weight + bias)[.., h, a] · dot[h, a]`: LayerNorm over the last
+/// dimension of `x` (`[.., H, A]`), the activation, then one dot product per row with the
+/// row's `dot[h]` (`dot`: `[H, A]`), giving `[.., H]`. EquiformerV2's attention logits
+/// (fairchem: `alpha_norm`, `SmoothLeakyReLU`, `einsum("bik, ik -> bi", ·, alpha_dot)`).
+///
+/// Fused on the CPU like [`layer_norm_act`] (one node, no `[.., H, A]` intermediate in the
+/// autograd graph: the backward pass recomputes the activations of a block of rows in
+/// scratch); composed of differentiable candle ops elsewhere and for higher-order gradients.
+pub fn layer_norm_act_dot(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    act: Option<Function>,
+    dot: &Tensor,
+) -> Result<Tensor> {
+    let dims = x.dims();
+    if dims.len() < 2 || dot.dims() != &dims[dims.len() - 2..] || dot.dtype() != x.dtype() {
+        return Err(EquivariantError::ShapeMismatch {
+            arg: "dot",
+            expected: "[H, A] for x of shape [.., H, A], with the dtype of `x`".into(),
+            found: dot.dims().to_vec(),
+        });
+    }
+    let fused = x.device().is_cpu()
+        && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
+        && !crate::higher_order_gradients_requested();
+    if !fused {
+        let y = layer_norm_act(x, weight, bias, eps, act)?;
+        return Ok(y.broadcast_mul(dot)?.sum(D::Minus1)?);
+    }
+    // Checks weight and bias like `layer_norm_act` does.
+    let a = x.dim(D::Minus1)?;
+    for (name, t) in [("weight", weight), ("bias", bias)] {
+        if t.dims() != [a] || t.dtype() != x.dtype() {
+            return Err(EquivariantError::ShapeMismatch {
+                arg: name,
+                expected: format!("[{a}] with the dtype of `x`"),
+                found: t.dims().to_vec(),
+            });
+        }
+    }
+    let wb = Tensor::cat(&[weight, bias], 0)?;
+    Ok(x.contiguous()?.apply_op3(
+        &wb,
+        &dot.contiguous()?,
+        LayerNormActDot {
+            op: LayerNormAct { eps, act },
+        },
+    )?)
+}
+
+/// The fused op of [`layer_norm_act_dot`] (args `x`, `[weight ‖ bias]`, `dot`).
+#[derive(Debug, Clone, Copy)]
+struct LayerNormActDot {
+    op: LayerNormAct,
+}
+
+/// `(A, H)` of the dot op's inputs, checked.
+fn dot_dims(
+    x: &Layout,
+    wb: &Layout,
+    dot: &Layout,
+    name: &str,
+) -> candle_core::Result<(usize, usize)> {
+    let a = wb.shape().elem_count() / 2;
+    let dd = dot.shape().dims();
+    let xd = x.shape().dims();
+    if dd.len() != 2 || xd.len() < 2 || dd != &xd[xd.len() - 2..] || dd[1] != a {
+        candle_core::bail!(
+            "{name}: x {:?}, weight+bias {:?}, dot {:?}",
+            xd,
+            wb.shape(),
+            dd
+        );
+    }
+    Ok((a, dd[0]))
+}
+
+fn dot_forward_kernel<T: Float>(x: &[T], w: &[T], b: &[T], dot: &[T], op: LayerNormAct) -> Vec<T> {
+    let a = w.len();
+    let eps = T::from_f64(op.eps);
+    let rows = x.len().checked_div(a).unwrap_or(0);
+    let h = dot.len().checked_div(a).unwrap_or(0);
+    let mut out = vec![T::ZERO; rows];
+    if a == 0 || h == 0 {
+        return out;
+    }
+    out.par_chunks_mut(ROWS_PER_BLOCK)
+        .zip(x.par_chunks(ROWS_PER_BLOCK * a))
+        .enumerate()
+        .for_each_init(
+            || vec![T::ZERO; ROWS_PER_BLOCK * a],
+            |y, (block, (out, x))| {
+                let y = &mut y[..x.len()];
+                forward_block(x, w, b, eps, op.act, y);
+                for (i, (o, yr)) in out.iter_mut().zip(y.chunks(a)).enumerate() {
+                    let head = (block * ROWS_PER_BLOCK + i) % h;
+                    *o = lane_sum_by(yr, &dot[head * a..(head + 1) * a], |u, v| u * v);
+                }
+            },
+        );
+    out
+}
+
+/// `[dx (rows·A) | dw (A) | db (A) | ddot (H·A)]` from the output gradient `g` (`rows`).
+fn dot_backward_kernel<T: Float>(
+    x: &[T],
+    (w, b, dot): (&[T], &[T], &[T]),
+    g: &[T],
+    op: LayerNormAct,
+) -> Vec<T> {
+    let a = w.len();
+    let eps = T::from_f64(op.eps);
+    let h = dot.len().checked_div(a).unwrap_or(0);
+    let mut out = crate::buffer::zeroed_vec::<T>(x.len() + 2 * a + h * a);
+    if a == 0 || h == 0 {
+        return out;
+    }
+    let (dx, acc_out) = out.split_at_mut(x.len());
+    // One `[dw | db | ddot]` partial per fixed block of rows, summed in block order.
+    let partials: Vec<Vec<T>> = dx
+        .par_chunks_mut(ROWS_PER_BLOCK * a)
+        .zip(x.par_chunks(ROWS_PER_BLOCK * a))
+        .zip(g.par_chunks(ROWS_PER_BLOCK))
+        .enumerate()
+        .map(|(block, ((dx, x), g))| {
+            let mut acc = vec![T::ZERO; 2 * a + h * a];
+            let (mut y, mut scratch) = (vec![T::ZERO; x.len()], vec![T::ZERO; 2 * a]);
+            // Recompute the activations, then ∂y = g · dot[h] (into y) and ∂dot += g · y.
+            forward_block(x, w, b, eps, op.act, &mut y);
+            let ddot = &mut acc[2 * a..];
+            for (i, (yr, &gi)) in y.chunks_mut(a).zip(g).enumerate() {
+                let head = (block * ROWS_PER_BLOCK + i) % h;
+                let (dd, dr) = (
+                    &mut ddot[head * a..(head + 1) * a],
+                    &dot[head * a..(head + 1) * a],
+                );
+                for ((yv, d), &dv) in yr.iter_mut().zip(dd).zip(dr) {
+                    *d += gi * *yv;
+                    *yv = gi * dv;
+                }
+            }
+            let inputs = BlockInputs { x, g: &y, w, b };
+            backward_block(inputs, eps, op.act, dx, &mut acc[..2 * a], &mut scratch);
+            acc
+        })
+        .collect();
+    for p in partials {
+        for (d, v) in acc_out.iter_mut().zip(p) {
+            *d += v;
+        }
+    }
+    out
+}
+
+impl CustomOp3 for LayerNormActDot {
+    fn name(&self) -> &'static str {
+        "layer-norm-act-dot"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        let (a, _) = dot_dims(l1, l2, l3, name)?;
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(wb), CpuStorage::F32(dot)) => {
+                let wb = contiguous_input(wb, l2, name)?;
+                CpuStorage::F32(dot_forward_kernel(
+                    contiguous_input(x, l1, name)?,
+                    &wb[..a],
+                    &wb[a..],
+                    contiguous_input(dot, l3, name)?,
+                    self.op,
+                ))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(wb), CpuStorage::F64(dot)) => {
+                let wb = contiguous_input(wb, l2, name)?;
+                CpuStorage::F64(dot_forward_kernel(
+                    contiguous_input(x, l1, name)?,
+                    &wb[..a],
+                    &wb[a..],
+                    contiguous_input(dot, l3, name)?,
+                    self.op,
+                ))
+            }
+            _ => candle_core::bail!("{name}: x, weight, bias and dot must all be f32 or all f64"),
+        };
+        let dims = l1.shape().dims();
+        Ok((out, Shape::from(&dims[..dims.len() - 1])))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        wb: &Tensor,
+        dot: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let packed = Tensor::cat(&[wb, &dot.flatten_all()?], 0)?;
+        let back = LayerNormActDotBackward {
+            op: self.op,
+            heads: dot.dim(0)?,
+        };
+        let flat = x.apply_op3_no_bwd(&grad_res.contiguous()?, &packed, &back)?;
+        let (n, lw, ld) = (x.elem_count(), wb.elem_count(), dot.elem_count());
+        let dx = flat.narrow(0, 0, n)?.reshape(x.shape())?;
+        let dwb = flat.narrow(0, n, lw)?;
+        let ddot = flat.narrow(0, n + lw, ld)?.reshape(dot.shape())?;
+        Ok((Some(dx), Some(dwb), Some(ddot)))
+    }
+}
+
+/// The backward kernel of [`LayerNormActDot`] as an op of (`x`, `grad`,
+/// `[weight ‖ bias ‖ dot]`) returning the flat `[dx | dw | db | ddot]`.
+#[derive(Debug, Clone, Copy)]
+struct LayerNormActDotBackward {
+    op: LayerNormAct,
+    heads: usize,
+}
+
+impl CustomOp3 for LayerNormActDotBackward {
+    fn name(&self) -> &'static str {
+        "layer-norm-act-dot-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        let a = l3.shape().elem_count() / (2 + self.heads);
+        let rows = l1.shape().elem_count().checked_div(a).unwrap_or(0);
+        if l2.shape().elem_count() != rows {
+            candle_core::bail!("{name}: gradient {:?} for x {:?}", l2.shape(), l1.shape());
+        }
+        let len = l1.shape().elem_count() + l3.shape().elem_count();
+        fn go<T: Float>(x: &[T], g: &[T], packed: &[T], a: usize, op: LayerNormAct) -> Vec<T> {
+            let (w, rest) = packed.split_at(a);
+            let (b, dot) = rest.split_at(a);
+            dot_backward_kernel(x, (w, b, dot), g, op)
+        }
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(g), CpuStorage::F32(p)) => CpuStorage::F32(go(
+                contiguous_input(x, l1, name)?,
+                contiguous_input(g, l2, name)?,
+                contiguous_input(p, l3, name)?,
+                a,
+                self.op,
+            )),
+            (CpuStorage::F64(x), CpuStorage::F64(g), CpuStorage::F64(p)) => CpuStorage::F64(go(
+                contiguous_input(x, l1, name)?,
+                contiguous_input(g, l2, name)?,
+                contiguous_input(p, l3, name)?,
+                a,
+                self.op,
+            )),
+            _ => candle_core::bail!("{name}: all inputs must be f32 or all f64"),
+        };
+        Ok((out, Shape::from(len)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -410,6 +714,69 @@ mod tests {
                 assert_close_slice(&flat(f), &flat(c), 1e-11);
             }
         }
+        Ok(())
+    }
+
+    /// The fused LayerNorm → activation → per-head dot product equals the composed ops, values
+    /// and the gradients of all four inputs (f64 to 1e-12, f32 to 1e-5 relative), with more
+    /// rows than one block and heads that straddle block boundaries; a `dot` of the wrong
+    /// shape is an error.
+    #[test]
+    fn fused_dot_equals_composed_with_gradients() -> Result<()> {
+        let (e, h, a) = (ROWS_PER_BLOCK / 3 + 11, 3, 12);
+        for act in [
+            None,
+            Some(Function::Silu),
+            Some(Function::SmoothLeakyRelu(0.2)),
+        ] {
+            for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-5)] {
+                let x = Var::from_tensor(&random_tensor(&[e, h, a], DType::F64, 11)?)?;
+                let w = Var::from_tensor(&(random_tensor(&[a], DType::F64, 12)? + 1.0)?)?;
+                let b = Var::from_tensor(&random_tensor(&[a], DType::F64, 13)?)?;
+                let dot = Var::from_tensor(&random_tensor(&[h, a], DType::F64, 14)?)?;
+                let probe = random_tensor(&[e, h], DType::F64, 15)?.to_dtype(dtype)?;
+                let [xd, wd, bd, dd] = [&x, &w, &b, &dot].map(|v| v.as_tensor().to_dtype(dtype));
+                let (xd, wd, bd, dd) = (xd?, wd?, bd?, dd?);
+                let fused = layer_norm_act_dot(&xd, &wd, &bd, 1e-5, act, &dd)?;
+                assert_eq!(fused.dims(), &[e, h]);
+                let reference = composed(&xd, &wd, &bd, act)
+                    .broadcast_mul(&dd)?
+                    .sum(D::Minus1)?;
+                let flat = |t: &Tensor| -> Vec<f64> {
+                    t.to_dtype(DType::F64)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap()
+                };
+                let scale = |v: &[f64]| v.iter().fold(1.0f64, |m, x| m.max(x.abs()));
+                let close = |got: &[f64], want: &[f64], what: &str| {
+                    let s = scale(want);
+                    for (g, w) in got.iter().zip(want) {
+                        assert!(
+                            (g - w).abs() <= tol * s,
+                            "{act:?} {dtype:?} {what}: {g} vs {w}"
+                        );
+                    }
+                };
+                close(&flat(&fused), &flat(&reference), "value");
+                let gf = (&fused * &probe)?.sum_all()?.backward()?;
+                let gc = (&reference * &probe)?.sum_all()?.backward()?;
+                for (name, var) in [("x", &x), ("weight", &w), ("bias", &b), ("dot", &dot)] {
+                    let f = gf.get(var.as_tensor()).expect("fused gradient");
+                    let c = gc.get(var.as_tensor()).expect("composed gradient");
+                    close(&flat(f), &flat(c), name);
+                }
+            }
+        }
+        let x = random_tensor(&[4, 3, 5], DType::F64, 16)?;
+        let (w, b) = (
+            Tensor::ones(5, DType::F64, &Device::Cpu)?,
+            Tensor::zeros(5, DType::F64, &Device::Cpu)?,
+        );
+        let bad = random_tensor(&[2, 5], DType::F64, 17)?;
+        assert!(layer_norm_act_dot(&x, &w, &b, 1e-5, None, &bad).is_err());
         Ok(())
     }
 

@@ -55,7 +55,7 @@ use candle_nn::{Init, VarBuilder};
 
 use crate::activation::{check_float, Function};
 use crate::error::{EquivariantError, Result};
-use crate::norm_act::layer_norm_act;
+use crate::norm_act::{layer_norm_act, layer_norm_act_dot};
 
 /// How the squared size of a degree is measured (fairchem's `normalization` argument).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -213,6 +213,17 @@ impl LayerNorm {
     /// is [`Self::forward`] itself.
     pub fn forward_act(&self, x: &Tensor, act: Option<Function>) -> Result<Tensor> {
         layer_norm_act(x, &self.weight, &self.bias, self.eps, act)
+    }
+
+    /// `Σ_a act(self.forward(x))[.., h, a] · dot[h, a]` for `x` `[.., H, A]` and `dot`
+    /// `[H, A]`, as one fused op ([`crate::norm_act::layer_norm_act_dot`]): `[.., H]`.
+    pub fn forward_act_dot(
+        &self,
+        x: &Tensor,
+        act: Option<Function>,
+        dot: &Tensor,
+    ) -> Result<Tensor> {
+        layer_norm_act_dot(x, &self.weight, &self.bias, self.eps, act, dot)
     }
 }
 

@@ -435,16 +435,16 @@ impl GraphAttention {
         // Attention weights: LayerNorm → SmoothLeakyReLU → dot with alpha_dot → softmax.
         let logits = logits_in.reshape((e, heads, self.alpha_channels))?;
         let logits = match &self.alpha_norm {
-            // One fused LayerNorm + activation node instead of a dozen `[E, H, A]` ones.
-            Some(norm) => norm.forward_act(
+            // One fused LayerNorm + activation + dot node instead of a dozen `[E, H, A]` ones.
+            Some(norm) => norm.forward_act_dot(
                 &logits,
                 Some(Function::SmoothLeakyRelu(ALPHA_NEGATIVE_SLOPE)),
+                &self.alpha_dot,
             )?,
-            None => smooth_leaky_relu(&logits, ALPHA_NEGATIVE_SLOPE)?,
+            None => smooth_leaky_relu(&logits, ALPHA_NEGATIVE_SLOPE)?
+                .broadcast_mul(&self.alpha_dot.unsqueeze(0)?)?
+                .sum(D::Minus1)?,
         };
-        let logits = logits
-            .broadcast_mul(&self.alpha_dot.unsqueeze(0)?)?
-            .sum(D::Minus1)?;
         let mut alpha = graph.segments.softmax(&logits)?;
         if train && self.alpha_drop > 0.0 {
             alpha = candle_nn::ops::dropout(&alpha, self.alpha_drop as f32)?;
