@@ -306,10 +306,203 @@ impl EdgeDegreeEmbedding {
             .blocks()
             .index_select(&self.m0_row, 1)?
             .broadcast_mul(&scale)?;
+        let fused = m0.device().is_cpu()
+            && matches!(m0.dtype(), DType::F32 | DType::F64)
+            && !weights.track_op()
+            && graph.segments.is_sorted()
+            && !matscale_equivariant::higher_order_gradients_requested();
+        if fused {
+            // One pass per node: the `[E, (lmax+1)², C]` spread message never exists.
+            let op = DegreeSpread {
+                segments: graph.segments.clone(),
+                weights: weights.contiguous()?,
+                degree: (0..=self.layout.lmax())
+                    .flat_map(|d| std::iter::repeat_n(d, 2 * d + 1))
+                    .collect(),
+            };
+            return Ok(m0.contiguous()?.apply_op1(op)?);
+        }
         let spread = m0
             .index_select(&self.degree, 1)?
             .broadcast_mul(&weights.unsqueeze(2)?)?;
         Ok(graph.segments.sum(&spread)?)
+    }
+}
+
+/// The CPU op of the edge-degree embedding's sum (arg: `m0` `[E, lmax+1, C]`, edges sorted by
+/// target): `out[n, k, :] = Σ_{e → n} weights[e, k] · m0[e, degree(k), :]` for the detached
+/// per-edge weights `[E, K]`. Its backward (`∂m0[e, l, :] = Σ_{degree(k) = l} weights[e, k] ·
+/// ∂out[target(e), k, :]`) writes each edge's row once, so it is deterministic; first order
+/// only (the caller composes the same sum from candle ops for higher orders).
+#[derive(Debug, Clone)]
+struct DegreeSpread {
+    segments: Segments,
+    /// `[E, K]`, contiguous, without a gradient.
+    weights: Tensor,
+    /// Degree `l` of each l-major coefficient `k`.
+    degree: Vec<usize>,
+}
+
+impl DegreeSpread {
+    fn forward<T: candle_core::WithDType>(&self, m0: &[T], w: &[T], c: usize) -> Vec<T> {
+        use rayon::prelude::*;
+        let offsets = self.segments.offsets();
+        let (k, l1) = (self.degree.len(), self.degree.last().map_or(0, |&l| l + 1));
+        let mut out = zeroed_vec::<T>((offsets.len() - 1) * k * c);
+        out.par_chunks_mut(k * c)
+            .enumerate()
+            .for_each(|(node, out_row)| {
+                for edge in offsets[node]..offsets[node + 1] {
+                    let m = &m0[edge * l1 * c..(edge + 1) * l1 * c];
+                    let we = &w[edge * k..(edge + 1) * k];
+                    for ((o, &l), &wk) in out_row.chunks_exact_mut(c).zip(&self.degree).zip(we) {
+                        for (o, &x) in o.iter_mut().zip(&m[l * c..(l + 1) * c]) {
+                            *o += wk * x;
+                        }
+                    }
+                }
+            });
+        out
+    }
+
+    fn backward<T: candle_core::WithDType>(&self, g: &[T], w: &[T], c: usize) -> Vec<T> {
+        use rayon::prelude::*;
+        let offsets = self.segments.offsets();
+        let (k, l1) = (self.degree.len(), self.degree.last().map_or(0, |&l| l + 1));
+        let edges = offsets[offsets.len() - 1];
+        let mut dm = zeroed_vec::<T>(edges * l1 * c);
+        let mut rows: Vec<&mut [T]> = Vec::with_capacity(offsets.len() - 1);
+        let mut rest = dm.as_mut_slice();
+        for node in 0..offsets.len() - 1 {
+            let (head, tail) = rest.split_at_mut((offsets[node + 1] - offsets[node]) * l1 * c);
+            rows.push(head);
+            rest = tail;
+        }
+        rows.into_par_iter()
+            .enumerate()
+            .for_each(|(node, dm_node)| {
+                let g_row = &g[node * k * c..(node + 1) * k * c];
+                for (i, dm_edge) in dm_node.chunks_exact_mut(l1 * c).enumerate() {
+                    let we = &w[(offsets[node] + i) * k..(offsets[node] + i + 1) * k];
+                    for ((gk, &l), &wk) in g_row.chunks_exact(c).zip(&self.degree).zip(we) {
+                        for (d, &v) in dm_edge[l * c..(l + 1) * c].iter_mut().zip(gk) {
+                            *d += wk * v;
+                        }
+                    }
+                }
+            });
+        dm
+    }
+
+    /// Checks `m0`'s layout against the weights and segments: `C`.
+    fn channels(&self, m0: &candle_core::Layout, name: &str) -> candle_core::Result<usize> {
+        let (e, l1, c) = m0.shape().dims3()?;
+        let edges = self.segments.offsets().last().copied().unwrap_or(0);
+        let expected_l1 = self.degree.last().map_or(0, |&l| l + 1);
+        if l1 != expected_l1 || e != edges || self.weights.dims() != [e, self.degree.len()] {
+            candle_core::bail!(
+                "{name}: m0 {:?}, weights {:?}, {edges} edges in the segments",
+                m0.shape(),
+                self.weights.shape()
+            );
+        }
+        Ok(c)
+    }
+}
+
+impl candle_core::CustomOp1 for DegreeSpread {
+    fn name(&self) -> &'static str {
+        "edge-degree-spread"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::CpuStorage as S;
+        let name = self.name();
+        let c = self.channels(l, name)?;
+        let (w_storage, w_layout) = self.weights.storage_and_layout();
+        let candle_core::Storage::Cpu(w_cpu) = &*w_storage else {
+            candle_core::bail!("{name}: the weights are not on the CPU");
+        };
+        let out = match (s, w_cpu) {
+            (S::F32(m), S::F32(w)) => S::F32(self.forward(
+                contiguous_input(m, l, name)?,
+                contiguous_input(w, w_layout, name)?,
+                c,
+            )),
+            (S::F64(m), S::F64(w)) => S::F64(self.forward(
+                contiguous_input(m, l, name)?,
+                contiguous_input(w, w_layout, name)?,
+                c,
+            )),
+            _ => candle_core::bail!("{name}: m0 and the weights must be both f32 or both f64"),
+        };
+        let n = self.segments.offsets().len() - 1;
+        Ok((out, (n, self.degree.len(), c).into()))
+    }
+
+    fn bwd(
+        &self,
+        m0: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let g = grad_res.contiguous()?;
+        Ok(Some(m0.apply_op1_no_bwd(&DegreeSpreadBackward {
+            spread: self.clone(),
+            grad: g,
+        })?))
+    }
+}
+
+/// The backward of [`DegreeSpread`] as an op on `m0` (for its shape) holding `∂out`.
+struct DegreeSpreadBackward {
+    spread: DegreeSpread,
+    grad: Tensor,
+}
+
+impl candle_core::CustomOp1 for DegreeSpreadBackward {
+    fn name(&self) -> &'static str {
+        "edge-degree-spread-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::CpuStorage as S;
+        let name = self.name();
+        let sp = &self.spread;
+        let c = sp.channels(l, name)?;
+        let n = sp.segments.offsets().len() - 1;
+        if self.grad.dims() != [n, sp.degree.len(), c] {
+            candle_core::bail!("{name}: gradient {:?}", self.grad.shape());
+        }
+        let (g_storage, g_layout) = self.grad.storage_and_layout();
+        let (w_storage, w_layout) = sp.weights.storage_and_layout();
+        let (candle_core::Storage::Cpu(g_cpu), candle_core::Storage::Cpu(w_cpu)) =
+            (&*g_storage, &*w_storage)
+        else {
+            candle_core::bail!("{name}: the gradient and weights are not on the CPU");
+        };
+        let out = match (g_cpu, w_cpu) {
+            (S::F32(g), S::F32(w)) => S::F32(sp.backward(
+                contiguous_input(g, g_layout, name)?,
+                contiguous_input(w, w_layout, name)?,
+                c,
+            )),
+            (S::F64(g), S::F64(w)) => S::F64(sp.backward(
+                contiguous_input(g, g_layout, name)?,
+                contiguous_input(w, w_layout, name)?,
+                c,
+            )),
+            _ => candle_core::bail!("{name}: the gradient and weights must be both f32 or f64"),
+        };
+        Ok((out, l.shape().clone()))
     }
 }
 
@@ -989,6 +1182,62 @@ mod tests {
 
     /// The fused attention sum against `broadcast_mul` + segment sum: values and gradients
     /// (f64), with an empty node and unequal in-degrees.
+    /// The fused edge-degree spread against `index_select` + `broadcast_mul` + segment sum:
+    /// values and the gradient of `m0` (f64), a node without edges included.
+    #[test]
+    fn fused_degree_spread_matches_the_composed_ops() {
+        let dev = Device::Cpu;
+        let (e, lmax, c) = (9, 2, 3);
+        let k = (lmax + 1) * (lmax + 1);
+        let dst = [0u32, 0, 0, 1, 1, 3, 3, 3, 3];
+        let segments = Segments::from_indices(&dst, 4).unwrap();
+        assert!(segments.is_sorted());
+        let m0 = Var::randn(0f64, 1.0, (e, lmax + 1, c), &dev).unwrap();
+        let weights = Tensor::randn(0f64, 1.0, (e, k), &dev).unwrap();
+        let probe = Tensor::randn(0f64, 1.0, (4, k, c), &dev).unwrap();
+        let degree: Vec<usize> = (0..=lmax)
+            .flat_map(|d| std::iter::repeat_n(d, 2 * d + 1))
+            .collect();
+        let op = DegreeSpread {
+            segments: segments.clone(),
+            weights: weights.clone(),
+            degree: degree.clone(),
+        };
+        let fused = m0.as_tensor().apply_op1(op).unwrap();
+        let index = Tensor::from_vec(
+            degree.iter().map(|&d| d as u32).collect::<Vec<_>>(),
+            k,
+            &dev,
+        )
+        .unwrap();
+        let spread = m0
+            .as_tensor()
+            .index_select(&index, 1)
+            .unwrap()
+            .broadcast_mul(&weights.unsqueeze(2).unwrap())
+            .unwrap();
+        let composed = segments.sum(&spread).unwrap();
+        assert!(max_abs_diff(&fused, &composed) < 1e-12);
+        let empty = fused
+            .narrow(0, 2, 1)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        assert_eq!(empty.to_scalar::<f64>().unwrap(), 0.0);
+        let grad = |out: &Tensor| {
+            let g = (out * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            g.get(m0.as_tensor()).unwrap().clone()
+        };
+        assert!(max_abs_diff(&grad(&fused), &grad(&composed)) < 1e-12);
+    }
+
     #[test]
     fn fused_attention_sum_matches_the_composed_ops() {
         let dev = Device::Cpu;
