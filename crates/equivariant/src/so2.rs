@@ -94,7 +94,7 @@ use rayon::prelude::*;
 use crate::error::{EquivariantError, Result};
 use crate::mapping::SphericalLayout;
 pub use crate::so2_fused::MessageGather;
-use crate::so2_fused::{LayerShape, So2LayerOp};
+use crate::so2_fused::{pack_complex, pack_complex_applies, LayerShape, So2LayerOp};
 use crate::wigner::{block_offset, WignerBlocks};
 
 // ---------------------------------------------------------------------------------------------
@@ -796,7 +796,9 @@ impl So2Params {
         parts.push(self.fc_m0_weight.t()?.contiguous()?.flatten_all()?);
         parts.push(self.fc_m0_bias.clone());
         for (i, w) in self.m_weights.iter().enumerate() {
-            if self.complex {
+            if self.complex && pack_complex_applies(w) {
+                parts.push(pack_complex(w)?);
+            } else if self.complex {
                 let n = layout.m_size(i + 1) * c_out;
                 let wr = w.narrow(0, 0, n)?;
                 let wi = w.narrow(0, n, n)?;
