@@ -15,6 +15,7 @@ pub mod mapping;
 pub mod norm_act;
 pub mod norms;
 pub mod radial;
+mod radial_mlp;
 pub mod s2grid;
 pub mod segment;
 pub mod sh;

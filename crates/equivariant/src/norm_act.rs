@@ -131,7 +131,7 @@ fn row_stats<T: Float>(row: &[T], eps: T) -> (T, T) {
 
 dispatch_float! {
     /// Forward of one block of rows of width `w.len()`.
-    fn forward_block(x: &[T], w: &[T], b: &[T], eps: T, act: Option<Function>, out: &mut [T]) {
+    pub(crate) fn forward_block(x: &[T], w: &[T], b: &[T], eps: T, act: Option<Function>, out: &mut [T]) {
         let a = w.len();
         for (o, row) in out.chunks_mut(a).zip(x.chunks(a)) {
             let (mean, r) = row_stats(row, eps);
@@ -180,17 +180,17 @@ fn forward_kernel<T: Float>(x: &[T], w: &[T], b: &[T], op: LayerNormAct) -> Vec<
 /// The read-only inputs of one backward block: rows `x`, their output gradient `g`, the
 /// affine weight `w` and bias `b`.
 #[derive(Clone, Copy)]
-struct BlockInputs<'a, T> {
-    x: &'a [T],
-    g: &'a [T],
-    w: &'a [T],
-    b: &'a [T],
+pub(crate) struct BlockInputs<'a, T> {
+    pub(crate) x: &'a [T],
+    pub(crate) g: &'a [T],
+    pub(crate) w: &'a [T],
+    pub(crate) b: &'a [T],
 }
 
 dispatch_float! {
     /// Backward of one block of rows: writes `dx`, adds the block's `[dw | db]` to `acc`;
     /// `scratch` holds two rows.
-    fn backward_block(
+    pub(crate) fn backward_block(
         inputs: BlockInputs<'_, T>,
         eps: T,
         act: Option<Function>,

@@ -209,6 +209,11 @@ impl LayerNorm {
             .broadcast_add(&self.bias)?)
     }
 
+    /// The affine weight, bias and epsilon.
+    pub(crate) fn parts(&self) -> (&Tensor, &Tensor, f64) {
+        (&self.weight, &self.bias, self.eps)
+    }
+
     /// `act(self.forward(x))` as one fused op ([`crate::norm_act::layer_norm_act`]); `None`
     /// is [`Self::forward`] itself.
     pub fn forward_act(&self, x: &Tensor, act: Option<Function>) -> Result<Tensor> {

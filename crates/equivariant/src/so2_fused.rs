@@ -222,14 +222,14 @@ impl LayerShape {
 
 /// A strided matrix view into a slice: element `(i, j)` is `data[off + i·rs + j·cs]`.
 #[derive(Clone, Copy)]
-struct View<'a, T> {
+pub(crate) struct View<'a, T> {
     data: &'a [T],
     off: usize,
     rs: usize,
     cs: usize,
 }
 
-fn view<T>(data: &[T], off: usize, rs: usize, cs: usize) -> View<'_, T> {
+pub(crate) fn view<T>(data: &[T], off: usize, rs: usize, cs: usize) -> View<'_, T> {
     View { data, off, rs, cs }
 }
 
@@ -245,7 +245,7 @@ fn assert_span(len: usize, off: usize, (rows, cols): (usize, usize), (rs, cs): (
 /// `dst[off..][m×n] (= | +=) beta · lhs[m×k] · rhs[k×n]`, `dst` with row stride `dst_rs` and
 /// unit column stride, single-threaded (the callers parallelise over edge chunks).
 #[allow(clippy::too_many_arguments)]
-fn gemm<T: WithDType>(
+pub(crate) fn gemm<T: WithDType>(
     (m, n, k): (usize, usize, usize),
     dst: &mut [T],
     dst_off: usize,
