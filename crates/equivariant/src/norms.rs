@@ -53,9 +53,14 @@
 use candle_core::{DType, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 
-use crate::activation::{check_float, Function};
+use rayon::prelude::*;
+
+use crate::activation::{check_float, Float, Function};
+use crate::buffer::contiguous_input;
 use crate::error::{EquivariantError, Result};
-use crate::norm_act::{layer_norm_act, layer_norm_act_dot};
+use crate::norm_act::{
+    backward_block, forward_block, layer_norm_act, layer_norm_act_dot, BlockInputs,
+};
 
 /// How the squared size of a degree is measured (fairchem's `normalization` argument).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -333,6 +338,14 @@ impl EquivariantLayerNormArraySphericalHarmonics {
     /// `[N, (lmax+1)², C]` → same shape.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         check_embedding(x, self.lmax, self.channels)?;
+        match self.forward_fused(x)? {
+            Some(out) => Ok(out),
+            None => self.forward_composed(x),
+        }
+    }
+
+    /// [`Self::forward`] composed of differentiable candle ops.
+    fn forward_composed(&self, x: &Tensor) -> Result<Tensor> {
         let l0 = x.narrow(1, 0, 1)?;
         let l0 = match &self.norm_l0 {
             LayerNormL0::Affine(ln) => ln.forward(&l0)?,
@@ -361,6 +374,294 @@ impl EquivariantLayerNormArraySphericalHarmonics {
         }
         let rest = rest.broadcast_mul(&scale)?;
         Ok(Tensor::cat(&[&l0, &rest], 1)?)
+    }
+}
+
+impl EquivariantLayerNormArraySphericalHarmonics {
+    /// [`Self::forward`] as one CPU op ([`LayerNormShOp`]) for the affine norm with `lmax > 0`
+    /// in f32 / f64 and first-order gradients; `None` elsewhere (the composed ops run).
+    fn forward_fused(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let (LayerNormL0::Affine(ln), Some(w)) = (&self.norm_l0, &self.weight) else {
+            return Ok(None);
+        };
+        if !x.device().is_cpu()
+            || !matches!(x.dtype(), DType::F32 | DType::F64)
+            || crate::higher_order_gradients_requested()
+        {
+            return Ok(None);
+        }
+        let (g0, b0, _) = ln.parts();
+        let packed = Tensor::cat(&[g0, b0, &w.flatten_all()?], 0)?.to_dtype(x.dtype())?;
+        let lmax = self.lmax;
+        let row_coef: Vec<f64> = match (self.config.normalization, self.config.std_balance_degrees)
+        {
+            (FeatureNormalization::Norm, _) => vec![1.0; (lmax + 1) * (lmax + 1) - 1],
+            (FeatureNormalization::Component, true) => (1..=lmax)
+                .flat_map(|l| {
+                    std::iter::repeat_n(1.0 / ((2 * l + 1) as f64 * lmax as f64), 2 * l + 1)
+                })
+                .collect(),
+            (FeatureNormalization::Component, false) => {
+                let rows = (lmax + 1) * (lmax + 1) - 1;
+                vec![1.0 / rows as f64; rows]
+            }
+        };
+        let op = LayerNormShOp {
+            lmax,
+            eps: self.config.eps,
+            row_coef,
+        };
+        Ok(Some(x.contiguous()?.apply_op2(&packed, op)?))
+    }
+}
+
+/// `layer_norm_sh` as one CPU op: `(x [N, K, C], [γ₀ | β₀ | w [lmax, C]])` → `[N, K, C]`.
+///
+/// Per node: LayerNorm of the `l = 0` row over channels (`γ₀`, `β₀`); the other rows scaled by
+/// `s = 1/√(m + eps)`, `m = mean_c Σ_r a_r x[r, c]²` (`a_r`: the row's weight in the shared
+/// statistic: balanced by degree, a plain mean, or 1 for `norm`), and by `w[l(r) − 1, c]`.
+/// Backward per node: `∂x[r, c] = s·w·g − (Σ x·w·g)·s³/C · a_r·x[r, c]`, `∂w[l − 1, c] +=
+/// Σ_{r ∈ l} x·s·g`, the `l = 0` row through the LayerNorm kernel's backward. Parameter
+/// gradients are summed over fixed node blocks, in order (deterministic).
+#[derive(Debug, Clone)]
+struct LayerNormShOp {
+    lmax: usize,
+    eps: f64,
+    /// `a_r` for rows `1..K`.
+    row_coef: Vec<f64>,
+}
+
+/// Nodes per block of the parameter-gradient sums.
+const NORM_SH_BLOCK: usize = 16;
+
+impl LayerNormShOp {
+    fn dims(
+        &self,
+        x: &candle_core::Layout,
+        p: &candle_core::Layout,
+    ) -> candle_core::Result<(usize, usize)> {
+        let (_, k, c) = x.shape().dims3()?;
+        if k != (self.lmax + 1) * (self.lmax + 1) || p.shape().elem_count() != (2 + self.lmax) * c {
+            candle_core::bail!(
+                "layer_norm_sh: x {:?} and parameters {:?} for lmax {}",
+                x.shape(),
+                p.shape(),
+                self.lmax
+            );
+        }
+        Ok((k, c))
+    }
+
+    /// The scale `s` of one node from its rows `1..K`.
+    fn scale<T: Float>(&self, rest: &[T], c: usize) -> T {
+        let mut m = T::ZERO;
+        for (row, &a) in rest.chunks_exact(c).zip(&self.row_coef) {
+            let mut acc = T::ZERO;
+            for &v in row {
+                acc += v * v;
+            }
+            m += T::from_f64(a) * acc;
+        }
+        let m = m / T::from_f64(c as f64);
+        T::ONE / T::from_f64((m + T::from_f64(self.eps)).to_f64().sqrt())
+    }
+
+    fn forward<T: Float>(&self, x: &[T], p: &[T], (k, c): (usize, usize)) -> Vec<T> {
+        let (g0, rest_p) = p.split_at(c);
+        let (b0, w) = rest_p.split_at(c);
+        let eps = T::from_f64(self.eps);
+        let mut out = vec![T::ZERO; x.len()];
+        out.par_chunks_mut(k * c)
+            .zip(x.par_chunks(k * c))
+            .for_each(|(o, xn)| {
+                let (o0, orest) = o.split_at_mut(c);
+                let (x0, xrest) = xn.split_at(c);
+                forward_block(x0, g0, b0, eps, None, o0);
+                let s = self.scale(xrest, c);
+                for (r, (orow, xrow)) in orest
+                    .chunks_exact_mut(c)
+                    .zip(xrest.chunks_exact(c))
+                    .enumerate()
+                {
+                    let l = degree_of(r + 1);
+                    let wl = &w[(l - 1) * c..l * c];
+                    for ((o, &v), &wv) in orow.iter_mut().zip(xrow).zip(wl) {
+                        *o = v * s * wv;
+                    }
+                }
+            });
+        out
+    }
+
+    /// `[dx | dγ₀ | dβ₀ | dw]`.
+    fn backward<T: Float>(&self, x: &[T], g: &[T], p: &[T], (k, c): (usize, usize)) -> Vec<T> {
+        let (g0, rest_p) = p.split_at(c);
+        let (b0, w) = rest_p.split_at(c);
+        let eps = T::from_f64(self.eps);
+        let inv_c = T::ONE / T::from_f64(c as f64);
+        let mut out = vec![T::ZERO; x.len() + p.len()];
+        let (dx, dp_out) = out.split_at_mut(x.len());
+        let partials: Vec<Vec<T>> = dx
+            .par_chunks_mut(NORM_SH_BLOCK * k * c)
+            .zip(x.par_chunks(NORM_SH_BLOCK * k * c))
+            .zip(g.par_chunks(NORM_SH_BLOCK * k * c))
+            .map(|((dxb, xb), gb)| {
+                let mut acc = vec![T::ZERO; p.len()];
+                let mut scratch = vec![T::ZERO; 2 * c];
+                for ((dxn, xn), gn) in dxb
+                    .chunks_exact_mut(k * c)
+                    .zip(xb.chunks_exact(k * c))
+                    .zip(gb.chunks_exact(k * c))
+                {
+                    let (dx0, dxrest) = dxn.split_at_mut(c);
+                    let (x0, xrest) = xn.split_at(c);
+                    let (gr0, grest) = gn.split_at(c);
+                    let (acc0, accw) = acc.split_at_mut(2 * c);
+                    let inputs = BlockInputs {
+                        x: x0,
+                        g: gr0,
+                        w: g0,
+                        b: b0,
+                    };
+                    backward_block(inputs, eps, None, dx0, acc0, &mut scratch);
+                    let s = self.scale(xrest, c);
+                    let mut ds = T::ZERO;
+                    for (r, (xrow, grow)) in
+                        xrest.chunks_exact(c).zip(grest.chunks_exact(c)).enumerate()
+                    {
+                        let l = degree_of(r + 1);
+                        let wl = &w[(l - 1) * c..l * c];
+                        let dwl = &mut accw[(l - 1) * c..l * c];
+                        for (((&v, &gv), &wv), dw) in xrow.iter().zip(grow).zip(wl).zip(dwl) {
+                            ds += v * wv * gv;
+                            *dw += v * s * gv;
+                        }
+                    }
+                    let coef = ds * s * s * s * inv_c;
+                    for (r, ((dxrow, xrow), grow)) in dxrest
+                        .chunks_exact_mut(c)
+                        .zip(xrest.chunks_exact(c))
+                        .zip(grest.chunks_exact(c))
+                        .enumerate()
+                    {
+                        let l = degree_of(r + 1);
+                        let wl = &w[(l - 1) * c..l * c];
+                        let a = coef * T::from_f64(self.row_coef[r]);
+                        for (((d, &v), &gv), &wv) in dxrow.iter_mut().zip(xrow).zip(grow).zip(wl) {
+                            *d = s * wv * gv - a * v;
+                        }
+                    }
+                }
+                acc
+            })
+            .collect();
+        for partial in &partials {
+            for (o, &v) in dp_out.iter_mut().zip(partial) {
+                *o += v;
+            }
+        }
+        out
+    }
+}
+
+/// Degree `l` of l-major row `r` (`l² ≤ r < (l+1)²`).
+fn degree_of(r: usize) -> usize {
+    let mut l = 0;
+    while (l + 1) * (l + 1) <= r {
+        l += 1;
+    }
+    l
+}
+
+impl candle_core::CustomOp2 for LayerNormShOp {
+    fn name(&self) -> &'static str {
+        "layer-norm-sh"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::CpuStorage as S;
+        let dims = self.dims(l1, l2)?;
+        let name = self.name();
+        let out = match (s1, s2) {
+            (S::F32(x), S::F32(p)) => S::F32(self.forward(
+                contiguous_input(x, l1, name)?,
+                contiguous_input(p, l2, name)?,
+                dims,
+            )),
+            (S::F64(x), S::F64(p)) => S::F64(self.forward(
+                contiguous_input(x, l1, name)?,
+                contiguous_input(p, l2, name)?,
+                dims,
+            )),
+            _ => candle_core::bail!("{name}: x and the parameters must be both f32 or both f64"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        p: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let back = LayerNormShBackward { op: self.clone() };
+        let flat = x.apply_op3_no_bwd(&grad_res.contiguous()?, p, &back)?;
+        let n = x.elem_count();
+        let dx = flat.narrow(0, 0, n)?.reshape(x.shape())?;
+        let dp = flat.narrow(0, n, p.elem_count())?;
+        Ok((Some(dx), Some(dp)))
+    }
+}
+
+/// The backward of [`LayerNormShOp`]: `(x, ∂out, parameters)` → `[∂x | ∂parameters]`.
+struct LayerNormShBackward {
+    op: LayerNormShOp,
+}
+
+impl candle_core::CustomOp3 for LayerNormShBackward {
+    fn name(&self) -> &'static str {
+        "layer-norm-sh-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+        s3: &candle_core::CpuStorage,
+        l3: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::CpuStorage as S;
+        let dims = self.op.dims(l1, l3)?;
+        let name = self.name();
+        if l2.shape() != l1.shape() {
+            candle_core::bail!("{name}: gradient {:?} for x {:?}", l2.shape(), l1.shape());
+        }
+        let out = match (s1, s2, s3) {
+            (S::F32(x), S::F32(g), S::F32(p)) => S::F32(self.op.backward(
+                contiguous_input(x, l1, name)?,
+                contiguous_input(g, l2, name)?,
+                contiguous_input(p, l3, name)?,
+                dims,
+            )),
+            (S::F64(x), S::F64(g), S::F64(p)) => S::F64(self.op.backward(
+                contiguous_input(x, l1, name)?,
+                contiguous_input(g, l2, name)?,
+                contiguous_input(p, l3, name)?,
+                dims,
+            )),
+            _ => candle_core::bail!("{name}: all inputs must be f32 or all f64"),
+        };
+        let len = l1.shape().elem_count() + l3.shape().elem_count();
+        Ok((out, candle_core::Shape::from(len)))
     }
 }
 
@@ -591,6 +892,72 @@ mod tests {
 
     fn to_c(e: EquivariantError) -> candle_core::Error {
         candle_core::Error::Msg(e.to_string())
+    }
+
+    /// The fused `layer_norm_sh` op equals the composed ops, values and the gradients of the
+    /// input and of every parameter (f64 1e-12, f32 1e-5 relative), for each normalisation,
+    /// balanced or not, over more nodes than one parameter-gradient block.
+    #[test]
+    fn fused_layer_norm_sh_equals_composed() -> Result<()> {
+        let (n, lmax, c) = (NORM_SH_BLOCK * 2 + 5, 3, 6);
+        let k = (lmax + 1) * (lmax + 1);
+        for (normalization, balanced) in [
+            (FeatureNormalization::Component, true),
+            (FeatureNormalization::Component, false),
+            (FeatureNormalization::Norm, false),
+        ] {
+            for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-5)] {
+                let config = NormConfig {
+                    normalization,
+                    std_balance_degrees: balanced,
+                    ..NormConfig::default()
+                };
+                let varmap = VarMap::new();
+                let vb = VarBuilder::from_varmap(&varmap, dtype, &Device::Cpu);
+                let norm = EquivariantLayerNormArraySphericalHarmonics::new(lmax, c, config, vb)?;
+                // Non-trivial affine parameters.
+                for (i, var) in varmap.all_vars().iter().enumerate() {
+                    var.set(&(random_tensor(var.dims(), dtype, 40 + i as u64)? + 1.0)?)?;
+                }
+                let x = candle_core::Var::from_tensor(&random_tensor(&[n, k, c], dtype, 50)?)?;
+                let fused = norm.forward(x.as_tensor())?;
+                let composed = norm.forward_composed(x.as_tensor())?;
+                let flat = |t: &Tensor| -> Vec<f64> {
+                    t.to_dtype(DType::F64)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap()
+                };
+                let close = |a: &Tensor, b: &Tensor, what: &str| {
+                    let (va, vb) = (flat(a), flat(b));
+                    let scale = vb.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+                    for (p, q) in va.iter().zip(&vb) {
+                        assert!(
+                            (p - q).abs() <= tol * scale,
+                            "{normalization:?} {balanced} {dtype:?} {what}: {p} vs {q}"
+                        );
+                    }
+                };
+                close(&fused, &composed, "value");
+                let probe = random_tensor(&[n, k, c], dtype, 51)?;
+                let gf = (&fused * &probe)?.sum_all()?.backward()?;
+                let gc = (&composed * &probe)?.sum_all()?.backward()?;
+                close(
+                    gf.get(x.as_tensor()).unwrap(),
+                    gc.get(x.as_tensor()).unwrap(),
+                    "x",
+                );
+                let vars = varmap.data().lock().unwrap().clone();
+                assert_eq!(vars.len(), 3);
+                for (name, var) in &vars {
+                    let t = var.as_tensor();
+                    close(gf.get(t).unwrap(), gc.get(t).unwrap(), name);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Dense block-diagonal D(R) for degrees 0..=lmax, `[(lmax+1)², (lmax+1)²]`.
