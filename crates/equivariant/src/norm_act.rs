@@ -666,7 +666,9 @@ impl CustomOp3 for LayerNormActDotBackward {
 mod tests {
     use super::*;
     use crate::norms::LayerNorm;
-    use crate::testing::{assert_close_slice, check_gradient, random_tensor};
+    use crate::testing::{
+        assert_close_relative, assert_close_slice, check_gradient, random_tensor,
+    };
     use candle_core::{DType, Device, Var};
     use candle_nn::{VarBuilder, VarMap};
 
@@ -742,31 +744,16 @@ mod tests {
                 let reference = composed(&xd, &wd, &bd, act)
                     .broadcast_mul(&dd)?
                     .sum(D::Minus1)?;
-                let flat = |t: &Tensor| -> Vec<f64> {
-                    t.to_dtype(DType::F64)
-                        .unwrap()
-                        .flatten_all()
-                        .unwrap()
-                        .to_vec1()
-                        .unwrap()
+                let close = |got: &Tensor, want: &Tensor, what: &str| {
+                    assert_close_relative(got, want, tol, &format!("{act:?} {dtype:?} {what}"));
                 };
-                let scale = |v: &[f64]| v.iter().fold(1.0f64, |m, x| m.max(x.abs()));
-                let close = |got: &[f64], want: &[f64], what: &str| {
-                    let s = scale(want);
-                    for (g, w) in got.iter().zip(want) {
-                        assert!(
-                            (g - w).abs() <= tol * s,
-                            "{act:?} {dtype:?} {what}: {g} vs {w}"
-                        );
-                    }
-                };
-                close(&flat(&fused), &flat(&reference), "value");
+                close(&fused, &reference, "value");
                 let gf = (&fused * &probe)?.sum_all()?.backward()?;
                 let gc = (&reference * &probe)?.sum_all()?.backward()?;
                 for (name, var) in [("x", &x), ("weight", &w), ("bias", &b), ("dot", &dot)] {
                     let f = gf.get(var.as_tensor()).expect("fused gradient");
                     let c = gc.get(var.as_tensor()).expect("composed gradient");
-                    close(&flat(f), &flat(c), name);
+                    close(f, c, name);
                 }
             }
         }

@@ -885,7 +885,10 @@ impl So3LinearV2 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{assert_close, check_gradient, random_rotation, random_tensor, Fixture};
+    use crate::testing::{
+        assert_close, assert_close_relative, check_gradient, random_rotation, random_tensor,
+        Fixture,
+    };
     use crate::wigner::wigner_d;
     use candle_core::Device;
     use candle_nn::VarMap;
@@ -922,23 +925,9 @@ mod tests {
                 let x = candle_core::Var::from_tensor(&random_tensor(&[n, k, c], dtype, 50)?)?;
                 let fused = norm.forward(x.as_tensor())?;
                 let composed = norm.forward_composed(x.as_tensor())?;
-                let flat = |t: &Tensor| -> Vec<f64> {
-                    t.to_dtype(DType::F64)
-                        .unwrap()
-                        .flatten_all()
-                        .unwrap()
-                        .to_vec1()
-                        .unwrap()
-                };
                 let close = |a: &Tensor, b: &Tensor, what: &str| {
-                    let (va, vb) = (flat(a), flat(b));
-                    let scale = vb.iter().fold(1.0f64, |m, v| m.max(v.abs()));
-                    for (p, q) in va.iter().zip(&vb) {
-                        assert!(
-                            (p - q).abs() <= tol * scale,
-                            "{normalization:?} {balanced} {dtype:?} {what}: {p} vs {q}"
-                        );
-                    }
+                    let what = format!("{normalization:?} {balanced} {dtype:?} {what}");
+                    assert_close_relative(a, b, tol, &what);
                 };
                 close(&fused, &composed, "value");
                 let probe = random_tensor(&[n, k, c], dtype, 51)?;

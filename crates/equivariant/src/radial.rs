@@ -402,7 +402,9 @@ fn linear_bias_folded(linear: &Linear, h: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{assert_close_slice, check_gradient, random_tensor};
+    use crate::testing::{
+        assert_close_relative, assert_close_slice, check_gradient, random_tensor,
+    };
     use candle_core::{DType, Device};
     use candle_nn::VarMap;
 
@@ -511,20 +513,8 @@ mod tests {
                 1,
             )?;
             let reference = radial.forward(&cat)?;
-            let flat = |t: &Tensor| -> Vec<f64> {
-                t.to_dtype(DType::F64)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap()
-            };
             let close = |got: &Tensor, want: &Tensor, what: &str| {
-                let (g, w) = (flat(got), flat(want));
-                let scale = w.iter().fold(1.0f64, |m, v| m.max(v.abs()));
-                for (x, y) in g.iter().zip(&w) {
-                    assert!((x - y).abs() <= tol * scale, "{dtype:?} {what}: {x} vs {y}");
-                }
+                assert_close_relative(got, want, tol, &format!("{dtype:?} {what}"));
             };
             close(&fused, &reference, "value");
             let probe = random_tensor(&[edges, 9], DType::F64, 34)?.to_dtype(dtype)?;

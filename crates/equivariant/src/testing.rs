@@ -145,6 +145,36 @@ pub(crate) fn assert_close(a: &Tensor, b: &Tensor, tol: f64) {
     assert_close_slice(&va, &vb, tol);
 }
 
+/// Panics unless `got` and `want` (same shape) differ by at most `tol · max(1, max|want|)`
+/// everywhere: a relative tolerance for f32 results (`what` names the compared quantity).
+pub(crate) fn assert_close_relative(got: &Tensor, want: &Tensor, tol: f64, what: &str) {
+    let want_max = want
+        .to_dtype(DType::F64)
+        .and_then(|t| t.abs())
+        .and_then(|t| t.max_all())
+        .and_then(|t| t.to_scalar::<f64>())
+        .expect("assert_close_relative: tensor readable as f64");
+    let scale = want_max.max(1.0);
+    let rescale = |t: &Tensor| t.to_dtype(DType::F64)? / scale;
+    let (g, w) = (
+        rescale(got).expect("assert_close_relative: got readable as f64"),
+        rescale(want).expect("assert_close_relative: want readable as f64"),
+    );
+    assert_eq!(got.dims(), want.dims(), "{what}: shapes differ");
+    let (vg, vw): (Vec<f64>, Vec<f64>) = (
+        g.flatten_all().and_then(|t| t.to_vec1()).expect("readable"),
+        w.flatten_all().and_then(|t| t.to_vec1()).expect("readable"),
+    );
+    for (i, (x, y)) in vg.iter().zip(&vw).enumerate() {
+        assert!(
+            (x - y).abs() <= tol,
+            "{what}: element {i}: {} vs {} (scale {scale:e}, tolerance {tol:e})",
+            x * scale,
+            y * scale
+        );
+    }
+}
+
 /// Slice version of [`assert_close`].
 pub(crate) fn assert_close_slice(a: &[f64], b: &[f64], tol: f64) {
     assert_eq!(a.len(), b.len(), "assert_close: lengths differ");
