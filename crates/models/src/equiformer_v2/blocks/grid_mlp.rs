@@ -207,26 +207,26 @@ fn per_node<T: Elem>(
 
 /// `dst = src · Wᵀ` (`W` `[F_out, F_in]` row-major) over `rows` rows.
 fn linear<T: Elem>(f: usize, rows: usize, w: &[T], src: &[T], dst: &mut [T]) {
-    assert!(w.len() >= f * f && src.len() >= rows * f && dst.len() >= rows * f);
-    // SAFETY: src, dst rows × F; w F × F (read transposed); dst is a separate buffer.
-    unsafe {
-        mm(
-            (rows, f, f),
-            dst.as_mut_ptr(),
-            f,
-            false,
-            src.as_ptr(),
-            (f, 1),
-            w.as_ptr(),
-            (1, f),
-        );
-    }
+    times_square(f, rows, (w, (1, f)), src, dst);
 }
 
 /// `dst = src · W` (the input gradient of [`linear`]) over `rows` rows.
 fn linear_input_grad<T: Elem>(f: usize, rows: usize, w: &[T], src: &[T], dst: &mut [T]) {
+    times_square(f, rows, (w, (f, 1)), src, dst);
+}
+
+/// `dst = src · M` for the `F × F` matrix `M` stored in `w` with strides `m_strides`, over
+/// `rows` rows.
+fn times_square<T: Elem>(
+    f: usize,
+    rows: usize,
+    (w, m_strides): (&[T], (usize, usize)),
+    src: &[T],
+    dst: &mut [T],
+) {
     assert!(w.len() >= f * f && src.len() >= rows * f && dst.len() >= rows * f);
-    // SAFETY: as in `linear`, W read untransposed.
+    // SAFETY: src and dst are rows × F, M is F × F under either stride pair (unit or F), all in
+    // bounds (checked above); dst is a separate buffer.
     unsafe {
         mm(
             (rows, f, f),
@@ -236,7 +236,7 @@ fn linear_input_grad<T: Elem>(f: usize, rows: usize, w: &[T], src: &[T], dst: &m
             src.as_ptr(),
             (f, 1),
             w.as_ptr(),
-            (f, 1),
+            m_strides,
         );
     }
 }
