@@ -69,6 +69,19 @@ pub fn zeroed_vec<T: WithDType>(len: usize) -> Vec<T> {
     v
 }
 
+/// The smallest number of items a rayon task of a `for_each_init` / `map_init` loop over
+/// `items` items should take: at most about two tasks per thread.
+///
+/// rayon calls the `init` closure once per task it splits off, which without a minimum is
+/// close to once per item; a kernel whose per-task scratch is megabytes (the SO(2) layers, the
+/// radial MLP, the grid MLP) then allocates and zero-fills it for nearly every chunk. Use as
+/// `.with_min_len(buffer::min_task_len(n))`.
+pub fn min_task_len(items: usize) -> usize {
+    items
+        .div_ceil(2 * rayon::current_num_threads().max(1))
+        .max(1)
+}
+
 /// The data of a CPU op's input within `layout` (`v` is its storage's typed slice), or an
 /// error naming the op `op` when the input is not contiguous. The CPU kernels of both
 /// library crates read their inputs through it.

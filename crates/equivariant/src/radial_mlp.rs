@@ -339,10 +339,14 @@ fn add_row_sums<T: Float>(acc: &mut [T], rows: &[T]) {
 fn forward<T: Float>(inputs: &Inputs<'_, T>, edges: usize) -> Vec<T> {
     let cn = inputs.plan.out_width();
     let mut out = zeroed_vec::<T>(edges * cn);
-    out.par_chunks_mut(CHUNK * cn).enumerate().for_each_init(
-        || Scratch::new(inputs.plan),
-        |s, (chunk, o)| inputs.forward_chunk(chunk * CHUNK, o, s),
-    );
+    let min_len = crate::buffer::min_task_len(edges.div_ceil(CHUNK));
+    out.par_chunks_mut(CHUNK * cn)
+        .enumerate()
+        .with_min_len(min_len)
+        .for_each_init(
+            || Scratch::new(inputs.plan),
+            |s, (chunk, o)| inputs.forward_chunk(chunk * CHUNK, o, s),
+        );
     out
 }
 

@@ -743,49 +743,55 @@ fn s2_act_forward<T: GridFloat>(
     let skip = usize::from(scalars.is_some());
     let block = rows_per_task(n);
     if let Some(f) = T::factored(grid) {
-        out.par_chunks_mut(block * k * c).enumerate().for_each_init(
-            || f.scratch(c, false),
-            |sc, (task, chunk)| {
-                let rows = task * block * k * c..task * block * k * c + chunk.len();
-                factored::forward_rows(f, &x[rows], c, skip, chunk, sc);
-            },
-        );
+        out.par_chunks_mut(block * k * c)
+            .enumerate()
+            .with_min_len(crate::buffer::min_task_len(n.div_ceil(block)))
+            .for_each_init(
+                || f.scratch(c, false),
+                |sc, (task, chunk)| {
+                    let rows = task * block * k * c..task * block * k * c + chunk.len();
+                    factored::forward_rows(f, &x[rows], c, skip, chunk, sc);
+                },
+            );
     } else {
-        out.par_chunks_mut(block * k * c).enumerate().for_each_init(
-            || vec![T::ZERO; g * c],
-            |values, (task, chunk)| {
-                for (r, out_row) in chunk.chunks_mut(k * c).enumerate() {
-                    let row = task * block + r;
-                    let x_row = &x[row * k * c..(row + 1) * k * c];
-                    // SAFETY: values is g × c, x_row k × c, the matrices g × k (strides (k, 1)
-                    // as G×K, (1, k) transposed, offset by `skip` columns for K−skip rows),
-                    // out_row k × c from row `skip`; all in bounds and disjoint.
-                    unsafe {
-                        gemm_into(
-                            (g, c, k),
-                            values.as_mut_ptr(),
-                            c,
-                            mats.to.as_ptr(),
-                            (k, 1),
-                            x_row.as_ptr(),
-                            (c, 1),
-                        );
+        out.par_chunks_mut(block * k * c)
+            .enumerate()
+            .with_min_len(crate::buffer::min_task_len(n.div_ceil(block)))
+            .for_each_init(
+                || vec![T::ZERO; g * c],
+                |values, (task, chunk)| {
+                    for (r, out_row) in chunk.chunks_mut(k * c).enumerate() {
+                        let row = task * block + r;
+                        let x_row = &x[row * k * c..(row + 1) * k * c];
+                        // SAFETY: values is g × c, x_row k × c, the matrices g × k (strides (k, 1)
+                        // as G×K, (1, k) transposed, offset by `skip` columns for K−skip rows),
+                        // out_row k × c from row `skip`; all in bounds and disjoint.
+                        unsafe {
+                            gemm_into(
+                                (g, c, k),
+                                values.as_mut_ptr(),
+                                c,
+                                mats.to.as_ptr(),
+                                (k, 1),
+                                x_row.as_ptr(),
+                                (c, 1),
+                            );
+                        }
+                        T::silu_in_place(values);
+                        unsafe {
+                            gemm_into(
+                                (k - skip, c, g),
+                                out_row[skip * c..].as_mut_ptr(),
+                                c,
+                                mats.from[skip..].as_ptr(),
+                                (1, k),
+                                values.as_ptr(),
+                                (c, 1),
+                            );
+                        }
                     }
-                    T::silu_in_place(values);
-                    unsafe {
-                        gemm_into(
-                            (k - skip, c, g),
-                            out_row[skip * c..].as_mut_ptr(),
-                            c,
-                            mats.from[skip..].as_ptr(),
-                            (1, k),
-                            values.as_ptr(),
-                            (c, 1),
-                        );
-                    }
-                }
-            },
-        );
+                },
+            );
     }
     // Row 0 of the separable activation: SiLU of the scalars (the grid kernels skip it).
     if let Some(s) = scalars {
@@ -819,62 +825,68 @@ fn s2_act_backward<T: GridFloat>(
     let skip = usize::from(separable);
     let block = rows_per_task(n);
     if let Some(f) = T::factored(grid) {
-        dx.par_chunks_mut(block * k * c).enumerate().for_each_init(
-            || f.scratch(c, true),
-            |sc, (task, chunk)| {
-                let rows = task * block * k * c..task * block * k * c + chunk.len();
-                factored::backward_rows(f, &x[rows.clone()], &dy[rows], c, skip, chunk, sc);
-            },
-        );
+        dx.par_chunks_mut(block * k * c)
+            .enumerate()
+            .with_min_len(crate::buffer::min_task_len(n.div_ceil(block)))
+            .for_each_init(
+                || f.scratch(c, true),
+                |sc, (task, chunk)| {
+                    let rows = task * block * k * c..task * block * k * c + chunk.len();
+                    factored::backward_rows(f, &x[rows.clone()], &dy[rows], c, skip, chunk, sc);
+                },
+            );
         return dx;
     }
-    dx.par_chunks_mut(block * k * c).enumerate().for_each_init(
-        || (vec![T::ZERO; g * c], vec![T::ZERO; g * c]),
-        |(values, grads), (task, chunk)| {
-            for (r, dx_row) in chunk.chunks_mut(k * c).enumerate() {
-                let row = task * block + r;
-                let x_row = &x[row * k * c..(row + 1) * k * c];
-                let dy_row = &dy[row * k * c..(row + 1) * k * c];
-                // SAFETY: as in `s2_act_forward`; grads is g × c, the `from` lhs is G×(K−skip)
-                // starting at column `skip`, dy_row from row `skip`, dx_row k × c.
-                unsafe {
-                    gemm_into(
-                        (g, c, k),
-                        values.as_mut_ptr(),
-                        c,
-                        mats.to.as_ptr(),
-                        (k, 1),
-                        x_row.as_ptr(),
-                        (c, 1),
-                    );
-                    gemm_into(
-                        (g, c, k - skip),
-                        grads.as_mut_ptr(),
-                        c,
-                        mats.from[skip..].as_ptr(),
-                        (k, 1),
-                        dy_row[skip * c..].as_ptr(),
-                        (c, 1),
-                    );
+    dx.par_chunks_mut(block * k * c)
+        .enumerate()
+        .with_min_len(crate::buffer::min_task_len(n.div_ceil(block)))
+        .for_each_init(
+            || (vec![T::ZERO; g * c], vec![T::ZERO; g * c]),
+            |(values, grads), (task, chunk)| {
+                for (r, dx_row) in chunk.chunks_mut(k * c).enumerate() {
+                    let row = task * block + r;
+                    let x_row = &x[row * k * c..(row + 1) * k * c];
+                    let dy_row = &dy[row * k * c..(row + 1) * k * c];
+                    // SAFETY: as in `s2_act_forward`; grads is g × c, the `from` lhs is G×(K−skip)
+                    // starting at column `skip`, dy_row from row `skip`, dx_row k × c.
+                    unsafe {
+                        gemm_into(
+                            (g, c, k),
+                            values.as_mut_ptr(),
+                            c,
+                            mats.to.as_ptr(),
+                            (k, 1),
+                            x_row.as_ptr(),
+                            (c, 1),
+                        );
+                        gemm_into(
+                            (g, c, k - skip),
+                            grads.as_mut_ptr(),
+                            c,
+                            mats.from[skip..].as_ptr(),
+                            (k, 1),
+                            dy_row[skip * c..].as_ptr(),
+                            (c, 1),
+                        );
+                    }
+                    if k == skip {
+                        grads.iter_mut().for_each(|v| *v = T::ZERO);
+                    }
+                    T::silu_backward_in_place(values, grads);
+                    unsafe {
+                        gemm_into(
+                            (k, c, g),
+                            dx_row.as_mut_ptr(),
+                            c,
+                            mats.to.as_ptr(),
+                            (1, k),
+                            values.as_ptr(),
+                            (c, 1),
+                        );
+                    }
                 }
-                if k == skip {
-                    grads.iter_mut().for_each(|v| *v = T::ZERO);
-                }
-                T::silu_backward_in_place(values, grads);
-                unsafe {
-                    gemm_into(
-                        (k, c, g),
-                        dx_row.as_mut_ptr(),
-                        c,
-                        mats.to.as_ptr(),
-                        (1, k),
-                        values.as_ptr(),
-                        (c, 1),
-                    );
-                }
-            }
-        },
-    );
+            },
+        );
     dx
 }
 

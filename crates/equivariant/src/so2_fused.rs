@@ -1072,10 +1072,16 @@ fn forward_into<T: WithDType>(
         extra,
         &chunks.iter().map(|c| c.1 * s.extra).collect::<Vec<_>>(),
     );
-    chunks.into_par_iter().zip(mains).zip(extras).for_each_init(
-        || Scratch::new(s, ec, false, inputs.gather.is_some()),
-        |scr, (((e0, ne), o), x)| inputs.forward_chunk(e0, ne, o, x, scr),
-    );
+    let min_len = crate::buffer::min_task_len(chunks.len());
+    chunks
+        .into_par_iter()
+        .zip(mains)
+        .zip(extras)
+        .with_min_len(min_len)
+        .for_each_init(
+            || Scratch::new(s, ec, false, inputs.gather.is_some()),
+            |scr, (((e0, ne), o), x)| inputs.forward_chunk(e0, ne, o, x, scr),
+        );
 }
 
 /// The buffers a backward part owns (the first part writes into the output instead):

@@ -291,15 +291,19 @@ fn forward<T: Elem>(mats: &GridMatrices, d: Dims, x: &[T], w: &[T]) -> Vec<T> {
     let (to, from) = T::mats(mats);
     let (k, f) = (d.k, d.f);
     let mut y = zeroed_vec::<T>(d.n * k * f);
-    y.par_chunks_mut(CHUNK * k * f).enumerate().for_each_init(
-        || Scratch::<T>::new(d),
-        |s, (chunk, y_chunk)| {
-            let nb = y_chunk.len() / (k * f);
-            let x_chunk = &x[chunk * CHUNK * k * f..][..nb * k * f];
-            chunk_forward((d, to, from, w), x_chunk, nb, s);
-            linear(f, nb * k, &w[2 * f * f..], &s.p, y_chunk);
-        },
-    );
+    let min_len = matscale_equivariant::buffer::min_task_len(d.n.div_ceil(CHUNK));
+    y.par_chunks_mut(CHUNK * k * f)
+        .enumerate()
+        .with_min_len(min_len)
+        .for_each_init(
+            || Scratch::<T>::new(d),
+            |s, (chunk, y_chunk)| {
+                let nb = y_chunk.len() / (k * f);
+                let x_chunk = &x[chunk * CHUNK * k * f..][..nb * k * f];
+                chunk_forward((d, to, from, w), x_chunk, nb, s);
+                linear(f, nb * k, &w[2 * f * f..], &s.p, y_chunk);
+            },
+        );
     y
 }
 
