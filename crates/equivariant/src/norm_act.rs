@@ -59,20 +59,8 @@ pub fn layer_norm_act(
     eps: f64,
     act: Option<Function>,
 ) -> Result<Tensor> {
-    let a = x.dim(D::Minus1)?;
-    for (name, t) in [("weight", weight), ("bias", bias)] {
-        if t.dims() != [a] || t.dtype() != x.dtype() {
-            return Err(EquivariantError::ShapeMismatch {
-                arg: name,
-                expected: format!("[{a}] with the dtype of `x`"),
-                found: t.dims().to_vec(),
-            });
-        }
-    }
-    let fused = x.device().is_cpu()
-        && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
-        && !crate::higher_order_gradients_requested();
-    if !fused {
+    check_affine(x, weight, bias)?;
+    if !fused_applies(x) {
         let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
         let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
         let y = centred
@@ -89,6 +77,28 @@ pub fn layer_norm_act(
         &bias.contiguous()?,
         LayerNormAct { eps, act },
     )?)
+}
+
+/// Checks that `weight` and `bias` are `[A]` for `x` `[.., A]`, of `x`'s dtype.
+fn check_affine(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<()> {
+    let a = x.dim(D::Minus1)?;
+    for (name, t) in [("weight", weight), ("bias", bias)] {
+        if t.dims() != [a] || t.dtype() != x.dtype() {
+            return Err(EquivariantError::ShapeMismatch {
+                arg: name,
+                expected: format!("[{a}] with the dtype of `x`"),
+                found: t.dims().to_vec(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Whether the fused CPU kernels apply to `x` (see the [module docs](self)).
+fn fused_applies(x: &Tensor) -> bool {
+    x.device().is_cpu()
+        && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
+        && !crate::higher_order_gradients_requested()
 }
 
 /// The fused op (args `x`, `weight`, `bias`).
@@ -410,24 +420,11 @@ pub fn layer_norm_act_dot(
             found: dot.dims().to_vec(),
         });
     }
-    let fused = x.device().is_cpu()
-        && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
-        && !crate::higher_order_gradients_requested();
-    if !fused {
+    if !fused_applies(x) {
         let y = layer_norm_act(x, weight, bias, eps, act)?;
         return Ok(y.broadcast_mul(dot)?.sum(D::Minus1)?);
     }
-    // Checks weight and bias like `layer_norm_act` does.
-    let a = x.dim(D::Minus1)?;
-    for (name, t) in [("weight", weight), ("bias", bias)] {
-        if t.dims() != [a] || t.dtype() != x.dtype() {
-            return Err(EquivariantError::ShapeMismatch {
-                arg: name,
-                expected: format!("[{a}] with the dtype of `x`"),
-                found: t.dims().to_vec(),
-            });
-        }
-    }
+    check_affine(x, weight, bias)?;
     let wb = Tensor::cat(&[weight, bias], 0)?;
     Ok(x.contiguous()?.apply_op3(
         &wb,
