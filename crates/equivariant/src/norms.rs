@@ -148,17 +148,23 @@ fn degree_of_rows(lmax: usize) -> Vec<u32> {
         .collect()
 }
 
-/// Per-row weights `[1, rows, 1]` for the balanced mean square: `1 / ((2l+1) · num_degrees)`.
+/// Per-row weights of the balanced mean square over degrees `lmin..=lmax`:
+/// `1 / ((2l+1) · num_degrees)` for each of the `2l + 1` rows of degree `l`.
+fn balance_coefficients(lmin: usize, lmax: usize) -> Vec<f64> {
+    let degrees = (lmax + 1 - lmin) as f64;
+    (lmin..=lmax)
+        .flat_map(|l| std::iter::repeat_n(1.0 / ((2 * l + 1) as f64 * degrees), 2 * l + 1))
+        .collect()
+}
+
+/// [`balance_coefficients`] as a `[1, rows, 1]` tensor.
 fn balance_weights(
     lmin: usize,
     lmax: usize,
     dtype: DType,
     device: &candle_core::Device,
 ) -> Result<Tensor> {
-    let degrees = (lmax + 1 - lmin) as f64;
-    let w: Vec<f64> = (lmin..=lmax)
-        .flat_map(|l| std::iter::repeat_n(1.0 / ((2 * l + 1) as f64 * degrees), 2 * l + 1))
-        .collect();
+    let w = balance_coefficients(lmin, lmax);
     Ok(Tensor::from_vec(w.clone(), (1, w.len(), 1), device)?.to_dtype(dtype)?)
 }
 
@@ -396,11 +402,7 @@ impl EquivariantLayerNormArraySphericalHarmonics {
         let row_coef: Vec<f64> = match (self.config.normalization, self.config.std_balance_degrees)
         {
             (FeatureNormalization::Norm, _) => vec![1.0; (lmax + 1) * (lmax + 1) - 1],
-            (FeatureNormalization::Component, true) => (1..=lmax)
-                .flat_map(|l| {
-                    std::iter::repeat_n(1.0 / ((2 * l + 1) as f64 * lmax as f64), 2 * l + 1)
-                })
-                .collect(),
+            (FeatureNormalization::Component, true) => balance_coefficients(1, lmax),
             (FeatureNormalization::Component, false) => {
                 let rows = (lmax + 1) * (lmax + 1) - 1;
                 vec![1.0 / rows as f64; rows]
@@ -410,6 +412,10 @@ impl EquivariantLayerNormArraySphericalHarmonics {
             lmax,
             eps: self.config.eps,
             row_coef,
+            weight_row: degree_of_rows(lmax)[1..]
+                .iter()
+                .map(|&l| l as usize - 1)
+                .collect(),
         };
         Ok(Some(x.contiguous()?.apply_op2(&packed, op)?))
     }
@@ -429,6 +435,8 @@ struct LayerNormShOp {
     eps: f64,
     /// `a_r` for rows `1..K`.
     row_coef: Vec<f64>,
+    /// Row of `w` (degree − 1) for rows `1..K`.
+    weight_row: Vec<usize>,
 }
 
 /// Nodes per block of the parameter-gradient sums.
@@ -483,8 +491,8 @@ impl LayerNormShOp {
                     .zip(xrest.chunks_exact(c))
                     .enumerate()
                 {
-                    let l = degree_of(r + 1);
-                    let wl = &w[(l - 1) * c..l * c];
+                    let i = self.weight_row[r];
+                    let wl = &w[i * c..(i + 1) * c];
                     for ((o, &v), &wv) in orow.iter_mut().zip(xrow).zip(wl) {
                         *o = v * s * wv;
                     }
@@ -529,9 +537,9 @@ impl LayerNormShOp {
                     for (r, (xrow, grow)) in
                         xrest.chunks_exact(c).zip(grest.chunks_exact(c)).enumerate()
                     {
-                        let l = degree_of(r + 1);
-                        let wl = &w[(l - 1) * c..l * c];
-                        let dwl = &mut accw[(l - 1) * c..l * c];
+                        let i = self.weight_row[r];
+                        let wl = &w[i * c..(i + 1) * c];
+                        let dwl = &mut accw[i * c..(i + 1) * c];
                         for (((&v, &gv), &wv), dw) in xrow.iter().zip(grow).zip(wl).zip(dwl) {
                             ds += v * wv * gv;
                             *dw += v * s * gv;
@@ -544,8 +552,8 @@ impl LayerNormShOp {
                         .zip(grest.chunks_exact(c))
                         .enumerate()
                     {
-                        let l = degree_of(r + 1);
-                        let wl = &w[(l - 1) * c..l * c];
+                        let i = self.weight_row[r];
+                        let wl = &w[i * c..(i + 1) * c];
                         let a = coef * T::from_f64(self.row_coef[r]);
                         for (((d, &v), &gv), &wv) in dxrow.iter_mut().zip(xrow).zip(grow).zip(wl) {
                             *d = s * wv * gv - a * v;
@@ -562,15 +570,6 @@ impl LayerNormShOp {
         }
         out
     }
-}
-
-/// Degree `l` of l-major row `r` (`l² ≤ r < (l+1)²`).
-fn degree_of(r: usize) -> usize {
-    let mut l = 0;
-    while (l + 1) * (l + 1) <= r {
-        l += 1;
-    }
-    l
 }
 
 impl candle_core::CustomOp2 for LayerNormShOp {
