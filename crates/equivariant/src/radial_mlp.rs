@@ -37,6 +37,11 @@ pub(crate) struct Plan {
     /// `[d0, c1, …, cn]`: the dense input width, then the layer widths.
     dims: Vec<usize>,
     eps: f64,
+    /// Offsets of each hidden layer's parameters.
+    layers: Vec<HiddenOffsets>,
+    /// Offsets of the last linear's weight and bias.
+    last_w: usize,
+    last_b: usize,
 }
 
 /// Offsets of one hidden layer's parameters in the packed tensor.
@@ -52,11 +57,30 @@ impl Plan {
     pub(crate) fn new(d0: usize, widths: &[usize], eps: f64) -> Self {
         let mut dims = vec![d0];
         dims.extend_from_slice(widths);
-        Self { dims, eps }
+        let hidden = dims.len() - 2;
+        let mut off = 0;
+        let mut layers = Vec::with_capacity(hidden);
+        for i in 0..hidden {
+            let (c_in, c) = (dims[i], dims[i + 1]);
+            let weight = off;
+            let bias = weight + c * c_in;
+            let norm = bias + c;
+            off = norm + 2 * c;
+            layers.push(HiddenOffsets { weight, bias, norm });
+        }
+        let last_w = off;
+        let last_b = last_w + dims[hidden + 1] * dims[hidden];
+        Self {
+            dims,
+            eps,
+            layers,
+            last_w,
+            last_b,
+        }
     }
 
     fn hidden(&self) -> usize {
-        self.dims.len() - 2
+        self.layers.len()
     }
 
     /// Width of hidden layer `i` (`c_{i+1}`).
@@ -68,27 +92,9 @@ impl Plan {
         self.dims[self.dims.len() - 1]
     }
 
-    /// Offsets of hidden layer `i`'s linear (input `dims[i]` wide) and norm.
-    fn offsets(&self) -> (Vec<HiddenOffsets>, usize, usize) {
-        let mut off = 0;
-        let mut layers = Vec::with_capacity(self.hidden());
-        for i in 0..self.hidden() {
-            let (c_in, c) = (self.dims[i], self.width(i));
-            let weight = off;
-            let bias = weight + c * c_in;
-            let norm = bias + c;
-            off = norm + 2 * c;
-            layers.push(HiddenOffsets { weight, bias, norm });
-        }
-        let last_w = off;
-        let last_b = last_w + self.out_width() * self.dims[self.dims.len() - 2];
-        (layers, last_w, last_b)
-    }
-
     /// Elements of the packed parameters.
     pub(crate) fn param_len(&self) -> usize {
-        let (_, _, last_b) = self.offsets();
-        last_b + self.out_width()
+        self.last_b + self.out_width()
     }
 }
 
@@ -147,10 +153,9 @@ impl<T: Float> Inputs<'_, T> {
     /// Runs the hidden layers of edges `e0..e0 + ne` into the scratch.
     fn hidden_forward(&self, e0: usize, ne: usize, s: &mut Scratch<T>) {
         let plan = self.plan;
-        let (layers, _, _) = plan.offsets();
         let eps = T::from_f64(plan.eps);
         let one = T::ONE;
-        for (i, l) in layers.iter().enumerate() {
+        for (i, l) in plan.layers.iter().enumerate() {
             let (c_in, c) = (plan.dims[i], plan.width(i));
             let pre = &mut s.pre[i][..ne * c];
             let bias = &self.params[l.bias..l.bias + c];
@@ -205,7 +210,7 @@ impl<T: Float> Inputs<'_, T> {
         let cn = plan.out_width();
         let ne = out.len() / cn;
         self.hidden_forward(e0, ne, s);
-        let (_, last_w, last_b) = plan.offsets();
+        let (last_w, last_b) = (plan.last_w, plan.last_b);
         let c_in = plan.dims[plan.dims.len() - 2];
         for row in out.chunks_exact_mut(cn) {
             row.copy_from_slice(&self.params[last_b..last_b + cn]);
@@ -234,7 +239,7 @@ impl<T: Float> Inputs<'_, T> {
         let cn = plan.out_width();
         let ne = g.len() / cn;
         self.hidden_forward(e0, ne, s);
-        let (layers, last_w, last_b) = plan.offsets();
+        let (last_w, last_b) = (plan.last_w, plan.last_b);
         let eps = T::from_f64(plan.eps);
         let one = T::ONE;
         let h = plan.hidden();
@@ -263,7 +268,7 @@ impl<T: Float> Inputs<'_, T> {
         );
         // Hidden layers, last to first: s.grad holds ∂(activation) of layer i.
         for i in (0..h).rev() {
-            let l = layers[i];
+            let l = plan.layers[i];
             let (c_in, c) = (plan.dims[i], plan.width(i));
             let (gamma, beta) = self.params[l.norm..l.norm + 2 * c].split_at(c);
             let inputs = BlockInputs {
