@@ -5,7 +5,7 @@
 //!
 //! * `forward`, `forward_backward`: the layer as one fused op
 //!   ([`So2Convolution::forward_rotated`]), radial weights, `C → C` channels;
-//!   forward+backward is `out.sum().backward()` with gradients for the input, the radial
+//!   forward+backward is `out.backward()` (an all-ones output gradient) with gradients for the input, the radial
 //!   weights and every parameter.
 //! * `composed_forward`, `composed_forward_backward`: the same layer from separate ops
 //!   (`rotate` → `So2Convolution::forward` → `rotate_inv`).
@@ -185,8 +185,12 @@ fn leaves(x: &Tensor, radial: &Tensor) -> (Var, Var) {
     )
 }
 
+/// Backward from an all-ones output gradient, as the PyTorch reference's
+/// `out.backward(torch.ones_like(out))` (candle seeds `backward` with `ones_like`; a
+/// `sum_all` first would add candle's single-threaded sum and the broadcast of its gradient,
+/// which the reference does not time).
 fn backward(out: &Tensor) -> GradStore {
-    out.sum_all().expect("sum").backward().expect("backward")
+    out.backward().expect("backward")
 }
 
 /// Leaf variables `(input, radial weights)` of one timed run.

@@ -43,6 +43,7 @@
 //! first), the bias `[extra + n₀]`, then per order `m ≥ 1` the row-major `[k_m, n_m]` matrices
 //! `P₁, P₂, P₃` (convolution) or `Wᵀ` (linear), `k_m = (lmax−m+1)·C_in`, `n_m = (lmax−m+1)·C_out`.
 
+use std::mem::MaybeUninit;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use candle_core::{
@@ -50,7 +51,7 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
-use crate::buffer::zeroed_vec;
+use crate::buffer::{assume_init, uninit_vec, zero_init, zeroed_vec};
 use crate::error::{EquivariantError, Result};
 use crate::mapping::SphericalLayout;
 use crate::so2::{contiguous_slice, dispatch_kernel, from_edge, to_edge, RotatePlan};
@@ -1044,18 +1045,20 @@ fn chunks(edges: usize, ec: usize) -> Vec<(usize, usize)> {
 
 fn forward<T: WithDType>(inputs: &Inputs<'_, T>, edges: usize) -> Vec<T> {
     let s = &inputs.shape;
-    let mut out = zeroed_vec::<T>(s.out_len(edges));
+    let mut out = uninit_vec::<T>(s.out_len(edges));
     let (main, extra) = out.split_at_mut(edges * s.rows_out() * s.c_out);
     forward_into(inputs, edges, main, extra);
-    out
+    // SAFETY: `forward_into` initialised all of `main` and `extra`, which make up `out`.
+    unsafe { assume_init(out) }
 }
 
-/// The forward pass into `main` (`[E, rows_out, C_out]`) and `extra` (`[E, extra]`).
+/// The forward pass into `main` (`[E, rows_out, C_out]`) and `extra` (`[E, extra]`), which it
+/// initialises in full: each task zero-fills its chunk's pieces just before it writes them.
 fn forward_into<T: WithDType>(
     inputs: &Inputs<'_, T>,
     edges: usize,
-    main: &mut [T],
-    extra: &mut [T],
+    main: &mut [MaybeUninit<T>],
+    extra: &mut [MaybeUninit<T>],
 ) {
     let s = &inputs.shape;
     if edges == 0 {
@@ -1080,13 +1083,22 @@ fn forward_into<T: WithDType>(
         .with_min_len(min_len)
         .for_each_init(
             || Scratch::new(s, ec, false, inputs.gather.is_some()),
-            |scr, (((e0, ne), o), x)| inputs.forward_chunk(e0, ne, o, x, scr),
+            |scr, (((e0, ne), o), x)| {
+                inputs.forward_chunk(e0, ne, zero_init(o), zero_init(x), scr);
+            },
         );
 }
 
-/// The buffers a backward part owns (the first part writes into the output instead):
-/// `(node gradient, weight gradient)`.
-type PartBuffers<T> = (Option<Vec<T>>, Option<Vec<T>>);
+/// Where a backward part writes the input gradient.
+enum GxPart<'a, T> {
+    /// The per-edge gradient rows of the part's edges, initialised chunk by chunk.
+    Edges(&'a mut [MaybeUninit<T>]),
+    /// The node gradient, accumulated (the first part, with `gather`).
+    Nodes(&'a mut [T]),
+    /// A node gradient of its own, summed into the output afterwards (the other parts, with
+    /// `gather`).
+    Own,
+}
 
 /// Backward: `[gx | grad_radial (E·R·C_in, if radial) | g_weights]`, `gx` per edge
 /// (`E·rows_in·C_in`) or, with `gather`, per node (`N·full·c_node`), from the gradient `g` of
@@ -1097,6 +1109,9 @@ type PartBuffers<T> = (Option<Vec<T>>, Option<Vec<T>>);
 /// runs its chunks in order and accumulates the weight gradient (and, with `gather`, the node
 /// gradient) in its own buffer (the first part straight into the output); the parts are then
 /// summed in part order. No atomics, and the result depends only on the thread count.
+///
+/// The per-edge gradients (`gx` without `gather`, `grad_radial`) are written in full, so each
+/// chunk zero-fills its rows just before it writes them, not in a pass over the output first.
 fn backward<T: WithDType>(
     inputs: &Inputs<'_, T>,
     g: &[T],
@@ -1116,9 +1131,14 @@ fn backward<T: WithDType>(
         0
     };
     let wlen = s.weight_len();
-    let mut out = zeroed_vec::<T>(gx_len + edges * rad_row + wlen);
+    let mut out = uninit_vec::<T>(gx_len + edges * rad_row + wlen);
+    let (gx_all, rest) = out.split_at_mut(gx_len);
+    let (rad_all, gw_out) = rest.split_at_mut(edges * rad_row);
+    let gw_out = zero_init(gw_out);
     if edges == 0 {
-        return out;
+        zero_init(gx_all);
+        // SAFETY: all three parts (the radial part is empty) were zero-filled.
+        return unsafe { assume_init(out) };
     }
     let ec = s.chunk_edges(edges);
     let chunks = chunks(edges, ec);
@@ -1127,15 +1147,13 @@ fn backward<T: WithDType>(
     let part_edges: Vec<usize> = (0..n_parts)
         .map(|p| chunks[bounds[p]..bounds[p + 1]].iter().map(|c| c.1).sum())
         .collect();
-    let (gx_all, rest) = out.split_at_mut(gx_len);
-    let (rad_all, gw_out) = rest.split_at_mut(edges * rad_row);
     let rads = split_pieces(
         rad_all,
         &part_edges.iter().map(|n| n * rad_row).collect::<Vec<_>>(),
     );
-    let gx_parts: Vec<Option<&mut [T]>> = if gather {
-        std::iter::once(Some(gx_all))
-            .chain((1..n_parts).map(|_| None))
+    let gx_parts: Vec<GxPart<'_, T>> = if gather {
+        std::iter::once(GxPart::Nodes(zero_init(gx_all)))
+            .chain((1..n_parts).map(|_| GxPart::Own))
             .collect()
     } else {
         split_pieces(
@@ -1143,7 +1161,7 @@ fn backward<T: WithDType>(
             &part_edges.iter().map(|n| n * gx_row).collect::<Vec<_>>(),
         )
         .into_iter()
-        .map(Some)
+        .map(GxPart::Edges)
         .collect()
     };
     let gw_parts: Vec<Option<&mut [T]>> = std::iter::once(Some(gw_out))
@@ -1154,14 +1172,9 @@ fn backward<T: WithDType>(
         .zip(gx_parts)
         .zip(gw_parts)
         .zip(rads)
-        .map(|(((p, gx), gw), rad)| {
-            let mut own_gx = gx.is_none().then(|| zeroed_vec::<T>(gx_len));
+        .map(|(((p, mut gx), gw), rad)| {
+            let mut own_gx = matches!(gx, GxPart::Own).then(|| zeroed_vec::<T>(gx_len));
             let mut own_gw = gw.is_none().then(|| vec![T::zero(); wlen]);
-            let gx = match (gx, own_gx.as_mut()) {
-                (Some(gx), _) => gx,
-                (None, Some(own)) => own.as_mut_slice(),
-                (None, None) => unreachable!("a part without an output slice owns a buffer"),
-            };
             let gw = match (gw, own_gw.as_mut()) {
                 (Some(gw), _) => gw,
                 (None, Some(own)) => own.as_mut_slice(),
@@ -1170,18 +1183,25 @@ fn backward<T: WithDType>(
             let mut scr = Scratch::new(s, ec, true, gather);
             let mut local = 0;
             for &(e0, ne) in &chunks[bounds[p]..bounds[p + 1]] {
-                let gx_chunk = if gather {
-                    &mut gx[..]
-                } else {
-                    &mut gx[local * gx_row..(local + ne) * gx_row]
+                let gx_chunk: &mut [T] = match (&mut gx, own_gx.as_mut()) {
+                    (GxPart::Edges(rows), _) => {
+                        zero_init(&mut rows[local * gx_row..(local + ne) * gx_row])
+                    }
+                    (GxPart::Nodes(nodes), _) => nodes,
+                    (GxPart::Own, Some(own)) => own,
+                    (GxPart::Own, None) => unreachable!("an Own part owns a buffer"),
                 };
-                let rad_chunk = &mut rad[local * rad_row..(local + ne) * rad_row];
+                let rad_chunk = zero_init(&mut rad[local * rad_row..(local + ne) * rad_row]);
                 inputs.backward_chunk(e0, ne, (g, g_extra), gx_chunk, rad_chunk, gw, &mut scr);
                 local += ne;
             }
             (own_gx, own_gw)
         })
         .collect();
+    // SAFETY: the weight gradient and (with `gather`) the node gradient were zero-filled up
+    // front; the per-edge rows of `gx` and of the radial gradient are split into the parts'
+    // edges, which together are all `edges`, and every chunk of every part zero-filled its rows.
+    let mut out = unsafe { assume_init(out) };
     let (gx_all, rest) = out.split_at_mut(gx_len);
     let gw_out = &mut rest[edges * rad_row..];
     for (own_gx, own_gw) in partials {
@@ -1197,6 +1217,10 @@ fn backward<T: WithDType>(
     }
     out
 }
+
+/// The buffers a backward part owns (the first part writes into the output instead):
+/// `(node gradient, weight gradient)`.
+type PartBuffers<T> = (Option<Vec<T>>, Option<Vec<T>>);
 
 /// `dst += src` elementwise.
 #[inline(always)]
@@ -2070,10 +2094,11 @@ impl So2GatherOp {
                     inputs.gather = Some(ga);
                     let edges = ga.source.len();
                     Ok(if op.extra_out.is_some() {
-                        let mut main = zeroed_vec::<T>(edges * op.shape.main_row());
-                        let mut extra = zeroed_vec::<T>(edges * op.shape.extra);
+                        let mut main = uninit_vec::<T>(edges * op.shape.main_row());
+                        let mut extra = uninit_vec::<T>(edges * op.shape.extra);
                         forward_into(&inputs, edges, &mut main, &mut extra);
-                        (main, Some(extra))
+                        // SAFETY: `forward_into` initialised all of `main` and `extra`.
+                        unsafe { (assume_init(main), Some(assume_init(extra))) }
                     } else {
                         (forward(&inputs, edges), None)
                     })
