@@ -36,11 +36,11 @@
 
 use std::ops::{Add, AddAssign, Div, Mul, MulAssign, Neg, Sub};
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
 use crate::error::{EquivariantError, Result};
+use crate::float_kernel::{run_float, FloatKernel};
 
 /// fairchem `ScaledSiLU` factor.
 pub const SCALED_SILU_FACTOR: f64 = 1.6791767923989418;
@@ -375,6 +375,12 @@ fn elementwise_kernel<T: Float>(op: Elementwise, src: &[T]) -> Vec<T> {
     out
 }
 
+impl FloatKernel<1> for Elementwise {
+    fn run<T: Float>(&self, [(x, _)]: [(&[T], &Layout); 1]) -> candle_core::Result<Vec<T>> {
+        Ok(elementwise_kernel(*self, x))
+    }
+}
+
 impl CustomOp1 for Elementwise {
     fn name(&self) -> &'static str {
         self.function.name(self.order)
@@ -385,14 +391,7 @@ impl CustomOp1 for Elementwise {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
-            candle_core::Error::Msg(format!("{}: input must be contiguous", self.name()))
-        })?;
-        let out = match storage {
-            CpuStorage::F32(v) => CpuStorage::F32(elementwise_kernel(*self, &v[start..end])),
-            CpuStorage::F64(v) => CpuStorage::F64(elementwise_kernel(*self, &v[start..end])),
-            other => candle_core::bail!("{}: unsupported dtype {:?}", self.name(), other.dtype()),
-        };
+        let out = run_float(self.name(), [(storage, layout)], self)?;
         Ok((out, layout.shape().clone()))
     }
 

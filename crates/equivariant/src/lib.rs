@@ -9,6 +9,7 @@ pub mod buffer;
 pub mod cuda;
 pub mod device;
 pub mod error;
+mod float_kernel;
 pub mod frames;
 pub mod frames_diff;
 pub mod mapping;

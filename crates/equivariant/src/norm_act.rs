@@ -43,8 +43,8 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
 use crate::activation::{dispatch_float, Elementwise, Float, Function};
-use crate::buffer::contiguous_input;
 use crate::error::{EquivariantError, Result};
+use crate::float_kernel::{run_float, FloatKernel};
 
 /// Rows per block of the weight-gradient sums (fixed, so the summation order is too).
 const ROWS_PER_BLOCK: usize = 256;
@@ -288,6 +288,15 @@ fn backward_kernel<T: Float>(x: &[T], w: &[T], b: &[T], g: &[T], op: LayerNormAc
     out
 }
 
+impl FloatKernel<3> for LayerNormAct {
+    fn run<T: Float>(
+        &self,
+        [(x, _), (w, _), (b, _)]: [(&[T], &Layout); 3],
+    ) -> candle_core::Result<Vec<T>> {
+        Ok(forward_kernel(x, w, b, *self))
+    }
+}
+
 impl CustomOp3 for LayerNormAct {
     fn name(&self) -> &'static str {
         "layer-norm-act"
@@ -302,26 +311,7 @@ impl CustomOp3 for LayerNormAct {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let name = self.name();
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
-                CpuStorage::F32(forward_kernel(
-                    contiguous_input(x, l1, name)?,
-                    contiguous_input(w, l2, name)?,
-                    contiguous_input(b, l3, name)?,
-                    *self,
-                ))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
-                CpuStorage::F64(forward_kernel(
-                    contiguous_input(x, l1, name)?,
-                    contiguous_input(w, l2, name)?,
-                    contiguous_input(b, l3, name)?,
-                    *self,
-                ))
-            }
-            _ => candle_core::bail!("{name}: x, weight and bias must all be f32 or all f64"),
-        };
+        let out = run_float(self.name(), [(s1, l1), (s2, l2), (s3, l3)], self)?;
         Ok((out, l1.shape().clone()))
     }
 
@@ -352,6 +342,17 @@ struct LayerNormActBackward {
     op: LayerNormAct,
 }
 
+/// Inputs `(x, grad, [weight ‖ bias])`.
+impl FloatKernel<3> for LayerNormActBackward {
+    fn run<T: Float>(
+        &self,
+        [(x, _), (g, _), (wb, _)]: [(&[T], &Layout); 3],
+    ) -> candle_core::Result<Vec<T>> {
+        let (w, b) = wb.split_at(wb.len() / 2);
+        Ok(backward_kernel(x, w, b, g, self.op))
+    }
+}
+
 impl CustomOp3 for LayerNormActBackward {
     fn name(&self) -> &'static str {
         "layer-norm-act-backward"
@@ -366,32 +367,8 @@ impl CustomOp3 for LayerNormActBackward {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let name = self.name();
-        let a = l3.shape().elem_count() / 2;
-        let len = l1.shape().elem_count() + 2 * a;
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(g), CpuStorage::F32(wb)) => {
-                let wb = contiguous_input(wb, l3, name)?;
-                CpuStorage::F32(backward_kernel(
-                    contiguous_input(x, l1, name)?,
-                    &wb[..a],
-                    &wb[a..],
-                    contiguous_input(g, l2, name)?,
-                    self.op,
-                ))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(g), CpuStorage::F64(wb)) => {
-                let wb = contiguous_input(wb, l3, name)?;
-                CpuStorage::F64(backward_kernel(
-                    contiguous_input(x, l1, name)?,
-                    &wb[..a],
-                    &wb[a..],
-                    contiguous_input(g, l2, name)?,
-                    self.op,
-                ))
-            }
-            _ => candle_core::bail!("{name}: all inputs must be f32 or all f64"),
-        };
+        let len = l1.shape().elem_count() + l3.shape().elem_count();
+        let out = run_float(self.name(), [(s1, l1), (s2, l2), (s3, l3)], self)?;
         Ok((out, Shape::from(len)))
     }
 }
@@ -539,6 +516,17 @@ fn dot_backward_kernel<T: Float>(
     out
 }
 
+/// Inputs `(x, [weight ‖ bias], dot)`.
+impl FloatKernel<3> for LayerNormActDot {
+    fn run<T: Float>(
+        &self,
+        [(x, _), (wb, _), (dot, _)]: [(&[T], &Layout); 3],
+    ) -> candle_core::Result<Vec<T>> {
+        let (w, b) = wb.split_at(wb.len() / 2);
+        Ok(dot_forward_kernel(x, w, b, dot, self.op))
+    }
+}
+
 impl CustomOp3 for LayerNormActDot {
     fn name(&self) -> &'static str {
         "layer-norm-act-dot"
@@ -553,31 +541,8 @@ impl CustomOp3 for LayerNormActDot {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let name = self.name();
-        let (a, _) = dot_dims(l1, l2, l3, name)?;
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(wb), CpuStorage::F32(dot)) => {
-                let wb = contiguous_input(wb, l2, name)?;
-                CpuStorage::F32(dot_forward_kernel(
-                    contiguous_input(x, l1, name)?,
-                    &wb[..a],
-                    &wb[a..],
-                    contiguous_input(dot, l3, name)?,
-                    self.op,
-                ))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(wb), CpuStorage::F64(dot)) => {
-                let wb = contiguous_input(wb, l2, name)?;
-                CpuStorage::F64(dot_forward_kernel(
-                    contiguous_input(x, l1, name)?,
-                    &wb[..a],
-                    &wb[a..],
-                    contiguous_input(dot, l3, name)?,
-                    self.op,
-                ))
-            }
-            _ => candle_core::bail!("{name}: x, weight, bias and dot must all be f32 or all f64"),
-        };
+        dot_dims(l1, l2, l3, self.name())?;
+        let out = run_float(self.name(), [(s1, l1), (s2, l2), (s3, l3)], self)?;
         let dims = l1.shape().dims();
         Ok((out, Shape::from(&dims[..dims.len() - 1])))
     }
@@ -612,6 +577,19 @@ struct LayerNormActDotBackward {
     heads: usize,
 }
 
+/// Inputs `(x, grad, [weight ‖ bias ‖ dot])`.
+impl FloatKernel<3> for LayerNormActDotBackward {
+    fn run<T: Float>(
+        &self,
+        [(x, _), (g, _), (packed, _)]: [(&[T], &Layout); 3],
+    ) -> candle_core::Result<Vec<T>> {
+        let a = packed.len() / (2 + self.heads);
+        let (w, rest) = packed.split_at(a);
+        let (b, dot) = rest.split_at(a);
+        Ok(dot_backward_kernel(x, (w, b, dot), g, self.op))
+    }
+}
+
 impl CustomOp3 for LayerNormActDotBackward {
     fn name(&self) -> &'static str {
         "layer-norm-act-dot-backward"
@@ -633,28 +611,7 @@ impl CustomOp3 for LayerNormActDotBackward {
             candle_core::bail!("{name}: gradient {:?} for x {:?}", l2.shape(), l1.shape());
         }
         let len = l1.shape().elem_count() + l3.shape().elem_count();
-        fn go<T: Float>(x: &[T], g: &[T], packed: &[T], a: usize, op: LayerNormAct) -> Vec<T> {
-            let (w, rest) = packed.split_at(a);
-            let (b, dot) = rest.split_at(a);
-            dot_backward_kernel(x, (w, b, dot), g, op)
-        }
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(g), CpuStorage::F32(p)) => CpuStorage::F32(go(
-                contiguous_input(x, l1, name)?,
-                contiguous_input(g, l2, name)?,
-                contiguous_input(p, l3, name)?,
-                a,
-                self.op,
-            )),
-            (CpuStorage::F64(x), CpuStorage::F64(g), CpuStorage::F64(p)) => CpuStorage::F64(go(
-                contiguous_input(x, l1, name)?,
-                contiguous_input(g, l2, name)?,
-                contiguous_input(p, l3, name)?,
-                a,
-                self.op,
-            )),
-            _ => candle_core::bail!("{name}: all inputs must be f32 or all f64"),
-        };
+        let out = run_float(name, [(s1, l1), (s2, l2), (s3, l3)], self)?;
         Ok((out, Shape::from(len)))
     }
 }

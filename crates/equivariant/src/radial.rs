@@ -43,6 +43,7 @@ use rayon::prelude::*;
 
 use crate::activation::{check_float, Float, Function};
 use crate::error::{EquivariantError, Result};
+use crate::float_kernel::{run_float, FloatKernel};
 use crate::norms::LayerNorm;
 
 /// Number of Gaussians EquiformerV2 uses (hard-coded in fairchem, whatever the config says).
@@ -154,6 +155,13 @@ fn smearing_kernel<T: Float>(dist: &[T], offsets: &[f64], coeff: f64) -> Vec<T> 
     out
 }
 
+/// Input: the distances.
+impl FloatKernel<1> for SmearingOp {
+    fn run<T: Float>(&self, [(d, _)]: [(&[T], &Layout); 1]) -> candle_core::Result<Vec<T>> {
+        Ok(smearing_kernel(d, &self.offsets, self.coeff))
+    }
+}
+
 impl CustomOp1 for SmearingOp {
     fn name(&self) -> &'static str {
         "gaussian-smearing"
@@ -164,19 +172,9 @@ impl CustomOp1 for SmearingOp {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
-            candle_core::Error::Msg("gaussian-smearing: input must be contiguous".into())
-        })?;
-        let out = match storage {
-            CpuStorage::F32(v) => {
-                CpuStorage::F32(smearing_kernel(&v[start..end], &self.offsets, self.coeff))
-            }
-            CpuStorage::F64(v) => {
-                CpuStorage::F64(smearing_kernel(&v[start..end], &self.offsets, self.coeff))
-            }
-            _ => candle_core::bail!("gaussian-smearing: only f32 and f64 are supported"),
-        };
-        Ok((out, Shape::from((end - start, self.offsets.len()))))
+        let out = run_float(self.name(), [(storage, layout)], self)?;
+        let distances = layout.shape().elem_count();
+        Ok((out, Shape::from((distances, self.offsets.len()))))
     }
 
     #[cfg(feature = "cuda")]

@@ -62,6 +62,7 @@
 //! # }
 //! ```
 
+use std::any::Any;
 use std::f64::consts::PI;
 use std::sync::Arc;
 
@@ -72,8 +73,8 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Shape
 use rayon::prelude::*;
 
 use crate::activation::{check_float, silu, Elementwise, Float, Function};
-use crate::buffer::contiguous_input;
 use crate::error::{EquivariantError, Result};
+use crate::float_kernel::{run_float, FloatKernel};
 pub use crate::sh::Normalization;
 use crate::sh::{spherical_harmonics_f64, SH_LMAX};
 
@@ -134,27 +135,30 @@ impl GridInner {
     }
 }
 
-/// Float types with grid matrices.
-trait GridFloat: Float + 'static {
+/// Float types with grid matrices: the grid holds them in f32 and in f64, and every
+/// [`Float`] is one of the two.
+trait GridFloat: Float {
     fn matrices(inner: &GridInner) -> &Matrices<Self>;
     fn factored(inner: &GridInner) -> Option<&Factored<Self>>;
 }
 
-impl GridFloat for f64 {
-    fn matrices(inner: &GridInner) -> &Matrices<f64> {
-        &inner.f64
+impl<T: Float> GridFloat for T {
+    fn matrices(inner: &GridInner) -> &Matrices<T> {
+        let held: &dyn Any = match T::DTYPE {
+            DType::F32 => &inner.f32,
+            _ => &inner.f64,
+        };
+        held.downcast_ref()
+            .expect("a Float is f32 or f64, whose matrices the grid holds")
     }
-    fn factored(inner: &GridInner) -> Option<&Factored<f64>> {
-        inner.factored_f64.as_ref()
-    }
-}
-
-impl GridFloat for f32 {
-    fn matrices(inner: &GridInner) -> &Matrices<f32> {
-        &inner.f32
-    }
-    fn factored(inner: &GridInner) -> Option<&Factored<f32>> {
-        inner.factored_f32.as_ref()
+    fn factored(inner: &GridInner) -> Option<&Factored<T>> {
+        let held: &dyn Any = match T::DTYPE {
+            DType::F32 => &inner.factored_f32,
+            _ => &inner.factored_f64,
+        };
+        held.downcast_ref::<Option<Factored<T>>>()
+            .expect("a Float is f32 or f64, whose matrices the grid holds")
+            .as_ref()
     }
 }
 
@@ -654,6 +658,14 @@ fn grid_linear_kernel<T: GridFloat>(
     out
 }
 
+/// Input `[N, rows, C]`.
+impl FloatKernel<1> for GridLinear {
+    fn run<T: Float>(&self, [(v, l)]: [(&[T], &Layout); 1]) -> candle_core::Result<Vec<T>> {
+        let (n, _, c) = l.shape().dims3()?;
+        Ok(grid_linear_kernel(&self.grid, self.kind, v, n, c))
+    }
+}
+
 impl CustomOp1 for GridLinear {
     fn name(&self) -> &'static str {
         match self.kind {
@@ -675,23 +687,7 @@ impl CustomOp1 for GridLinear {
         } else {
             self.grid.k
         };
-        let out = match storage {
-            CpuStorage::F32(v) => CpuStorage::F32(grid_linear_kernel(
-                &self.grid,
-                self.kind,
-                contiguous_input(v, layout, self.name())?,
-                n,
-                c,
-            )),
-            CpuStorage::F64(v) => CpuStorage::F64(grid_linear_kernel(
-                &self.grid,
-                self.kind,
-                contiguous_input(v, layout, self.name())?,
-                n,
-                c,
-            )),
-            _ => candle_core::bail!("{}: only f32 and f64 are supported", self.name()),
-        };
+        let out = run_float(self.name(), [(storage, layout)], self)?;
         Ok((out, Shape::from((n, rows_out, c))))
     }
 
@@ -896,6 +892,14 @@ struct S2Act {
     grid: Arc<GridInner>,
 }
 
+/// Input `[N, K, C]`.
+impl FloatKernel<1> for S2Act {
+    fn run<T: Float>(&self, [(x, l)]: [(&[T], &Layout); 1]) -> candle_core::Result<Vec<T>> {
+        let (n, _, c) = l.shape().dims3()?;
+        Ok(s2_act_forward(&self.grid, x, None, n, c))
+    }
+}
+
 impl CustomOp1 for S2Act {
     fn name(&self) -> &'static str {
         "s2-activation"
@@ -906,24 +910,7 @@ impl CustomOp1 for S2Act {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (n, _, c) = layout.shape().dims3()?;
-        let out = match storage {
-            CpuStorage::F32(v) => CpuStorage::F32(s2_act_forward(
-                &self.grid,
-                contiguous_input(v, layout, self.name())?,
-                None,
-                n,
-                c,
-            )),
-            CpuStorage::F64(v) => CpuStorage::F64(s2_act_forward(
-                &self.grid,
-                contiguous_input(v, layout, self.name())?,
-                None,
-                n,
-                c,
-            )),
-            _ => candle_core::bail!("s2-activation: only f32 and f64 are supported"),
-        };
+        let out = run_float(self.name(), [(storage, layout)], self)?;
         Ok((out, layout.shape().clone()))
     }
 
@@ -960,6 +947,17 @@ struct SeparableS2Act {
     grid: Arc<GridInner>,
 }
 
+/// Inputs `(x [N, K, C], scalars)`.
+impl FloatKernel<2> for SeparableS2Act {
+    fn run<T: Float>(
+        &self,
+        [(x, l), (scalars, _)]: [(&[T], &Layout); 2],
+    ) -> candle_core::Result<Vec<T>> {
+        let (n, _, c) = l.shape().dims3()?;
+        Ok(s2_act_forward(&self.grid, x, Some(scalars), n, c))
+    }
+}
+
 impl CustomOp2 for SeparableS2Act {
     fn name(&self) -> &'static str {
         "separable-s2-activation"
@@ -972,25 +970,7 @@ impl CustomOp2 for SeparableS2Act {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (n, _, c) = l1.shape().dims3()?;
-        let name = self.name();
-        let out = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(s)) => CpuStorage::F32(s2_act_forward(
-                &self.grid,
-                contiguous_input(x, l1, name)?,
-                Some(contiguous_input(s, l2, name)?),
-                n,
-                c,
-            )),
-            (CpuStorage::F64(x), CpuStorage::F64(s)) => CpuStorage::F64(s2_act_forward(
-                &self.grid,
-                contiguous_input(x, l1, name)?,
-                Some(contiguous_input(s, l2, name)?),
-                n,
-                c,
-            )),
-            _ => candle_core::bail!("{name}: x and scalars must both be f32 or both f64"),
-        };
+        let out = run_float(self.name(), [(s1, l1), (s2, l2)], self)?;
         Ok((out, l1.shape().clone()))
     }
 
@@ -1035,6 +1015,14 @@ struct S2ActBackward {
     separable: bool,
 }
 
+/// Inputs `(x [N, K, C], grad)`.
+impl FloatKernel<2> for S2ActBackward {
+    fn run<T: Float>(&self, [(x, l), (g, _)]: [(&[T], &Layout); 2]) -> candle_core::Result<Vec<T>> {
+        let (n, _, c) = l.shape().dims3()?;
+        Ok(s2_act_backward(&self.grid, x, g, self.separable, n, c))
+    }
+}
+
 impl CustomOp2 for S2ActBackward {
     fn name(&self) -> &'static str {
         "s2-activation-backward"
@@ -1047,27 +1035,7 @@ impl CustomOp2 for S2ActBackward {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (n, _, c) = l1.shape().dims3()?;
-        let name = self.name();
-        let out = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(g)) => CpuStorage::F32(s2_act_backward(
-                &self.grid,
-                contiguous_input(x, l1, name)?,
-                contiguous_input(g, l2, name)?,
-                self.separable,
-                n,
-                c,
-            )),
-            (CpuStorage::F64(x), CpuStorage::F64(g)) => CpuStorage::F64(s2_act_backward(
-                &self.grid,
-                contiguous_input(x, l1, name)?,
-                contiguous_input(g, l2, name)?,
-                self.separable,
-                n,
-                c,
-            )),
-            _ => candle_core::bail!("{name}: x and grad must both be f32 or both f64"),
-        };
+        let out = run_float(self.name(), [(s1, l1), (s2, l2)], self)?;
         Ok((out, l1.shape().clone()))
     }
 

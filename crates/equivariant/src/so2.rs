@@ -91,7 +91,9 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, WithDType
 use candle_nn::{Init, VarBuilder};
 use rayon::prelude::*;
 
+use crate::activation::Float;
 use crate::error::{EquivariantError, Result};
+use crate::float_kernel::{run_float, FloatKernel};
 use crate::mapping::SphericalLayout;
 pub use crate::so2_fused::MessageGather;
 use crate::so2_fused::{pack_complex, pack_complex_applies, LayerShape, So2LayerOp};
@@ -477,6 +479,14 @@ fn from_edge_kernel<T: WithDType>(plan: &RotatePlan<T>, y: &[T], w: &[T], out: &
 dispatch_kernel!(pub(crate) to_edge, to_edge_kernel, (plan: &RotatePlan<T>, x: &[T], w: &[T], out: &mut [T], c: usize));
 dispatch_kernel!(pub(crate) from_edge, from_edge_kernel, (plan: &RotatePlan<T>, y: &[T], w: &[T], out: &mut [T], c: usize));
 
+/// Inputs `(x [E, rows_in, C], wigner)`.
+impl FloatKernel<2> for RotateOp {
+    fn run<T: Float>(&self, [(x, l), (w, _)]: [(&[T], &Layout); 2]) -> candle_core::Result<Vec<T>> {
+        let (edges, _, c) = l.shape().dims3()?;
+        Ok(self.run(x, w, edges, c))
+    }
+}
+
 impl CustomOp2 for RotateOp {
     fn name(&self) -> &'static str {
         match self.direction {
@@ -497,21 +507,7 @@ impl CustomOp2 for RotateOp {
         };
         let (_, rows_out) = self.rows();
         let shape = Shape::from((edges, rows_out, c));
-        let out = match (s1, s2) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(self.run(
-                contiguous_slice::<f32>(s1, l1)?,
-                contiguous_slice::<f32>(s2, l2)?,
-                edges,
-                c,
-            )),
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(self.run(
-                contiguous_slice::<f64>(s1, l1)?,
-                contiguous_slice::<f64>(s2, l2)?,
-                edges,
-                c,
-            )),
-            _ => candle_core::bail!("{}: needs f32 or f64 inputs of one dtype", self.name()),
-        };
+        let out = run_float(self.name(), [(s1, l1), (s2, l2)], self)?;
         Ok((out, shape))
     }
 

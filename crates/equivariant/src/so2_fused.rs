@@ -51,8 +51,10 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
+use crate::activation::Float;
 use crate::buffer::{assume_init, uninit_vec, zero_init, zeroed_vec};
 use crate::error::{EquivariantError, Result};
+use crate::float_kernel::{run_float, FloatKernel};
 use crate::mapping::SphericalLayout;
 use crate::so2::{contiguous_slice, dispatch_kernel, from_edge, to_edge, RotatePlan};
 use crate::wigner::WignerBlocks;
@@ -1635,6 +1637,14 @@ fn unpack_grad_kernel<T: WithDType>(g: &[T], n: usize, k: usize) -> Vec<T> {
     out
 }
 
+/// Input: the weights `[2n, k]`.
+impl FloatKernel<1> for PackComplex {
+    fn run<T: Float>(&self, [(w, l)]: [(&[T], &Layout); 1]) -> candle_core::Result<Vec<T>> {
+        let (n, k) = pack_dims(l, "matscale-so2-pack-complex")?;
+        Ok(pack_kernel(w, n, k))
+    }
+}
+
 impl CustomOp1 for PackComplex {
     fn name(&self) -> &'static str {
         "matscale-so2-pack-complex"
@@ -1643,11 +1653,7 @@ impl CustomOp1 for PackComplex {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let name = self.name();
         let (n, k) = pack_dims(l, name)?;
-        let out = match s {
-            CpuStorage::F32(_) => CpuStorage::F32(pack_kernel(contiguous_slice(s, l)?, n, k)),
-            CpuStorage::F64(_) => CpuStorage::F64(pack_kernel(contiguous_slice(s, l)?, n, k)),
-            _ => candle_core::bail!("{name}: needs f32 or f64 weights"),
-        };
+        let out = run_float(name, [(s, l)], self)?;
         Ok((out, Shape::from(3 * k * n)))
     }
 
@@ -1673,6 +1679,13 @@ struct PackComplexBackward {
     k: usize,
 }
 
+/// Input: the packed gradient `[3kn]`.
+impl FloatKernel<1> for PackComplexBackward {
+    fn run<T: Float>(&self, [(g, _)]: [(&[T], &Layout); 1]) -> candle_core::Result<Vec<T>> {
+        Ok(unpack_grad_kernel(g, self.n, self.k))
+    }
+}
+
 impl CustomOp1 for PackComplexBackward {
     fn name(&self) -> &'static str {
         "matscale-so2-pack-complex-backward"
@@ -1684,15 +1697,7 @@ impl CustomOp1 for PackComplexBackward {
         if l.shape().elem_count() != 3 * k * n {
             candle_core::bail!("{name}: gradient {:?} for [2·{n}, {k}] weights", l.shape());
         }
-        let out = match s {
-            CpuStorage::F32(_) => {
-                CpuStorage::F32(unpack_grad_kernel(contiguous_slice(s, l)?, n, k))
-            }
-            CpuStorage::F64(_) => {
-                CpuStorage::F64(unpack_grad_kernel(contiguous_slice(s, l)?, n, k))
-            }
-            _ => candle_core::bail!("{name}: needs an f32 or f64 gradient"),
-        };
+        let out = run_float(name, [(s, l)], self)?;
         Ok((out, Shape::from((2 * n, k))))
     }
 }
