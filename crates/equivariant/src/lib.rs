@@ -12,6 +12,7 @@ pub mod error;
 mod float_kernel;
 pub mod frames;
 pub mod frames_diff;
+pub mod linalg;
 pub mod mapping;
 pub mod norm_act;
 pub mod norms;

@@ -23,8 +23,8 @@ use rayon::prelude::*;
 
 use crate::activation::{Float, Function};
 use crate::buffer::{contiguous_input, zeroed_vec};
+use crate::linalg::{gemm, view};
 use crate::norm_act::{backward_block, forward_block, BlockInputs};
-use crate::so2_fused::{gemm, view};
 
 /// Edges per task.
 const CHUNK: usize = 256;

@@ -55,6 +55,7 @@ use crate::activation::Float;
 use crate::buffer::{assume_init, uninit_vec, zero_init, zeroed_vec};
 use crate::error::{EquivariantError, Result};
 use crate::float_kernel::{run_float, FloatKernel};
+use crate::linalg::{gemm, view};
 use crate::mapping::SphericalLayout;
 use crate::so2::{contiguous_slice, dispatch_kernel, from_edge, to_edge, RotatePlan};
 use crate::wigner::WignerBlocks;
@@ -216,88 +217,6 @@ impl LayerShape {
     fn chunk_edges(&self, edges: usize) -> usize {
         let by_tasks = edges.div_ceil(4 * rayon::current_num_threads()).max(1);
         by_tasks.min(256)
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// GEMM on sub-matrices of slices
-// ---------------------------------------------------------------------------------------------
-
-/// A strided matrix view into a slice: element `(i, j)` is `data[off + i·rs + j·cs]`.
-#[derive(Clone, Copy)]
-pub(crate) struct View<'a, T> {
-    data: &'a [T],
-    off: usize,
-    rs: usize,
-    cs: usize,
-}
-
-pub(crate) fn view<T>(data: &[T], off: usize, rs: usize, cs: usize) -> View<'_, T> {
-    View { data, off, rs, cs }
-}
-
-/// Panics unless a `rows × cols` matrix at `off` with strides `(rs, cs)` lies inside `len`.
-fn assert_span(len: usize, off: usize, (rows, cols): (usize, usize), (rs, cs): (usize, usize)) {
-    if rows == 0 || cols == 0 {
-        return;
-    }
-    let last = off + (rows - 1) * rs + (cols - 1) * cs;
-    assert!(last < len, "so2 kernel: matrix view out of bounds");
-}
-
-/// `dst[off..][m×n] (= | +=) beta · lhs[m×k] · rhs[k×n]`, `dst` with row stride `dst_rs` and
-/// unit column stride, single-threaded (the callers parallelise over edge chunks).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn gemm<T: WithDType>(
-    (m, n, k): (usize, usize, usize),
-    dst: &mut [T],
-    dst_off: usize,
-    dst_rs: usize,
-    accumulate: bool,
-    lhs: View<'_, T>,
-    rhs: View<'_, T>,
-    beta: T,
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    assert_span(dst.len(), dst_off, (m, n), (dst_rs, 1));
-    if k == 0 {
-        if !accumulate {
-            for i in 0..m {
-                dst[dst_off + i * dst_rs..dst_off + i * dst_rs + n].fill(T::zero());
-            }
-        }
-        return;
-    }
-    assert_span(lhs.data.len(), lhs.off, (m, k), (lhs.rs, lhs.cs));
-    assert_span(rhs.data.len(), rhs.off, (k, n), (rhs.rs, rhs.cs));
-    let signed = |v: usize| isize::try_from(v).expect("tensor strides fit in isize");
-    // SAFETY: the three matrices lie inside their slices (checked just above); `dst` is a
-    // unique borrow, so it aliases neither `lhs` nor `rhs`; T is f32 or f64, which gemm
-    // supports.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr().add(dst_off),
-            1,
-            signed(dst_rs),
-            accumulate,
-            lhs.data.as_ptr().add(lhs.off),
-            signed(lhs.cs),
-            signed(lhs.rs),
-            rhs.data.as_ptr().add(rhs.off),
-            signed(rhs.cs),
-            signed(rhs.rs),
-            T::one(),
-            beta,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
     }
 }
 

@@ -22,6 +22,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor, WithDType};
 use matscale_equivariant::activation;
 use matscale_equivariant::buffer::{contiguous_input, zeroed_vec};
+use matscale_equivariant::linalg::{gemm, view};
 use rayon::prelude::*;
 
 /// Nodes per chunk (`CHUNK · G` rows per GEMM).
@@ -93,51 +94,6 @@ impl Elem for f64 {
     }
 }
 
-/// `dst[m×n] (+)= lhs[m×k] · rhs[k×n]`; strides as (row, column); `dst` row-major with row
-/// stride `dst_rs`. Single-threaded (the callers parallelise over node chunks).
-///
-/// # Safety
-/// Every addressed element of each operand must be in bounds, `dst` must not alias the others.
-#[allow(clippy::too_many_arguments)]
-unsafe fn mm<T: Elem>(
-    (m, n, k): (usize, usize, usize),
-    dst: *mut T,
-    dst_rs: usize,
-    accumulate: bool,
-    lhs: *const T,
-    (lhs_rs, lhs_cs): (usize, usize),
-    rhs: *const T,
-    (rhs_rs, rhs_cs): (usize, usize),
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    // SAFETY: forwarded from the caller; T is f32 or f64, both supported by gemm.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst,
-            1,
-            dst_rs as isize,
-            accumulate,
-            lhs,
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs,
-            rhs_cs as isize,
-            rhs_rs as isize,
-            T::from_f64(1.0),
-            T::from_f64(1.0),
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
-}
-
 /// Sizes of one call.
 #[derive(Debug, Clone, Copy)]
 struct Dims {
@@ -184,24 +140,18 @@ fn per_node<T: Elem>(
     nb: usize,
     out: &mut [T],
 ) {
-    assert!(src.len() >= nb * cols * f && out.len() >= nb * rows * f);
     let (rs, cs) = m_strides;
-    assert!(rows == 0 || cols == 0 || (rows - 1) * rs + (cols - 1) * cs < m.len());
     for i in 0..nb {
-        // SAFETY: m is rows × cols under its strides, src[i] cols × F and out[i] rows × F are
-        // in bounds (checked above); out is a separate buffer.
-        unsafe {
-            mm(
-                (rows, f, cols),
-                out[i * rows * f..].as_mut_ptr(),
-                f,
-                false,
-                m.as_ptr(),
-                m_strides,
-                src[i * cols * f..].as_ptr(),
-                (f, 1),
-            );
-        }
+        gemm(
+            (rows, f, cols),
+            out,
+            i * rows * f,
+            f,
+            false,
+            view(m, 0, rs, cs),
+            view(src, i * cols * f, f, 1),
+            T::one(),
+        );
     }
 }
 
@@ -224,40 +174,31 @@ fn times_square<T: Elem>(
     src: &[T],
     dst: &mut [T],
 ) {
-    assert!(w.len() >= f * f && src.len() >= rows * f && dst.len() >= rows * f);
-    // SAFETY: src and dst are rows × F, M is F × F under either stride pair (unit or F), all in
-    // bounds (checked above); dst is a separate buffer.
-    unsafe {
-        mm(
-            (rows, f, f),
-            dst.as_mut_ptr(),
-            f,
-            false,
-            src.as_ptr(),
-            (f, 1),
-            w.as_ptr(),
-            m_strides,
-        );
-    }
+    let (rs, cs) = m_strides;
+    gemm(
+        (rows, f, f),
+        dst,
+        0,
+        f,
+        false,
+        view(src, 0, f, 1),
+        view(w, 0, rs, cs),
+        T::one(),
+    );
 }
 
 /// `dw += gradᵀ · input` over `rows` rows (the weight gradient of [`linear`]).
 fn linear_weight_grad<T: Elem>(f: usize, rows: usize, grad: &[T], input: &[T], dw: &mut [T]) {
-    assert!(dw.len() >= f * f && grad.len() >= rows * f && input.len() >= rows * f);
-    // SAFETY: gradᵀ is F × rows (strides (1, F)), input rows × F, dw F × F, all in bounds;
-    // dw is not an operand.
-    unsafe {
-        mm(
-            (f, f, rows),
-            dw.as_mut_ptr(),
-            f,
-            true,
-            grad.as_ptr(),
-            (1, f),
-            input.as_ptr(),
-            (f, 1),
-        );
-    }
+    gemm(
+        (f, f, rows),
+        dw,
+        0,
+        f,
+        true,
+        view(grad, 0, 1, f),
+        view(input, 0, f, 1),
+        T::one(),
+    );
 }
 
 /// The forward pass of a chunk of `nb` nodes (`x` their `[nb, K, F]`) up to the second
