@@ -12,7 +12,8 @@
 
 use std::mem::MaybeUninit;
 
-use candle_core::{Layout, WithDType};
+use candle_core::backend::BackendStorage;
+use candle_core::{Layout, Storage, Tensor, WithDType};
 use rayon::prelude::*;
 
 /// Makes glibc keep every freed block in the heap for reuse: all sizes come from the heap
@@ -135,6 +136,47 @@ pub fn contiguous_input<'a, T>(
         Some((start, end)) => Ok(&v[start..end]),
         None => candle_core::bail!("{op}: input must be contiguous"),
     }
+}
+
+/// Splits `data` into consecutive pieces of `lens[i]` elements (for rayon tasks that each own
+/// one piece of an output).
+///
+/// # Panics
+/// The lengths add up to more than `data.len()`.
+pub fn split_pieces<'a, T>(mut data: &'a mut [T], lens: &[usize]) -> Vec<&'a mut [T]> {
+    let mut out = Vec::with_capacity(lens.len());
+    for &n in lens {
+        let (head, tail) = std::mem::take(&mut data).split_at_mut(n);
+        out.push(head);
+        data = tail;
+    }
+    out
+}
+
+/// Runs `f` on the contiguous CPU data of a tensor that an op holds rather than takes as an
+/// input (Wigner blocks, saved weights, the output gradient of a backward op), holding the
+/// tensor's storage for the duration.
+///
+/// # Errors
+/// The tensor is not on the CPU, is not of dtype `T`, or is not contiguous (each error names
+/// the op `op`), or `f` fails.
+pub fn with_cpu_slice<T: WithDType, R>(
+    t: &Tensor,
+    op: &str,
+    f: impl FnOnce(&[T]) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("{op}: a tensor the op holds is not on the CPU");
+    };
+    if cpu.dtype() != T::DTYPE {
+        candle_core::bail!(
+            "{op}: a tensor the op holds is {:?}, its inputs are {:?}",
+            cpu.dtype(),
+            T::DTYPE
+        );
+    }
+    f(contiguous_input(cpu.as_slice::<T>()?, layout, op)?)
 }
 
 #[cfg(target_os = "linux")]

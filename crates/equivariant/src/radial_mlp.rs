@@ -18,11 +18,12 @@
 //! thread, each accumulating its own parameter and table gradients, summed in part order.
 //! First order only; the caller composes the same function from candle ops for higher orders.
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::activation::{Float, Function};
-use crate::buffer::{contiguous_input, zeroed_vec};
+use crate::buffer::{with_cpu_slice, zeroed_vec};
+use crate::float_kernel::{run_float, FloatKernel};
 use crate::linalg::{gemm, view};
 use crate::norm_act::{backward_block, forward_block, BlockInputs};
 
@@ -413,7 +414,8 @@ impl RadialMlpOp {
         Ok(edges)
     }
 
-    /// Runs `f` on the inputs as slices of `T`.
+    /// Runs `f` on the inputs (`P` and the packed parameters, contiguous, with their
+    /// layouts) and the held dense features.
     fn with_inputs<T: Float, R>(
         &self,
         (p, lp): (&[T], &Layout),
@@ -421,20 +423,23 @@ impl RadialMlpOp {
         f: impl FnOnce(&Inputs<'_, T>, usize) -> R,
     ) -> candle_core::Result<R> {
         let edges = self.edges(lp, lw)?;
-        let name = "radial mlp";
-        let (storage, layout) = self.dense.storage_and_layout();
-        let Storage::Cpu(cpu) = &*storage else {
-            candle_core::bail!("{name}: the dense input is not on the CPU");
-        };
-        let dense = contiguous_input(cpu.as_slice::<T>()?, layout, name)?;
-        let inputs = Inputs {
-            plan: &self.plan,
-            dense,
-            p: contiguous_input(p, lp, name)?,
-            params: contiguous_input(params, lw, name)?,
-            gathered: &self.gathered,
-        };
-        Ok(f(&inputs, edges))
+        with_cpu_slice(&self.dense, "radial mlp", |dense| {
+            let inputs = Inputs {
+                plan: &self.plan,
+                dense,
+                p,
+                params,
+                gathered: &self.gathered,
+            };
+            Ok(f(&inputs, edges))
+        })
+    }
+}
+
+/// Inputs `(P, packed parameters)`.
+impl FloatKernel<2> for RadialMlpOp {
+    fn run<T: Float>(&self, [p, w]: [(&[T], &Layout); 2]) -> candle_core::Result<Vec<T>> {
+        self.with_inputs(p, w, |inputs, edges| forward(inputs, edges))
     }
 }
 
@@ -450,17 +455,8 @@ impl CustomOp2 for RadialMlpOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (out, edges) = match (s1, s2) {
-            (CpuStorage::F32(p), CpuStorage::F32(w)) => {
-                let (v, e) = self.with_inputs((p, l1), (w, l2), |i, e| (forward(i, e), e))?;
-                (CpuStorage::F32(v), e)
-            }
-            (CpuStorage::F64(p), CpuStorage::F64(w)) => {
-                let (v, e) = self.with_inputs((p, l1), (w, l2), |i, e| (forward(i, e), e))?;
-                (CpuStorage::F64(v), e)
-            }
-            _ => candle_core::bail!("radial mlp: the inputs must be all f32 or all f64"),
-        };
+        let edges = self.edges(l1, l2)?;
+        let out = run_float(self.name(), [(s1, l1), (s2, l2)], self)?;
         Ok((out, Shape::from((edges, self.plan.out_width()))))
     }
 
@@ -489,6 +485,21 @@ struct RadialMlpBackward {
     grad: Tensor,
 }
 
+/// Inputs `(P, packed parameters)`; the output gradient is held.
+impl FloatKernel<2> for RadialMlpBackward {
+    fn run<T: Float>(&self, [p, w]: [(&[T], &Layout); 2]) -> candle_core::Result<Vec<T>> {
+        let name = "radial-mlp-backward";
+        let cn = self.op.plan.out_width();
+        with_cpu_slice(&self.grad, name, |g| {
+            self.op
+                .with_inputs(p, w, |inputs, edges| {
+                    (g.len() == edges * cn).then(|| backward(inputs, g, edges))
+                })?
+                .ok_or_else(|| candle_core::Error::Msg(format!("{name}: gradient size")))
+        })
+    }
+}
+
 impl CustomOp2 for RadialMlpBackward {
     fn name(&self) -> &'static str {
         "radial-mlp-backward"
@@ -501,36 +512,8 @@ impl CustomOp2 for RadialMlpBackward {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let name = self.name();
-        let (storage, layout) = self.grad.storage_and_layout();
-        let Storage::Cpu(g) = &*storage else {
-            candle_core::bail!("{name}: the gradient is not on the CPU");
-        };
         let len = l1.shape().elem_count() + l2.shape().elem_count();
-        let cn = self.op.plan.out_width();
-        let out = match (s1, s2, g) {
-            (CpuStorage::F32(p), CpuStorage::F32(w), CpuStorage::F32(g)) => {
-                let g = contiguous_input(g, layout, name)?;
-                CpuStorage::F32(
-                    self.op
-                        .with_inputs((p, l1), (w, l2), |i, e| {
-                            (g.len() == e * cn).then(|| backward(i, g, e))
-                        })?
-                        .ok_or_else(|| candle_core::Error::Msg(format!("{name}: gradient size")))?,
-                )
-            }
-            (CpuStorage::F64(p), CpuStorage::F64(w), CpuStorage::F64(g)) => {
-                let g = contiguous_input(g, layout, name)?;
-                CpuStorage::F64(
-                    self.op
-                        .with_inputs((p, l1), (w, l2), |i, e| {
-                            (g.len() == e * cn).then(|| backward(i, g, e))
-                        })?
-                        .ok_or_else(|| candle_core::Error::Msg(format!("{name}: gradient size")))?,
-                )
-            }
-            _ => candle_core::bail!("{name}: the inputs must be all f32 or all f64"),
-        };
+        let out = run_float(self.name(), [(s1, l1), (s2, l2)], self)?;
         Ok((out, Shape::from(len)))
     }
 }

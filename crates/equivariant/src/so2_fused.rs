@@ -47,12 +47,12 @@ use std::mem::MaybeUninit;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, Tensor, WithDType,
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, WithDType,
 };
 use rayon::prelude::*;
 
 use crate::activation::Float;
-use crate::buffer::{assume_init, uninit_vec, zero_init, zeroed_vec};
+use crate::buffer::{assume_init, split_pieces, uninit_vec, with_cpu_slice, zero_init, zeroed_vec};
 use crate::error::{EquivariantError, Result};
 use crate::float_kernel::{run_float, FloatKernel};
 use crate::linalg::{gemm, view};
@@ -946,17 +946,6 @@ fn scale_in_place_kernel<T: WithDType>(
 
 dispatch_kernel!(scale_in_place, scale_in_place_kernel, (x: &mut [T], rad: &[T], rows: &[usize], num_rows: usize, c: usize));
 
-/// Splits `data` into consecutive pieces of `sizes[i]` elements.
-fn split_pieces<'a, T>(mut data: &'a mut [T], sizes: &[usize]) -> Vec<&'a mut [T]> {
-    let mut out = Vec::with_capacity(sizes.len());
-    for &n in sizes {
-        let (head, tail) = std::mem::take(&mut data).split_at_mut(n);
-        out.push(head);
-        data = tail;
-    }
-    out
-}
-
 /// `(first edge, edge count)` of every chunk.
 fn chunks(edges: usize, ec: usize) -> Vec<(usize, usize)> {
     (0..edges.div_ceil(ec))
@@ -1158,18 +1147,14 @@ dispatch_kernel!(add_into, add_into_kernel, (dst: &mut [T], src: &[T]));
 // ---------------------------------------------------------------------------------------------
 
 /// Runs `f` on the contiguous CPU data of a tensor held by an op (the Wigner blocks, or the
-/// weights in the backward op).
+/// weights in the backward op), if there is one.
 fn with_held<T: WithDType, R>(
     t: Option<&Tensor>,
     f: impl FnOnce(Option<&[T]>) -> candle_core::Result<R>,
 ) -> candle_core::Result<R> {
-    let Some(t) = t else {
-        return f(None);
-    };
-    let (storage, layout) = t.storage_and_layout();
-    match &*storage {
-        Storage::Cpu(cpu) => f(Some(contiguous_slice::<T>(cpu, layout)?)),
-        _ => candle_core::bail!("matscale so2 layer: the fused kernels run on the CPU only"),
+    match t {
+        Some(t) => with_cpu_slice(t, "matscale so2 layer", |data| f(Some(data))),
+        None => f(None),
     }
 }
 

@@ -17,7 +17,7 @@ use std::sync::{Arc, OnceLock};
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{Init, Linear, Module, VarBuilder};
 use matscale_equivariant::activation::{silu, smooth_leaky_relu, Function};
-use matscale_equivariant::buffer::{contiguous_input, zeroed_vec};
+use matscale_equivariant::buffer::{contiguous_input, split_pieces, with_cpu_slice, zeroed_vec};
 use matscale_equivariant::mapping::SphericalLayout;
 use matscale_equivariant::norms::{EquivariantNorm, LayerNorm, NormConfig, NormType, So3LinearV2};
 use matscale_equivariant::radial::RadialFunction;
@@ -371,14 +371,9 @@ impl DegreeSpread {
         let (k, l1) = (self.degree.len(), self.degree.last().map_or(0, |&l| l + 1));
         let edges = offsets[offsets.len() - 1];
         let mut dm = zeroed_vec::<T>(edges * l1 * c);
-        let mut rows: Vec<&mut [T]> = Vec::with_capacity(offsets.len() - 1);
-        let mut rest = dm.as_mut_slice();
-        for node in 0..offsets.len() - 1 {
-            let (head, tail) = rest.split_at_mut((offsets[node + 1] - offsets[node]) * l1 * c);
-            rows.push(head);
-            rest = tail;
-        }
-        rows.into_par_iter()
+        let lens: Vec<usize> = offsets.windows(2).map(|o| (o[1] - o[0]) * l1 * c).collect();
+        split_pieces(&mut dm, &lens)
+            .into_par_iter()
             .enumerate()
             .for_each(|(node, dm_node)| {
                 let g_row = &g[node * k * c..(node + 1) * k * c];
@@ -423,22 +418,14 @@ impl candle_core::CustomOp1 for DegreeSpread {
         use candle_core::CpuStorage as S;
         let name = self.name();
         let c = self.channels(l, name)?;
-        let (w_storage, w_layout) = self.weights.storage_and_layout();
-        let candle_core::Storage::Cpu(w_cpu) = &*w_storage else {
-            candle_core::bail!("{name}: the weights are not on the CPU");
-        };
-        let out = match (s, w_cpu) {
-            (S::F32(m), S::F32(w)) => S::F32(self.forward(
-                contiguous_input(m, l, name)?,
-                contiguous_input(w, w_layout, name)?,
-                c,
-            )),
-            (S::F64(m), S::F64(w)) => S::F64(self.forward(
-                contiguous_input(m, l, name)?,
-                contiguous_input(w, w_layout, name)?,
-                c,
-            )),
-            _ => candle_core::bail!("{name}: m0 and the weights must be both f32 or both f64"),
+        let out = match s {
+            S::F32(m) => S::F32(with_cpu_slice(&self.weights, name, |w| {
+                Ok(self.forward(contiguous_input(m, l, name)?, w, c))
+            })?),
+            S::F64(m) => S::F64(with_cpu_slice(&self.weights, name, |w| {
+                Ok(self.forward(contiguous_input(m, l, name)?, w, c))
+            })?),
+            _ => candle_core::bail!("{name}: m0 must be f32 or f64"),
         };
         let n = self.segments.offsets().len() - 1;
         Ok((out, (n, self.degree.len(), c).into()))
@@ -471,7 +458,7 @@ impl candle_core::CustomOp1 for DegreeSpreadBackward {
 
     fn cpu_fwd(
         &self,
-        _s: &candle_core::CpuStorage,
+        s: &candle_core::CpuStorage,
         l: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
         use candle_core::CpuStorage as S;
@@ -482,25 +469,19 @@ impl candle_core::CustomOp1 for DegreeSpreadBackward {
         if self.grad.dims() != [n, sp.degree.len(), c] {
             candle_core::bail!("{name}: gradient {:?}", self.grad.shape());
         }
-        let (g_storage, g_layout) = self.grad.storage_and_layout();
-        let (w_storage, w_layout) = sp.weights.storage_and_layout();
-        let (candle_core::Storage::Cpu(g_cpu), candle_core::Storage::Cpu(w_cpu)) =
-            (&*g_storage, &*w_storage)
-        else {
-            candle_core::bail!("{name}: the gradient and weights are not on the CPU");
-        };
-        let out = match (g_cpu, w_cpu) {
-            (S::F32(g), S::F32(w)) => S::F32(sp.backward(
-                contiguous_input(g, g_layout, name)?,
-                contiguous_input(w, w_layout, name)?,
-                c,
-            )),
-            (S::F64(g), S::F64(w)) => S::F64(sp.backward(
-                contiguous_input(g, g_layout, name)?,
-                contiguous_input(w, w_layout, name)?,
-                c,
-            )),
-            _ => candle_core::bail!("{name}: the gradient and weights must be both f32 or f64"),
+        fn run<T: candle_core::WithDType>(
+            b: &DegreeSpreadBackward,
+            name: &str,
+            c: usize,
+        ) -> candle_core::Result<Vec<T>> {
+            with_cpu_slice(&b.grad, name, |g| {
+                with_cpu_slice(&b.spread.weights, name, |w| Ok(b.spread.backward(g, w, c)))
+            })
+        }
+        let out = match s {
+            S::F32(_) => S::F32(run(self, name, c)?),
+            S::F64(_) => S::F64(run(self, name, c)?),
+            _ => candle_core::bail!("{name}: m0 must be f32 or f64"),
         };
         Ok((out, l.shape().clone()))
     }
