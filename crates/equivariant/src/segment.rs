@@ -47,6 +47,7 @@ use rayon::prelude::*;
 
 use crate::activation::{check_float, Float};
 use crate::error::{EquivariantError, Result};
+use crate::float_kernel::{run_float, FloatKernel};
 
 /// Added to the softmax denominator, as `torch_geometric.utils.softmax` does.
 const SOFTMAX_EPS: f64 = 1e-16;
@@ -465,6 +466,14 @@ struct SoftmaxBackward {
     csr: Arc<Csr>,
 }
 
+/// Inputs `(y, g)`, rows of `cols` values.
+impl FloatKernel<2> for SoftmaxBackward {
+    fn run<T: Float>(&self, [(y, l), (g, _)]: [(&[T], &Layout); 2]) -> candle_core::Result<Vec<T>> {
+        let cols: usize = l.dims()[1..].iter().product();
+        Ok(softmax_backward_kernel(&self.csr, y, g, cols))
+    }
+}
+
 impl CustomOp2 for SoftmaxBackward {
     fn name(&self) -> &'static str {
         "segment-softmax-backward"
@@ -477,23 +486,7 @@ impl CustomOp2 for SoftmaxBackward {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (Some((a1, b1)), Some((a2, b2))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            candle_core::bail!("segment-softmax-backward: inputs must be contiguous");
-        };
-        let cols: usize = l1.dims()[1..].iter().product();
-        let out =
-            match (s1, s2) {
-                (CpuStorage::F32(y), CpuStorage::F32(g)) => CpuStorage::F32(
-                    softmax_backward_kernel(&self.csr, &y[a1..b1], &g[a2..b2], cols),
-                ),
-                (CpuStorage::F64(y), CpuStorage::F64(g)) => CpuStorage::F64(
-                    softmax_backward_kernel(&self.csr, &y[a1..b1], &g[a2..b2], cols),
-                ),
-                _ => {
-                    candle_core::bail!("segment-softmax-backward: y and g must both be f32 or f64")
-                }
-            };
+        let out = run_float(self.name(), [(s1, l1), (s2, l2)], self)?;
         Ok((out, l1.shape().clone()))
     }
 
@@ -538,6 +531,18 @@ fn to_candle(e: EquivariantError) -> candle_core::Error {
     }
 }
 
+/// Input: rows of `cols` values, grouped by segment.
+impl FloatKernel<1> for SegmentOp {
+    fn run<T: Float>(&self, [(src, l)]: [(&[T], &Layout); 1]) -> candle_core::Result<Vec<T>> {
+        let cols: usize = l.dims()[1..].iter().product();
+        Ok(match self.kind {
+            Kind::Sum => sum_kernel(&self.csr, src, cols),
+            Kind::Gather => gather_kernel(&self.csr, src, cols),
+            Kind::Softmax => softmax_kernel(&self.csr, src, cols),
+        })
+    }
+}
+
 impl CustomOp1 for SegmentOp {
     fn name(&self) -> &'static str {
         match self.kind {
@@ -552,30 +557,12 @@ impl CustomOp1 for SegmentOp {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
-            candle_core::Error::Msg(format!("{}: input must be contiguous", self.name()))
-        })?;
-        let dims = layout.dims();
-        let cols: usize = dims[1..].iter().product();
-        let mut out_dims = dims.to_vec();
+        let mut out_dims = layout.dims().to_vec();
         out_dims[0] = match self.kind {
             Kind::Sum => self.csr.num_segments,
             Kind::Gather | Kind::Softmax => self.csr.num_items(),
         };
-        let csr = &*self.csr;
-        let kind = self.kind;
-        fn run<T: Float>(kind: Kind, csr: &Csr, src: &[T], cols: usize) -> Vec<T> {
-            match kind {
-                Kind::Sum => sum_kernel(csr, src, cols),
-                Kind::Gather => gather_kernel(csr, src, cols),
-                Kind::Softmax => softmax_kernel(csr, src, cols),
-            }
-        }
-        let out = match storage {
-            CpuStorage::F32(v) => CpuStorage::F32(run(kind, csr, &v[start..end], cols)),
-            CpuStorage::F64(v) => CpuStorage::F64(run(kind, csr, &v[start..end], cols)),
-            _ => candle_core::bail!("{}: only f32 and f64 are supported", self.name()),
-        };
+        let out = run_float(self.name(), [(storage, layout)], self)?;
         Ok((out, Shape::from(out_dims)))
     }
 
