@@ -220,4 +220,60 @@ mod tests {
             assert!(v.iter().enumerate().all(|(i, x)| *x == i as f32));
         }
     }
+
+    /// Pieces of an uninitialised buffer, zero-filled by parallel tasks and then written,
+    /// make up the whole output.
+    #[test]
+    fn uninit_buffers_filled_piece_by_piece() {
+        let lens = [5, 0, 1000, 37];
+        let total: usize = lens.iter().sum();
+        let mut v = uninit_vec::<f64>(total);
+        split_pieces(&mut v, &lens)
+            .into_par_iter()
+            .enumerate()
+            .for_each(|(p, piece)| {
+                let piece = zero_init(piece);
+                assert!(piece.iter().all(|x| *x == 0.0));
+                piece
+                    .iter_mut()
+                    .step_by(2)
+                    .for_each(|x| *x = p as f64 + 1.0);
+            });
+        // SAFETY: the pieces cover `v` and each was zero-filled.
+        let v = unsafe { assume_init(v) };
+        let mut expected = Vec::new();
+        for (p, &n) in lens.iter().enumerate() {
+            expected.extend((0..n).map(|i| if i % 2 == 0 { p as f64 + 1.0 } else { 0.0 }));
+        }
+        assert_eq!(v, expected);
+    }
+
+    #[test]
+    #[should_panic(expected = "mid > len")]
+    fn split_pieces_refuses_more_than_the_slice() {
+        let mut data = [0u8; 4];
+        let _ = split_pieces(&mut data, &[3, 2]);
+    }
+
+    /// A held tensor is read in its layout's window; a wrong dtype or a strided layout is an
+    /// error naming the op.
+    #[test]
+    fn held_tensors_checked_for_dtype_and_contiguity() -> candle_core::Result<()> {
+        let dev = candle_core::Device::Cpu;
+        let t = Tensor::arange(0f32, 12., &dev)?.reshape((3, 4))?;
+        let sum: f32 = with_cpu_slice(&t.narrow(0, 1, 2)?, "op", |d: &[f32]| Ok(d.iter().sum()))?;
+        assert_eq!(sum, (4..12).sum::<i32>() as f32);
+        let err = with_cpu_slice::<f64, _>(&t, "my-op", |_| Ok(())).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("my-op: a tensor the op holds is F32"),
+            "{err}"
+        );
+        let err = with_cpu_slice::<f32, _>(&t.t()?, "my-op", |_| Ok(())).unwrap_err();
+        assert!(
+            err.to_string().contains("my-op: input must be contiguous"),
+            "{err}"
+        );
+        Ok(())
+    }
 }
