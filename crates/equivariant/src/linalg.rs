@@ -2,7 +2,7 @@
 //! `matscale-models`.
 //!
 //! The fused kernels keep their operands in flat per-chunk buffers: a weight block inside the
-//! packed parameters, the rows of one order `m` inside an edge's coefficients. [`gemm`] multiplies
+//! packed parameters, the rows of one order `m` inside an edge's coefficients. [`gemm()`] multiplies
 //! such sub-matrices in place, described by a [`View`] (slice, offset, row and column stride),
 //! checks that every addressed element lies inside its slice, and calls the `gemm` crate on one
 //! thread (the callers parallelise over chunks of edges or nodes).
@@ -32,7 +32,7 @@ pub struct View<'a, T> {
 }
 
 /// The matrix at offset `off` of `data` with row stride `rs` and column stride `cs` (a
-/// transposed view swaps the two strides). Its extent is checked by [`gemm`], which knows the
+/// transposed view swaps the two strides). Its extent is checked by [`gemm()`], which knows the
 /// shape.
 pub fn view<T>(data: &[T], off: usize, rs: usize, cs: usize) -> View<'_, T> {
     View { data, off, rs, cs }
