@@ -131,7 +131,8 @@ pub struct BenchArgs {
     /// Device of the `kernels` suite: cpu, cuda or auto (other suites run on the CPU).
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// JSON output of the `kernels` suite [default: bench-kernels-<device>.json].
+    /// JSON output of the `kernels` suite [default: bench-kernels-DEVICE.json, DEVICE as in
+    /// --device].
     #[arg(long)]
     pub out: Option<PathBuf>,
 }
