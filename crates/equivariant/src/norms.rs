@@ -50,14 +50,14 @@
 //! # }
 //! ```
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Layout, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 
 use rayon::prelude::*;
 
 use crate::activation::{check_float, Float, Function};
-use crate::buffer::contiguous_input;
 use crate::error::{EquivariantError, Result};
+use crate::float_kernel::{run_float, FloatKernel};
 use crate::norm_act::{
     backward_block, forward_block, layer_norm_act, layer_norm_act_dot, BlockInputs,
 };
@@ -572,6 +572,16 @@ impl LayerNormShOp {
     }
 }
 
+/// Inputs `(x [N, K, C], parameters)`.
+impl FloatKernel<2> for LayerNormShOp {
+    fn run<T: Float>(
+        &self,
+        [(x, lx), (p, lp)]: [(&[T], &Layout); 2],
+    ) -> candle_core::Result<Vec<T>> {
+        Ok(self.forward(x, p, self.dims(lx, lp)?))
+    }
+}
+
 impl candle_core::CustomOp2 for LayerNormShOp {
     fn name(&self) -> &'static str {
         "layer-norm-sh"
@@ -584,22 +594,7 @@ impl candle_core::CustomOp2 for LayerNormShOp {
         s2: &candle_core::CpuStorage,
         l2: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use candle_core::CpuStorage as S;
-        let dims = self.dims(l1, l2)?;
-        let name = self.name();
-        let out = match (s1, s2) {
-            (S::F32(x), S::F32(p)) => S::F32(self.forward(
-                contiguous_input(x, l1, name)?,
-                contiguous_input(p, l2, name)?,
-                dims,
-            )),
-            (S::F64(x), S::F64(p)) => S::F64(self.forward(
-                contiguous_input(x, l1, name)?,
-                contiguous_input(p, l2, name)?,
-                dims,
-            )),
-            _ => candle_core::bail!("{name}: x and the parameters must be both f32 or both f64"),
-        };
+        let out = run_float(self.name(), [(s1, l1), (s2, l2)], self)?;
         Ok((out, l1.shape().clone()))
     }
 
@@ -624,6 +619,24 @@ struct LayerNormShBackward {
     op: LayerNormShOp,
 }
 
+/// Inputs `(x [N, K, C], ∂out, parameters)`.
+impl FloatKernel<3> for LayerNormShBackward {
+    fn run<T: Float>(
+        &self,
+        [(x, lx), (g, lg), (p, lp)]: [(&[T], &Layout); 3],
+    ) -> candle_core::Result<Vec<T>> {
+        let dims = self.op.dims(lx, lp)?;
+        if lg.shape() != lx.shape() {
+            candle_core::bail!(
+                "layer-norm-sh-backward: gradient {:?} for x {:?}",
+                lg.shape(),
+                lx.shape()
+            );
+        }
+        Ok(self.op.backward(x, g, p, dims))
+    }
+}
+
 impl candle_core::CustomOp3 for LayerNormShBackward {
     fn name(&self) -> &'static str {
         "layer-norm-sh-backward"
@@ -638,27 +651,7 @@ impl candle_core::CustomOp3 for LayerNormShBackward {
         s3: &candle_core::CpuStorage,
         l3: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use candle_core::CpuStorage as S;
-        let dims = self.op.dims(l1, l3)?;
-        let name = self.name();
-        if l2.shape() != l1.shape() {
-            candle_core::bail!("{name}: gradient {:?} for x {:?}", l2.shape(), l1.shape());
-        }
-        let out = match (s1, s2, s3) {
-            (S::F32(x), S::F32(g), S::F32(p)) => S::F32(self.op.backward(
-                contiguous_input(x, l1, name)?,
-                contiguous_input(g, l2, name)?,
-                contiguous_input(p, l3, name)?,
-                dims,
-            )),
-            (S::F64(x), S::F64(g), S::F64(p)) => S::F64(self.op.backward(
-                contiguous_input(x, l1, name)?,
-                contiguous_input(g, l2, name)?,
-                contiguous_input(p, l3, name)?,
-                dims,
-            )),
-            _ => candle_core::bail!("{name}: all inputs must be f32 or all f64"),
-        };
+        let out = run_float(self.name(), [(s1, l1), (s2, l2), (s3, l3)], self)?;
         let len = l1.shape().elem_count() + l3.shape().elem_count();
         Ok((out, candle_core::Shape::from(len)))
     }
