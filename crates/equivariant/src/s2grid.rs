@@ -75,6 +75,7 @@ use rayon::prelude::*;
 use crate::activation::{check_float, silu, Elementwise, Float, Function};
 use crate::error::{EquivariantError, Result};
 use crate::float_kernel::{run_float, FloatKernel};
+use crate::linalg::{gemm, view};
 pub use crate::sh::Normalization;
 use crate::sh::{spherical_harmonics_f64, SH_LMAX};
 
@@ -525,51 +526,6 @@ impl S2Grid {
     }
 }
 
-/// `dst[m × n] = lhs[m × k] · rhs[k × n]`, all row-major slices given by raw pointers and
-/// (row, column) strides; `dst` has unit column stride and row stride `dst_rs`.
-///
-/// # Safety
-/// Every index `r · rs + c · cs` for `r < rows`, `c < cols` of each operand must be in bounds
-/// of its allocation, and `dst` must not alias `lhs` or `rhs`.
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm_into<T: Float + 'static>(
-    (m, n, k): (usize, usize, usize),
-    dst: *mut T,
-    dst_rs: usize,
-    lhs: *const T,
-    (lhs_rs, lhs_cs): (usize, usize),
-    rhs: *const T,
-    (rhs_rs, rhs_cs): (usize, usize),
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    // SAFETY: forwarded from the caller; T is f32 or f64, both supported by gemm.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst,
-            1,
-            dst_rs as isize,
-            false,
-            lhs,
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs,
-            rhs_cs as isize,
-            rhs_rs as isize,
-            T::ZERO,
-            T::ONE,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
-}
-
 /// Which of the four grid products `[N, rows_in, C] → [N, rows_out, C]` a [`GridLinear`] is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum LinearKind {
@@ -640,19 +596,16 @@ fn grid_linear_kernel<T: GridFloat>(
             for (r, out_row) in chunk.chunks_mut(rows_out * c).enumerate() {
                 let row = task * block + r;
                 let x_row = &x[row * rows_in * c..(row + 1) * rows_in * c];
-                // SAFETY: out_row is rows_out × c, x_row is rows_in × c, matrix is g × k with the
-                // strides above, all in bounds; the output is a fresh buffer.
-                unsafe {
-                    gemm_into(
-                        (rows_out, c, rows_in),
-                        out_row.as_mut_ptr(),
-                        c,
-                        matrix.as_ptr(),
-                        strides,
-                        x_row.as_ptr(),
-                        (c, 1),
-                    )
-                };
+                gemm(
+                    (rows_out, c, rows_in),
+                    out_row,
+                    0,
+                    c,
+                    false,
+                    view(matrix, 0, strides.0, strides.1),
+                    view(x_row, 0, c, 1),
+                    T::ONE,
+                );
             }
         });
     out
@@ -759,32 +712,27 @@ fn s2_act_forward<T: GridFloat>(
                     for (r, out_row) in chunk.chunks_mut(k * c).enumerate() {
                         let row = task * block + r;
                         let x_row = &x[row * k * c..(row + 1) * k * c];
-                        // SAFETY: values is g × c, x_row k × c, the matrices g × k (strides (k, 1)
-                        // as G×K, (1, k) transposed, offset by `skip` columns for K−skip rows),
-                        // out_row k × c from row `skip`; all in bounds and disjoint.
-                        unsafe {
-                            gemm_into(
-                                (g, c, k),
-                                values.as_mut_ptr(),
-                                c,
-                                mats.to.as_ptr(),
-                                (k, 1),
-                                x_row.as_ptr(),
-                                (c, 1),
-                            );
-                        }
+                        gemm(
+                            (g, c, k),
+                            values,
+                            0,
+                            c,
+                            false,
+                            view(&mats.to, 0, k, 1),
+                            view(x_row, 0, c, 1),
+                            T::ONE,
+                        );
                         T::silu_in_place(values);
-                        unsafe {
-                            gemm_into(
-                                (k - skip, c, g),
-                                out_row[skip * c..].as_mut_ptr(),
-                                c,
-                                mats.from[skip..].as_ptr(),
-                                (1, k),
-                                values.as_ptr(),
-                                (c, 1),
-                            );
-                        }
+                        gemm(
+                            (k - skip, c, g),
+                            out_row,
+                            skip * c,
+                            c,
+                            false,
+                            view(&mats.from, skip, 1, k),
+                            view(values, 0, c, 1),
+                            T::ONE,
+                        );
                     }
                 },
             );
@@ -843,43 +791,40 @@ fn s2_act_backward<T: GridFloat>(
                     let row = task * block + r;
                     let x_row = &x[row * k * c..(row + 1) * k * c];
                     let dy_row = &dy[row * k * c..(row + 1) * k * c];
-                    // SAFETY: as in `s2_act_forward`; grads is g × c, the `from` lhs is G×(K−skip)
-                    // starting at column `skip`, dy_row from row `skip`, dx_row k × c.
-                    unsafe {
-                        gemm_into(
-                            (g, c, k),
-                            values.as_mut_ptr(),
-                            c,
-                            mats.to.as_ptr(),
-                            (k, 1),
-                            x_row.as_ptr(),
-                            (c, 1),
-                        );
-                        gemm_into(
-                            (g, c, k - skip),
-                            grads.as_mut_ptr(),
-                            c,
-                            mats.from[skip..].as_ptr(),
-                            (k, 1),
-                            dy_row[skip * c..].as_ptr(),
-                            (c, 1),
-                        );
-                    }
+                    gemm(
+                        (g, c, k),
+                        values,
+                        0,
+                        c,
+                        false,
+                        view(&mats.to, 0, k, 1),
+                        view(x_row, 0, c, 1),
+                        T::ONE,
+                    );
+                    gemm(
+                        (g, c, k - skip),
+                        grads,
+                        0,
+                        c,
+                        false,
+                        view(&mats.from, skip, k, 1),
+                        view(dy_row, skip * c, c, 1),
+                        T::ONE,
+                    );
                     if k == skip {
                         grads.iter_mut().for_each(|v| *v = T::ZERO);
                     }
                     T::silu_backward_in_place(values, grads);
-                    unsafe {
-                        gemm_into(
-                            (k, c, g),
-                            dx_row.as_mut_ptr(),
-                            c,
-                            mats.to.as_ptr(),
-                            (1, k),
-                            values.as_ptr(),
-                            (c, 1),
-                        );
-                    }
+                    gemm(
+                        (k, c, g),
+                        dx_row,
+                        0,
+                        c,
+                        false,
+                        view(&mats.to, 0, 1, k),
+                        view(values, 0, c, 1),
+                        T::ONE,
+                    );
                 }
             },
         );
