@@ -46,6 +46,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor
 use rayon::prelude::*;
 
 use crate::activation::{check_float, Float};
+use crate::buffer::split_pieces;
 use crate::error::{EquivariantError, Result};
 use crate::float_kernel::{run_float, FloatKernel};
 
@@ -113,20 +114,15 @@ impl Csr {
     }
 }
 
-/// Splits `data` into consecutive mutable pieces of `len(piece_i) = bounds[i].1 − bounds[i].0`
-/// (times `cols`); the bounds must be consecutive and start at 0.
+/// Splits `data` into consecutive pieces of `(b − a) · cols` elements for the consecutive
+/// bounds `(a, b)` starting at 0.
 fn split_blocks<'a, T>(
-    mut data: &'a mut [T],
+    data: &'a mut [T],
     bounds: &[(usize, usize)],
     cols: usize,
 ) -> Vec<&'a mut [T]> {
-    let mut pieces = Vec::with_capacity(bounds.len());
-    for &(a, b) in bounds {
-        let (head, tail) = data.split_at_mut((b - a) * cols);
-        pieces.push(head);
-        data = tail;
-    }
-    pieces
+    let lens: Vec<usize> = bounds.iter().map(|&(a, b)| (b - a) * cols).collect();
+    split_pieces(data, &lens)
 }
 
 /// Edges (items) grouped by their target segment; see the [module docs](self).
