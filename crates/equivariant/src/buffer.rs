@@ -87,6 +87,45 @@ pub(crate) fn uninit_vec<T>(len: usize) -> Vec<MaybeUninit<T>> {
     v
 }
 
+/// An output that a kernel overwrites in full without reading it: an initialised `[T]`, or a
+/// `[MaybeUninit<T>]` piece of an [`uninit_vec`], which then needs no [`zero_init`] first.
+///
+/// A kernel generic over `Overwrite` only writes through [`put`](Overwrite::put); whoever
+/// calls [`assume_init`] afterwards relies on the kernel's documented promise that it writes
+/// every element of its output.
+pub(crate) trait Overwrite<T: Copy> {
+    /// The number of elements.
+    fn out_len(&self) -> usize;
+    /// `self[at..at + src.len()] = src`.
+    fn put(&mut self, at: usize, src: &[T]);
+}
+
+impl<T: Copy> Overwrite<T> for [T] {
+    #[inline(always)]
+    fn out_len(&self) -> usize {
+        self.len()
+    }
+
+    #[inline(always)]
+    fn put(&mut self, at: usize, src: &[T]) {
+        self[at..at + src.len()].copy_from_slice(src);
+    }
+}
+
+impl<T: Copy> Overwrite<T> for [MaybeUninit<T>] {
+    #[inline(always)]
+    fn out_len(&self) -> usize {
+        self.len()
+    }
+
+    #[inline(always)]
+    fn put(&mut self, at: usize, src: &[T]) {
+        for (d, &v) in self[at..at + src.len()].iter_mut().zip(src) {
+            d.write(v);
+        }
+    }
+}
+
 /// Zero-fills a piece of an [`uninit_vec`] and returns it initialised.
 pub(crate) fn zero_init<T: WithDType>(piece: &mut [MaybeUninit<T>]) -> &mut [T] {
     piece.fill(MaybeUninit::new(T::zero()));

@@ -87,11 +87,14 @@
 //! fairchem's `rad_func.*` parameters belong to the radial MLP that produces the `radial`
 //! argument (see [`So2Convolution::radial_len`]); here it is computed by the caller.
 
+use std::mem::MaybeUninit;
+
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, WithDType};
 use candle_nn::{Init, VarBuilder};
 use rayon::prelude::*;
 
 use crate::activation::Float;
+use crate::buffer::Overwrite;
 use crate::error::{EquivariantError, Result};
 use crate::float_kernel::{run_float, FloatKernel};
 use crate::mapping::SphericalLayout;
@@ -312,9 +315,10 @@ impl RotateOp {
     fn run<T: WithDType>(&self, x: &[T], w: &[T], edges: usize, c: usize) -> Vec<T> {
         let plan = self.plan::<T>();
         let (rows_in, rows_out) = self.rows();
-        let mut out = crate::buffer::zeroed_vec::<T>(edges * rows_out * c);
+        let mut out = crate::buffer::uninit_vec::<T>(edges * rows_out * c);
         if out.is_empty() {
-            return out;
+            // SAFETY: an empty vector has no element to initialise.
+            return unsafe { crate::buffer::assume_init(out) };
         }
         let per_task = edges_per_task(rows_out * c, 1 << 14);
         let direction = self.direction;
@@ -326,11 +330,13 @@ impl RotateOp {
                 let x_chunk = &x[e0 * rows_in * c..(e0 + ne) * rows_in * c];
                 let w_chunk = &w[e0 * plan.wigner_len..(e0 + ne) * plan.wigner_len];
                 match direction {
-                    Direction::ToEdge => to_edge(&plan, x_chunk, w_chunk, out_chunk, c),
-                    Direction::FromEdge => from_edge(&plan, x_chunk, w_chunk, out_chunk, c),
+                    Direction::ToEdge => to_edge_uninit(&plan, x_chunk, w_chunk, out_chunk, c),
+                    Direction::FromEdge => from_edge_uninit(&plan, x_chunk, w_chunk, out_chunk, c),
                 }
             });
-        out
+        // SAFETY: the chunks cover `out`, and the rotation kernels write every element of
+        // their output chunk (the input and Wigner chunks hold the same edges).
+        unsafe { crate::buffer::assume_init(out) }
     }
 }
 
@@ -340,14 +346,15 @@ const TILE: usize = 32;
 /// Most inputs of one [`combine_rows`] call: `2l + 1` for `l ≤ MAX_LMAX`.
 const MAX_TERMS: usize = 2 * SphericalLayout::MAX_LMAX + 1;
 
-/// `out[out_off[i]..][..c] = Σ_p coef(i, p) · src[src_off[p]..][..c]` for `R` output rows.
+/// `out[out_off[i]..][..c] = Σ_p coef(i, p) · src[src_off[p]..][..c]` for `R` output rows,
+/// each written once and never read (so `out` may be uninitialised: [`Overwrite`]).
 ///
 /// Register-blocked: the `R × TILE` partial sums of a channel tile stay in registers while
 /// the inputs stream past, so each input tile is loaded once for all `R` outputs and each
 /// output is stored once (instead of an `axpy` per term).
 #[inline(always)]
-fn combine_rows<T: WithDType, const R: usize>(
-    out: &mut [T],
+fn combine_rows<T: WithDType, O: Overwrite<T> + ?Sized, const R: usize>(
+    out: &mut O,
     out_off: [usize; R],
     src: &[T],
     src_off: &[usize],
@@ -369,25 +376,27 @@ fn combine_rows<T: WithDType, const R: usize>(
             }
         }
         for (i, a) in acc.iter().enumerate() {
-            out[out_off[i] + cb..out_off[i] + cb + TILE].copy_from_slice(a);
+            out.put(out_off[i] + cb, a);
         }
         cb += TILE;
     }
     if cb < c {
+        let mut acc = [T::zero(); TILE];
+        let acc = &mut acc[..c - cb];
         for (i, &o) in out_off.iter().enumerate() {
-            let dst = &mut out[o + cb..o + c];
-            dst.fill(T::zero());
+            acc.fill(T::zero());
             for (p, &off) in src_off.iter().enumerate() {
-                axpy(dst, coef(i, p), &src[off + cb..off + c]);
+                axpy(acc, coef(i, p), &src[off + cb..off + c]);
             }
+            out.put(o + cb, acc);
         }
     }
 }
 
 /// [`combine_rows`] for `outputs.len()` rows, in groups of at most four.
 #[inline(always)]
-fn combine_groups<T: WithDType>(
-    out: &mut [T],
+fn combine_groups<T: WithDType, O: Overwrite<T> + ?Sized>(
+    out: &mut O,
     outputs: &[usize],
     src: &[T],
     src_off: &[usize],
@@ -407,14 +416,26 @@ fn combine_groups<T: WithDType>(
 }
 
 /// `out[e, slot(l,m), :] = s_l Σ_j D^l[m+l, j] x[e, l²+j, :]` for the kept `|m| ≤ mmax`.
+///
+/// Writes every element of the first `E·trunc·C` of `out` (`E` edges: as many as `x`, `w` and
+/// `out` all hold), and reads none.
 #[inline(always)]
-fn to_edge_kernel<T: WithDType>(plan: &RotatePlan<T>, x: &[T], w: &[T], out: &mut [T], c: usize) {
+fn to_edge_kernel<T: WithDType, O: Overwrite<T> + ?Sized>(
+    plan: &RotatePlan<T>,
+    x: &[T],
+    w: &[T],
+    out: &mut O,
+    c: usize,
+) {
     let mut src_off = [0usize; MAX_TERMS];
     let mut dst_off = [0usize; MAX_TERMS];
-    for ((xe, we), oe) in x
+    let out_row = plan.trunc * c;
+    let edges = out.out_len() / out_row.max(1);
+    for (e, (xe, we)) in x
         .chunks_exact(plan.full * c)
         .zip(w.chunks_exact(plan.wigner_len))
-        .zip(out.chunks_exact_mut(plan.trunc * c))
+        .take(edges)
+        .enumerate()
     {
         for l in 0..=plan.lmax {
             let k = 2 * l + 1;
@@ -426,11 +447,11 @@ fn to_edge_kernel<T: WithDType>(plan: &RotatePlan<T>, x: &[T], w: &[T], out: &mu
                 *off = (l * l + j) * c;
             }
             for (i, off) in dst_off[..rows].iter_mut().enumerate() {
-                *off = plan.slot[l * l + l - mm + i] * c;
+                *off = e * out_row + plan.slot[l * l + l - mm + i] * c;
             }
             let first = l - mm;
             combine_groups(
-                oe,
+                out,
                 &dst_off[..rows],
                 xe,
                 &src_off[..k],
@@ -442,14 +463,26 @@ fn to_edge_kernel<T: WithDType>(plan: &RotatePlan<T>, x: &[T], w: &[T], out: &mu
 }
 
 /// `out[e, l²+j, :] = s_l Σ_{|m| ≤ mmax} D^l[m+l, j] y[e, slot(l,m), :]`.
+///
+/// Writes every element of the first `E·(lmax+1)²·C` of `out` (`E` edges: as many as `y`, `w`
+/// and `out` all hold), and reads none.
 #[inline(always)]
-fn from_edge_kernel<T: WithDType>(plan: &RotatePlan<T>, y: &[T], w: &[T], out: &mut [T], c: usize) {
+fn from_edge_kernel<T: WithDType, O: Overwrite<T> + ?Sized>(
+    plan: &RotatePlan<T>,
+    y: &[T],
+    w: &[T],
+    out: &mut O,
+    c: usize,
+) {
     let mut src_off = [0usize; MAX_TERMS];
     let mut dst_off = [0usize; MAX_TERMS];
-    for ((ye, we), oe) in y
+    let out_row = plan.full * c;
+    let edges = out.out_len() / out_row.max(1);
+    for (e, (ye, we)) in y
         .chunks_exact(plan.trunc * c)
         .zip(w.chunks_exact(plan.wigner_len))
-        .zip(out.chunks_exact_mut(plan.full * c))
+        .take(edges)
+        .enumerate()
     {
         for l in 0..=plan.lmax {
             let k = 2 * l + 1;
@@ -461,11 +494,11 @@ fn from_edge_kernel<T: WithDType>(plan: &RotatePlan<T>, y: &[T], w: &[T], out: &
                 *off = plan.slot[l * l + l - mm + i] * c;
             }
             for (j, off) in dst_off[..k].iter_mut().enumerate() {
-                *off = (l * l + j) * c;
+                *off = e * out_row + (l * l + j) * c;
             }
             let first = l - mm;
             combine_groups(
-                oe,
+                out,
                 &dst_off[..k],
                 ye,
                 &src_off[..rows],
@@ -478,6 +511,8 @@ fn from_edge_kernel<T: WithDType>(plan: &RotatePlan<T>, y: &[T], w: &[T], out: &
 
 dispatch_kernel!(pub(crate) to_edge, to_edge_kernel, (plan: &RotatePlan<T>, x: &[T], w: &[T], out: &mut [T], c: usize));
 dispatch_kernel!(pub(crate) from_edge, from_edge_kernel, (plan: &RotatePlan<T>, y: &[T], w: &[T], out: &mut [T], c: usize));
+dispatch_kernel!(pub(crate) to_edge_uninit, to_edge_kernel, (plan: &RotatePlan<T>, x: &[T], w: &[T], out: &mut [MaybeUninit<T>], c: usize));
+dispatch_kernel!(pub(crate) from_edge_uninit, from_edge_kernel, (plan: &RotatePlan<T>, y: &[T], w: &[T], out: &mut [MaybeUninit<T>], c: usize));
 
 /// Inputs `(x [E, rows_in, C], wigner)`.
 impl FloatKernel<2> for RotateOp {
@@ -1438,6 +1473,46 @@ mod tests {
             assert_eq!(back.dims(), &[edges, layout.num_coefficients(), c]);
             let reference = dense_rotate_inv(&to_vec(&y), &blocks, layout, edges, c);
             crate::testing::assert_close_slice(&to_vec(&back), &reference, 1e-12);
+        }
+        Ok(())
+    }
+
+    /// The rotation kernels write every element of their output and read none, which lets
+    /// the ops hand them uninitialised buffers: a NaN-filled output comes back all finite and
+    /// equal to the output written into uninitialised memory.
+    #[test]
+    fn rotation_kernels_overwrite_their_whole_output() -> TestResult {
+        for (lmax, mmax, c) in [(0, 0, 3), (4, 2, 35), (6, 4, 64), (3, 3, 1)] {
+            let layout = SphericalLayout::new(lmax, mmax)?;
+            let edges = 4;
+            let (full, trunc) = (layout.num_coefficients(), layout.num_truncated());
+            let w = random_orthogonal_blocks(edges, lmax, 9);
+            let x = to_vec(&random_tensor(&[edges, full, c], DType::F64, 5)?);
+            let y = to_vec(&random_tensor(&[edges, trunc, c], DType::F64, 6)?);
+            let plan = RotatePlan::<f64>::new(layout, true);
+            let mut out = vec![f64::NAN; edges * trunc * c];
+            to_edge(&plan, &x, &w, &mut out, c);
+            let mut fresh = crate::buffer::uninit_vec::<f64>(edges * trunc * c);
+            assert!(
+                out.iter().all(|v| v.is_finite()),
+                "to_edge left elements unwritten"
+            );
+            to_edge_uninit(&plan, &x, &w, &mut fresh, c);
+            // SAFETY: the same kernel, on the same inputs, just wrote every element of `out`.
+            let fresh = unsafe { crate::buffer::assume_init(fresh) };
+            assert_eq!(out, fresh);
+
+            let mut out = vec![f64::NAN; edges * full * c];
+            from_edge(&plan, &y, &w, &mut out, c);
+            let mut fresh = crate::buffer::uninit_vec::<f64>(edges * full * c);
+            assert!(
+                out.iter().all(|v| v.is_finite()),
+                "from_edge left elements unwritten"
+            );
+            from_edge_uninit(&plan, &y, &w, &mut fresh, c);
+            // SAFETY: as above.
+            let fresh = unsafe { crate::buffer::assume_init(fresh) };
+            assert_eq!(out, fresh);
         }
         Ok(())
     }

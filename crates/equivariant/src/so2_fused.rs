@@ -52,12 +52,16 @@ use candle_core::{
 use rayon::prelude::*;
 
 use crate::activation::Float;
-use crate::buffer::{assume_init, split_pieces, uninit_vec, with_cpu_slice, zero_init, zeroed_vec};
+use crate::buffer::{
+    assume_init, split_pieces, uninit_vec, with_cpu_slice, zero_init, zeroed_vec, Overwrite,
+};
 use crate::error::{EquivariantError, Result};
 use crate::float_kernel::{run_float, FloatKernel};
 use crate::linalg::{gemm, view};
 use crate::mapping::SphericalLayout;
-use crate::so2::{contiguous_slice, dispatch_kernel, from_edge, to_edge, RotatePlan};
+use crate::so2::{
+    contiguous_slice, dispatch_kernel, from_edge, from_edge_uninit, to_edge, RotatePlan,
+};
 use crate::wigner::WignerBlocks;
 
 /// Shapes and options of one fused SO(2) layer.
@@ -289,7 +293,7 @@ fn radial_backward_kernel<T: WithDType>(
     g: &mut [T],
     x: &[T],
     rad: &[T],
-    grad_rad: &mut [T],
+    grad_rad: &mut [MaybeUninit<T>],
     row_slots: &[[usize; 2]],
     trunc: usize,
     c: usize,
@@ -303,23 +307,35 @@ fn radial_backward_kernel<T: WithDType>(
     {
         for (q, &[s1, s2]) in row_slots.iter().enumerate() {
             let (r, gr) = (&r[q * c..(q + 1) * c], &mut gr[q * c..(q + 1) * c]);
-            let (g1, x1) = (&mut g[s1 * c..(s1 + 1) * c], &x[s1 * c..(s1 + 1) * c]);
-            for (((gr, g), &x), &r) in gr.iter_mut().zip(g1.iter_mut()).zip(x1).zip(r) {
-                *gr = *g * x;
-                *g *= r;
-            }
-            if s2 != usize::MAX {
-                let (g2, x2) = (&mut g[s2 * c..(s2 + 1) * c], &x[s2 * c..(s2 + 1) * c]);
-                for (((gr, g), &x), &r) in gr.iter_mut().zip(g2.iter_mut()).zip(x2).zip(r) {
-                    *gr += *g * x;
+            if s2 == usize::MAX {
+                let (g1, x1) = (&mut g[s1 * c..(s1 + 1) * c], &x[s1 * c..(s1 + 1) * c]);
+                for (((gr, g), &x), &r) in gr.iter_mut().zip(g1.iter_mut()).zip(x1).zip(r) {
+                    gr.write(*g * x);
                     *g *= r;
+                }
+            } else {
+                // Both slots of the row (`+m` and `-m`), in one pass.
+                let (lo, hi) = (s1.min(s2), s1.max(s2));
+                let (head, tail) = g.split_at_mut(hi * c);
+                let (g1, g2) = (&mut head[lo * c..(lo + 1) * c], &mut tail[..c]);
+                let (x1, x2) = (&x[lo * c..(lo + 1) * c], &x[hi * c..(hi + 1) * c]);
+                for ((((gr, g1), g2), (&x1, &x2)), &r) in gr
+                    .iter_mut()
+                    .zip(g1.iter_mut())
+                    .zip(g2.iter_mut())
+                    .zip(x1.iter().zip(x2))
+                    .zip(r)
+                {
+                    gr.write(*g1 * x1 + *g2 * x2);
+                    *g1 *= r;
+                    *g2 *= r;
                 }
             }
         }
     }
 }
 
-dispatch_kernel!(radial_backward, radial_backward_kernel, (g: &mut [T], x: &[T], rad: &[T], grad_rad: &mut [T], row_slots: &[[usize; 2]], trunc: usize, c: usize));
+dispatch_kernel!(radial_backward, radial_backward_kernel, (g: &mut [T], x: &[T], rad: &[T], grad_rad: &mut [MaybeUninit<T>], row_slots: &[[usize; 2]], trunc: usize, c: usize));
 
 /// Copies `n` elements of each of `rows` rows within `buf`, from `src_off + e·rs` to
 /// `dst_off + e·rs` (non-overlapping row segments).
@@ -549,13 +565,13 @@ impl<'a, T: WithDType> Inputs<'a, T> {
         }
     }
 
-    /// Forward of one chunk of `ne` edges from edge `e0`: `out` (`[ne, rows_out, C_out]`) and
-    /// `extra` (`[ne, extra]`).
+    /// Forward of one chunk of `ne` edges from edge `e0`: writes every element of `out`
+    /// (`[ne, rows_out, C_out]`, uninitialised on entry) and `extra` (`[ne, extra]`).
     fn forward_chunk(
         &self,
         e0: usize,
         ne: usize,
-        out: &mut [T],
+        out: &mut [MaybeUninit<T>],
         extra: &mut [T],
         scr: &mut Scratch<T>,
     ) {
@@ -590,9 +606,9 @@ impl<'a, T: WithDType> Inputs<'a, T> {
             Some(plan) => {
                 let y = &mut y[..ne * trunc * c_out];
                 self.so2_forward(ne, xin, y, extra, sum_a);
-                from_edge(plan, y, self.wigner_chunk(e0, ne), out, c_out);
+                from_edge_uninit(plan, y, self.wigner_chunk(e0, ne), out, c_out);
             }
-            None => self.so2_forward(ne, xin, out, extra, sum_a),
+            None => self.so2_forward(ne, xin, zero_init(out), extra, sum_a),
         }
     }
 
@@ -687,17 +703,18 @@ impl<'a, T: WithDType> Inputs<'a, T> {
         }
     }
 
-    /// Backward of one chunk: writes `gx` (`[ne, rows_in, C_in]`; with `gather`, adds into the
-    /// node rows `[N, full, c_node]` instead), `grad_rad` (`[ne, R·C_in]`) and
-    /// accumulates the packed-weight gradient into `gw`.
+    /// Backward of one chunk: writes every element of `gx` (`GxChunk::Rows`,
+    /// `[ne, rows_in, C_in]`; with `gather`, `GxChunk::Nodes`: adds into the node rows
+    /// `[N, full, c_node]` instead) and of `grad_rad` (`[ne, R·C_in]`; both uninitialised on
+    /// entry), and accumulates the packed-weight gradient into `gw`.
     #[allow(clippy::too_many_arguments)]
     fn backward_chunk(
         &self,
         e0: usize,
         ne: usize,
         (g, g_extra): (&[T], Option<&[T]>),
-        gx: &mut [T],
-        grad_rad: &mut [T],
+        gx: GxChunk<'_, T>,
+        grad_rad: &mut [MaybeUninit<T>],
         gw: &mut [T],
         scr: &mut Scratch<T>,
     ) {
@@ -899,13 +916,19 @@ impl<'a, T: WithDType> Inputs<'a, T> {
             }
         }
         // Radial weights: their gradient, and the gradient before the scaling (in place).
-        if let Some(rad) = rad {
-            radial_backward(gxs, xr, rad, grad_rad, &self.radial_slots, trunc, c_in);
+        match rad {
+            Some(rad) => radial_backward(gxs, xr, rad, grad_rad, &self.radial_slots, trunc, c_in),
+            None => assert!(
+                grad_rad.is_empty(),
+                "a radial gradient without radial weights"
+            ),
         }
         // Back to the input layout (adjoint of the rotation into the frame, no rescale).
-        match (&self.plan_in, &self.gather) {
-            (Some(plan), None) => from_edge(plan, gxs, self.wigner_chunk(e0, ne), gx, c_in),
-            (Some(plan), Some(ga)) => {
+        match (&self.plan_in, &self.gather, gx) {
+            (Some(plan), None, GxChunk::Rows(gx)) => {
+                from_edge_uninit(plan, gxs, self.wigner_chunk(e0, ne), gx, c_in);
+            }
+            (Some(plan), Some(ga), GxChunk::Nodes(gx)) => {
                 // Per edge: back to the l-major message, then added into its node rows.
                 let full = s.rows_in();
                 for (i, ge) in gxs.chunks_exact(rs_in).enumerate() {
@@ -914,7 +937,15 @@ impl<'a, T: WithDType> Inputs<'a, T> {
                     ga.scatter_add(gx, e0 + i, full, buf);
                 }
             }
-            (None, _) => gx.copy_from_slice(gxs),
+            (None, _, GxChunk::Rows(gx)) => {
+                assert_eq!(
+                    gx.len(),
+                    gxs.len(),
+                    "unrotated input rows are the m-major rows"
+                );
+                gx.put(0, gxs);
+            }
+            _ => unreachable!("node gradients come with `gather`, which rotates into the frame"),
         }
     }
 }
@@ -963,7 +994,9 @@ fn forward<T: WithDType>(inputs: &Inputs<'_, T>, edges: usize) -> Vec<T> {
 }
 
 /// The forward pass into `main` (`[E, rows_out, C_out]`) and `extra` (`[E, extra]`), which it
-/// initialises in full: each task zero-fills its chunk's pieces just before it writes them.
+/// initialises in full: each task writes its chunk's rows of `main` (the rotation back, or the
+/// SO(2) maps after a zero-fill when the output stays in the edge frame) and zero-fills its
+/// piece of `extra` just before the maps accumulate into it.
 fn forward_into<T: WithDType>(
     inputs: &Inputs<'_, T>,
     edges: usize,
@@ -994,9 +1027,17 @@ fn forward_into<T: WithDType>(
         .for_each_init(
             || Scratch::new(s, ec, false, inputs.gather.is_some()),
             |scr, (((e0, ne), o), x)| {
-                inputs.forward_chunk(e0, ne, zero_init(o), zero_init(x), scr);
+                inputs.forward_chunk(e0, ne, o, zero_init(x), scr);
             },
         );
+}
+
+/// Where one backward chunk writes the input gradient.
+enum GxChunk<'a, T> {
+    /// The chunk's per-edge rows, uninitialised: the chunk writes every element.
+    Rows(&'a mut [MaybeUninit<T>]),
+    /// The (part's) node gradient, which the chunk adds into.
+    Nodes(&'a mut [T]),
 }
 
 /// Where a backward part writes the input gradient.
@@ -1020,8 +1061,9 @@ enum GxPart<'a, T> {
 /// gradient) in its own buffer (the first part straight into the output); the parts are then
 /// summed in part order. No atomics, and the result depends only on the thread count.
 ///
-/// The per-edge gradients (`gx` without `gather`, `grad_radial`) are written in full, so each
-/// chunk zero-fills its rows just before it writes them, not in a pass over the output first.
+/// The per-edge gradients (`gx` without `gather`, `grad_radial`) are written in full by the
+/// chunks (the rotation back and the radial kernel write every element of their rows), so
+/// they start uninitialised, with no zero-fill.
 fn backward<T: WithDType>(
     inputs: &Inputs<'_, T>,
     g: &[T],
@@ -1093,15 +1135,15 @@ fn backward<T: WithDType>(
             let mut scr = Scratch::new(s, ec, true, gather);
             let mut local = 0;
             for &(e0, ne) in &chunks[bounds[p]..bounds[p + 1]] {
-                let gx_chunk: &mut [T] = match (&mut gx, own_gx.as_mut()) {
+                let gx_chunk = match (&mut gx, own_gx.as_mut()) {
                     (GxPart::Edges(rows), _) => {
-                        zero_init(&mut rows[local * gx_row..(local + ne) * gx_row])
+                        GxChunk::Rows(&mut rows[local * gx_row..(local + ne) * gx_row])
                     }
-                    (GxPart::Nodes(nodes), _) => nodes,
-                    (GxPart::Own, Some(own)) => own,
+                    (GxPart::Nodes(nodes), _) => GxChunk::Nodes(nodes),
+                    (GxPart::Own, Some(own)) => GxChunk::Nodes(own),
                     (GxPart::Own, None) => unreachable!("an Own part owns a buffer"),
                 };
-                let rad_chunk = zero_init(&mut rad[local * rad_row..(local + ne) * rad_row]);
+                let rad_chunk = &mut rad[local * rad_row..(local + ne) * rad_row];
                 inputs.backward_chunk(e0, ne, (g, g_extra), gx_chunk, rad_chunk, gw, &mut scr);
                 local += ne;
             }
@@ -1110,7 +1152,9 @@ fn backward<T: WithDType>(
         .collect();
     // SAFETY: the weight gradient and (with `gather`) the node gradient were zero-filled up
     // front; the per-edge rows of `gx` and of the radial gradient are split into the parts'
-    // edges, which together are all `edges`, and every chunk of every part zero-filled its rows.
+    // edges, which together are all `edges`, and every chunk of every part wrote every element
+    // of its rows (`backward_chunk`: `from_edge_uninit` or a checked full copy for `gx`,
+    // `radial_backward` for the radial gradient, which is empty without radial weights).
     let mut out = unsafe { assume_init(out) };
     let (gx_all, rest) = out.split_at_mut(gx_len);
     let gw_out = &mut rest[edges * rad_row..];
