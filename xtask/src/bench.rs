@@ -69,6 +69,13 @@ const SUITES: &[Suite] = &[
         about: "rotate + SO(2) convolution + rotate back vs PyTorch dense bmm",
     },
     Suite {
+        name: "gemm",
+        package: "matscale-equivariant",
+        benches: &["gemm"],
+        compare: Compare::Python("crates/equivariant/benches/gemm_torch.py"),
+        about: "the SO(2) layer's GEMMs alone (its floor) vs torch.addmm, one thread",
+    },
+    Suite {
         name: "s2grid",
         package: "matscale-equivariant",
         benches: &["s2grid", "segment"],
@@ -114,7 +121,7 @@ const GROUPS: &[(&str, &[&str])] = &[
 /// Arguments of `cargo xtask bench`.
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// Suite or group to run: extxyz, neighbors, emt, sh, so2, s2grid, train, equiformer_v2,
+    /// Suite or group to run: extxyz, neighbors, emt, sh, so2, gemm, s2grid, train, equiformer_v2,
     /// fit, kernels (every equivariant op in-process, on --device); groups: equivariant (the
     /// criterion benches of sh, so2, s2grid), structures, all. `list` prints them.
     pub suite: String,
