@@ -285,7 +285,8 @@ fn radial_scale_kernel<T: WithDType>(
 dispatch_kernel!(radial_scale, radial_scale_kernel, (dst: &mut [T], src: &[T], rad: &[T], rows: &[usize], num_rows: usize, c: usize));
 
 /// Radial backward over a chunk: `grad_rad[e, q, :] = Σ_{s: row(s) = q} g[e, s, :] · x[e, s, :]`
-/// (written, never read: the output pages are touched once) and then
+/// (writes every element of `grad_rad` for the edges of `g`, reads none, so it may start
+/// uninitialised) and then
 /// `g[e, s, :] *= rad[e, row(s), :]` (in place). `row_slots[q]` lists the one or two slots
 /// (`+m`, `−m`) of radial row `q`, the second `usize::MAX` when there is none.
 #[inline(always)]
