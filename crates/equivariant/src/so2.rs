@@ -931,10 +931,8 @@ impl So2Params {
         let op = So2LayerOp { shape, wigner };
         let weights = self.packed_weights()?.to_dtype(x.dtype())?;
         let x = x.contiguous()?;
-        let out = match radial {
-            Some(r) => x.apply_op3(&r.contiguous()?, &weights, op)?,
-            None => x.apply_op2(&weights, op)?,
-        };
+        let radial = radial.map(Tensor::contiguous).transpose()?;
+        let out = op.apply(&x, &weights, radial.as_ref())?;
         let rows_out = if rotate_out {
             layout.num_coefficients()
         } else {

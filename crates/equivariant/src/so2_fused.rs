@@ -1203,7 +1203,165 @@ fn with_held<T: WithDType, R>(
     }
 }
 
-/// The fused forward op: `(x, weights)` or `(x, radial, weights)`.
+/// A fused SO(2) op whose per-edge radial weights are optional. candle has one op trait per
+/// input count, so the op is applied as [`NoRadial`] (a `CustomOp2` of `(a, b)`) or as
+/// [`WithRadial`] (a `CustomOp3` of `(a, b, radial)`), and both forms call these methods.
+/// `(a, b)` is `(x, weights)` for the forward ops and `(x, grad_out)` for the backward ops.
+trait RadialOptional: Send + Sync + 'static {
+    /// candle's name of the op without and with radial weights.
+    const NAMES: [&'static str; 2];
+
+    /// The forward on the CPU.
+    fn cpu(
+        &self,
+        a: (&CpuStorage, &Layout),
+        b: (&CpuStorage, &Layout),
+        radial: Option<(&CpuStorage, &Layout)>,
+    ) -> candle_core::Result<(CpuStorage, Shape)>;
+
+    /// The forward on a CUDA device; none by default (candle's error for a missing kernel).
+    #[cfg(feature = "cuda")]
+    fn cuda(
+        &self,
+        _a: (&candle_core::CudaStorage, &Layout),
+        _b: (&candle_core::CudaStorage, &Layout),
+        radial: Option<(&candle_core::CudaStorage, &Layout)>,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let name = Self::NAMES[usize::from(radial.is_some())];
+        Err(candle_core::Error::Cuda(
+            format!("no cuda implementation for {name}").into(),
+        ))
+    }
+
+    /// The gradients `(a, b, radial)` from the output's gradient, or `None` for an op without
+    /// a backward (the backward ops: no second derivatives).
+    #[allow(clippy::type_complexity)]
+    fn grads(
+        &self,
+        _a: &Tensor,
+        _b: &Tensor,
+        _radial: Option<&Tensor>,
+        _grad_res: &Tensor,
+    ) -> Option<candle_core::Result<(Tensor, Tensor, Option<Tensor>)>> {
+        None
+    }
+}
+
+/// A [`RadialOptional`] op without radial weights: candle's `CustomOp2` of `(a, b)`.
+struct NoRadial<O>(O);
+
+/// A [`RadialOptional`] op with radial weights: candle's `CustomOp3` of `(a, b, radial)`.
+struct WithRadial<O>(O);
+
+impl<O: RadialOptional> CustomOp2 for NoRadial<O> {
+    fn name(&self) -> &'static str {
+        O::NAMES[0]
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.0.cpu((s1, l1), (s2, l2), None)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        self.0.cuda((s1, l1), (s2, l2), None)
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        match self.0.grads(a, b, None, grad_res) {
+            Some(grads) => {
+                let (ga, gb, _) = grads?;
+                Ok((Some(ga), Some(gb)))
+            }
+            None => Err(candle_core::Error::BackwardNotSupported { op: O::NAMES[0] }),
+        }
+    }
+}
+
+impl<O: RadialOptional> CustomOp3 for WithRadial<O> {
+    fn name(&self) -> &'static str {
+        O::NAMES[1]
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.0.cpu((s1, l1), (s2, l2), Some((s3, l3)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        self.0.cuda((s1, l1), (s2, l2), Some((s3, l3)))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        radial: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        match self.0.grads(a, b, Some(radial), grad_res) {
+            Some(grads) => {
+                let (ga, gb, gr) = grads?;
+                Ok((Some(ga), Some(gb), gr))
+            }
+            None => Err(candle_core::Error::BackwardNotSupported { op: O::NAMES[1] }),
+        }
+    }
+}
+
+/// Applies a [`RadialOptional`] op to `(a, b)` and, when given, the radial weights, with
+/// candle's autograd (`no_bwd`: without recording it, for the backward ops).
+fn apply_radial_optional<O: RadialOptional>(
+    op: O,
+    a: &Tensor,
+    b: &Tensor,
+    radial: Option<&Tensor>,
+    record: bool,
+) -> candle_core::Result<Tensor> {
+    match (radial, record) {
+        (Some(r), true) => a.apply_op3(b, r, WithRadial(op)),
+        (Some(r), false) => a.apply_op3_no_bwd(b, r, &WithRadial(op)),
+        (None, true) => a.apply_op2(b, NoRadial(op)),
+        (None, false) => a.apply_op2_no_bwd(b, &NoRadial(op)),
+    }
+}
+
+/// The fused forward op: `(x, weights)` or `(x, weights, radial)`.
 #[derive(Debug, Clone)]
 pub(crate) struct So2LayerOp {
     pub(crate) shape: LayerShape,
@@ -1212,6 +1370,17 @@ pub(crate) struct So2LayerOp {
 }
 
 impl So2LayerOp {
+    /// The layer on `x` (contiguous), the packed `weights` and, when given, the radial
+    /// weights (contiguous), with candle's autograd.
+    pub(crate) fn apply(
+        self,
+        x: &Tensor,
+        weights: &Tensor,
+        radial: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        apply_radial_optional(self, x, weights, radial, true)
+    }
+
     fn output_shape(&self, edges: usize) -> Shape {
         let s = &self.shape;
         if s.extra == 0 {
@@ -1270,7 +1439,7 @@ impl So2LayerOp {
     }
 
     /// Gradients `(x, radial, weights)` from the fused backward op.
-    fn grads(
+    fn gradients(
         &self,
         x: &Tensor,
         radial: Option<&Tensor>,
@@ -1283,10 +1452,7 @@ impl So2LayerOp {
             weights: weights.detach(),
         };
         let g = grad_res.contiguous()?;
-        let flat = match radial {
-            Some(r) => x.apply_op3_no_bwd(&g, r, &bwd)?,
-            None => x.apply_op2_no_bwd(&g, &bwd)?,
-        };
+        let flat = apply_radial_optional(bwd, x, &g, radial, false)?;
         split_gradients(&flat, x, radial, weights)
     }
 }
@@ -1311,86 +1477,39 @@ fn split_gradients(
     Ok((gx, gr, gw))
 }
 
-impl CustomOp2 for So2LayerOp {
-    fn name(&self) -> &'static str {
-        "matscale-so2-layer"
-    }
+impl RadialOptional for So2LayerOp {
+    const NAMES: [&'static str; 2] = ["matscale-so2-layer", "matscale-so2-layer-radial"];
 
-    fn cpu_fwd(
+    fn cpu(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
+        x: (&CpuStorage, &Layout),
+        w: (&CpuStorage, &Layout),
+        radial: Option<(&CpuStorage, &Layout)>,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.run((s1, l1), None, (s2, l2))
+        self.run(x, radial, w)
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
+    fn cuda(
         &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
+        x: (&candle_core::CudaStorage, &Layout),
+        w: (&candle_core::CudaStorage, &Layout),
+        radial: Option<(&candle_core::CudaStorage, &Layout)>,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let wigner = self.wigner.as_ref();
-        crate::cuda::so2::layer_forward(&self.shape, wigner, (s1, l1), None, (s2, l2))
+        crate::cuda::so2::layer_forward(&self.shape, self.wigner.as_ref(), x, radial, w)
     }
 
-    fn bwd(
+    fn grads(
         &self,
         x: &Tensor,
         weights: &Tensor,
-        _res: &Tensor,
+        radial: Option<&Tensor>,
         grad_res: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (gx, _, gw) = self.grads(x, None, weights, grad_res)?;
-        Ok((Some(gx), Some(gw)))
-    }
-}
-
-impl CustomOp3 for So2LayerOp {
-    fn name(&self) -> &'static str {
-        "matscale-so2-layer-radial"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.run((s1, l1), Some((s2, l2)), (s3, l3))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let (wigner, radial) = (self.wigner.as_ref(), Some((s2, l2)));
-        crate::cuda::so2::layer_forward(&self.shape, wigner, (s1, l1), radial, (s3, l3))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        radial: &Tensor,
-        weights: &Tensor,
-        _res: &Tensor,
-        grad_res: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (gx, gr, gw) = self.grads(x, Some(radial), weights, grad_res)?;
-        Ok((Some(gx), gr, Some(gw)))
+    ) -> Option<candle_core::Result<(Tensor, Tensor, Option<Tensor>)>> {
+        Some(
+            self.gradients(x, radial, weights, grad_res)
+                .map(|(gx, gr, gw)| (gx, gw, gr)),
+        )
     }
 }
 
@@ -1456,63 +1575,30 @@ impl So2LayerBwdOp {
     }
 }
 
-impl CustomOp2 for So2LayerBwdOp {
-    fn name(&self) -> &'static str {
-        "matscale-so2-layer-backward"
-    }
+impl RadialOptional for So2LayerBwdOp {
+    const NAMES: [&'static str; 2] = [
+        "matscale-so2-layer-backward",
+        "matscale-so2-layer-backward-radial",
+    ];
 
-    fn cpu_fwd(
+    fn cpu(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
+        x: (&CpuStorage, &Layout),
+        g: (&CpuStorage, &Layout),
+        radial: Option<(&CpuStorage, &Layout)>,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.run((s1, l1), (s2, l2), None)
+        self.run(x, g, radial)
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
+    fn cuda(
         &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
+        x: (&candle_core::CudaStorage, &Layout),
+        g: (&candle_core::CudaStorage, &Layout),
+        radial: Option<(&candle_core::CudaStorage, &Layout)>,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let (s, w) = (&self.shape, self.wigner.as_ref());
-        crate::cuda::so2::layer_backward(s, w, &self.weights, (s1, l1), (s2, l2), None)
-    }
-}
-
-impl CustomOp3 for So2LayerBwdOp {
-    fn name(&self) -> &'static str {
-        "matscale-so2-layer-backward-radial"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.run((s1, l1), (s2, l2), Some((s3, l3)))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let (s, w, radial) = (&self.shape, self.wigner.as_ref(), Some((s3, l3)));
-        crate::cuda::so2::layer_backward(s, w, &self.weights, (s1, l1), (s2, l2), radial)
+        crate::cuda::so2::layer_backward(s, w, &self.weights, x, g, radial)
     }
 }
 
@@ -1882,10 +1968,8 @@ pub(crate) fn forward_gather(
         extra_out: extra_out.clone(),
     };
     let x = x.contiguous()?;
-    let out = match radial {
-        Some(r) => x.apply_op3(&r.contiguous()?, &weights, op)?,
-        None => x.apply_op2(&weights, op)?,
-    };
+    let radial = radial.map(Tensor::contiguous).transpose()?;
+    let out = apply_radial_optional(op, &x, &weights, radial.as_ref(), true)?;
     let Some(slot) = extra_out else {
         return Ok((out, None));
     };
@@ -1914,7 +1998,7 @@ fn with_gather<R>(
     })
 }
 
-/// The gathered forward op: `(x_nodes, weights)` or `(x_nodes, radial, weights)`.
+/// The gathered forward op: `(x_nodes, weights)` or `(x_nodes, weights, radial)`.
 #[derive(Debug, Clone)]
 struct So2GatherOp {
     shape: LayerShape,
@@ -2091,7 +2175,7 @@ impl So2GatherOp {
     }
 
     /// Gradients `(x_nodes, radial, weights)` from the gathered backward op.
-    fn grads(
+    fn gradients(
         &self,
         x: &Tensor,
         radial: Option<&Tensor>,
@@ -2108,68 +2192,37 @@ impl So2GatherOp {
             grad_extra,
         };
         let g = grad_res.contiguous()?;
-        let flat = match radial {
-            Some(r) => x.apply_op3_no_bwd(&g, r, &bwd)?,
-            None => x.apply_op2_no_bwd(&g, &bwd)?,
-        };
+        let flat = apply_radial_optional(bwd, x, &g, radial, false)?;
         split_gradients(&flat, x, radial, weights)
     }
 }
 
-impl CustomOp2 for So2GatherOp {
-    fn name(&self) -> &'static str {
-        "matscale-so2-gather-layer"
-    }
+impl RadialOptional for So2GatherOp {
+    const NAMES: [&'static str; 2] = [
+        "matscale-so2-gather-layer",
+        "matscale-so2-gather-layer-radial",
+    ];
 
-    fn cpu_fwd(
+    fn cpu(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
+        x: (&CpuStorage, &Layout),
+        w: (&CpuStorage, &Layout),
+        radial: Option<(&CpuStorage, &Layout)>,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.run((s1, l1), None, (s2, l2))
+        self.run(x, radial, w)
     }
 
-    fn bwd(
+    fn grads(
         &self,
         x: &Tensor,
         weights: &Tensor,
-        _res: &Tensor,
+        radial: Option<&Tensor>,
         grad_res: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (gx, _, gw) = self.grads(x, None, weights, grad_res)?;
-        Ok((Some(gx), Some(gw)))
-    }
-}
-
-impl CustomOp3 for So2GatherOp {
-    fn name(&self) -> &'static str {
-        "matscale-so2-gather-layer-radial"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.run((s1, l1), Some((s2, l2)), (s3, l3))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        radial: &Tensor,
-        weights: &Tensor,
-        _res: &Tensor,
-        grad_res: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (gx, gr, gw) = self.grads(x, Some(radial), weights, grad_res)?;
-        Ok((Some(gx), gr, Some(gw)))
+    ) -> Option<candle_core::Result<(Tensor, Tensor, Option<Tensor>)>> {
+        Some(
+            self.gradients(x, radial, weights, grad_res)
+                .map(|(gx, gr, gw)| (gx, gw, gr)),
+        )
     }
 }
 
@@ -2255,37 +2308,19 @@ impl So2GatherBwdOp {
     }
 }
 
-impl CustomOp2 for So2GatherBwdOp {
-    fn name(&self) -> &'static str {
-        "matscale-so2-gather-layer-backward"
-    }
+impl RadialOptional for So2GatherBwdOp {
+    const NAMES: [&'static str; 2] = [
+        "matscale-so2-gather-layer-backward",
+        "matscale-so2-gather-layer-backward-radial",
+    ];
 
-    fn cpu_fwd(
+    fn cpu(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
+        x: (&CpuStorage, &Layout),
+        g: (&CpuStorage, &Layout),
+        radial: Option<(&CpuStorage, &Layout)>,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.run((s1, l1), (s2, l2), None)
-    }
-}
-
-impl CustomOp3 for So2GatherBwdOp {
-    fn name(&self) -> &'static str {
-        "matscale-so2-gather-layer-backward-radial"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.run((s1, l1), (s2, l2), Some((s3, l3)))
+        self.run(x, g, radial)
     }
 }
 

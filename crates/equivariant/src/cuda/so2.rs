@@ -673,8 +673,9 @@ fn check_layer(
     Ok(edges)
 }
 
-/// `cuda_fwd` of `So2LayerOp`: `(x, [radial,] weights)` → `[E, rows_out, C_out]` (or the flat
-/// `[main | extra]` when the layer has extra `m = 0` outputs).
+/// `cuda_fwd` of `So2LayerOp` (candle's inputs `(x, weights[, radial])`, passed here as
+/// `x, radial, weights`) → `[E, rows_out, C_out]` (or the flat `[main | extra]` when the layer
+/// has extra `m = 0` outputs).
 pub(crate) fn layer_forward(
     shape: &LayerShape,
     wigner: Option<&Tensor>,
