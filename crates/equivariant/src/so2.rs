@@ -417,8 +417,8 @@ fn combine_groups<T: WithDType, O: Overwrite<T> + ?Sized>(
 
 /// `out[e, slot(l,m), :] = s_l Σ_j D^l[m+l, j] x[e, l²+j, :]` for the kept `|m| ≤ mmax`.
 ///
-/// Writes every element of the first `E·trunc·C` of `out` (`E` edges: as many as `x`, `w` and
-/// `out` all hold), and reads none.
+/// Writes every element of `out` (`E` whole edges, `[E, trunc, C]`) and reads none; panics if
+/// `out` is not whole edges or `x` or `w` holds fewer.
 #[inline(always)]
 fn to_edge_kernel<T: WithDType, O: Overwrite<T> + ?Sized>(
     plan: &RotatePlan<T>,
@@ -431,6 +431,12 @@ fn to_edge_kernel<T: WithDType, O: Overwrite<T> + ?Sized>(
     let mut dst_off = [0usize; MAX_TERMS];
     let out_row = plan.trunc * c;
     let edges = out.out_len() / out_row.max(1);
+    assert!(
+        out.out_len() == edges * out_row
+            && x.len() >= edges * plan.full * c
+            && w.len() >= edges * plan.wigner_len,
+        "to_edge: the output is not whole edges, or the input holds fewer edges than it"
+    );
     for (e, (xe, we)) in x
         .chunks_exact(plan.full * c)
         .zip(w.chunks_exact(plan.wigner_len))
@@ -464,8 +470,8 @@ fn to_edge_kernel<T: WithDType, O: Overwrite<T> + ?Sized>(
 
 /// `out[e, l²+j, :] = s_l Σ_{|m| ≤ mmax} D^l[m+l, j] y[e, slot(l,m), :]`.
 ///
-/// Writes every element of the first `E·(lmax+1)²·C` of `out` (`E` edges: as many as `y`, `w`
-/// and `out` all hold), and reads none.
+/// Writes every element of `out` (`E` whole edges, `[E, (lmax+1)², C]`) and reads none; panics
+/// if `out` is not whole edges or `y` or `w` holds fewer.
 #[inline(always)]
 fn from_edge_kernel<T: WithDType, O: Overwrite<T> + ?Sized>(
     plan: &RotatePlan<T>,
@@ -478,6 +484,12 @@ fn from_edge_kernel<T: WithDType, O: Overwrite<T> + ?Sized>(
     let mut dst_off = [0usize; MAX_TERMS];
     let out_row = plan.full * c;
     let edges = out.out_len() / out_row.max(1);
+    assert!(
+        out.out_len() == edges * out_row
+            && y.len() >= edges * plan.trunc * c
+            && w.len() >= edges * plan.wigner_len,
+        "from_edge: the output is not whole edges, or the input holds fewer edges than it"
+    );
     for (e, (ye, we)) in y
         .chunks_exact(plan.trunc * c)
         .zip(w.chunks_exact(plan.wigner_len))
@@ -1513,6 +1525,19 @@ mod tests {
             assert_eq!(out, fresh);
         }
         Ok(())
+    }
+
+    /// An output with more edges than the input would be left partly unwritten: the kernels
+    /// refuse it instead.
+    #[test]
+    #[should_panic(expected = "the input holds fewer edges")]
+    fn rotation_kernels_refuse_an_input_shorter_than_the_output() {
+        let layout = SphericalLayout::new(2, 1).expect("layout");
+        let (full, trunc, c) = (layout.num_coefficients(), layout.num_truncated(), 3);
+        let w = random_orthogonal_blocks(1, 2, 1);
+        let plan = RotatePlan::<f64>::new(layout, false);
+        let mut out = crate::buffer::uninit_vec::<f64>(2 * trunc * c);
+        to_edge_uninit(&plan, &vec![1.0; full * c], &w, &mut out, c);
     }
 
     #[test]
