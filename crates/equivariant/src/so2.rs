@@ -1492,6 +1492,25 @@ mod tests {
     /// equal to the output written into uninitialised memory.
     #[test]
     fn rotation_kernels_overwrite_their_whole_output() -> TestResult {
+        /// Runs one kernel into a NaN-filled and into an uninitialised output of `len`.
+        fn check(
+            name: &str,
+            len: usize,
+            init: impl Fn(&mut [f64]),
+            uninit: impl Fn(&mut [std::mem::MaybeUninit<f64>]),
+        ) {
+            let mut out = vec![f64::NAN; len];
+            init(&mut out);
+            assert!(
+                out.iter().all(|v| v.is_finite()),
+                "{name} left elements unwritten"
+            );
+            let mut fresh = crate::buffer::uninit_vec::<f64>(len);
+            uninit(&mut fresh);
+            // SAFETY: the same kernel, on the same inputs, just wrote every element of `out`.
+            let fresh = unsafe { crate::buffer::assume_init(fresh) };
+            assert_eq!(out, fresh, "{name}");
+        }
         for (lmax, mmax, c) in [(0, 0, 3), (4, 2, 35), (6, 4, 64), (3, 3, 1)] {
             let layout = SphericalLayout::new(lmax, mmax)?;
             let edges = 4;
@@ -1500,29 +1519,18 @@ mod tests {
             let x = to_vec(&random_tensor(&[edges, full, c], DType::F64, 5)?);
             let y = to_vec(&random_tensor(&[edges, trunc, c], DType::F64, 6)?);
             let plan = RotatePlan::<f64>::new(layout, true);
-            let mut out = vec![f64::NAN; edges * trunc * c];
-            to_edge(&plan, &x, &w, &mut out, c);
-            let mut fresh = crate::buffer::uninit_vec::<f64>(edges * trunc * c);
-            assert!(
-                out.iter().all(|v| v.is_finite()),
-                "to_edge left elements unwritten"
+            check(
+                "to_edge",
+                edges * trunc * c,
+                |o| to_edge(&plan, &x, &w, o, c),
+                |o| to_edge_uninit(&plan, &x, &w, o, c),
             );
-            to_edge_uninit(&plan, &x, &w, &mut fresh, c);
-            // SAFETY: the same kernel, on the same inputs, just wrote every element of `out`.
-            let fresh = unsafe { crate::buffer::assume_init(fresh) };
-            assert_eq!(out, fresh);
-
-            let mut out = vec![f64::NAN; edges * full * c];
-            from_edge(&plan, &y, &w, &mut out, c);
-            let mut fresh = crate::buffer::uninit_vec::<f64>(edges * full * c);
-            assert!(
-                out.iter().all(|v| v.is_finite()),
-                "from_edge left elements unwritten"
+            check(
+                "from_edge",
+                edges * full * c,
+                |o| from_edge(&plan, &y, &w, o, c),
+                |o| from_edge_uninit(&plan, &y, &w, o, c),
             );
-            from_edge_uninit(&plan, &y, &w, &mut fresh, c);
-            // SAFETY: as above.
-            let fresh = unsafe { crate::buffer::assume_init(fresh) };
-            assert_eq!(out, fresh);
         }
         Ok(())
     }
