@@ -1410,8 +1410,8 @@ impl So2LayerOp {
     fn run(
         &self,
         x: (&CpuStorage, &Layout),
-        radial: Option<(&CpuStorage, &Layout)>,
         w: (&CpuStorage, &Layout),
+        radial: Option<(&CpuStorage, &Layout)>,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let edges = self.check(x.1, radial.map(|r| r.1), w.1)?;
         fn go<T: WithDType>(
@@ -1438,14 +1438,14 @@ impl So2LayerOp {
         Ok((out, self.output_shape(edges)))
     }
 
-    /// Gradients `(x, radial, weights)` from the fused backward op.
+    /// Gradients `(x, weights, radial)` from the fused backward op.
     fn gradients(
         &self,
         x: &Tensor,
-        radial: Option<&Tensor>,
         weights: &Tensor,
+        radial: Option<&Tensor>,
         grad_res: &Tensor,
-    ) -> candle_core::Result<(Tensor, Option<Tensor>, Tensor)> {
+    ) -> candle_core::Result<(Tensor, Tensor, Option<Tensor>)> {
         let bwd = So2LayerBwdOp {
             shape: self.shape,
             wigner: self.wigner.clone(),
@@ -1453,18 +1453,19 @@ impl So2LayerOp {
         };
         let g = grad_res.contiguous()?;
         let flat = apply_radial_optional(bwd, x, &g, radial, false)?;
-        split_gradients(&flat, x, radial, weights)
+        split_gradients(&flat, x, weights, radial)
     }
 }
 
 /// Splits the flat output of a fused backward op (`[grad x | grad radial | grad weights]`)
-/// into the three gradients, shaped like their inputs.
+/// into the three gradients, shaped like their inputs, in the ops' input order
+/// `(x, weights, radial)`.
 fn split_gradients(
     flat: &Tensor,
     x: &Tensor,
-    radial: Option<&Tensor>,
     weights: &Tensor,
-) -> candle_core::Result<(Tensor, Option<Tensor>, Tensor)> {
+    radial: Option<&Tensor>,
+) -> candle_core::Result<(Tensor, Tensor, Option<Tensor>)> {
     let n_x = x.elem_count();
     let n_r = radial.map_or(0, Tensor::elem_count);
     let gx = flat.narrow(0, 0, n_x)?.reshape(x.shape())?;
@@ -1474,7 +1475,7 @@ fn split_gradients(
     let gw = flat
         .narrow(0, n_x + n_r, weights.elem_count())?
         .reshape(weights.shape())?;
-    Ok((gx, gr, gw))
+    Ok((gx, gw, gr))
 }
 
 impl RadialOptional for So2LayerOp {
@@ -1486,7 +1487,7 @@ impl RadialOptional for So2LayerOp {
         w: (&CpuStorage, &Layout),
         radial: Option<(&CpuStorage, &Layout)>,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.run(x, radial, w)
+        self.run(x, w, radial)
     }
 
     #[cfg(feature = "cuda")]
@@ -1506,10 +1507,7 @@ impl RadialOptional for So2LayerOp {
         radial: Option<&Tensor>,
         grad_res: &Tensor,
     ) -> Option<candle_core::Result<(Tensor, Tensor, Option<Tensor>)>> {
-        Some(
-            self.gradients(x, radial, weights, grad_res)
-                .map(|(gx, gr, gw)| (gx, gw, gr)),
-        )
+        Some(self.gradients(x, weights, radial, grad_res))
     }
 }
 
@@ -2100,8 +2098,8 @@ impl So2GatherOp {
     fn run(
         &self,
         x: (&CpuStorage, &Layout),
-        radial: Option<(&CpuStorage, &Layout)>,
         w: (&CpuStorage, &Layout),
+        radial: Option<(&CpuStorage, &Layout)>,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let s = &self.shape;
         let edges = self.edges();
@@ -2174,14 +2172,14 @@ impl So2GatherOp {
         }
     }
 
-    /// Gradients `(x_nodes, radial, weights)` from the gathered backward op.
+    /// Gradients `(x_nodes, weights, radial)` from the gathered backward op.
     fn gradients(
         &self,
         x: &Tensor,
-        radial: Option<&Tensor>,
         weights: &Tensor,
+        radial: Option<&Tensor>,
         grad_res: &Tensor,
-    ) -> candle_core::Result<(Tensor, Option<Tensor>, Tensor)> {
+    ) -> candle_core::Result<(Tensor, Tensor, Option<Tensor>)> {
         let grad_extra = match &self.extra_out {
             Some(slot) => slot.take_grad().map(|g| g.contiguous()).transpose()?,
             None => None,
@@ -2193,7 +2191,7 @@ impl So2GatherOp {
         };
         let g = grad_res.contiguous()?;
         let flat = apply_radial_optional(bwd, x, &g, radial, false)?;
-        split_gradients(&flat, x, radial, weights)
+        split_gradients(&flat, x, weights, radial)
     }
 }
 
@@ -2209,7 +2207,7 @@ impl RadialOptional for So2GatherOp {
         w: (&CpuStorage, &Layout),
         radial: Option<(&CpuStorage, &Layout)>,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.run(x, radial, w)
+        self.run(x, w, radial)
     }
 
     fn grads(
@@ -2219,10 +2217,7 @@ impl RadialOptional for So2GatherOp {
         radial: Option<&Tensor>,
         grad_res: &Tensor,
     ) -> Option<candle_core::Result<(Tensor, Tensor, Option<Tensor>)>> {
-        Some(
-            self.gradients(x, radial, weights, grad_res)
-                .map(|(gx, gr, gw)| (gx, gw, gr)),
-        )
+        Some(self.gradients(x, weights, radial, grad_res))
     }
 }
 
