@@ -1,7 +1,8 @@
 //! The GEMM ceiling of the fused SO(2) layer: [`linalg::gemm`] alone, on one thread, on the
-//! exact products the layer runs for one 256-edge chunk (same shapes, same strides: edge rows
-//! of the m-major `[256, trunc, C]` buffers, the packed weights), without the rotations,
-//! radial scaling or anything else. With `lmax` 6, `mmax` 4, 128 channels this is the floor of
+//! products the layer runs for one 256-edge chunk (same shapes; edge rows of the m-major
+//! `[256, trunc, C]` buffers, the packed weights), without the rotations, radial scaling or
+//! anything else. One difference: for each order `m > 0` the layer's first product reads a
+//! compact `[256, n_l·C]` sum `x₊ + x₋` (or `g₊ + g₋`); here it reads the strided buffer too. With `lmax` 6, `mmax` 4, 128 channels this is the floor of
 //! the layer's time: no rotation or fusion can make the layer faster than its GEMMs.
 //!
 //! Also a 512³ product, the practical peak of one core. Every figure is the best of
