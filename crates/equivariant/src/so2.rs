@@ -195,15 +195,15 @@ fn axpy<T: WithDType>(y: &mut [T], a: T, x: &[T]) {
 /// for AVX-512 or AVX2+FMA when the running CPU has them (plain code otherwise).
 macro_rules! dispatch_kernel {
     ($vis:vis $name:ident, $kernel:ident, ($($arg:ident : $ty:ty),*)) => {
-        $vis fn $name<T: WithDType>($($arg: $ty),*) {
+        $vis fn $name<T: $crate::activation::Float>($($arg: $ty),*) {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f")]
-                fn avx512<T: WithDType>($($arg: $ty),*) {
+                fn avx512<T: $crate::activation::Float>($($arg: $ty),*) {
                     $kernel($($arg),*)
                 }
                 #[target_feature(enable = "avx2,fma")]
-                fn avx2<T: WithDType>($($arg: $ty),*) {
+                fn avx2<T: $crate::activation::Float>($($arg: $ty),*) {
                     $kernel($($arg),*)
                 }
                 if std::arch::is_x86_feature_detected!("avx512f") {
@@ -300,7 +300,7 @@ impl<T: WithDType> RotatePlan<T> {
 }
 
 impl RotateOp {
-    fn plan<T: WithDType>(&self) -> RotatePlan<T> {
+    fn plan<T: Float>(&self) -> RotatePlan<T> {
         RotatePlan::new(self.layout, self.rescale)
     }
 
@@ -312,7 +312,7 @@ impl RotateOp {
         }
     }
 
-    fn run<T: WithDType>(&self, x: &[T], w: &[T], edges: usize, c: usize) -> Vec<T> {
+    fn run<T: Float>(&self, x: &[T], w: &[T], edges: usize, c: usize) -> Vec<T> {
         let plan = self.plan::<T>();
         let (rows_in, rows_out) = self.rows();
         let mut out = crate::buffer::uninit_vec::<T>(edges * rows_out * c);
@@ -353,7 +353,7 @@ const MAX_TERMS: usize = 2 * SphericalLayout::MAX_LMAX + 1;
 /// the inputs stream past, so each input tile is loaded once for all `R` outputs and each
 /// output is stored once (instead of an `axpy` per term).
 #[inline(always)]
-fn combine_rows<T: WithDType, O: Overwrite<T> + ?Sized, const R: usize>(
+fn combine_rows<T: Float, O: Overwrite<T> + ?Sized, const R: usize>(
     out: &mut O,
     out_off: [usize; R],
     src: &[T],
@@ -371,7 +371,7 @@ fn combine_rows<T: WithDType, O: Overwrite<T> + ?Sized, const R: usize>(
             for (i, a) in acc.iter_mut().enumerate() {
                 let d = coef(i, p);
                 for (a, &x) in a.iter_mut().zip(xs) {
-                    *a += d * x;
+                    *a = d.mul_add(x, *a);
                 }
             }
         }
@@ -393,9 +393,15 @@ fn combine_rows<T: WithDType, O: Overwrite<T> + ?Sized, const R: usize>(
     }
 }
 
-/// [`combine_rows`] for `outputs.len()` rows, in groups of at most four.
+/// Most output rows of one [`combine_rows`] call: `2 · GROUP × TILE / 16` accumulator registers
+/// (12 with AVX-512 f32) plus the input tile and a broadcast fit the 32 vector registers.
+const GROUP: usize = 6;
+
+/// [`combine_rows`] for `outputs.len()` rows, in as few groups of at most [`GROUP`] as
+/// possible, of sizes that differ by at most one (9 rows: 5 + 4, not 4 + 4 + 1, so that each
+/// input tile is loaded twice, not three times, and no group is load-bound).
 #[inline(always)]
-fn combine_groups<T: WithDType, O: Overwrite<T> + ?Sized>(
+fn combine_groups<T: Float, O: Overwrite<T> + ?Sized>(
     out: &mut O,
     outputs: &[usize],
     src: &[T],
@@ -403,15 +409,25 @@ fn combine_groups<T: WithDType, O: Overwrite<T> + ?Sized>(
     coef: impl Fn(usize, usize) -> T,
     c: usize,
 ) {
-    for (g, group) in outputs.chunks(4).enumerate() {
-        let coef = |i: usize, p: usize| coef(4 * g + i, p);
+    let n = outputs.len();
+    let groups = n.div_ceil(GROUP).max(1);
+    let (base, longer) = (n / groups, n % groups);
+    let mut first = 0;
+    for g in 0..groups {
+        let len = base + usize::from(g < longer);
+        let group = &outputs[first..first + len];
+        let coef = |i: usize, p: usize| coef(first + i, p);
         match *group {
+            [a, b, cc, d, e, f] => combine_rows(out, [a, b, cc, d, e, f], src, src_off, coef, c),
+            [a, b, cc, d, e] => combine_rows(out, [a, b, cc, d, e], src, src_off, coef, c),
             [a, b, cc, d] => combine_rows(out, [a, b, cc, d], src, src_off, coef, c),
             [a, b, cc] => combine_rows(out, [a, b, cc], src, src_off, coef, c),
             [a, b] => combine_rows(out, [a, b], src, src_off, coef, c),
             [a] => combine_rows(out, [a], src, src_off, coef, c),
-            _ => unreachable!("chunks(4) yields one to four rows"),
+            [] => {}
+            _ => unreachable!("groups hold at most GROUP rows"),
         }
+        first += len;
     }
 }
 
@@ -420,7 +436,7 @@ fn combine_groups<T: WithDType, O: Overwrite<T> + ?Sized>(
 /// Writes every element of `out` (`E` whole edges, `[E, trunc, C]`) and reads none; panics if
 /// `out` is not whole edges or `x` or `w` holds fewer.
 #[inline(always)]
-fn to_edge_kernel<T: WithDType, O: Overwrite<T> + ?Sized>(
+fn to_edge_kernel<T: Float, O: Overwrite<T> + ?Sized>(
     plan: &RotatePlan<T>,
     x: &[T],
     w: &[T],
@@ -429,6 +445,8 @@ fn to_edge_kernel<T: WithDType, O: Overwrite<T> + ?Sized>(
 ) {
     let mut src_off = [0usize; MAX_TERMS];
     let mut dst_off = [0usize; MAX_TERMS];
+    // The kept rows of the degree's block, times its scale: `[rows, k]`.
+    let mut tab = [T::zero(); MAX_TERMS * MAX_TERMS];
     let out_row = plan.trunc * c;
     let edges = out.out_len() / out_row.max(1);
     assert!(
@@ -456,12 +474,20 @@ fn to_edge_kernel<T: WithDType, O: Overwrite<T> + ?Sized>(
                 *off = e * out_row + plan.slot[l * l + l - mm + i] * c;
             }
             let first = l - mm;
+            for (i, t) in tab[..rows * k].chunks_exact_mut(k).enumerate() {
+                for (t, &d) in t
+                    .iter_mut()
+                    .zip(&block[(first + i) * k..(first + i + 1) * k])
+                {
+                    *t = d * s;
+                }
+            }
             combine_groups(
                 out,
                 &dst_off[..rows],
                 xe,
                 &src_off[..k],
-                |i, j| block[(first + i) * k + j] * s,
+                |i, j| tab[i * k + j],
                 c,
             );
         }
@@ -473,7 +499,7 @@ fn to_edge_kernel<T: WithDType, O: Overwrite<T> + ?Sized>(
 /// Writes every element of `out` (`E` whole edges, `[E, (lmax+1)², C]`) and reads none; panics
 /// if `out` is not whole edges or `y` or `w` holds fewer.
 #[inline(always)]
-fn from_edge_kernel<T: WithDType, O: Overwrite<T> + ?Sized>(
+fn from_edge_kernel<T: Float, O: Overwrite<T> + ?Sized>(
     plan: &RotatePlan<T>,
     y: &[T],
     w: &[T],
@@ -482,6 +508,8 @@ fn from_edge_kernel<T: WithDType, O: Overwrite<T> + ?Sized>(
 ) {
     let mut src_off = [0usize; MAX_TERMS];
     let mut dst_off = [0usize; MAX_TERMS];
+    // The kept rows of the degree's block, times its scale, transposed: `[k, rows]`.
+    let mut tab = [T::zero(); MAX_TERMS * MAX_TERMS];
     let out_row = plan.full * c;
     let edges = out.out_len() / out_row.max(1);
     assert!(
@@ -509,12 +537,20 @@ fn from_edge_kernel<T: WithDType, O: Overwrite<T> + ?Sized>(
                 *off = e * out_row + (l * l + j) * c;
             }
             let first = l - mm;
+            for (i, row) in block[first * k..(first + rows) * k]
+                .chunks_exact(k)
+                .enumerate()
+            {
+                for (j, &d) in row.iter().enumerate() {
+                    tab[j * rows + i] = d * s;
+                }
+            }
             combine_groups(
                 out,
                 &dst_off[..k],
                 ye,
                 &src_off[..rows],
-                |j, i| block[(first + i) * k + j] * s,
+                |j, i| tab[j * rows + i],
                 c,
             );
         }
