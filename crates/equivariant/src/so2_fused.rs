@@ -367,7 +367,8 @@ struct Scratch<T> {
     y: Vec<T>,
     /// m-major input gradient, `[ec, trunc, C_in]`.
     gx: Vec<T>,
-    /// Sums `x₊ + x₋` / `g₊ + g₋`, `[ec, max(k_m, n_m)]`.
+    /// Sums `x₊ + x₋` (forward) / `g₊ + g₋` (`sum_a`) and `x₊ + x₋` (`sum_b`, backward) of
+    /// every order block, block after block, each `[ne, n_l · C]` (see [`Inputs::block_sums`]).
     sum_a: Vec<T>,
     sum_b: Vec<T>,
     /// One gathered l-major message `[full, C_in]` (gather variants only).
@@ -377,7 +378,12 @@ struct Scratch<T> {
 impl<T: Float> Scratch<T> {
     fn new(shape: &LayerShape, ec: usize, backward: bool, gather: bool) -> Self {
         let trunc = shape.trunc();
-        let wide = shape.layout.m_size(1).max(1) * shape.c_in.max(shape.c_out);
+        // Σ over the orders m > 0 of their degrees n_l, times the wider channel count.
+        let wide = (1..=shape.layout.mmax())
+            .map(|m| shape.layout.m_size(m))
+            .sum::<usize>()
+            .max(1)
+            * shape.c_in.max(shape.c_out);
         let back = |len: usize| {
             if backward {
                 vec![T::zero(); len]
@@ -521,6 +527,24 @@ impl<'a, T: Float> Inputs<'a, T> {
         self.radial.map(|r| &r[e0 * rl..(e0 + ne) * rl])
     }
 
+    /// `sums[block b][s0 + e, :] = x[e, +m rows] + x[e, −m rows]` for the `sn` edges of `x`
+    /// (`[sn, trunc, c]`, edges `s0..s0 + sn` of a chunk of `ne`): the left operand of the
+    /// first product of the three-product complex GEMM, block after block, each `[ne, n_l·c]`.
+    /// Nothing without complex weights.
+    fn block_sums(&self, sums: &mut [T], ne: usize, (s0, sn): (usize, usize), x: &[T], c: usize) {
+        if !self.shape.complex {
+            return;
+        }
+        let rs = self.shape.trunc() * c;
+        let mut off = 0;
+        for b in &self.blocks {
+            let k = b.n_l * c;
+            let (p, m) = (b.slot * c, (b.slot + b.n_l) * c);
+            add_rows(&mut sums[off + s0 * k..off + (s0 + sn) * k], k, sn, x, p, m, rs, x);
+            off += ne * k;
+        }
+    }
+
     /// Rotates the chunk's (gathered) input into the edge frames: `out` `[ne, trunc, C_in]`,
     /// `edge` scratch for one gathered message.
     fn rotate_in_chunk(&self, e0: usize, ne: usize, out: &mut [T], edge: &mut [T]) {
@@ -547,25 +571,6 @@ impl<'a, T: Float> Inputs<'a, T> {
         }
     }
 
-    /// The chunk's m-major input before (`xr`) the radial scaling, written into `buf` unless
-    /// it is the input itself.
-    fn rotated_input<'b>(
-        &'b self,
-        e0: usize,
-        ne: usize,
-        buf: &'b mut [T],
-        edge: &mut [T],
-    ) -> &'b [T] {
-        let s = &self.shape;
-        if self.plan_in.is_some() {
-            let buf = &mut buf[..ne * s.trunc() * s.c_in];
-            self.rotate_in_chunk(e0, ne, buf, edge);
-            buf
-        } else {
-            &self.x[e0 * s.rows_in() * s.c_in..(e0 + ne) * s.rows_in() * s.c_in]
-        }
-    }
-
     /// Forward of one chunk of `ne` edges from edge `e0`: writes every element of `out`
     /// (`[ne, rows_out, C_out]`, uninitialised on entry) and `extra` (`[ne, extra]`).
     fn forward_chunk(
@@ -585,23 +590,36 @@ impl<'a, T: Float> Inputs<'a, T> {
             edge,
             ..
         } = scr;
-        // Input in the edge frame, radially scaled.
-        let xin: &[T] = match (self.plan_in.is_some(), self.radial_chunk(e0, ne)) {
-            (true, rad) => {
-                let buf = &mut xin[..ne * trunc * c_in];
-                self.rotate_in_chunk(e0, ne, buf, edge);
-                if let Some(rad) = rad {
-                    scale_in_place(buf, rad, &self.radial_rows, s.radial_rows(), c_in);
+        let rs_in = trunc * c_in;
+        let rr = s.radial_rows() * c_in;
+        let rad = self.radial_chunk(e0, ne);
+        // Input in the edge frame, radially scaled, and the order blocks' sums: sub-block by
+        // sub-block, so that each pass after the rotation reads what is still in cache.
+        let xin: &[T] = if self.plan_in.is_some() || rad.is_some() {
+            let buf = &mut xin[..ne * rs_in];
+            for (s0, sn) in sub_blocks(ne) {
+                let piece = &mut buf[s0 * rs_in..(s0 + sn) * rs_in];
+                let rad = rad.map(|r| &r[s0 * rr..(s0 + sn) * rr]);
+                match (self.plan_in.is_some(), rad) {
+                    (true, rad) => {
+                        self.rotate_in_chunk(e0 + s0, sn, piece, edge);
+                        if let Some(rad) = rad {
+                            scale_in_place(piece, rad, &self.radial_rows, s.radial_rows(), c_in);
+                        }
+                    }
+                    (false, Some(rad)) => {
+                        let xc = &self.x[(e0 + s0) * rs_in..(e0 + s0 + sn) * rs_in];
+                        radial_scale(piece, xc, rad, &self.radial_rows, s.radial_rows(), c_in);
+                    }
+                    (false, None) => unreachable!("rotated or radially scaled"),
                 }
-                buf
+                self.block_sums(sum_a, ne, (s0, sn), piece, c_in);
             }
-            (false, Some(rad)) => {
-                let buf = &mut xin[..ne * trunc * c_in];
-                let xc = &self.x[e0 * trunc * c_in..(e0 + ne) * trunc * c_in];
-                radial_scale(buf, xc, rad, &self.radial_rows, s.radial_rows(), c_in);
-                buf
-            }
-            (false, None) => &self.x[e0 * trunc * c_in..(e0 + ne) * trunc * c_in],
+            buf
+        } else {
+            let xc = &self.x[e0 * rs_in..(e0 + ne) * rs_in];
+            self.block_sums(sum_a, ne, (0, ne), xc, c_in);
+            xc
         };
         match &self.plan_out {
             Some(plan) => {
@@ -613,8 +631,9 @@ impl<'a, T: Float> Inputs<'a, T> {
         }
     }
 
-    /// The SO(2) linear maps of one chunk: m-major `xin` → m-major `y` (+ `extra`).
-    fn so2_forward(&self, ne: usize, xin: &[T], y: &mut [T], extra: &mut [T], sum: &mut [T]) {
+    /// The SO(2) linear maps of one chunk: m-major `xin` → m-major `y` (+ `extra`), with the
+    /// order blocks' sums `x₊ + x₋` of `xin` in `sums` ([`Self::block_sums`]).
+    fn so2_forward(&self, ne: usize, xin: &[T], y: &mut [T], extra: &mut [T], sums: &[T]) {
         let s = &self.shape;
         let (trunc, c_in, c_out) = (s.trunc(), s.c_in, s.c_out);
         let (rs_in, rs_out) = (trunc * c_in, trunc * c_out);
@@ -649,20 +668,20 @@ impl<'a, T: Float> Inputs<'a, T> {
                 one,
             );
         }
+        let mut sum_off = 0;
         for b in &self.blocks {
             let (k, n) = (b.n_l * c_in, b.n_l * c_out);
             let (xp, xm) = (b.slot * c_in, (b.slot + b.n_l) * c_in);
             let (yp, ym) = (b.slot * c_out, (b.slot + b.n_l) * c_out);
             if s.complex {
                 let (p1, p2, p3) = (b.weight, b.weight + k * n, b.weight + 2 * k * n);
-                add_rows(sum, k, ne, xin, xp, xm, rs_in, xin);
                 gemm(
                     (ne, n, k),
                     y,
                     yp,
                     rs_out,
                     false,
-                    view(sum, 0, k, 1),
+                    view(sums, sum_off, k, 1),
                     view(w, p1, n, 1),
                     one,
                 );
@@ -687,6 +706,7 @@ impl<'a, T: Float> Inputs<'a, T> {
                     view(w, p3, n, 1),
                     one,
                 );
+                sum_off += ne * k;
             } else {
                 for (xo, yo) in [(xp, yp), (xm, ym)] {
                     gemm(
@@ -727,14 +747,16 @@ impl<'a, T: Float> Inputs<'a, T> {
         let one = T::one();
         let Scratch {
             xin,
-            xr,
+            xr: xr_buf,
             y,
             gx: gxs,
             sum_a,
             sum_b,
             edge,
         } = scr;
-        // Output gradient in the edge frame (adjoint of the rotation back, with its rescale).
+        let rr = s.radial_rows() * c_in;
+        // Output gradient in the edge frame (adjoint of the rotation back, with its rescale),
+        // and its order blocks' sums `g₊ + g₋`, sub-block by sub-block.
         let main_len = s.rows_out() * c_out;
         let g_main = &g[e0 * main_len..(e0 + ne) * main_len];
         let g_extra = g_extra
@@ -742,19 +764,52 @@ impl<'a, T: Float> Inputs<'a, T> {
             .map(|ge| &ge[e0 * ex..(e0 + ne) * ex]);
         let gy: &[T] = match &self.plan_out {
             Some(plan) => {
-                let buf = &mut y[..ne * trunc * c_out];
-                to_edge(plan, g_main, self.wigner_chunk(e0, ne), buf, c_out);
+                let buf = &mut y[..ne * rs_out];
+                for (s0, sn) in sub_blocks(ne) {
+                    let piece = &mut buf[s0 * rs_out..(s0 + sn) * rs_out];
+                    let gm = &g_main[s0 * main_len..(s0 + sn) * main_len];
+                    to_edge(plan, gm, self.wigner_chunk(e0 + s0, sn), piece, c_out);
+                    self.block_sums(sum_a, ne, (s0, sn), piece, c_out);
+                }
                 buf
             }
-            None => g_main,
+            None => {
+                self.block_sums(sum_a, ne, (0, ne), g_main, c_out);
+                g_main
+            }
         };
-        // Recomputed input: before (xr) and after (xs) the radial scaling.
+        // Recomputed input before (xr) and after (xs) the radial scaling, and the order
+        // blocks' sums `xs₊ + xs₋`, sub-block by sub-block.
         let rad = self.radial_chunk(e0, ne);
-        let xr: &[T] = self.rotated_input(e0, ne, xr, edge);
+        let xr: &[T] = match &self.plan_in {
+            Some(_) => {
+                let buf = &mut xr_buf[..ne * rs_in];
+                for (s0, sn) in sub_blocks(ne) {
+                    let piece = &mut buf[s0 * rs_in..(s0 + sn) * rs_in];
+                    self.rotate_in_chunk(e0 + s0, sn, piece, edge);
+                    if rad.is_none() {
+                        self.block_sums(sum_b, ne, (s0, sn), piece, c_in);
+                    }
+                }
+                buf
+            }
+            None => {
+                let xc = &self.x[e0 * rs_in..(e0 + ne) * rs_in];
+                if rad.is_none() {
+                    self.block_sums(sum_b, ne, (0, ne), xc, c_in);
+                }
+                xc
+            }
+        };
         let xs: &[T] = match rad {
             Some(rad) => {
-                let buf = &mut xin[..ne * trunc * c_in];
-                radial_scale(buf, xr, rad, &self.radial_rows, s.radial_rows(), c_in);
+                let buf = &mut xin[..ne * rs_in];
+                for (s0, sn) in sub_blocks(ne) {
+                    let piece = &mut buf[s0 * rs_in..(s0 + sn) * rs_in];
+                    let (xp, rp) = (&xr[s0 * rs_in..(s0 + sn) * rs_in], &rad[s0 * rr..(s0 + sn) * rr]);
+                    radial_scale(piece, xp, rp, &self.radial_rows, s.radial_rows(), c_in);
+                    self.block_sums(sum_b, ne, (s0, sn), piece, c_in);
+                }
                 buf
             }
             None => xr,
@@ -820,16 +875,16 @@ impl<'a, T: Float> Inputs<'a, T> {
                 *acc += v;
             }
         }
-        // m > 0.
+        // m > 0, with the sums Sg = g₊ + g₋ (`sum_a`) and S = xs₊ + xs₋ (`sum_b`) of each block.
+        let (mut sa, mut sb) = (0, 0);
         for b in &self.blocks {
             let (k, n) = (b.n_l * c_in, b.n_l * c_out);
             let (xp, xm) = (b.slot * c_in, (b.slot + b.n_l) * c_in);
             let (yp, ym) = (b.slot * c_out, (b.slot + b.n_l) * c_out);
             if s.complex {
                 let (p1, p2, p3) = (b.weight, b.weight + k * n, b.weight + 2 * k * n);
-                // Sg = g₊ + g₋, S = xs₊ + xs₋.
-                add_rows(sum_a, n, ne, gy, yp, ym, rs_out, gy);
-                add_rows(sum_b, k, ne, xs, xp, xm, rs_in, xs);
+                let (sum_a, sum_b) = (&sum_a[sa..sa + ne * n], &sum_b[sb..sb + ne * k]);
+                (sa, sb) = (sa + ne * n, sb + ne * k);
                 gemm(
                     (ne, k, n),
                     gxs,
@@ -916,29 +971,47 @@ impl<'a, T: Float> Inputs<'a, T> {
                 }
             }
         }
-        // Radial weights: their gradient, and the gradient before the scaling (in place).
-        match rad {
-            Some(rad) => radial_backward(gxs, xr, rad, grad_rad, &self.radial_slots, trunc, c_in),
-            None => assert!(
+        if rad.is_none() {
+            assert!(
                 grad_rad.is_empty(),
                 "a radial gradient without radial weights"
-            ),
+            );
         }
-        // Back to the input layout (adjoint of the rotation into the frame, no rescale).
+        // Sub-block by sub-block, while it is in cache: the radial weights' gradient and the
+        // gradient before the scaling (in place), then back to the input layout (adjoint of
+        // the rotation into the frame, no rescale).
+        let radial = |(s0, sn): (usize, usize), gp: &mut [T], grad_rad: &mut [MaybeUninit<T>]| {
+            if let Some(rad) = rad {
+                let (xp, rp) = (&xr[s0 * rs_in..(s0 + sn) * rs_in], &rad[s0 * rr..(s0 + sn) * rr]);
+                let gr = &mut grad_rad[s0 * rr..(s0 + sn) * rr];
+                radial_backward(gp, xp, rp, gr, &self.radial_slots, trunc, c_in);
+            }
+        };
         match (&self.plan_in, &self.gather, gx) {
             (Some(plan), None, GxChunk::Rows(gx)) => {
-                from_edge_uninit(plan, gxs, self.wigner_chunk(e0, ne), gx, c_in);
+                let full_row = s.rows_in() * c_in;
+                for (s0, sn) in sub_blocks(ne) {
+                    let gp = &mut gxs[s0 * rs_in..(s0 + sn) * rs_in];
+                    radial((s0, sn), gp, grad_rad);
+                    let out = &mut gx[s0 * full_row..(s0 + sn) * full_row];
+                    from_edge_uninit(plan, gp, self.wigner_chunk(e0 + s0, sn), out, c_in);
+                }
             }
             (Some(plan), Some(ga), GxChunk::Nodes(gx)) => {
                 // Per edge: back to the l-major message, then added into its node rows.
                 let full = s.rows_in();
-                for (i, ge) in gxs.chunks_exact(rs_in).enumerate() {
-                    let buf = &mut edge[..full * c_in];
-                    from_edge(plan, ge, self.wigner_chunk(e0 + i, 1), buf, c_in);
-                    ga.scatter_add(gx, e0 + i, full, buf);
+                for (s0, sn) in sub_blocks(ne) {
+                    let gp = &mut gxs[s0 * rs_in..(s0 + sn) * rs_in];
+                    radial((s0, sn), gp, grad_rad);
+                    for (i, ge) in gp.chunks_exact(rs_in).enumerate() {
+                        let buf = &mut edge[..full * c_in];
+                        from_edge(plan, ge, self.wigner_chunk(e0 + s0 + i, 1), buf, c_in);
+                        ga.scatter_add(gx, e0 + s0 + i, full, buf);
+                    }
                 }
             }
             (None, _, GxChunk::Rows(gx)) => {
+                radial((0, ne), gxs, grad_rad);
                 assert_eq!(
                     gx.len(),
                     gxs.len(),
@@ -977,6 +1050,20 @@ fn scale_in_place_kernel<T: Float>(
 }
 
 dispatch_kernel!(scale_in_place, scale_in_place_kernel, (x: &mut [T], rad: &[T], rows: &[usize], num_rows: usize, c: usize));
+
+/// Edges per sub-block of a chunk's passes before and after its GEMMs (rotation, radial
+/// scaling, order-block sums; radial gradient, rotation back): each pass over a sub-block
+/// reads what the previous one wrote while it is still in L1/L2 (8 edges are 39 KB of m-major
+/// rows at lmax 4, mmax 2, C 64 and 176 KB at lmax 6, mmax 4, C 128), where whole chunks
+/// (256 edges, 1.2–5.6 MB) would go to L3 or memory between passes.
+const SUB_EDGES: usize = 8;
+
+/// `(first edge, edge count)` of the sub-blocks of a chunk of `ne` edges.
+fn sub_blocks(ne: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..ne)
+        .step_by(SUB_EDGES)
+        .map(move |s0| (s0, SUB_EDGES.min(ne - s0)))
+}
 
 /// `(first edge, edge count)` of every chunk: at most `ec` edges each, as even as possible
 /// (sizes differ by at most one), and a multiple of `parts` chunks where there are enough
