@@ -16,6 +16,10 @@
 //!   radial weights and every parameter.
 //! * `gather_unfused_forward`, `gather_unfused_forward_backward`: the same with the messages
 //!   materialised first (`index_select` + `cat`, then `forward_rotated`).
+//! * `autograd_overhead`: candle's own work around the op in `forward_backward` (the
+//!   all-ones output-gradient seed, a zero-filled gradient slot and an `add` for the input and
+//!   for the radial weights), on tensors of the same shapes: the part of `forward_backward`
+//!   that no op can remove.
 //! * `rotate`, `so2_conv`, `rotate_inv`: the separate ops alone.
 //!
 //! Environment:
@@ -193,6 +197,21 @@ fn backward(out: &Tensor) -> GradStore {
     out.backward().expect("backward")
 }
 
+/// What candle's `backward()` spends outside the op in the per-edge `forward_backward` case,
+/// on tensors of the same shapes (the layer maps `C → C`, so its output has the input's
+/// shape): the all-ones seed of the output gradient, then for each edge-sized leaf (input,
+/// radial weights) a zero-filled gradient slot plus the `add` of the op's gradient into it.
+/// PyTorch's autograd does none of these (it hands a leaf its first gradient as it is).
+fn autograd_overhead(x: &Tensor, radial: &Tensor) -> (Tensor, Tensor, Tensor) {
+    let seed = x.ones_like().and_then(|t| t.contiguous()).expect("seed");
+    let gx = x.zeros_like().and_then(|z| z.add(x)).expect("input slot");
+    let gr = radial
+        .zeros_like()
+        .and_then(|z| z.add(radial))
+        .expect("radial slot");
+    (seed, gx, gr)
+}
+
 /// Leaf variables `(input, radial weights)` of one timed run.
 type Leaves = (Var, Var);
 
@@ -248,6 +267,11 @@ fn cases<'a>(s: &'a Setup, g: &'a GatherSetup) -> Vec<Case<'a>> {
             name: "gather_unfused_forward_backward",
             prepare: Box::new(node_leaves),
             run: Box::new(move |(x, r)| drop(backward(&gather_unfused(s, g, x, r)))),
+        },
+        Case {
+            name: "autograd_overhead",
+            prepare: Box::new(edge_leaves),
+            run: Box::new(move |(x, r)| drop(autograd_overhead(x, r))),
         },
         Case {
             name: "rotate",

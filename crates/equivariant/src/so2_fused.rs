@@ -540,7 +540,16 @@ impl<'a, T: Float> Inputs<'a, T> {
         for b in &self.blocks {
             let k = b.n_l * c;
             let (p, m) = (b.slot * c, (b.slot + b.n_l) * c);
-            add_rows(&mut sums[off + s0 * k..off + (s0 + sn) * k], k, sn, x, p, m, rs, x);
+            add_rows(
+                &mut sums[off + s0 * k..off + (s0 + sn) * k],
+                k,
+                sn,
+                x,
+                p,
+                m,
+                rs,
+                x,
+            );
             off += ne * k;
         }
     }
@@ -806,7 +815,10 @@ impl<'a, T: Float> Inputs<'a, T> {
                 let buf = &mut xin[..ne * rs_in];
                 for (s0, sn) in sub_blocks(ne) {
                     let piece = &mut buf[s0 * rs_in..(s0 + sn) * rs_in];
-                    let (xp, rp) = (&xr[s0 * rs_in..(s0 + sn) * rs_in], &rad[s0 * rr..(s0 + sn) * rr]);
+                    let (xp, rp) = (
+                        &xr[s0 * rs_in..(s0 + sn) * rs_in],
+                        &rad[s0 * rr..(s0 + sn) * rr],
+                    );
                     radial_scale(piece, xp, rp, &self.radial_rows, s.radial_rows(), c_in);
                     self.block_sums(sum_b, ne, (s0, sn), piece, c_in);
                 }
@@ -982,7 +994,10 @@ impl<'a, T: Float> Inputs<'a, T> {
         // the rotation into the frame, no rescale).
         let radial = |(s0, sn): (usize, usize), gp: &mut [T], grad_rad: &mut [MaybeUninit<T>]| {
             if let Some(rad) = rad {
-                let (xp, rp) = (&xr[s0 * rs_in..(s0 + sn) * rs_in], &rad[s0 * rr..(s0 + sn) * rr]);
+                let (xp, rp) = (
+                    &xr[s0 * rs_in..(s0 + sn) * rs_in],
+                    &rad[s0 * rr..(s0 + sn) * rr],
+                );
                 let gr = &mut grad_rad[s0 * rr..(s0 + sn) * rr];
                 radial_backward(gp, xp, rp, gr, &self.radial_slots, trunc, c_in);
             }
