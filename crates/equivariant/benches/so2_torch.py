@@ -330,7 +330,9 @@ def compare(edges, repeats, configs, threads=2, modes=("layer", "gather")):
     gen = torch.Generator().manual_seed(0)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()} (matscale: rayon {threads}), "
           f"edges {edges}, f32, best/median of {repeats}; load average {loadavg()}", flush=True)
-    case_names = {"layer": ("forward", "forward_backward"),
+    # The per-edge mode also times candle's own backward bookkeeping around the op (seed,
+    # zero-filled gradient slots, adds: the `autograd_overhead` case), reported below the table.
+    case_names = {"layer": ("forward", "forward_backward", "autograd_overhead"),
                   "gather": ("gather_forward", "gather_forward_backward")}
     rows = []
     for lmax, mmax, c in configs:
@@ -352,7 +354,7 @@ def compare(edges, repeats, configs, threads=2, modes=("layer", "gather")):
                 elif line.startswith("so2 "):
                     print("matscale " + line[4:], flush=True)
             rows.append((lmax, mmax, c, mode, t, ours[cases[0]], ours[cases[1]],
-                         f"{load_before} → {loadavg()}"))
+                         f"{load_before} → {loadavg()}", ours.get("autograd_overhead")))
     print()
     print(f"{edges} edges, {threads} thread(s); times best / median of {repeats}; ratio = torch / matscale "
           "(best / median, and of the median process CPU times)")
@@ -360,7 +362,7 @@ def compare(edges, repeats, configs, threads=2, modes=("layer", "gather")):
     print("| lmax / mmax / C | layer | torch fwd | matscale fwd | ratio (CPU) "
           "| torch fwd+bwd | matscale fwd+bwd | ratio (CPU) | load |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for lmax, mmax, c, mode, t, f, b, load in rows:
+    for lmax, mmax, c, mode, t, f, b, load, _ in rows:
         tf, tb = t["forward"], t["forward+backward"]
         name = "per-edge" if mode == "layer" else "gather"
         print(
@@ -369,6 +371,14 @@ def compare(edges, repeats, configs, threads=2, modes=("layer", "gather")):
             f"| {tb[0]*1e3:.0f} / {tb[1]*1e3:.0f} ms | {b[0]*1e3:.0f} / {b[1]*1e3:.0f} ms "
             f"| **{tb[0]/b[0]:.2f}×** / {tb[1]/b[1]:.2f}× ({tb[3]/b[3]:.2f}×) | {load} |"
         )
+    for lmax, mmax, c, mode, t, f, b, load, a in rows:
+        if a is None:
+            continue
+        tb = t["forward+backward"][0]
+        print(f"\n{lmax} / {mmax} / {c} per-edge: candle's autograd bookkeeping outside the op "
+              f"(seed, zero-filled slots, adds) {a[0]*1e3:.0f} ms of matscale's {b[0]*1e3:.0f} ms "
+              f"forward+backward (best); the op and candle's graph walk alone: "
+              f"{(b[0]-a[0])*1e3:.0f} ms, {tb/(b[0]-a[0]):.2f}× PyTorch's best (not the goal's ratio)")
 
 
 def main():
