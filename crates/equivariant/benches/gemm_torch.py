@@ -1,10 +1,11 @@
 """The SO(2) layer's GEMMs in PyTorch, beside matscale's `linalg::gemm` (bench `gemm`).
 
 Same products, shapes and strides as crates/equivariant/benches/gemm.rs: for one 256-edge
-chunk of the fused layer, the forward `x·W`, input-gradient `g·Wᵀ` and weight-gradient `xᵀ·g`
-products of every order (three per order m > 0: the 3-multiplication complex product), the
-activations as column blocks of an `[256, trunc·C]` buffer, accumulated with `torch.addmm`
-into a preallocated output (as `gemm` accumulates), f32, one thread; plus a 512³ product.
+chunk of the fused layer (per-edge C -> C, and EquiformerV2's gathered 2C -> C message
+layer), the forward `x·W`, input-gradient `g·Wᵀ` and weight-gradient `xᵀ·g` products of
+every order (three per order m > 0: the 3-multiplication complex product), the activations
+as column blocks of `[256, trunc·C]` buffers, accumulated with `torch.addmm` into a
+preallocated output (as `gemm` accumulates), f32, one thread; plus a 512³ product.
 
   python gemm_torch.py bench      PyTorch alone (RESULT lines like the Rust bench's)
   python gemm_torch.py [compare]  the Rust bench (cargo bench -p matscale-equivariant --bench
@@ -27,22 +28,31 @@ import torch
 CHUNK = 256
 
 
-def layer_products(lmax: int, mmax: int, c: int):
-    """(row stride, {pass: [(m, n, k, lhs, rhs, rhs_is_act)]}) as in gemm.rs."""
+# (lmax, mmax, C_in, C_out, case suffix): the per-edge layers, then EquiformerV2's gathered
+# message layers (cat(x[src], x[dst]): 2C -> C), as in gemm.rs.
+CASES = [(4, 2, 64, 64, ""), (6, 4, 128, 128, ""), (4, 2, 128, 64, "_gather"),
+         (6, 4, 256, 128, "_gather")]
+
+
+def layer_products(lmax: int, mmax: int, c_in: int, c_out: int):
+    """((row length in, out), {pass: [(m, n, k, x_off, g_off, kind)]}) as in gemm.rs.
+
+    kind: "w" (x·W), "wt" (g·Wᵀ, with Wᵀ stored contiguous as the layer's backward does) or
+    "act" (xᵀ·g); W of order block i is [k, n], k = n_l·C_in, n = n_l·C_out."""
     sizes = [lmax + 1 - m for m in range(mmax + 1)]
     trunc = sizes[0] + 2 * sum(sizes[1:])
-    rs = trunc * c
     passes = {"forward": [], "input_grad": [], "weight_grad": []}
     slot = 0
     for m, n_l in enumerate(sizes):
-        k = n_l * c
+        k, n = n_l * c_in, n_l * c_out
         for i in range(1 if m == 0 else 3):
-            off = slot * c + (k if i == 2 else 0)
-            passes["forward"].append((CHUNK, k, k, off, "w"))
-            passes["input_grad"].append((CHUNK, k, k, off, "wt"))
-            passes["weight_grad"].append((k, k, CHUNK, off, "act"))
+            x_off = slot * c_in + (k if i == 2 else 0)
+            g_off = slot * c_out + (n if i == 2 else 0)
+            passes["forward"].append((CHUNK, n, k, x_off, g_off, "w"))
+            passes["input_grad"].append((CHUNK, k, n, x_off, g_off, "wt"))
+            passes["weight_grad"].append((k, n, CHUNK, x_off, g_off, "act"))
         slot += n_l if m == 0 else 2 * n_l
-    return rs, passes
+    return (trunc * c_in, trunc * c_out), passes
 
 
 def best_of(fn, repeats):
@@ -64,29 +74,34 @@ def bench(repeats: int):
     flops = 2.0 * 512**3
     best = best_of(lambda: torch.addmm(out, a, b, out=out), repeats * 4)
     results.append({"case": "square512", "gflops": flops / best / 1e9, "flops": flops})
-    for lmax, mmax, c in [(4, 2, 64), (6, 4, 128)]:
-        rs, passes = layer_products(lmax, mmax, c)
-        act = ((torch.arange(CHUNK * rs) % 89).float() - 44.0).mul(0.01).reshape(CHUNK, rs)
+    for lmax, mmax, c_in, c_out, form in CASES:
+        (rs_in, rs_out), passes = layer_products(lmax, mmax, c_in, c_out)
+        fill = lambda rows, cols, period: (
+            ((torch.arange(rows * cols) % period).float() - period // 2).mul(0.01).reshape(rows, cols))
+        x = fill(CHUNK, rs_in, 89)
+        g = fill(CHUNK, rs_out, 83)
         for name, products in passes.items():
             ops = []
-            for m, n, k, off, kind in products:
+            for m, n, k, x_off, g_off, kind in products:
                 if kind == "act":
-                    lhs = act[:, off:off + m].t()  # xᵀ: [k_out, CHUNK], strided
-                    rhs = act[:, off:off + n]
-                else:
-                    w = ((torch.arange(k * n) % 97).float() - 48.0).mul(0.01).reshape(k, n)
-                    lhs = act[:, off:off + k]
-                    rhs = w if kind == "w" else w.t()
+                    lhs = x[:, x_off:x_off + m].t()  # xᵀ: [k, CHUNK], strided
+                    rhs = g[:, g_off:g_off + n]
+                elif kind == "w":
+                    lhs = x[:, x_off:x_off + k]
+                    rhs = fill(k, n, 97)
+                else:  # g·Wᵀ (n = n_l·C_in, k = n_l·C_out): the layer keeps Wᵀ contiguous
+                    lhs = g[:, g_off:g_off + k]
+                    rhs = fill(k, n, 97)
                 ops.append((torch.zeros(m, n), lhs, rhs))
 
             def run(ops=ops):
                 for o, lhs, rhs in ops:
                     torch.addmm(o, lhs, rhs, out=o)
 
-            flops = sum(2.0 * m * n * k for m, n, k, _, _ in products)
+            flops = sum(2.0 * m * n * k for m, n, k, _, _, _ in products)
             best = best_of(run, repeats)
             results.append({
-                "case": f"l{lmax}_m{mmax}_c{c}", "pass": name, "gflops": flops / best / 1e9,
+                "case": f"l{lmax}_m{mmax}_c{c_out}{form}", "pass": name, "gflops": flops / best / 1e9,
                 "flops": flops, "seconds_per_1e4_edges": best * 1e4 / CHUNK,
             })
     return results

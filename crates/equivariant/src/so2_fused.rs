@@ -554,6 +554,27 @@ impl<'a, T: Float> Inputs<'a, T> {
         }
     }
 
+    /// The packed weights with every matrix transposed where it lies (`W₀` `[k₀, w₀]` →
+    /// `[w₀, k₀]`, each order's `[k, n]` → `[n, k]`; same offsets; the bias copied): the
+    /// input-gradient products `g·Wᵀ` then read a contiguous right operand, which `gemm`
+    /// multiplies 5–10 % faster than the transposed view of the forward's layout (bench `gemm`).
+    fn transposed_weights(&self) -> Vec<T> {
+        let s = &self.shape;
+        let w = self.weights;
+        let mut out = vec![T::zero(); w.len()];
+        let (k0, wc, bias) = (s.k0(), s.w0_cols(), s.bias_offset());
+        transpose(&mut out[..bias], &w[..bias], k0, wc);
+        out[bias..bias + wc].copy_from_slice(&w[bias..bias + wc]);
+        for b in &self.blocks {
+            let kn = b.n_l * s.c_in * b.n_l * s.c_out;
+            for i in 0..s.matrices_per_order() {
+                let r = b.weight + i * kn..b.weight + (i + 1) * kn;
+                transpose(&mut out[r.clone()], &w[r], b.n_l * s.c_in, b.n_l * s.c_out);
+            }
+        }
+        out
+    }
+
     /// Rotates the chunk's (gathered) input into the edge frames: `out` `[ne, trunc, C_in]`,
     /// `edge` scratch for one gathered message.
     fn rotate_in_chunk(&self, e0: usize, ne: usize, out: &mut [T], edge: &mut [T]) {
@@ -736,7 +757,9 @@ impl<'a, T: Float> Inputs<'a, T> {
     /// Backward of one chunk: writes every element of `gx` (`GxChunk::Rows`,
     /// `[ne, rows_in, C_in]`; with `gather`, `GxChunk::Nodes`: adds into the node rows
     /// `[N, full, c_node]` instead) and of `grad_rad` (`[ne, R·C_in]`; both uninitialised on
-    /// entry), and accumulates the packed-weight gradient into `gw`.
+    /// entry), and accumulates the packed-weight gradient into `gw`. `wt` holds the packed
+    /// weights with every matrix transposed ([`Inputs::transposed_weights`]), the right
+    /// operands of the input-gradient products.
     #[allow(clippy::too_many_arguments)]
     fn backward_chunk(
         &self,
@@ -745,14 +768,13 @@ impl<'a, T: Float> Inputs<'a, T> {
         (g, g_extra): (&[T], Option<&[T]>),
         gx: GxChunk<'_, T>,
         grad_rad: &mut [MaybeUninit<T>],
-        gw: &mut [T],
+        (gw, wt): (&mut [T], &[T]),
         scr: &mut Scratch<T>,
     ) {
         let s = &self.shape;
         let (trunc, c_in, c_out) = (s.trunc(), s.c_in, s.c_out);
         let (rs_in, rs_out) = (trunc * c_in, trunc * c_out);
         let (k0, n0, wc, ex) = (s.k0(), s.n0(), s.w0_cols(), s.extra);
-        let w = self.weights;
         let one = T::one();
         let Scratch {
             xin,
@@ -835,7 +857,7 @@ impl<'a, T: Float> Inputs<'a, T> {
             rs_in,
             false,
             view(gy, 0, rs_out, 1),
-            view(w, ex, 1, wc),
+            view(wt, ex * k0, k0, 1),
             one,
         );
         if let Some(g_extra) = g_extra {
@@ -846,7 +868,7 @@ impl<'a, T: Float> Inputs<'a, T> {
                 rs_in,
                 true,
                 view(g_extra, 0, ex, 1),
-                view(w, 0, 1, wc),
+                view(wt, 0, k0, 1),
                 one,
             );
             gemm(
@@ -904,7 +926,7 @@ impl<'a, T: Float> Inputs<'a, T> {
                     rs_in,
                     false,
                     view(sum_a, 0, n, 1),
-                    view(w, p1, 1, n),
+                    view(wt, p1, k, 1),
                     one,
                 );
                 copy_rows(gxs, ne, k, rs_in, xp, xm);
@@ -915,7 +937,7 @@ impl<'a, T: Float> Inputs<'a, T> {
                     rs_in,
                     true,
                     view(gy, ym, rs_out, 1),
-                    view(w, p3, 1, n),
+                    view(wt, p3, k, 1),
                     one,
                 );
                 gemm(
@@ -925,7 +947,7 @@ impl<'a, T: Float> Inputs<'a, T> {
                     rs_in,
                     true,
                     view(gy, yp, rs_out, 1),
-                    view(w, p2, 1, n),
+                    view(wt, p2, k, 1),
                     T::from_f64(-1.0),
                 );
                 gemm(
@@ -967,7 +989,7 @@ impl<'a, T: Float> Inputs<'a, T> {
                         rs_in,
                         false,
                         view(gy, yo, rs_out, 1),
-                        view(w, b.weight, 1, n),
+                        view(wt, b.weight, k, 1),
                         one,
                     );
                     gemm(
@@ -1214,6 +1236,7 @@ fn backward<T: Float>(
     let ec = s.chunk_edges(edges);
     let chunks = chunks(edges, ec, rayon::current_num_threads());
     let n_parts = rayon::current_num_threads().clamp(1, chunks.len());
+    let wt = inputs.transposed_weights();
     let bounds: Vec<usize> = (0..=n_parts).map(|p| p * chunks.len() / n_parts).collect();
     let part_edges: Vec<usize> = (0..n_parts)
         .map(|p| chunks[bounds[p]..bounds[p + 1]].iter().map(|c| c.1).sum())
@@ -1263,7 +1286,15 @@ fn backward<T: Float>(
                     (GxPart::Own, None) => unreachable!("an Own part owns a buffer"),
                 };
                 let rad_chunk = &mut rad[local * rad_row..(local + ne) * rad_row];
-                inputs.backward_chunk(e0, ne, (g, g_extra), gx_chunk, rad_chunk, gw, &mut scr);
+                inputs.backward_chunk(
+                    e0,
+                    ne,
+                    (g, g_extra),
+                    gx_chunk,
+                    rad_chunk,
+                    (gw, &wt),
+                    &mut scr,
+                );
                 local += ne;
             }
             (own_gx, own_gw)
@@ -1755,6 +1786,32 @@ fn pack_dims(l: &Layout, name: &str) -> candle_core::Result<(usize, usize)> {
         candle_core::bail!("{name}: expected [2n, k] weights, got {:?}", l.shape());
     }
     Ok((rows / 2, k))
+}
+
+/// `dst[c·rows + r] = src[r·cols + c]`: the transpose of a row-major `[rows, cols]` matrix,
+/// in [`PACK_TILE`]² tiles (reads and writes each stay within a few cache lines per row),
+/// parallel over tiles of `dst` rows.
+fn transpose<T: Float>(dst: &mut [T], src: &[T], rows: usize, cols: usize) {
+    assert!(
+        dst.len() == rows * cols && src.len() == rows * cols,
+        "transpose: buffers of another size than [{rows}, {cols}]"
+    );
+    if rows == 0 {
+        return;
+    }
+    dst.par_chunks_mut(PACK_TILE * rows)
+        .enumerate()
+        .for_each(|(t, d)| {
+            let c0 = t * PACK_TILE;
+            for r0 in (0..rows).step_by(PACK_TILE) {
+                let r1 = (r0 + PACK_TILE).min(rows);
+                for (dc, drow) in d.chunks_exact_mut(rows).enumerate() {
+                    for r in r0..r1 {
+                        drow[r] = src[r * cols + c0 + dc];
+                    }
+                }
+            }
+        });
 }
 
 /// Rows of the packed (`[k, n]`) weights per task and tile edge of the transposition.
