@@ -393,8 +393,9 @@ fn combine_rows<T: Float, O: Overwrite<T> + ?Sized, const R: usize>(
     }
 }
 
-/// Most output rows of one [`combine_rows`] call: `2 · GROUP × TILE / 16` accumulator registers
-/// (12 with AVX-512 f32) plus the input tile and a broadcast fit the 32 vector registers.
+/// Most output rows of one [`combine_rows`] call: with AVX-512 f32 its `GROUP · TILE / 16` = 12
+/// accumulator registers, the input tile and a broadcast fit the 32 vector registers (AVX2's
+/// 16 registers spill, as they did with groups of four).
 const GROUP: usize = 6;
 
 /// [`combine_rows`] for `outputs.len()` rows, in as few groups of at most [`GROUP`] as
