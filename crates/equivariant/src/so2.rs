@@ -34,8 +34,10 @@
 //!
 //! ## Kernels
 //! [`rotate`] / [`rotate_inv`] are per-edge loops (rayon over edge chunks) that walk the
-//! Wigner blocks and apply each kept row as `axpy`s over the contiguous channel dimension,
-//! compiled for AVX-512 or AVX2 when the CPU has them. The SO(2) maps (`forward*`) run in one
+//! Wigner blocks degree by degree: the kept rows, times the degree's scale, go into a small
+//! table, and register tiles of up to six output rows × 32 channels accumulate them with
+//! fused multiply-adds over the contiguous channel dimension, compiled for AVX-512 or AVX2
+//! when the CPU has them. The SO(2) maps (`forward*`) run in one
 //! custom op per call: each rayon task takes a chunk of up to 256 edges, rotates it into a
 //! task-local buffer, multiplies by the radial weights, runs one GEMM per order
 //! (`gemm`, single-threaded inside the task) and rotates the result straight into the output,
@@ -183,11 +185,11 @@ fn edges_per_task(elems_per_edge: usize, target: usize) -> usize {
 // Vector kernels with runtime CPU-feature dispatch
 // ---------------------------------------------------------------------------------------------
 
-/// `y += a * x`.
+/// `y += a * x`, with fused multiply-adds (as the register tiles of [`combine_rows`]).
 #[inline(always)]
-fn axpy<T: WithDType>(y: &mut [T], a: T, x: &[T]) {
+fn axpy<T: Float>(y: &mut [T], a: T, x: &[T]) {
     for (yi, &xi) in y.iter_mut().zip(x) {
-        *yi += a * xi;
+        *yi = a.mul_add(xi, *yi);
     }
 }
 
