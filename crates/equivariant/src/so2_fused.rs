@@ -211,18 +211,31 @@ impl LayerShape {
         self.rows_out() * self.c_out
     }
 
-    /// Edges per task: 256, or fewer so that every thread gets at least four tasks. Large
-    /// chunks amortise the packing of the weights inside each GEMM call (the per-order
-    /// matrices are up to `896 × 896` at lmax 6, C 128) and, in the backward pass, the
-    /// read-modify-write of the weight-gradient accumulator per chunk; at 4/2/64 and 6/4/128
-    /// 256 edges were 10–40 % faster than cache-sized chunks of 16–53 edges. Re-measured at
-    /// 6/4/128 (one thread, process CPU time, loaded machine): 128 edges 4–8 % slower than 256,
-    /// 512 within the noise of 256 (±5 %), so 256 stays (half the scratch of 512).
+    /// Edges per task: 256, or 512 for layers with at least [`LARGE_WEIGHTS`] weights, or fewer
+    /// so that every thread gets at least four tasks. Large chunks amortise the packing of the
+    /// weights inside each GEMM call (the per-order matrices are up to `896 × 896` at lmax 6,
+    /// C 128) and, in the backward pass, the read-modify-write of the weight-gradient
+    /// accumulator per chunk (20 MB at lmax 6, mmax 4, C 128, from L3); small ones keep the
+    /// chunk's buffers nearer the core. Measured (10⁴ edges, two threads, alternating runs):
+    /// 256 edges were 10–40 % faster than cache-sized chunks of 16–53 edges at 4/2/64 and
+    /// 6/4/128. With the passes around the GEMMs in sub-blocks ([`SUB_EDGES`]), 512 edges
+    /// against 256 at 6/4/128: gathered layer (10 M weights) forward 2.5–4 % and
+    /// forward+backward 2–5 % faster, per-edge layer (5.0 M) within ±1 %; at 4/2/64 (0.4 M
+    /// per-edge, 0.8 M gathered) 3–6 % slower, and 1024 edges 12–20 % slower.
     fn chunk_edges(&self, edges: usize) -> usize {
         let by_tasks = edges.div_ceil(4 * rayon::current_num_threads()).max(1);
-        by_tasks.min(256)
+        let cap = if self.weight_len() >= LARGE_WEIGHTS {
+            512
+        } else {
+            256
+        };
+        by_tasks.min(cap)
     }
 }
+
+/// Weights (packed) from which a layer runs chunks of 512 edges instead of 256 (see
+/// [`LayerShape::chunk_edges`]; between the measured 0.8 M and 5.0 M the choice is untested).
+const LARGE_WEIGHTS: usize = 4 << 20;
 
 // ---------------------------------------------------------------------------------------------
 // Small vector kernels (in cache)
