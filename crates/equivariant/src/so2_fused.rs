@@ -7,9 +7,10 @@
 //! ## Why fused
 //! Composed from separate ops, one layer writes and re-reads four edge-sized tensors (rotated,
 //! radially scaled, convolved, rotated back) and candle accumulates a gradient for each in the
-//! backward pass. Here every rayon task takes a chunk of up to 256 edges, rotates it into a
-//! task-local scratch buffer, scales it by the radial weights, runs the GEMMs of every order
-//! on the chunk (single-threaded `gemm`, the threads work on different chunks) and rotates
+//! backward pass. Here every rayon task takes a chunk of up to 256 edges (512 for large
+//! layers), rotates it into a task-local scratch buffer, scales it by the radial weights,
+//! runs the GEMMs of every order on the chunk (single-threaded `gemm`, the threads work on
+//! different chunks) and rotates
 //! the result straight into the output. The backward pass is one op as well: it recomputes
 //! the rotated input of the chunk instead of storing it, and writes the gradients of the
 //! input and of the radial weights (each written once, never read first: fresh output pages
