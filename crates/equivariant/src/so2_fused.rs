@@ -1802,101 +1802,86 @@ fn pack_dims(l: &Layout, name: &str) -> candle_core::Result<(usize, usize)> {
     Ok((rows / 2, k))
 }
 
-/// `dst[c·rows + r] = src[r·cols + c]`: the transpose of a row-major `[rows, cols]` matrix,
-/// in [`PACK_TILE`]² tiles (reads and writes each stay within a few cache lines per row),
-/// parallel over tiles of `dst` rows.
-fn transpose<T: Float>(dst: &mut [T], src: &[T], rows: usize, cols: usize) {
+/// For every element `(r, c)` of a row-major `[rows, cols]` source, at source index
+/// `i = r·cols + c`: `dst[q][c·rows + r] = f(i)[q]`, i.e. `N` transposed `[cols, rows]`
+/// outputs of element-wise functions of the source. In [`PACK_TILE`]² tiles (reads and writes
+/// each stay within a few cache lines per row), parallel over tiles of output rows.
+fn transpose_map<T: Float, const N: usize>(
+    dst: [&mut [T]; N],
+    rows: usize,
+    cols: usize,
+    f: impl Fn(usize) -> [T; N] + Sync,
+) {
     assert!(
-        dst.len() == rows * cols && src.len() == rows * cols,
-        "transpose: buffers of another size than [{rows}, {cols}]"
+        dst.iter().all(|d| d.len() == rows * cols),
+        "transpose: outputs of another size than [{cols}, {rows}]"
     );
-    if rows == 0 {
+    if rows == 0 || cols == 0 {
         return;
     }
-    dst.par_chunks_mut(PACK_TILE * rows)
-        .enumerate()
-        .for_each(|(t, d)| {
-            let c0 = t * PACK_TILE;
-            for r0 in (0..rows).step_by(PACK_TILE) {
-                let r1 = (r0 + PACK_TILE).min(rows);
-                for (dc, drow) in d.chunks_exact_mut(rows).enumerate() {
-                    for r in r0..r1 {
-                        drow[r] = src[r * cols + c0 + dc];
+    let mut pieces = dst.map(|d| d.chunks_mut(PACK_TILE * rows));
+    let tiles: Vec<[&mut [T]; N]> = (0..cols.div_ceil(PACK_TILE))
+        .map(|_| {
+            pieces
+                .each_mut()
+                .map(|p| p.next().expect("one piece per tile of output rows"))
+        })
+        .collect();
+    tiles.into_par_iter().enumerate().for_each(|(t, mut d)| {
+        let c0 = t * PACK_TILE;
+        let tile_cols = d[0].len() / rows;
+        for r0 in (0..rows).step_by(PACK_TILE) {
+            for dc in 0..tile_cols {
+                for r in r0..(r0 + PACK_TILE).min(rows) {
+                    let v = f(r * cols + c0 + dc);
+                    for (out, v) in d.iter_mut().zip(v) {
+                        out[dc * rows + r] = v;
                     }
                 }
             }
-        });
+        }
+    });
 }
 
-/// Rows of the packed (`[k, n]`) weights per task and tile edge of the transposition.
+/// `dst[c·rows + r] = src[r·cols + c]`: the transpose of a row-major `[rows, cols]` matrix.
+fn transpose<T: Float>(dst: &mut [T], src: &[T], rows: usize, cols: usize) {
+    assert_eq!(
+        src.len(),
+        rows * cols,
+        "transpose: a source of another size"
+    );
+    transpose_map([dst], rows, cols, |i| [src[i]]);
+}
+
+/// Tile edge of the transpositions ([`transpose_map`]).
 const PACK_TILE: usize = 32;
 
 /// `[W_r; W_i]` (`[2n, k]`) → `[W_rᵀ | (W_r + W_i)ᵀ | (W_i − W_r)ᵀ]` (three `[k, n]`), the
-/// operands of the three-product complex GEMM. A transposition: tiled so that reads and
-/// writes both stay within a few cache lines per row, and parallel over row tiles (6/4/128
+/// operands of the three-product complex GEMM: one tiled, parallel transposition (6/4/128
 /// packs 4.4 M weights on every forward).
 fn pack_kernel<T: Float>(w: &[T], n: usize, k: usize) -> Vec<T> {
     let (wr, wi) = w.split_at(n * k);
     let mut out = vec![T::zero(); 3 * k * n];
     let (p1, rest) = out.split_at_mut(k * n);
     let (p2, p3) = rest.split_at_mut(k * n);
-    let rows = PACK_TILE * n.max(1);
-    p1.par_chunks_mut(rows)
-        .zip(p2.par_chunks_mut(rows))
-        .zip(p3.par_chunks_mut(rows))
-        .enumerate()
-        .for_each(|(t, ((p1, p2), p3))| {
-            let i0 = t * PACK_TILE;
-            for j0 in (0..n).step_by(PACK_TILE) {
-                let j1 = (j0 + PACK_TILE).min(n);
-                for (di, ((o1, o2), o3)) in p1
-                    .chunks_exact_mut(n)
-                    .zip(p2.chunks_exact_mut(n))
-                    .zip(p3.chunks_exact_mut(n))
-                    .enumerate()
-                {
-                    let i = i0 + di;
-                    for j in j0..j1 {
-                        let (r, im) = (wr[j * k + i], wi[j * k + i]);
-                        o1[j] = r;
-                        o2[j] = r + im;
-                        o3[j] = im - r;
-                    }
-                }
-            }
-        });
+    transpose_map([p1, p2, p3], n, k, |i| {
+        let (r, im) = (wr[i], wi[i]);
+        [r, r + im, im - r]
+    });
     out
 }
 
 /// The adjoint of [`pack_kernel`]: the gradients of the three packed `[k, n]` operands →
-/// the gradient of `[W_r; W_i]` (`[2n, k]`). Tiled and parallel like the packing.
+/// the gradient of `[W_r; W_i]` (`[2n, k]`), transposed the same way.
 fn unpack_grad_kernel<T: Float>(g: &[T], n: usize, k: usize) -> Vec<T> {
     let (g1, rest) = g.split_at(k * n);
     let (g2, g3) = rest.split_at(k * n);
     let mut out = vec![T::zero(); 2 * n * k];
     let (dr, di) = out.split_at_mut(n * k);
-    let rows = PACK_TILE * k.max(1);
-    dr.par_chunks_mut(rows)
-        .zip(di.par_chunks_mut(rows))
-        .enumerate()
-        .for_each(|(t, (dr, di))| {
-            let j0 = t * PACK_TILE;
-            for i0 in (0..k).step_by(PACK_TILE) {
-                let i1 = (i0 + PACK_TILE).min(k);
-                for (dj, (or, oi)) in dr
-                    .chunks_exact_mut(k)
-                    .zip(di.chunks_exact_mut(k))
-                    .enumerate()
-                {
-                    let j = j0 + dj;
-                    for i in i0..i1 {
-                        let (a, b, c) = (g1[i * n + j], g2[i * n + j], g3[i * n + j]);
-                        or[i] = a + b - c;
-                        oi[i] = b + c;
-                    }
-                }
-            }
-        });
+    transpose_map([dr, di], k, n, |i| {
+        let (a, b, c) = (g1[i], g2[i], g3[i]);
+        [a + b - c, b + c]
+    });
     out
 }
 
