@@ -420,6 +420,25 @@ impl S2Grid {
     pub fn num_coefficients(&self) -> usize {
         self.inner.k
     }
+    /// Multiply-adds per channel of one grid transform of one row (`to` or `from`, `K → G` or
+    /// `G → K`) as the CPU kernels of the S2 activations run it: `B·K + B·A·J` with the
+    /// matrices factored over β and α (`J = 2·mmax + 1` α profiles, see the `factored`
+    /// module), else the dense `G·K` (also what the CUDA kernels run). A model for benchmark
+    /// reports (`cargo xtask bench kernels`), not a measurement.
+    ///
+    /// ```
+    /// use matscale_equivariant::s2grid::S2Grid;
+    /// let grid = S2Grid::equiformer_v2(4, 2, Some(18))?;
+    /// assert!(grid.cpu_transform_macs() < grid.num_points() * grid.num_coefficients());
+    /// # Ok::<(), matscale_equivariant::error::EquivariantError>(())
+    /// ```
+    pub fn cpu_transform_macs(&self) -> usize {
+        self.inner
+            .factored_f64
+            .as_ref()
+            .map_or(self.inner.g * self.inner.k, Factored::transform_macs)
+    }
+
     /// Degree `l` of every coefficient row.
     pub fn degrees(&self) -> &[usize] {
         &self.inner.degrees
@@ -1013,6 +1032,19 @@ mod tests {
     fn fixture_tensor(fx: &Fixture, name: &str) -> Tensor {
         let (s, v) = fx.array(name);
         Tensor::from_slice(v, s.as_slice(), &Device::Cpu).expect("tensor")
+    }
+
+    /// EquiformerV2's grids are separable: `J = 2·mmax + 1` α profiles, so one transform is
+    /// `B·K + B·A·J` multiply-adds per channel, not the dense `G·K`.
+    #[test]
+    fn cpu_transform_macs_count_the_factored_products() -> Result<()> {
+        for (lmax, mmax, res) in [(4, 2, 18), (6, 4, 18), (4, 4, 18)] {
+            let grid = S2Grid::equiformer_v2(lmax, mmax, Some(res))?;
+            let (k, j) = (grid.num_coefficients(), 2 * mmax + 1);
+            assert_eq!(grid.cpu_transform_macs(), res * k + res * res * j);
+            assert!(grid.cpu_transform_macs() < grid.num_points() * k);
+        }
+        Ok(())
     }
 
     /// Matrices and activations against e3nn `ToS2Grid`/`FromS2Grid` and fairchem `SO3_Grid`,

@@ -161,6 +161,11 @@ pub(super) struct Scratch<T> {
 }
 
 impl<T: Float> Factored<T> {
+    /// Multiply-adds per channel of one grid transform of one row: `B·K` (β) + `B·A·J` (α).
+    pub(super) fn transform_macs(&self) -> usize {
+        self.b * self.k + self.b * self.a * self.j
+    }
+
     /// Number of distinct α profiles J.
     #[cfg(test)]
     pub(super) fn groups(&self) -> usize {
@@ -414,6 +419,7 @@ mod tests {
         }
         let f = Factored::new(&to, &from, b, a, k).expect("separable");
         assert_eq!(f.j, 3);
+        assert_eq!(f.transform_macs(), b * k + b * a * 3);
         for bi in 0..b {
             for ai in 0..a {
                 for c in 0..k {
