@@ -7,8 +7,8 @@
 //! ## Why fused
 //! Composed from separate ops, one layer writes and re-reads four edge-sized tensors (rotated,
 //! radially scaled, convolved, rotated back) and candle accumulates a gradient for each in the
-//! backward pass. Here every rayon task takes a chunk of up to 256 edges (512 for large
-//! layers), rotates it into a task-local scratch buffer, scales it by the radial weights,
+//! backward pass. Here every rayon task takes a chunk of up to 128–512 edges (by the
+//! layer's size), rotates it into a task-local scratch buffer, scales it by the radial weights,
 //! runs the GEMMs of every order on the chunk (single-threaded `gemm`, the threads work on
 //! different chunks) and rotates
 //! the result straight into the output. The backward pass is one op as well: it recomputes
@@ -212,30 +212,44 @@ impl LayerShape {
         self.rows_out() * self.c_out
     }
 
-    /// Edges per task: 256, or 512 for layers with at least [`LARGE_WEIGHTS`] weights, or fewer
-    /// so that every thread gets at least four tasks. Large chunks amortise the packing of the
-    /// weights inside each GEMM call (the per-order matrices are up to `896 × 896` at lmax 6,
-    /// C 128) and, in the backward pass, the read-modify-write of the weight-gradient
-    /// accumulator per chunk (20 MB at lmax 6, mmax 4, C 128, from L3); small ones keep the
-    /// chunk's buffers nearer the core. Measured (10⁴ edges, two threads, alternating runs):
-    /// 256 edges were 10–40 % faster than cache-sized chunks of 16–53 edges at 4/2/64 and
-    /// 6/4/128. With the passes around the GEMMs in sub-blocks ([`SUB_EDGES`]), 512 edges
-    /// against 256 at 6/4/128: gathered layer (10 M weights) forward 2.5–4 % and
-    /// forward+backward 2–5 % faster, per-edge layer (5.0 M) within ±1 %; at 4/2/64 (0.4 M
-    /// per-edge, 0.8 M gathered) 3–6 % slower, and 1024 edges 12–20 % slower.
+    /// Edges per task: 128 for layers with fewer than [`SMALL_WEIGHTS`] packed weights, 256 up
+    /// to [`LARGE_WEIGHTS`], 512 from there, or fewer so that every thread gets at least four
+    /// tasks. Large chunks amortise the packing of the weights inside each GEMM call (the
+    /// per-order matrices are up to `896 × 896` at lmax 6, C 128, streamed from L3) and, in the
+    /// backward pass, the read-modify-write of the weight-gradient accumulator per chunk (20 MB
+    /// at lmax 6, mmax 4, C 128); small ones keep the chunk's GEMM operands in L2 (a 128-edge
+    /// chunk of m-major rows is 0.6 MB at 4/2/64, 256 edges 1.2 MB, against 1 MB of L2 per
+    /// core). Measured (10⁴ edges, two threads, alternating runs of one binary):
+    /// - before the sub-block passes ([`SUB_EDGES`]): 256 edges 10–40 % faster than chunks of
+    ///   16–53 edges at 4/2/64 and 6/4/128;
+    /// - 6/4/128 (5.0 M weights per-edge, 10 M gathered): 512 against 256 edges, gathered
+    ///   forward 2.5–4 % and forward+backward 2–5 % faster, per-edge within ±1 %; per-edge 1024 edges
+    ///   2–5 % slower than 512;
+    /// - 4/2/64 (0.4 M per-edge, 0.8 M gathered): 128 against 256 edges, per-edge
+    ///   forward+backward 2–7 % faster (best of 10–15 in six of seven rounds; 64 and 192 edges
+    ///   as fast as 128), gathered forward 1–7 % faster, forward and gathered forward+backward
+    ///   within the noise; 512 edges 3–6 % slower and 1024 edges 12–20 % slower than 256.
+    ///
+    /// Layers between 1 M and 4 M weights keep 256 edges, untested.
     fn chunk_edges(&self, edges: usize) -> usize {
         let by_tasks = edges.div_ceil(4 * rayon::current_num_threads()).max(1);
-        let cap = if self.weight_len() >= LARGE_WEIGHTS {
-            512
-        } else {
+        let weights = self.weight_len();
+        let cap = if weights < SMALL_WEIGHTS {
+            128
+        } else if weights < LARGE_WEIGHTS {
             256
+        } else {
+            512
         };
         by_tasks.min(cap)
     }
 }
 
-/// Weights (packed) from which a layer runs chunks of 512 edges instead of 256 (see
-/// [`LayerShape::chunk_edges`]; between the measured 0.8 M and 5.0 M the choice is untested).
+/// Packed weights below which a layer runs chunks of 128 edges (see
+/// [`LayerShape::chunk_edges`]).
+const SMALL_WEIGHTS: usize = 1 << 20;
+
+/// Packed weights from which a layer runs chunks of 512 edges (see [`LayerShape::chunk_edges`]).
 const LARGE_WEIGHTS: usize = 4 << 20;
 
 // ---------------------------------------------------------------------------------------------
@@ -1106,7 +1120,7 @@ dispatch_kernel!(scale_in_place, scale_in_place_kernel, (x: &mut [T], rad: &[T],
 /// scaling, order-block sums; radial gradient, rotation back): each pass over a sub-block
 /// reads what the previous one wrote while it is still in L1/L2 (8 edges are 39 KB of m-major
 /// rows at lmax 4, mmax 2, C 64 and 176 KB at lmax 6, mmax 4, C 128), where whole chunks
-/// (256 edges, 1.2–5.6 MB) would go to L3 or memory between passes.
+/// (128–512 edges, 0.6–11 MB) would go to L3 or memory between passes.
 const SUB_EDGES: usize = 8;
 
 /// `(first edge, edge count)` of the sub-blocks of a chunk of `ne` edges.
