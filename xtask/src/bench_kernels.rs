@@ -304,11 +304,9 @@ fn bench_config(
             Ok(())
         },
     )?;
-    // The Wigner blocks are constants of the rotations and the layer (`edge_wigner` builds
-    // them from detached values, as fairchem does; `frames_diff` is the differentiable path),
-    // built here from detached edge vectors as in the reference: their "bwd" is the gradient of
-    // the features.
-    let wigner = edge_wigner(&xyz.as_tensor().detach(), lmax, &Roll::Random { seed: 1 })?;
+    // `edge_wigner` builds the blocks from detached values (as fairchem, and the reference):
+    // the "bwd" rows below are gradients of the features only.
+    let wigner = edge_wigner(xyz.as_tensor(), lmax, &Roll::Random { seed: 1 })?;
 
     // Rotations into and out of the edge frames.
     let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (edges, full, c), &dev)?)?;

@@ -7,11 +7,10 @@
 //! ## Why fused
 //! Composed from separate ops, one layer writes and re-reads four edge-sized tensors (rotated,
 //! radially scaled, convolved, rotated back) and candle accumulates a gradient for each in the
-//! backward pass. Here every rayon task takes a chunk of up to 128–512 edges (by the
-//! layer's size), rotates it into a task-local scratch buffer, scales it by the radial weights,
-//! runs the GEMMs of every order on the chunk (single-threaded `gemm`, the threads work on
-//! different chunks) and rotates
-//! the result straight into the output. The backward pass is one op as well: it recomputes
+//! backward pass. Here every rayon task takes a chunk of 128–512 edges (by the layer's size),
+//! rotates it into a task-local scratch buffer, scales it by the radial weights, runs the GEMMs
+//! of every order on the chunk (single-threaded `gemm`, the threads work on different chunks)
+//! and rotates the result straight into the output. The backward pass is one op as well: it recomputes
 //! the rotated input of the chunk instead of storing it, and writes the gradients of the
 //! input and of the radial weights (each written once, never read first: fresh output pages
 //! are touched once) and accumulates those of the packed weights.
@@ -223,8 +222,8 @@ impl LayerShape {
     /// - before the sub-block passes ([`SUB_EDGES`]): 256 edges 10–40 % faster than chunks of
     ///   16–53 edges at 4/2/64 and 6/4/128;
     /// - 6/4/128 (5.0 M weights per-edge, 10 M gathered): 512 against 256 edges, gathered
-    ///   forward 2.5–4 % and forward+backward 2–5 % faster, per-edge within ±1 %; per-edge 1024 edges
-    ///   2–5 % slower than 512;
+    ///   forward 2.5–4 % and forward+backward 2–5 % faster, per-edge within ±1 %; per-edge
+    ///   1024 edges 2–5 % slower than 512;
     /// - 4/2/64 (0.4 M per-edge, 0.8 M gathered): 128 against 256 edges, per-edge
     ///   forward+backward 2–7 % faster (best of 10–15 in six of seven rounds; 64 and 192 edges
     ///   as fast as 128), gathered forward 1–7 % faster, forward and gathered forward+backward

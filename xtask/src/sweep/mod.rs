@@ -49,7 +49,8 @@ Trains every run of a sweep file (families × sizes × nested data sizes × seed
 the sweep directory and prints the fitted exponents.
 
 Without --config the embedded configs/sweeps/default.toml runs: EMT alloys generated on the fly,
-FCN, Transformer and SchNet × 4 sizes × 5 data sizes (43 s on 2 quiet cores, 4–7 minutes on 2 busy ones).
+FCN, Transformer and SchNet × 4 sizes × 5 data sizes (43 s on 2 quiet cores, 4–7 minutes on
+2 busy ones).
 
 The sweep is resumable: kill it at any moment (even kill -9) and run the same command again;
 finished runs are kept, interrupted ones resume from their checkpoints, and the final table is
