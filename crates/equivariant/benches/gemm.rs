@@ -6,8 +6,13 @@
 //! Cases: the per-edge layers `l4_m2_c64`, `l6_m4_c128` (`C → C`) and EquiformerV2's gathered
 //! message layers `l4_m2_c64_gather`, `l6_m4_c128_gather` (`cat(x[src], x[dst])`: `2C → C`).
 //! At `lmax` 6, `mmax` 4, 128 channels this is the floor of the layer's time: no rotation or
-//! fusion can make the layer faster than its GEMMs.//!
-//! Also a 512³ product, the practical peak of one core. Every figure is the best of
+//! fusion can make the layer faster than its GEMMs.
+//!
+//! Also a 512³ product, the practical peak of one core, and the core's FMA peak: 12
+//! independent chains of the widest fused multiply-add the CPU has (AVX-512, else AVX2),
+//! nothing else in the loop, so no GEMM on this core can run faster. Each layer case prints
+//! its time at that peak too: the hard floor, which no implementation (ours, MKL's) can beat
+//! without doing fewer multiplications. Every figure is the best of
 //! `MATSCALE_BENCH_REPEATS` (default 5) timed passes after a warm-up, f32, one thread
 //! (the layer runs one chunk per rayon task, each GEMM single-threaded).
 //!
@@ -150,6 +155,110 @@ fn time(products: &[Product], bufs: &Buffers, out: &mut [f32], repeats: usize) -
         .fold(f64::INFINITY, f64::min)
 }
 
+/// Multiply-adds per FMA-peak pass: 12 register chains × `FMA_ITERS` iterations.
+const FMA_ITERS: u64 = 20_000_000;
+
+/// Runs 12 independent chains of 16-lane `vfmadd231ps` (`zmm0..zmm11 += zmm12 · zmm13`, all
+/// zero, so never denormal), `iters` times: two per cycle keep both FMA pipes busy whatever
+/// their latency. Inline assembly, so that the compiler neither spills the chains nor folds
+/// them away (the std AVX-512 intrinsics also need Rust 1.89, above the workspace's MSRV).
+///
+/// # Safety
+/// The CPU must support AVX-512F; `iters` must be at least 1.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn fma_chains_avx512(iters: u64) {
+    // SAFETY: registers only (declared clobbered), no memory or stack; AVX-512F is enabled.
+    unsafe {
+        std::arch::asm!(
+            "vpxord zmm0, zmm0, zmm0", "vpxord zmm1, zmm1, zmm1", "vpxord zmm2, zmm2, zmm2",
+            "vpxord zmm3, zmm3, zmm3", "vpxord zmm4, zmm4, zmm4", "vpxord zmm5, zmm5, zmm5",
+            "vpxord zmm6, zmm6, zmm6", "vpxord zmm7, zmm7, zmm7", "vpxord zmm8, zmm8, zmm8",
+            "vpxord zmm9, zmm9, zmm9", "vpxord zmm10, zmm10, zmm10",
+            "vpxord zmm11, zmm11, zmm11", "vpxord zmm12, zmm12, zmm12",
+            "vpxord zmm13, zmm13, zmm13",
+            "2:",
+            "vfmadd231ps zmm0, zmm12, zmm13", "vfmadd231ps zmm1, zmm12, zmm13",
+            "vfmadd231ps zmm2, zmm12, zmm13", "vfmadd231ps zmm3, zmm12, zmm13",
+            "vfmadd231ps zmm4, zmm12, zmm13", "vfmadd231ps zmm5, zmm12, zmm13",
+            "vfmadd231ps zmm6, zmm12, zmm13", "vfmadd231ps zmm7, zmm12, zmm13",
+            "vfmadd231ps zmm8, zmm12, zmm13", "vfmadd231ps zmm9, zmm12, zmm13",
+            "vfmadd231ps zmm10, zmm12, zmm13", "vfmadd231ps zmm11, zmm12, zmm13",
+            "dec {n}",
+            "jnz 2b",
+            n = inout(reg) iters => _,
+            out("zmm0") _, out("zmm1") _, out("zmm2") _, out("zmm3") _, out("zmm4") _,
+            out("zmm5") _, out("zmm6") _, out("zmm7") _, out("zmm8") _, out("zmm9") _,
+            out("zmm10") _, out("zmm11") _, out("zmm12") _, out("zmm13") _,
+            options(nomem, nostack),
+        );
+    }
+}
+
+/// The same with 8-lane `vfmadd231ps` on `ymm` registers (AVX2 + FMA).
+///
+/// # Safety
+/// The CPU must support AVX and FMA; `iters` must be at least 1.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,fma")]
+unsafe fn fma_chains_avx2(iters: u64) {
+    // SAFETY: registers only (declared clobbered), no memory or stack; AVX and FMA are enabled.
+    unsafe {
+        std::arch::asm!(
+            "vxorps ymm0, ymm0, ymm0", "vxorps ymm1, ymm1, ymm1", "vxorps ymm2, ymm2, ymm2",
+            "vxorps ymm3, ymm3, ymm3", "vxorps ymm4, ymm4, ymm4", "vxorps ymm5, ymm5, ymm5",
+            "vxorps ymm6, ymm6, ymm6", "vxorps ymm7, ymm7, ymm7", "vxorps ymm8, ymm8, ymm8",
+            "vxorps ymm9, ymm9, ymm9", "vxorps ymm10, ymm10, ymm10",
+            "vxorps ymm11, ymm11, ymm11", "vxorps ymm12, ymm12, ymm12",
+            "vxorps ymm13, ymm13, ymm13",
+            "2:",
+            "vfmadd231ps ymm0, ymm12, ymm13", "vfmadd231ps ymm1, ymm12, ymm13",
+            "vfmadd231ps ymm2, ymm12, ymm13", "vfmadd231ps ymm3, ymm12, ymm13",
+            "vfmadd231ps ymm4, ymm12, ymm13", "vfmadd231ps ymm5, ymm12, ymm13",
+            "vfmadd231ps ymm6, ymm12, ymm13", "vfmadd231ps ymm7, ymm12, ymm13",
+            "vfmadd231ps ymm8, ymm12, ymm13", "vfmadd231ps ymm9, ymm12, ymm13",
+            "vfmadd231ps ymm10, ymm12, ymm13", "vfmadd231ps ymm11, ymm12, ymm13",
+            "dec {n}",
+            "jnz 2b",
+            n = inout(reg) iters => _,
+            out("ymm0") _, out("ymm1") _, out("ymm2") _, out("ymm3") _, out("ymm4") _,
+            out("ymm5") _, out("ymm6") _, out("ymm7") _, out("ymm8") _, out("ymm9") _,
+            out("ymm10") _, out("ymm11") _, out("ymm12") _, out("ymm13") _,
+            options(nomem, nostack),
+        );
+    }
+}
+
+/// The core's f32 FMA peak in FLOP/s (best of `repeats`) and the instruction set measured,
+/// or `None` off x86-64 or without AVX2 + FMA.
+fn fma_peak(repeats: usize) -> Option<(f64, &'static str)> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let (lanes, isa, run): (u64, &str, unsafe fn(u64)) = if is_x86_feature_detected!("avx512f")
+        {
+            (16, "avx512f", fma_chains_avx512)
+        } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            (8, "avx2+fma", fma_chains_avx2)
+        } else {
+            return None;
+        };
+        let best = (0..=repeats)
+            .map(|_| {
+                let t = Instant::now();
+                // SAFETY: the instruction set `run` needs was detected above; FMA_ITERS > 0.
+                unsafe { run(std::hint::black_box(FMA_ITERS)) };
+                t.elapsed().as_secs_f64()
+            })
+            .fold(f64::INFINITY, f64::min);
+        Some(((FMA_ITERS * 12 * lanes * 2) as f64 / best, isa))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = repeats;
+        None
+    }
+}
+
 /// A deterministic, non-trivial fill.
 fn fill(len: usize, period: usize) -> Vec<f32> {
     (0..len)
@@ -185,6 +294,21 @@ fn main() {
         "RESULT {{\"case\": \"square512\", \"gflops\": {:.3}, \"flops\": {per}}}",
         per / best / 1e9
     );
+    let peak = fma_peak(repeats);
+    match peak {
+        Some((rate, isa)) => {
+            println!(
+                "fma peak ({isa}, 12 chains): {:.1} GFLOP/s (one thread); 512^3 gemm at {:.1} %",
+                rate / 1e9,
+                100.0 * per / best / rate
+            );
+            println!(
+                "RESULT {{\"case\": \"fma_peak\", \"isa\": \"{isa}\", \"gflops\": {:.3}}}",
+                rate / 1e9
+            );
+        }
+        None => println!("fma peak: not measured (needs x86-64 with AVX2 + FMA)"),
+    }
     // (lmax, mmax, C_in, C_out, name): the per-edge layers, then EquiformerV2's gathered
     // message layers (`cat(x[src], x[dst])`: 2C → C).
     for (lmax, mmax, c_in, c_out, form) in [
@@ -216,15 +340,24 @@ fn main() {
             let per = flops(&products);
             let best = time(&products, &bufs, &mut out, repeats);
             let per_1e4 = best * 1e4 / CHUNK as f64;
+            // The pass at the FMA peak, scaled to 10⁴ edges: the floor no GEMM can beat.
+            let at_peak = peak.map(|(rate, _)| per * 1e4 / CHUNK as f64 / rate);
             println!(
-                "gemm layer {case} {name}: {:.1} GFLOP/s, {:.1} ms per 10^4 edges (one thread)",
+                "gemm layer {case} {name}: {:.1} GFLOP/s, {:.1} ms per 10^4 edges (one thread){}",
                 per / best / 1e9,
-                per_1e4 * 1e3
+                per_1e4 * 1e3,
+                at_peak.map_or(String::new(), |t| format!(
+                    "; {:.1} ms at the FMA peak (runs at {:.1} % of it)",
+                    t * 1e3,
+                    100.0 * t / per_1e4
+                ))
             );
             println!(
                 "RESULT {{\"case\": \"{case}\", \"pass\": \"{name}\", \"gflops\": {:.3}, \
-                 \"flops\": {per}, \"seconds_per_1e4_edges\": {per_1e4}}}",
-                per / best / 1e9
+                 \"flops\": {per}, \"seconds_per_1e4_edges\": {per_1e4}, \
+                 \"seconds_per_1e4_edges_at_fma_peak\": {}}}",
+                per / best / 1e9,
+                at_peak.map_or("null".to_string(), |t| t.to_string())
             );
         }
     }
