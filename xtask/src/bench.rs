@@ -73,7 +73,7 @@ const SUITES: &[Suite] = &[
         package: "matscale-equivariant",
         benches: &["gemm"],
         compare: Compare::Python("crates/equivariant/benches/gemm_torch.py"),
-        about: "the SO(2) layer's GEMMs alone (its floor) vs torch.addmm, one thread",
+        about: "the SO(2) layer's GEMMs alone (its floor) and the core's FMA peak vs torch.addmm, one thread",
     },
     Suite {
         name: "s2grid",
