@@ -8,9 +8,11 @@
 #   scripts/gpu-verify.sh run [OUTDIR]   # there, from the repository root, with target/gpu-stage
 #                                        # carried: the CUDA kernel tests (every kernel against the
 #                                        # CPU, values and gradients), `bench kernels --device cuda`
-#                                        # with the e3nn/PyTorch reference side by side, and a short
-#                                        # SchNet training run on the GPU. Logs and JSON go to OUTDIR
-#                                        # (default $OUT, else target/gpu-out).
+#                                        # with the e3nn/PyTorch reference side by side, a short
+#                                        # SchNet training run on the GPU, and EquiformerV2 forward and
+#                                        # forward+backward against fairchem 1.x on the same GPU
+#                                        # (crates/models/benches/equiformer_v2_compare.sh). Logs and
+#                                        # JSON go to OUTDIR (default $OUT, else target/gpu-out).
 #
 # With the device tool: after `build`, run
 #   command: bash scripts/gpu-verify.sh run "$OUT"     carry: ["target/gpu-stage"]
@@ -18,7 +20,10 @@
 # (python3 -c 'import nvidia'): never put the toolkit's lib/stubs on LD_LIBRARY_PATH there,
 # the stub libcuda.so.1 would hide the driver's.
 # Environment: TARGET_DIR (default /work/target-cuda), CUDA_COMPUTE_CAP (default 90),
-# SANITIZE=1 to also run the kernel tests under compute-sanitizer.
+# SANITIZE=1 to also run the kernel tests under compute-sanitizer, FAIRCHEM (build: a fairchem
+# 1.x source checkout whose EquiformerV2 and SCN model folders, about 0.5 MB, are staged for the
+# GPU machine; default /tmp/fairchem, see equiformer_v2_compare.sh; without it the EquiformerV2
+# comparison is skipped), EQV2_REPS (run: timed repetitions, default 10).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STAGE=target/gpu-stage
@@ -34,13 +39,26 @@ build() {
         --no-run --target-dir "$td" 2>&1 | tee /dev/stderr \
         | sed -n 's/.*Executable tests\/cuda.rs (\(.*\))/\1/p')
     [ -x "$tests" ] || { echo "could not find the cuda test binary" >&2; exit 1; }
+    local eqv2
+    eqv2=$(cargo bench --features cuda -p matscale-models --bench equiformer_v2 --no-run \
+        --target-dir "$td" 2>&1 | tee /dev/stderr \
+        | sed -n 's/.*Executable benches\/equiformer_v2.rs (\(.*\))/\1/p')
+    [ -x "$eqv2" ] || { echo "could not find the equiformer_v2 bench binary" >&2; exit 1; }
     rm -rf "$STAGE" && mkdir -p "$STAGE/bin"
     cp "$td/release/xtask" "$STAGE/bin/xtask"
     cp "$tests" "$STAGE/bin/cuda-tests"
-    strip "$STAGE/bin/xtask" "$STAGE/bin/cuda-tests"
+    cp "$eqv2" "$STAGE/bin/equiformer-v2-bench"
+    strip "$STAGE/bin/xtask" "$STAGE/bin/cuda-tests" "$STAGE/bin/equiformer-v2-bench"
     ls -l "$STAGE/bin"
     tar -C "$STAGE" -cJf "$STAGE/matscale-gpu.tar.xz" bin
     rm -rf "$STAGE/bin"
+    local fc="${FAIRCHEM:-/tmp/fairchem}"
+    if [ -d "$fc/src/fairchem/core/models/equiformer_v2" ]; then
+        tar -C "$fc" -cJf "$STAGE/fairchem-src.tar.xz" \
+            src/fairchem/core/models/equiformer_v2 src/fairchem/core/models/scn
+    else
+        echo "warning: no fairchem checkout at $fc: the EquiformerV2 comparison will be skipped" >&2
+    fi
     ls -l "$STAGE"
     local size
     size=$(stat -c %s "$STAGE/matscale-gpu.tar.xz")
@@ -70,7 +88,7 @@ print(":".join(sorted(dirs)))
 PY
 )
     export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-    for b in xtask cuda-tests; do
+    for b in xtask cuda-tests equiformer-v2-bench; do
         if ldd "$bin/bin/$b" | grep "not found"; then
             echo "missing libraries for $b (LD_LIBRARY_PATH=$LD_LIBRARY_PATH)" >&2
             exit 1
@@ -95,6 +113,18 @@ PY
     echo "== a short SchNet training run on the GPU (EMT-labelled alloys)"
     "$bin/bin/xtask" train --model schnet --size 1e5 --data emt --emt-structures 64 --epochs 2 \
         --device cuda --out "$out/schnet-run" 2>&1 | tail -n 20 | tee "$out/train.log" || status=1
+    if [ -f "$STAGE/fairchem-src.tar.xz" ]; then
+        echo "== EquiformerV2 forward and forward+backward on the GPU, matscale against fairchem"
+        local fc=/tmp/matscale-fairchem
+        rm -rf "$fc" && mkdir -p "$fc"
+        tar -C "$fc" -xJf "$STAGE/fairchem-src.tar.xz"
+        BIN="$bin/bin/equiformer-v2-bench" FAIRCHEM="$fc" PYTHON=python3 \
+            OUT="$out/equiformer_v2.jsonl" \
+            crates/models/benches/equiformer_v2_compare.sh --device cuda \
+            --reps "${EQV2_REPS:-10}" --warmup 3 2>&1 | tee "$out/equiformer_v2.log" || status=1
+    else
+        echo "== EquiformerV2 against fairchem: skipped (no fairchem sources staged)"
+    fi
     echo "results in $out (status $status)"
     return "$status"
 }

@@ -158,76 +158,67 @@ fn time(products: &[Product], bufs: &Buffers, out: &mut [f32], repeats: usize) -
 /// Multiply-adds per FMA-peak pass: 12 register chains × `FMA_ITERS` iterations.
 const FMA_ITERS: u64 = 20_000_000;
 
-/// Runs 12 independent chains of 16-lane `vfmadd231ps` (`zmm0..zmm11 += zmm12 · zmm13`, all
-/// zero, so never denormal), `iters` times: two per cycle keep both FMA pipes busy whatever
-/// their latency. Inline assembly, so that the compiler neither spills the chains nor folds
-/// them away (the std AVX-512 intrinsics also need Rust 1.89, above the workspace's MSRV).
-///
-/// # Safety
-/// The CPU must support AVX-512F; `iters` must be at least 1.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn fma_chains_avx512(iters: u64) {
-    // SAFETY: registers only (declared clobbered), no memory or stack; AVX-512F is enabled.
-    unsafe {
-        std::arch::asm!(
-            "vpxord zmm0, zmm0, zmm0", "vpxord zmm1, zmm1, zmm1", "vpxord zmm2, zmm2, zmm2",
-            "vpxord zmm3, zmm3, zmm3", "vpxord zmm4, zmm4, zmm4", "vpxord zmm5, zmm5, zmm5",
-            "vpxord zmm6, zmm6, zmm6", "vpxord zmm7, zmm7, zmm7", "vpxord zmm8, zmm8, zmm8",
-            "vpxord zmm9, zmm9, zmm9", "vpxord zmm10, zmm10, zmm10",
-            "vpxord zmm11, zmm11, zmm11", "vpxord zmm12, zmm12, zmm12",
-            "vpxord zmm13, zmm13, zmm13",
-            "2:",
-            "vfmadd231ps zmm0, zmm12, zmm13", "vfmadd231ps zmm1, zmm12, zmm13",
-            "vfmadd231ps zmm2, zmm12, zmm13", "vfmadd231ps zmm3, zmm12, zmm13",
-            "vfmadd231ps zmm4, zmm12, zmm13", "vfmadd231ps zmm5, zmm12, zmm13",
-            "vfmadd231ps zmm6, zmm12, zmm13", "vfmadd231ps zmm7, zmm12, zmm13",
-            "vfmadd231ps zmm8, zmm12, zmm13", "vfmadd231ps zmm9, zmm12, zmm13",
-            "vfmadd231ps zmm10, zmm12, zmm13", "vfmadd231ps zmm11, zmm12, zmm13",
-            "dec {n}",
-            "jnz 2b",
-            n = inout(reg) iters => _,
-            out("zmm0") _, out("zmm1") _, out("zmm2") _, out("zmm3") _, out("zmm4") _,
-            out("zmm5") _, out("zmm6") _, out("zmm7") _, out("zmm8") _, out("zmm9") _,
-            out("zmm10") _, out("zmm11") _, out("zmm12") _, out("zmm13") _,
-            options(nomem, nostack),
-        );
-    }
+/// Defines `unsafe fn $name(iters: u64)`: 12 independent chains of `vfmadd231ps` on registers
+/// of class `$class` (`a0..a11 += a12 · a13`, all zeroed first with `$zero`, so never denormal),
+/// `iters` times; two per cycle keep both FMA pipes busy whatever their latency. Inline
+/// assembly, so that the compiler neither spills the chains nor folds them away (the std
+/// AVX-512 intrinsics also need Rust 1.89, above the workspace's MSRV).
+macro_rules! fma_chains {
+    ($(#[$doc:meta])* $name:ident, $feature:literal, $class:ident, $zero:literal) => {
+        $(#[$doc])*
+        ///
+        /// # Safety
+        #[doc = concat!("The CPU must support ", $feature, "; `iters` must be at least 1.")]
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $feature)]
+        unsafe fn $name(iters: u64) {
+            // SAFETY: registers only (all operands), no memory or stack; the target feature the
+            // instructions need is enabled.
+            unsafe {
+                std::arch::asm!(
+                    concat!($zero, " {a0}, {a0}, {a0}"), concat!($zero, " {a1}, {a1}, {a1}"),
+                    concat!($zero, " {a2}, {a2}, {a2}"), concat!($zero, " {a3}, {a3}, {a3}"),
+                    concat!($zero, " {a4}, {a4}, {a4}"), concat!($zero, " {a5}, {a5}, {a5}"),
+                    concat!($zero, " {a6}, {a6}, {a6}"), concat!($zero, " {a7}, {a7}, {a7}"),
+                    concat!($zero, " {a8}, {a8}, {a8}"), concat!($zero, " {a9}, {a9}, {a9}"),
+                    concat!($zero, " {a10}, {a10}, {a10}"), concat!($zero, " {a11}, {a11}, {a11}"),
+                    concat!($zero, " {a12}, {a12}, {a12}"), concat!($zero, " {a13}, {a13}, {a13}"),
+                    "2:",
+                    "vfmadd231ps {a0}, {a12}, {a13}", "vfmadd231ps {a1}, {a12}, {a13}",
+                    "vfmadd231ps {a2}, {a12}, {a13}", "vfmadd231ps {a3}, {a12}, {a13}",
+                    "vfmadd231ps {a4}, {a12}, {a13}", "vfmadd231ps {a5}, {a12}, {a13}",
+                    "vfmadd231ps {a6}, {a12}, {a13}", "vfmadd231ps {a7}, {a12}, {a13}",
+                    "vfmadd231ps {a8}, {a12}, {a13}", "vfmadd231ps {a9}, {a12}, {a13}",
+                    "vfmadd231ps {a10}, {a12}, {a13}", "vfmadd231ps {a11}, {a12}, {a13}",
+                    "dec {n}",
+                    "jnz 2b",
+                    n = inout(reg) iters => _,
+                    a0 = out($class) _, a1 = out($class) _, a2 = out($class) _,
+                    a3 = out($class) _, a4 = out($class) _, a5 = out($class) _,
+                    a6 = out($class) _, a7 = out($class) _, a8 = out($class) _,
+                    a9 = out($class) _, a10 = out($class) _, a11 = out($class) _,
+                    a12 = out($class) _, a13 = out($class) _,
+                    options(nomem, nostack),
+                );
+            }
+        }
+    };
 }
 
-/// The same with 8-lane `vfmadd231ps` on `ymm` registers (AVX2 + FMA).
-///
-/// # Safety
-/// The CPU must support AVX and FMA; `iters` must be at least 1.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx,fma")]
-unsafe fn fma_chains_avx2(iters: u64) {
-    // SAFETY: registers only (declared clobbered), no memory or stack; AVX and FMA are enabled.
-    unsafe {
-        std::arch::asm!(
-            "vxorps ymm0, ymm0, ymm0", "vxorps ymm1, ymm1, ymm1", "vxorps ymm2, ymm2, ymm2",
-            "vxorps ymm3, ymm3, ymm3", "vxorps ymm4, ymm4, ymm4", "vxorps ymm5, ymm5, ymm5",
-            "vxorps ymm6, ymm6, ymm6", "vxorps ymm7, ymm7, ymm7", "vxorps ymm8, ymm8, ymm8",
-            "vxorps ymm9, ymm9, ymm9", "vxorps ymm10, ymm10, ymm10",
-            "vxorps ymm11, ymm11, ymm11", "vxorps ymm12, ymm12, ymm12",
-            "vxorps ymm13, ymm13, ymm13",
-            "2:",
-            "vfmadd231ps ymm0, ymm12, ymm13", "vfmadd231ps ymm1, ymm12, ymm13",
-            "vfmadd231ps ymm2, ymm12, ymm13", "vfmadd231ps ymm3, ymm12, ymm13",
-            "vfmadd231ps ymm4, ymm12, ymm13", "vfmadd231ps ymm5, ymm12, ymm13",
-            "vfmadd231ps ymm6, ymm12, ymm13", "vfmadd231ps ymm7, ymm12, ymm13",
-            "vfmadd231ps ymm8, ymm12, ymm13", "vfmadd231ps ymm9, ymm12, ymm13",
-            "vfmadd231ps ymm10, ymm12, ymm13", "vfmadd231ps ymm11, ymm12, ymm13",
-            "dec {n}",
-            "jnz 2b",
-            n = inout(reg) iters => _,
-            out("ymm0") _, out("ymm1") _, out("ymm2") _, out("ymm3") _, out("ymm4") _,
-            out("ymm5") _, out("ymm6") _, out("ymm7") _, out("ymm8") _, out("ymm9") _,
-            out("ymm10") _, out("ymm11") _, out("ymm12") _, out("ymm13") _,
-            options(nomem, nostack),
-        );
-    }
-}
+fma_chains!(
+    /// 16-lane chains on `zmm` registers (AVX-512F).
+    fma_chains_avx512,
+    "avx512f",
+    zmm_reg,
+    "vpxord"
+);
+fma_chains!(
+    /// 8-lane chains on `ymm` registers (AVX2 + FMA).
+    fma_chains_avx2,
+    "avx,fma",
+    ymm_reg,
+    "vxorps"
+);
 
 /// The core's f32 FMA peak in FLOP/s (best of `repeats`) and the instruction set measured,
 /// or `None` off x86-64 or without AVX2 + FMA.

@@ -1,14 +1,18 @@
-//! EquiformerV2 on the CPU: forward and forward+backward of the whole model on a fixed batch,
-//! and the peak memory of each (one process per measurement).
+//! EquiformerV2 on the CPU (or, built with `--features cuda`, a GPU): forward and
+//! forward+backward of the whole model on a fixed batch, and the peak memory of each (one
+//! process per measurement).
 //!
 //! Three modes:
 //! * `cargo bench -p matscale-models --bench equiformer_v2 [-- FILTER]`: criterion benches
 //!   `equiformer_v2/{small,eqv2-s}/{forward,forward_backward}` (10 samples each; the eqV2-S
 //!   ones take a few minutes).
 //! * `equiformer_v2 compare --config small|eqv2-s --phase forward|forward_backward
-//!   [--reps 3] [--warmup 1]`: the side-by-side mode of `equiformer_v2_compare.sh`. Prints one
-//!   JSON line (every repetition's seconds, best, median, the process's peak RSS). Run one
-//!   measurement per process so that the peak RSS is that measurement's.
+//!   [--reps 3] [--warmup 1] [--device cpu|cuda]`: the side-by-side mode of
+//!   `equiformer_v2_compare.sh`. Prints one JSON line (every repetition's seconds, best,
+//!   median, the process's peak RSS, the device). Run one measurement per process so that the
+//!   peak RSS is that measurement's. With `--device cuda` (a `cuda` build with a GPU; otherwise
+//!   one line says why and it runs on the CPU) each repetition ends with a device
+//!   synchronisation; the GPU's peak memory is not measured (`peak_device_bytes`: null).
 //! * `equiformer_v2 input PATH`: writes the batch (structures and the edge list with its
 //!   vectors) as JSON for `equiformer_v2_fairchem.py`, so both sides run on the same graph.
 //!
@@ -35,6 +39,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use criterion::Criterion;
+use matscale_equivariant::device::{select_device, DeviceRequest};
 use matscale_models::equiformer_v2::{EquiformerV2, EquiformerV2Config};
 use matscale_models::{seeded_var_builder, BatchTensors, ForceMode, Geometry, Model};
 use matscale_structures::batch::{GraphBatch, GraphOptions};
@@ -92,6 +97,7 @@ struct Case {
     net: EquiformerV2,
     tensors: BatchTensors,
     geometry: Geometry,
+    device: Device,
     n_parameters: usize,
     n_atoms: usize,
     n_edges: usize,
@@ -101,10 +107,10 @@ impl Case {
     /// The model of `name` on the benchmark batch. With `frozen` its weights are plain tensors
     /// instead of `Var`s, so a forward pass keeps no autograd graph (inference, as PyTorch
     /// under `no_grad`).
-    fn new(name: &str, frozen: bool) -> BenchResult<Self> {
+    fn new(name: &str, frozen: bool, device: &Device) -> BenchResult<Self> {
         let config = config(name)?;
         let batch = batch(&config)?;
-        let device = Device::Cpu;
+        let device = device.clone();
         let varmap = VarMap::new();
         let vb = seeded_var_builder(&varmap, 7, DType::F32, &device);
         let mut net = EquiformerV2::new(&config, ForceMode::Direct, vb)?;
@@ -126,6 +132,7 @@ impl Case {
             net,
             tensors,
             geometry,
+            device,
             n_parameters,
             n_atoms: batch.n_nodes(),
             n_edges: batch.n_edges(),
@@ -144,7 +151,10 @@ impl Case {
             let grads = loss.backward()?;
             std::hint::black_box(grads);
         }
-        Ok(loss.to_scalar::<f32>()?)
+        let loss = loss.to_scalar::<f32>()?;
+        // Everything queued on a GPU has finished before the clock stops.
+        self.device.synchronize()?;
+        Ok(loss)
     }
 }
 
@@ -161,6 +171,7 @@ fn compare(args: &[String]) -> BenchResult<()> {
     let mut name = "small".to_string();
     let mut phase = "forward".to_string();
     let (mut reps, mut warmup) = (3usize, 1usize);
+    let mut request = DeviceRequest::Cpu;
     let mut it = args.iter();
     while let Some(flag) = it.next() {
         let mut value = || {
@@ -173,6 +184,7 @@ fn compare(args: &[String]) -> BenchResult<()> {
             "--phase" => phase = value()?,
             "--reps" => reps = value()?.parse()?,
             "--warmup" => warmup = value()?.parse()?,
+            "--device" => request = value()?.parse()?,
             other => return Err(format!("unknown option {other}").into()),
         }
     }
@@ -184,7 +196,8 @@ fn compare(args: &[String]) -> BenchResult<()> {
     if reps == 0 {
         return Err("--reps must be at least 1".into());
     }
-    let case = Case::new(&name, !backward)?;
+    let selected = select_device(request);
+    let case = Case::new(&name, !backward, &selected.device)?;
     for _ in 0..warmup {
         case.step(backward)?;
     }
@@ -199,11 +212,13 @@ fn compare(args: &[String]) -> BenchResult<()> {
     println!(
         "{{\"impl\": \"matscale\", \"config\": \"{name}\", \"phase\": \"{phase}\", \
          \"parameters\": {}, \"atoms\": {}, \"edges\": {}, \"threads\": {}, \
-         \"seconds\": {seconds:?}, \"best_s\": {}, \"median_s\": {}, \"peak_rss_bytes\": {}}}",
+         \"device\": \"{}\", \"seconds\": {seconds:?}, \"best_s\": {}, \"median_s\": {}, \
+         \"peak_rss_bytes\": {}, \"peak_device_bytes\": null}}",
         case.n_parameters,
         case.n_atoms,
         case.n_edges,
         rayon::current_num_threads(),
+        selected.label(),
         sorted[0],
         median(&sorted),
         peak_rss_bytes()
@@ -256,7 +271,7 @@ fn criterion_benches() -> BenchResult<()> {
         let mut group = c.benchmark_group(format!("equiformer_v2/{name}"));
         group.sample_size(10);
         for (phase, backward) in [("forward", false), ("forward_backward", true)] {
-            let case = Case::new(name, !backward)?;
+            let case = Case::new(name, !backward, &Device::Cpu)?;
             group.bench_function(phase, |b| {
                 b.iter(|| case.step(backward).expect("EquiformerV2 step"))
             });

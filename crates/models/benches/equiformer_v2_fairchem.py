@@ -1,4 +1,4 @@
-"""fairchem's EquiformerV2 on the CPU, the reference side of equiformer_v2_compare.sh.
+"""fairchem's EquiformerV2 on the CPU or a GPU, the reference side of equiformer_v2_compare.sh.
 
 Builds fairchem 1.x `EquiformerV2Backbone` with `EqV2ScalarHead` (energy), `EqV2VectorHead`
 (direct forces) and `Rank2SymmetricTensorHead` (stress; `--heads energy,forces` leaves it out)
@@ -11,11 +11,13 @@ written by `equiformer_v2 input PATH` (the same structures and edge list as the 
   gradients).
 
 One measurement per process: prints one JSON line with every repetition's seconds, the best,
-the median and the process's peak RSS (`ru_maxrss`).
+the median, the process's peak RSS (`ru_maxrss`) and, on a GPU, the peak of PyTorch's CUDA
+allocator over the timed repetitions (`torch.cuda.max_memory_allocated`). On a GPU every
+repetition ends with `float(loss)`, which waits for the device.
 
 Usage: python equiformer_v2_fairchem.py --fairchem CHECKOUT --input BATCH.json
        [--config small|eqv2-s] [--phase forward|forward_backward] [--reps 3] [--warmup 1]
-       [--threads 2] [--heads energy,forces,stress]
+       [--threads 2] [--heads energy,forces,stress] [--device cpu|cuda]
 """
 
 import argparse
@@ -83,7 +85,11 @@ def main():
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--heads", default="energy,forces,stress")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (cuda:0)")
     a = p.parse_args()
+    device = torch.device(a.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: PyTorch sees no CUDA device")
     torch.set_num_threads(a.threads)
     torch.manual_seed(7)
 
@@ -99,6 +105,7 @@ def main():
     heads = {name: makers[name]() for name in a.heads.split(",")}
     modules = [backbone, *heads.values()]
     for m in modules:
+        m.to(device)
         m.eval()
     n_parameters = sum(p.numel() for m in modules for p in m.parameters())
 
@@ -109,9 +116,11 @@ def main():
         positions += s["positions"]
         batch_index += [b] * len(s["numbers"])
     e = batch["edges"]
-    src, dst = torch.tensor(e["src"]), torch.tensor(e["dst"])
-    vec = torch.tensor(e["vec"], dtype=torch.float32)
-    z_all, b_all = torch.tensor(numbers), torch.tensor(batch_index)
+    src = torch.tensor(e["src"], device=device)
+    dst = torch.tensor(e["dst"], device=device)
+    vec = torch.tensor(e["vec"], dtype=torch.float32, device=device)
+    z_all = torch.tensor(numbers, device=device)
+    b_all = torch.tensor(batch_index, device=device)
     edge_index, dist = torch.stack([src, dst]), vec.norm(dim=1)
 
     # The edge list is given (the same as matscale's): fairchem's own graph generation is
@@ -129,10 +138,10 @@ def main():
 
     backbone.generate_graph = graph
     data = types.SimpleNamespace(
-        natoms=torch.tensor([len(s["numbers"]) for s in batch["structures"]]),
-        pos=torch.tensor(positions, dtype=torch.float32),
-        atomic_numbers=torch.tensor(numbers),
-        batch=torch.tensor(batch_index),
+        natoms=torch.tensor([len(s["numbers"]) for s in batch["structures"]], device=device),
+        pos=torch.tensor(positions, dtype=torch.float32, device=device),
+        atomic_numbers=z_all,
+        batch=b_all,
     )
     backward = a.phase == "forward_backward"
 
@@ -155,6 +164,10 @@ def main():
 
     for _ in range(a.warmup):
         step()
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
     seconds = []
     for _ in range(a.reps):
         t = time.perf_counter()
@@ -171,11 +184,13 @@ def main():
                 "atoms": len(numbers),
                 "edges": len(e["src"]),
                 "threads": torch.get_num_threads(),
+                "device": torch.cuda.get_device_name(device) if cuda else "cpu",
                 "torch": torch.__version__,
                 "seconds": seconds,
                 "best_s": min(seconds),
                 "median_s": statistics.median(seconds),
                 "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                "peak_device_bytes": torch.cuda.max_memory_allocated(device) if cuda else None,
             }
         ),
         flush=True,

@@ -4,7 +4,7 @@ fairchem-core (whose dependencies do not resolve against the project venv's torc
 Small stand-ins replace the few helpers those files import from outside the model's math: the
 model registry decorator, `gp_utils.initialized` (graph parallelism off), `conditional_grad`,
 the base-class mixins, `torch_geometric.utils.softmax` (PyG's: max-shifted, `+1e-16`) and
-`torch_scatter.scatter` (sum / mean).
+`torch_scatter.scatter` (sum / mean), on the device of their input.
 
 Usage: `eqv2, scalar, vector, rank2 = fairchem_stubs.load(checkout)`.
 """
@@ -34,21 +34,21 @@ def _softmax(src, index, num_nodes=None):
     n = int(index.max()) + 1 if num_nodes is None else num_nodes
     shape = (n,) + src.shape[1:]
     idx = index.view(-1, *([1] * (src.dim() - 1))).expand_as(src)
-    smax = torch.full(shape, -float("inf"), dtype=src.dtype).scatter_reduce(
+    smax = torch.full(shape, -float("inf"), dtype=src.dtype, device=src.device).scatter_reduce(
         0, idx, src, "amax", include_self=True
     )
     out = (src - smax.gather(0, idx)).exp()
-    denom = torch.zeros(shape, dtype=src.dtype).scatter_add(0, idx, out)
+    denom = torch.zeros(shape, dtype=src.dtype, device=src.device).scatter_add(0, idx, out)
     return out / (denom.gather(0, idx) + 1e-16)
 
 
 def _scatter(src, index, dim=0, reduce="sum", dim_size=None):
     assert dim == 0
     n = int(index.max()) + 1 if dim_size is None else dim_size
-    out = torch.zeros((n,) + src.shape[1:], dtype=src.dtype)
+    out = torch.zeros((n,) + src.shape[1:], dtype=src.dtype, device=src.device)
     out.index_add_(0, index, src)
     if reduce == "mean":
-        count = torch.zeros(n, dtype=src.dtype).index_add_(
+        count = torch.zeros(n, dtype=src.dtype, device=src.device).index_add_(
             0, index, torch.ones_like(index, dtype=src.dtype)
         )
         out = out / count.clamp(min=1).view(-1, *([1] * (src.dim() - 1)))
