@@ -1,8 +1,10 @@
 //! The GEMM ceiling of the fused SO(2) layer: [`linalg::gemm`] alone, on one thread, on the
-//! products the layer runs for one 256-edge chunk (same shapes; edge rows of the m-major
-//! `[256, trunc, C]` buffers, the packed weights), without the rotations, radial scaling or
-//! anything else. One difference: for each order `m > 0` the layer's first product reads a
-//! compact `[256, n_l·C]` sum `x₊ + x₋` (or `g₊ + g₋`); here it reads the strided buffer too.
+//! products the layer runs for one chunk of edges (same shapes and chunk size: 128 edges
+//! under 1 M packed weights, 256 under 4 M, 512 above, as `LayerShape::chunk_edges`; edge rows
+//! of the m-major `[chunk, trunc, C]` buffers, the packed weights), without the rotations,
+//! radial scaling or anything else. One difference: for each order `m > 0` the layer's first
+//! product reads a compact `[chunk, n_l·C]` sum `x₊ + x₋` (or `g₊ + g₋`); here it reads the
+//! strided buffer too.
 //! Cases: the per-edge layers `l4_m2_c64`, `l6_m4_c128` (`C → C`) and EquiformerV2's gathered
 //! message layers `l4_m2_c64_gather`, `l6_m4_c128_gather` (`cat(x[src], x[dst])`: `2C → C`).
 //! At `lmax` 6, `mmax` 4, 128 channels this is the floor of the layer's time: no rotation or
@@ -26,15 +28,25 @@ use std::time::Instant;
 
 use matscale_equivariant::linalg::{gemm, view};
 
-/// Edges per chunk of the fused layer (`LayerShape::chunk_edges`' cap).
-const CHUNK: usize = 256;
+/// Edges per chunk of the fused layer for `weights` packed weights: the caps of
+/// `LayerShape::chunk_edges` (crates/equivariant/src/so2_fused.rs), which at 10⁴ edges and
+/// two threads are the chunk sizes it runs.
+fn layer_chunk(weights: usize) -> usize {
+    if weights < 1 << 20 {
+        128
+    } else if weights < 4 << 20 {
+        256
+    } else {
+        512
+    }
+}
 
 /// Which buffer an operand reads.
 #[derive(Clone, Copy)]
 enum Src {
-    /// The chunk's m-major input rows `[256, trunc·C_in]`.
+    /// The chunk's m-major input rows `[chunk, trunc·C_in]`.
     In,
-    /// The chunk's m-major output-gradient rows `[256, trunc·C_out]`.
+    /// The chunk's m-major output-gradient rows `[chunk, trunc·C_out]`.
     Out,
     /// The packed weights.
     W,
@@ -55,19 +67,34 @@ type Pass = (&'static str, Vec<Product>);
 /// The products of one chunk of a `C_in → C_out` layer: forward (`x·W` per order), input
 /// gradient (`g·Wᵀ`, with `Wᵀ` contiguous as the layer's backward keeps it) and weight
 /// gradient (`xᵀ·g`), with the 3-multiplication complex product
-/// for `m > 0` (three products per order and direction, each `[256, n_l·C_in] × [n_l·C_in,
+/// for `m > 0` (three products per order and direction, each `[chunk, n_l·C_in] × [n_l·C_in,
 /// n_l·C_out]` or its transpose). Also returns the row lengths of the two activation buffers
-/// (`trunc·C_in`, `trunc·C_out`). EquiformerV2's gathered message layer is `2C → C`.
+/// (`trunc·C_in`, `trunc·C_out`) and the chunk size ([`layer_chunk`] of the packed weight
+/// count). EquiformerV2's gathered message layer is `2C → C`.
 fn layer_products(
     lmax: usize,
     mmax: usize,
     c_in: usize,
     c_out: usize,
-) -> ((usize, usize), [Pass; 3]) {
+) -> ((usize, usize), usize, [Pass; 3]) {
     // m-major rows: m = 0 holds lmax + 1 degrees, each m > 0 holds 2·(lmax + 1 − m).
     let sizes: Vec<usize> = (0..=mmax).map(|m| lmax + 1 - m).collect();
     let trunc: usize = sizes[0] + 2 * sizes[1..].iter().sum::<usize>();
     let (rs_in, rs_out) = (trunc * c_in, trunc * c_out);
+    // Packed weights: W₀ and its bias, then three matrices per order m > 0.
+    let weights: usize = sizes
+        .iter()
+        .enumerate()
+        .map(|(m, &n_l)| {
+            let (k, n) = (n_l * c_in, n_l * c_out);
+            if m == 0 {
+                k * n + n
+            } else {
+                3 * k * n
+            }
+        })
+        .sum();
+    let chunk = layer_chunk(weights);
     let (mut fwd, mut dx, mut dw) = (Vec::new(), Vec::new(), Vec::new());
     let (mut slot, mut woff) = (0, 0);
     for (m, &n_l) in sizes.iter().enumerate() {
@@ -78,17 +105,17 @@ fn layer_products(
             let g_off = slot * c_out + if i == 2 { n } else { 0 };
             let w_off = woff + i * k * n;
             fwd.push(Product {
-                mnk: (CHUNK, n, k),
+                mnk: (chunk, n, k),
                 lhs: (Src::In, x_off, rs_in, 1),
                 rhs: (Src::W, w_off, n, 1),
             });
             dx.push(Product {
-                mnk: (CHUNK, k, n),
+                mnk: (chunk, k, n),
                 lhs: (Src::Out, g_off, rs_out, 1),
                 rhs: (Src::W, w_off, k, 1),
             });
             dw.push(Product {
-                mnk: (k, n, CHUNK),
+                mnk: (k, n, chunk),
                 lhs: (Src::In, x_off, 1, rs_in),
                 rhs: (Src::Out, g_off, rs_out, 1),
             });
@@ -98,6 +125,7 @@ fn layer_products(
     }
     (
         (rs_in, rs_out),
+        chunk,
         [("forward", fwd), ("input_grad", dx), ("weight_grad", dw)],
     )
 }
@@ -308,7 +336,7 @@ fn main() {
         (4, 2, 128, 64, "_gather"),
         (6, 4, 256, 128, "_gather"),
     ] {
-        let ((rs_in, rs_out), passes) = layer_products(lmax, mmax, c_in, c_out);
+        let ((rs_in, rs_out), chunk, passes) = layer_products(lmax, mmax, c_in, c_out);
         let case = format!("l{lmax}_m{mmax}_c{c_out}{form}");
         for (name, products) in passes {
             let w_len = products
@@ -318,8 +346,8 @@ fn main() {
                 .max()
                 .unwrap_or(0);
             let bufs = Buffers {
-                input: fill(CHUNK * rs_in, 89),
-                output: fill(CHUNK * rs_out, 83),
+                input: fill(chunk * rs_in, 89),
+                output: fill(chunk * rs_out, 83),
                 weights: fill(w_len, 97),
             };
             let out_len = products
@@ -330,11 +358,12 @@ fn main() {
             let mut out = vec![0f32; out_len];
             let per = flops(&products);
             let best = time(&products, &bufs, &mut out, repeats);
-            let per_1e4 = best * 1e4 / CHUNK as f64;
+            let per_1e4 = best * 1e4 / chunk as f64;
             // The pass at the FMA peak, scaled to 10⁴ edges: the floor no GEMM can beat.
-            let at_peak = peak.map(|(rate, _)| per * 1e4 / CHUNK as f64 / rate);
+            let at_peak = peak.map(|(rate, _)| per * 1e4 / chunk as f64 / rate);
             println!(
-                "gemm layer {case} {name}: {:.1} GFLOP/s, {:.1} ms per 10^4 edges (one thread){}",
+                "gemm layer {case} {name} ({chunk}-edge chunks): {:.1} GFLOP/s, {:.1} ms per 10^4 \
+                 edges (one thread){}",
                 per / best / 1e9,
                 per_1e4 * 1e3,
                 at_peak.map_or(String::new(), |t| format!(
@@ -345,7 +374,7 @@ fn main() {
             );
             println!(
                 "RESULT {{\"case\": \"{case}\", \"pass\": \"{name}\", \"gflops\": {:.3}, \
-                 \"flops\": {per}, \"seconds_per_1e4_edges\": {per_1e4}, \
+                 \"chunk\": {chunk}, \"flops\": {per}, \"seconds_per_1e4_edges\": {per_1e4}, \
                  \"seconds_per_1e4_edges_at_fma_peak\": {}}}",
                 per / best / 1e9,
                 at_peak.map_or("null".to_string(), |t| t.to_string())

@@ -1,11 +1,12 @@
 """The SO(2) layer's GEMMs in PyTorch, beside matscale's `linalg::gemm` (bench `gemm`).
 
-Same products, shapes and strides as crates/equivariant/benches/gemm.rs: for one 256-edge
-chunk of the fused layer (per-edge C -> C, and EquiformerV2's gathered 2C -> C message
-layer), the forward `x·W`, input-gradient `g·Wᵀ` and weight-gradient `xᵀ·g` products of
-every order (three per order m > 0: the 3-multiplication complex product), the activations
-as column blocks of `[256, trunc·C]` buffers, accumulated with `torch.addmm` into a
-preallocated output (as `gemm` accumulates), f32, one thread; plus a 512³ product.
+Same products, shapes and strides as crates/equivariant/benches/gemm.rs: for one chunk of the
+fused layer, at the layer's own chunk size (128, 256 or 512 edges by its packed weight count),
+per-edge C -> C and EquiformerV2's gathered 2C -> C message layer: the forward `x·W`,
+input-gradient `g·Wᵀ` and weight-gradient `xᵀ·g` products of every order (three per order
+m > 0: the 3-multiplication complex product), the activations as column blocks of
+`[chunk, trunc·C]` buffers, accumulated with `torch.addmm` into a preallocated output (as
+`gemm` accumulates), f32, one thread; plus a 512³ product.
 
   python gemm_torch.py bench      PyTorch alone (RESULT lines like the Rust bench's)
   python gemm_torch.py [compare]  the Rust bench (cargo bench -p matscale-equivariant --bench
@@ -25,7 +26,10 @@ import time
 
 import torch
 
-CHUNK = 256
+def layer_chunk(weights: int) -> int:
+    """Edges per chunk of the fused layer for `weights` packed weights, as gemm.rs
+    (`LayerShape::chunk_edges`' caps: 128 under 1 M, 256 under 4 M, 512 above)."""
+    return 128 if weights < 1 << 20 else 256 if weights < 4 << 20 else 512
 
 
 # (lmax, mmax, C_in, C_out, case suffix): the per-edge layers, then EquiformerV2's gathered
@@ -35,12 +39,15 @@ CASES = [(4, 2, 64, 64, ""), (6, 4, 128, 128, ""), (4, 2, 128, 64, "_gather"),
 
 
 def layer_products(lmax: int, mmax: int, c_in: int, c_out: int):
-    """((row length in, out), {pass: [(m, n, k, x_off, g_off, kind)]}) as in gemm.rs.
+    """((row length in, out), chunk, {pass: [(m, n, k, x_off, g_off, kind)]}) as in gemm.rs.
 
     kind: "w" (x·W), "wt" (g·Wᵀ, with Wᵀ stored contiguous as the layer's backward does) or
     "act" (xᵀ·g); W of order block i is [k, n], k = n_l·C_in, n = n_l·C_out."""
     sizes = [lmax + 1 - m for m in range(mmax + 1)]
     trunc = sizes[0] + 2 * sum(sizes[1:])
+    weights = sum(n_l * c_in * n_l * c_out + n_l * c_out if m == 0 else 3 * n_l * c_in * n_l * c_out
+                  for m, n_l in enumerate(sizes))
+    chunk = layer_chunk(weights)
     passes = {"forward": [], "input_grad": [], "weight_grad": []}
     slot = 0
     for m, n_l in enumerate(sizes):
@@ -48,11 +55,11 @@ def layer_products(lmax: int, mmax: int, c_in: int, c_out: int):
         for i in range(1 if m == 0 else 3):
             x_off = slot * c_in + (k if i == 2 else 0)
             g_off = slot * c_out + (n if i == 2 else 0)
-            passes["forward"].append((CHUNK, n, k, x_off, g_off, "w"))
-            passes["input_grad"].append((CHUNK, k, n, x_off, g_off, "wt"))
-            passes["weight_grad"].append((k, n, CHUNK, x_off, g_off, "act"))
+            passes["forward"].append((chunk, n, k, x_off, g_off, "w"))
+            passes["input_grad"].append((chunk, k, n, x_off, g_off, "wt"))
+            passes["weight_grad"].append((k, n, chunk, x_off, g_off, "act"))
         slot += n_l if m == 0 else 2 * n_l
-    return (trunc * c_in, trunc * c_out), passes
+    return (trunc * c_in, trunc * c_out), chunk, passes
 
 
 def best_of(fn, repeats):
@@ -75,16 +82,16 @@ def bench(repeats: int):
     best = best_of(lambda: torch.addmm(out, a, b, out=out), repeats * 4)
     results.append({"case": "square512", "gflops": flops / best / 1e9, "flops": flops})
     for lmax, mmax, c_in, c_out, form in CASES:
-        (rs_in, rs_out), passes = layer_products(lmax, mmax, c_in, c_out)
+        (rs_in, rs_out), chunk, passes = layer_products(lmax, mmax, c_in, c_out)
         fill = lambda rows, cols, period: (
             ((torch.arange(rows * cols) % period).float() - period // 2).mul(0.01).reshape(rows, cols))
-        x = fill(CHUNK, rs_in, 89)
-        g = fill(CHUNK, rs_out, 83)
+        x = fill(chunk, rs_in, 89)
+        g = fill(chunk, rs_out, 83)
         for name, products in passes.items():
             ops = []
             for m, n, k, x_off, g_off, kind in products:
                 if kind == "act":
-                    lhs = x[:, x_off:x_off + m].t()  # xᵀ: [k, CHUNK], strided
+                    lhs = x[:, x_off:x_off + m].t()  # xᵀ: [k, chunk], strided
                     rhs = g[:, g_off:g_off + n]
                 elif kind == "w":
                     lhs = x[:, x_off:x_off + k]
@@ -102,7 +109,7 @@ def bench(repeats: int):
             best = best_of(run, repeats)
             results.append({
                 "case": f"l{lmax}_m{mmax}_c{c_out}{form}", "pass": name, "gflops": flops / best / 1e9,
-                "flops": flops, "seconds_per_1e4_edges": best * 1e4 / CHUNK,
+                "chunk": chunk, "flops": flops, "seconds_per_1e4_edges": best * 1e4 / chunk,
             })
     return results
 
@@ -132,9 +139,9 @@ def main():
     print(f"torch {torch.__version__}, one thread each, f32, best of {a.repeats}")
     if peak is not None:
         print(f"FMA peak of one core ({peak['isa']}, matscale's bench): {peak['gflops']:.1f} GFLOP/s")
-    print("| case | pass | matscale GFLOP/s | torch GFLOP/s | matscale ms / 10⁴ edges "
+    print("| case | chunk | pass | matscale GFLOP/s | torch GFLOP/s | matscale ms / 10⁴ edges "
           "| torch ms / 10⁴ edges | ms / 10⁴ edges at the FMA peak |")
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     key = lambda r: (r["case"], r.get("pass", ""))
     by = {key(r): r for r in theirs}
     for r in ours:
@@ -142,7 +149,8 @@ def main():
         if t is None:
             sys.exit(f"no torch result for {key(r)}")
         ms = lambda x, k="seconds_per_1e4_edges": f"{x[k] * 1e3:.0f}" if x.get(k) is not None else "–"
-        print(f"| {r['case']} | {r.get('pass', 'peak')} | {r['gflops']:.1f} | {t['gflops']:.1f} "
+        print(f"| {r['case']} | {r.get('chunk', '–')} | {r.get('pass', 'peak')} "
+              f"| {r['gflops']:.1f} | {t['gflops']:.1f} "
               f"| {ms(r)} | {ms(t)} | {ms(r, 'seconds_per_1e4_edges_at_fma_peak')} |")
 
 if __name__ == "__main__":
