@@ -1,6 +1,6 @@
 //! The GEMM ceiling of the fused SO(2) layer: [`linalg::gemm`] alone, on one thread, on the
 //! products the layer runs for one chunk of edges (same shapes and chunk size: 128 edges
-//! under 1 M packed weights, 256 under 4 M, 512 above, as `LayerShape::chunk_edges`; edge rows
+//! under 1 M packed weights, 256 under 4 M, 512 above: `so2::fused_chunk_cap`; edge rows
 //! of the m-major `[chunk, trunc, C]` buffers, the packed weights), without the rotations,
 //! radial scaling or anything else. One difference: for each order `m > 0` the layer's first
 //! product reads a compact `[chunk, n_l·C]` sum `x₊ + x₋` (or `g₊ + g₋`); here it reads the
@@ -27,19 +27,7 @@
 use std::time::Instant;
 
 use matscale_equivariant::linalg::{gemm, view};
-
-/// Edges per chunk of the fused layer for `weights` packed weights: the caps of
-/// `LayerShape::chunk_edges` (crates/equivariant/src/so2_fused.rs), which at 10⁴ edges and
-/// two threads are the chunk sizes it runs.
-fn layer_chunk(weights: usize) -> usize {
-    if weights < 1 << 20 {
-        128
-    } else if weights < 4 << 20 {
-        256
-    } else {
-        512
-    }
-}
+use matscale_equivariant::so2::fused_chunk_cap;
 
 /// Which buffer an operand reads.
 #[derive(Clone, Copy)]
@@ -69,8 +57,9 @@ type Pass = (&'static str, Vec<Product>);
 /// gradient (`xᵀ·g`), with the 3-multiplication complex product
 /// for `m > 0` (three products per order and direction, each `[chunk, n_l·C_in] × [n_l·C_in,
 /// n_l·C_out]` or its transpose). Also returns the row lengths of the two activation buffers
-/// (`trunc·C_in`, `trunc·C_out`) and the chunk size ([`layer_chunk`] of the packed weight
-/// count). EquiformerV2's gathered message layer is `2C → C`.
+/// (`trunc·C_in`, `trunc·C_out`) and the layer's chunk size for its packed weight count
+/// ([`fused_chunk_cap`]; at 10⁴ edges and two threads the size it runs). EquiformerV2's
+/// gathered message layer is `2C → C`.
 fn layer_products(
     lmax: usize,
     mmax: usize,
@@ -94,7 +83,7 @@ fn layer_products(
             }
         })
         .sum();
-    let chunk = layer_chunk(weights);
+    let chunk = fused_chunk_cap(weights);
     let (mut fwd, mut dx, mut dw) = (Vec::new(), Vec::new(), Vec::new());
     let (mut slot, mut woff) = (0, 0);
     for (m, &n_l) in sizes.iter().enumerate() {

@@ -28,7 +28,7 @@ import torch
 
 def layer_chunk(weights: int) -> int:
     """Edges per chunk of the fused layer for `weights` packed weights, as gemm.rs
-    (`LayerShape::chunk_edges`' caps: 128 under 1 M, 256 under 4 M, 512 above)."""
+    (`matscale_equivariant::so2::fused_chunk_cap`: 128 under 1 M, 256 under 4 M, 512 above)."""
     return 128 if weights < 1 << 20 else 256 if weights < 4 << 20 else 512
 
 

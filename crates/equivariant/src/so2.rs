@@ -100,7 +100,7 @@ use crate::buffer::Overwrite;
 use crate::error::{EquivariantError, Result};
 use crate::float_kernel::{run_float, FloatKernel};
 use crate::mapping::SphericalLayout;
-pub use crate::so2_fused::MessageGather;
+pub use crate::so2_fused::{fused_chunk_cap, MessageGather};
 use crate::so2_fused::{pack_complex, pack_complex_applies, LayerShape, So2LayerOp};
 use crate::wigner::{block_offset, WignerBlocks};
 

@@ -232,15 +232,27 @@ impl LayerShape {
     /// Layers between 1 M and 4 M weights keep 256 edges, untested.
     fn chunk_edges(&self, edges: usize) -> usize {
         let by_tasks = edges.div_ceil(4 * rayon::current_num_threads()).max(1);
-        let weights = self.weight_len();
-        let cap = if weights < SMALL_WEIGHTS {
-            128
-        } else if weights < LARGE_WEIGHTS {
-            256
-        } else {
-            512
-        };
-        by_tasks.min(cap)
+        by_tasks.min(fused_chunk_cap(self.weight_len()))
+    }
+}
+
+/// The most edges per task of a fused SO(2) layer with `packed_weights` packed weights: 128
+/// below `SMALL_WEIGHTS` (1 M), 256 below `LARGE_WEIGHTS` (4 M), 512 from there. A layer
+/// runs fewer when that leaves a thread under four tasks; why these sizes is measured in
+/// `LayerShape::chunk_edges`. Public so that benchmarks (bench `gemm`) run the layer's chunks.
+///
+/// ```
+/// use matscale_equivariant::so2::fused_chunk_cap;
+/// assert_eq!(fused_chunk_cap(410_000), 128); // lmax 4, mmax 2, 64 channels
+/// assert_eq!(fused_chunk_cap(5_030_000), 512); // lmax 6, mmax 4, 128 channels
+/// ```
+pub fn fused_chunk_cap(packed_weights: usize) -> usize {
+    if packed_weights < SMALL_WEIGHTS {
+        128
+    } else if packed_weights < LARGE_WEIGHTS {
+        256
+    } else {
+        512
     }
 }
 
