@@ -20,7 +20,9 @@
 //! its coefficients, over lanes of 8 vectors at a time (vectorisable), rayon-parallel over chunks,
 //! writing each output row once. The backward pass is its own op ([`ShBackward`]) with the
 //! analytic derivatives `∂Q_l^m/∂y = (l + m) Q_{l-1}^m`, `∂Q_l^m/∂x = -x Q_{l-1}^{m+1}`,
-//! `∂Q_l^m/∂z = -z Q_{l-1}^{m+1}`; second derivatives are not implemented.
+//! `∂Q_l^m/∂z = -z Q_{l-1}^{m+1}`, evaluated in f64 on lanes of 8 vectors (the divisions of the
+//! recurrence folded into its coefficients, so the lane loops vectorise); second derivatives
+//! are not implemented.
 //!
 //! # Example
 //!
@@ -277,79 +279,255 @@ impl<T: Real> Recurrence<T> {
     }
 }
 
-/// Gradient of `Σ_lm g_lm Y_lm(v)` with respect to `v`, in f64.
-fn gradient_one(
+/// Vectors per rayon task of the gradient (a quarter of the forward's [`CHUNK`]: each vector
+/// costs several times more, and 10⁴ edges then split evenly over the threads).
+const GRAD_CHUNK: usize = CHUNK / 4;
+
+/// Vectors whose gradients are evaluated together (f64 lanes: one AVX-512 register, two AVX2).
+const GRAD_LANES: usize = 8;
+
+/// Tables of the gradient of `Σ_lm g_lm Y_lm(v)` with respect to `v`, evaluated in f64 on
+/// [`GRAD_LANES`] vectors at a time.
+///
+/// With `Y_lm = K_lm Q_l^m(y, r²) · (c_m or s_m)`, where `c_m + i s_m = (z + i x)^m` and
+/// `Q_l^m` is the unnormalised polynomial of the recurrence
+/// `Q_l^m = ((2l−1) y Q_{l−1}^m − (l+m−1) r² Q_{l−2}^m) / (l−m)` from `Q_m^m = (2m−1)!!`:
+/// `∂Q_l^m/∂x = −x Q_{l−1}^{m+1}`, `∂Q_l^m/∂y = (l+m) Q_{l−1}^m`, `∂Q_l^m/∂z = −z Q_{l−1}^{m+1}`,
+/// and `∂c_m = m (c_{m−1} ∂z − s_{m−1} ∂x)`, `∂s_m = m (s_{m−1} ∂z + c_{m−1} ∂x)`.
+/// The divisions of the recurrence are folded into its coefficients, so the lane loops hold
+/// only multiplications and additions.
+struct Gradient {
     lmax: usize,
-    k: &[f64],
-    v: [f64; 3],
-    g: impl Fn(usize) -> f64,
     normalize: bool,
-) -> [f64; 3] {
-    const N: usize = SH_LMAX + 1;
-    let n = lmax + 1;
-    let (mut x, mut y, mut z) = (v[0], v[1], v[2]);
-    let r = (x * x + y * y + z * z).sqrt();
-    let scale = if r > NORMALIZE_EPS { r } else { NORMALIZE_EPS };
-    if normalize {
-        x /= scale;
-        y /= scale;
-        z /= scale;
-    }
-    let r2 = x * x + y * y + z * z;
-    // Unnormalised Q_l^m (zero for m > l) and (z + i x)^m = c_m + i s_m.
-    let mut q = [[0.0f64; N + 1]; N];
-    let mut c = [0.0f64; N];
-    let mut s = [0.0f64; N];
-    c[0] = 1.0;
-    let mut dfact = 1.0;
-    for m in 0..=lmax {
-        if m > 0 {
-            dfact *= (2 * m - 1) as f64;
-            c[m] = z * c[m - 1] - x * s[m - 1];
-            s[m] = x * c[m - 1] + z * s[m - 1];
-        }
-        q[m][m] = dfact;
-        for l in (m + 1)..=lmax {
-            let prev2 = if l >= m + 2 { q[l - 2][m] } else { 0.0 };
-            q[l][m] = ((2 * l - 1) as f64 * y * q[l - 1][m] - (l + m - 1) as f64 * r2 * prev2)
-                / (l - m) as f64;
-        }
-    }
-    let (mut gx, mut gy, mut gz) = (0.0, 0.0, 0.0);
-    for l in 1..=lmax {
-        let centre = l * l + l;
-        for m in 0..=l {
-            let kk = k[l * n + m];
-            let q_lm = q[l][m];
-            let q_up = q[l - 1][m + 1]; // Q_{l-1}^{m+1}, zero when m + 1 > l - 1
-            let q_down = q[l - 1][m]; // Q_{l-1}^m, zero when m > l - 1
-            let dq = [-x * q_up, (l + m) as f64 * q_down, -z * q_up];
-            if m == 0 {
-                let w = g(centre) * kk;
-                gx += w * dq[0];
-                gy += w * dq[1];
-                gz += w * dq[2];
-            } else {
-                let mf = m as f64;
-                let wc = g(centre + m) * kk;
-                let ws = g(centre - m) * kk;
-                // d c_m = m (c_{m-1} dz - s_{m-1} dx); d s_m = m (s_{m-1} dz + c_{m-1} dx)
-                gx += wc * (dq[0] * c[m] - mf * q_lm * s[m - 1])
-                    + ws * (dq[0] * s[m] + mf * q_lm * c[m - 1]);
-                gy += (wc * c[m] + ws * s[m]) * dq[1];
-                gz += wc * (dq[2] * c[m] + mf * q_lm * c[m - 1])
-                    + ws * (dq[2] * s[m] + mf * q_lm * s[m - 1]);
+    /// `K_lm`, `[l·(lmax+1) + m]`.
+    k: Vec<f64>,
+    /// `(2l−1)/(l−m)` and `(l+m−1)/(l−m)`, `[l·(lmax+1) + m]` (zero for `l ≤ m`).
+    a: Vec<f64>,
+    b: Vec<f64>,
+    /// `(2m−1)!!`.
+    start: Vec<f64>,
+}
+
+/// Per-task scratch of [`Gradient`]: `q[l][m]` and `c_m`, `s_m` lane-major, and the output
+/// gradient of a block transposed to lane-major.
+struct GradientScratch {
+    q: [[[f64; GRAD_LANES]; SH_LMAX + 1]; SH_LMAX + 1],
+    c: [[f64; GRAD_LANES]; SH_LMAX + 1],
+    s: [[f64; GRAD_LANES]; SH_LMAX + 1],
+    g: [[f64; GRAD_LANES]; (SH_LMAX + 1) * (SH_LMAX + 1)],
+}
+
+impl Gradient {
+    fn new(lmax: usize, normalize: bool, normalization: Normalization) -> Self {
+        let n = lmax + 1;
+        let mut a = vec![0.0; n * n];
+        let mut b = vec![0.0; n * n];
+        let mut start = vec![1.0; n];
+        for m in 0..=lmax {
+            if m > 0 {
+                start[m] = start[m - 1] * (2 * m - 1) as f64;
+            }
+            for l in (m + 1)..=lmax {
+                let d = (l - m) as f64;
+                a[l * n + m] = (2 * l - 1) as f64 / d;
+                b[l * n + m] = (l + m - 1) as f64 / d;
             }
         }
+        Self {
+            lmax,
+            normalize,
+            k: normalisation_constants(lmax, normalization),
+            a,
+            b,
+            start,
+        }
     }
-    if !normalize {
-        return [gx, gy, gz];
+
+    /// Gradients of the vectors `xyz` (`[n, 3]`) from the output gradient `grad`
+    /// (`[n, (lmax+1)²]`) into `out` (`[n, 3]`), one rayon task per [`GRAD_CHUNK`] vectors.
+    fn run<T: WithDType>(&self, xyz: &[T], grad: &[T], out: &mut [T]) {
+        let dim = num_coefficients(self.lmax);
+        out.par_chunks_mut(GRAD_CHUNK * 3)
+            .zip(xyz.par_chunks(GRAD_CHUNK * 3))
+            .zip(grad.par_chunks(GRAD_CHUNK * dim))
+            .for_each(|((out, xyz), grad)| self.chunk(xyz, grad, out));
     }
-    if r > NORMALIZE_EPS {
-        let dot = x * gx + y * gy + z * gz;
-        [(gx - x * dot) / r, (gy - y * dot) / r, (gz - z * dot) / r]
-    } else {
-        [gx / scale, gy / scale, gz / scale]
+
+    /// One rayon task: dispatches to an AVX-512 or AVX2 build of the same code where the CPU
+    /// has it (the lane loops then run on 8 or 2 × 4 f64 lanes).
+    fn chunk<T: WithDType>(&self, xyz: &[T], grad: &[T], out: &mut [T]) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU supports AVX-512F, checked just above.
+                unsafe { self.chunk_avx512(xyz, grad, out) };
+                return;
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                // SAFETY: the CPU supports AVX2 and FMA, checked just above.
+                unsafe { self.chunk_avx2(xyz, grad, out) };
+                return;
+            }
+        }
+        self.chunk_portable(xyz, grad, out);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn chunk_avx512<T: WithDType>(&self, xyz: &[T], grad: &[T], out: &mut [T]) {
+        self.chunk_portable(xyz, grad, out);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn chunk_avx2<T: WithDType>(&self, xyz: &[T], grad: &[T], out: &mut [T]) {
+        self.chunk_portable(xyz, grad, out);
+    }
+
+    #[inline(always)]
+    fn chunk_portable<T: WithDType>(&self, xyz: &[T], grad: &[T], out: &mut [T]) {
+        let dim = num_coefficients(self.lmax);
+        // Zeroed once per task: every entry a block reads is written by that block first,
+        // and the lanes past a ragged tail keep finite values of an earlier block.
+        let mut scratch = Box::new(GradientScratch {
+            q: [[[0.0; GRAD_LANES]; SH_LMAX + 1]; SH_LMAX + 1],
+            c: [[0.0; GRAD_LANES]; SH_LMAX + 1],
+            s: [[0.0; GRAD_LANES]; SH_LMAX + 1],
+            g: [[0.0; GRAD_LANES]; (SH_LMAX + 1) * (SH_LMAX + 1)],
+        });
+        for ((out, xyz), grad) in out
+            .chunks_mut(GRAD_LANES * 3)
+            .zip(xyz.chunks(GRAD_LANES * 3))
+            .zip(grad.chunks(GRAD_LANES * dim))
+        {
+            self.block(xyz, grad, &mut scratch, out);
+        }
+    }
+
+    /// Up to [`GRAD_LANES`] vectors: `xyz` `[nb, 3]`, `grad` `[nb, dim]`, `out` `[nb, 3]`.
+    #[inline(always)]
+    fn block<T: WithDType>(&self, xyz: &[T], grad: &[T], sc: &mut GradientScratch, out: &mut [T]) {
+        const L: usize = GRAD_LANES;
+        let lmax = self.lmax;
+        let n = lmax + 1;
+        let dim = n * n;
+        let mut x = [0.0f64; L];
+        let mut y = [0.0f64; L];
+        let mut z = [0.0f64; L];
+        for (i, v) in xyz.chunks_exact(3).enumerate() {
+            x[i] = v[0].to_f64();
+            y[i] = v[1].to_f64();
+            z[i] = v[2].to_f64();
+        }
+        for (i, row) in grad.chunks_exact(dim).enumerate() {
+            for (g, &v) in sc.g.iter_mut().zip(row) {
+                g[i] = v.to_f64();
+            }
+        }
+        let mut r = [0.0f64; L];
+        let mut scale = [0.0f64; L];
+        for i in 0..L {
+            r[i] = (x[i] * x[i] + y[i] * y[i] + z[i] * z[i]).sqrt();
+            scale[i] = if r[i] > NORMALIZE_EPS {
+                r[i]
+            } else {
+                NORMALIZE_EPS
+            };
+        }
+        if self.normalize {
+            for i in 0..L {
+                x[i] /= scale[i];
+                y[i] /= scale[i];
+                z[i] /= scale[i];
+            }
+        }
+        let mut r2 = [0.0f64; L];
+        for i in 0..L {
+            r2[i] = x[i] * x[i] + y[i] * y[i] + z[i] * z[i];
+        }
+        let GradientScratch { q, c, s, g } = sc;
+        c[0] = [1.0; L];
+        s[0] = [0.0; L];
+        for m in 0..=lmax {
+            if m > 0 {
+                for i in 0..L {
+                    let (cp, sp) = (c[m - 1][i], s[m - 1][i]);
+                    c[m][i] = z[i] * cp - x[i] * sp;
+                    s[m][i] = x[i] * cp + z[i] * sp;
+                }
+            }
+            // Q_{l−1}^m and Q_{l−2}^m stay in registers; each Q_l^m is stored once.
+            let mut prev = [self.start[m]; L];
+            let mut prev2 = [0.0f64; L];
+            q[m][m] = prev;
+            for l in (m + 1)..=lmax {
+                let (a, b) = (self.a[l * n + m], self.b[l * n + m]);
+                let mut next = [0.0f64; L];
+                for i in 0..L {
+                    next[i] = a * y[i] * prev[i] - b * r2[i] * prev2[i];
+                }
+                q[l][m] = next;
+                prev2 = prev;
+                prev = next;
+            }
+        }
+        let zero = [0.0f64; L];
+        let (mut gx, mut gy, mut gz) = ([0.0f64; L], [0.0f64; L], [0.0f64; L]);
+        for l in 1..=lmax {
+            let centre = l * l + l;
+            for m in 0..=l {
+                let kk = self.k[l * n + m];
+                let lm = (l + m) as f64;
+                // Q_{l−1}^{m+1} and Q_{l−1}^m, zero where the order exceeds the degree.
+                // Local copies (registers): the lane loops then vectorise.
+                let q_up = if m + 1 < l { q[l - 1][m + 1] } else { zero };
+                let q_down = if m < l { q[l - 1][m] } else { zero };
+                if m == 0 {
+                    let gc = g[centre];
+                    for i in 0..L {
+                        let w = gc[i] * kk;
+                        gx[i] -= w * x[i] * q_up[i];
+                        gy[i] += w * lm * q_down[i];
+                        gz[i] -= w * z[i] * q_up[i];
+                    }
+                } else {
+                    let mf = m as f64;
+                    let (gp, gm) = (g[centre + m], g[centre - m]);
+                    let (cm, sm, cp, sp) = (c[m], s[m], c[m - 1], s[m - 1]);
+                    let q_lm = q[l][m];
+                    for i in 0..L {
+                        let (wc, ws) = (gp[i] * kk, gm[i] * kk);
+                        let (dx, dz) = (-x[i] * q_up[i], -z[i] * q_up[i]);
+                        let mq = mf * q_lm[i];
+                        gx[i] += wc * (dx * cm[i] - mq * sp[i]) + ws * (dx * sm[i] + mq * cp[i]);
+                        gy[i] += (wc * cm[i] + ws * sm[i]) * lm * q_down[i];
+                        gz[i] += wc * (dz * cm[i] + mq * cp[i]) + ws * (dz * sm[i] + mq * sp[i]);
+                    }
+                }
+            }
+        }
+        if self.normalize {
+            // Through v/|v|: (I − v̂v̂ᵀ) g / |v|, or g / eps for vectors shorter than eps.
+            for i in 0..L {
+                if r[i] > NORMALIZE_EPS {
+                    let dot = x[i] * gx[i] + y[i] * gy[i] + z[i] * gz[i];
+                    gx[i] = (gx[i] - x[i] * dot) / r[i];
+                    gy[i] = (gy[i] - y[i] * dot) / r[i];
+                    gz[i] = (gz[i] - z[i] * dot) / r[i];
+                } else {
+                    gx[i] /= scale[i];
+                    gy[i] /= scale[i];
+                    gz[i] /= scale[i];
+                }
+            }
+        }
+        for (i, o) in out.chunks_exact_mut(3).enumerate() {
+            o[0] = T::from_f64(gx[i]);
+            o[1] = T::from_f64(gy[i]);
+            o[2] = T::from_f64(gz[i]);
+        }
     }
 }
 
@@ -493,22 +671,9 @@ pub struct ShBackward {
 
 impl ShBackward {
     fn backward<T: WithDType>(&self, xyz: &[T], grad: &[T]) -> Vec<T> {
-        let lmax = self.forward.lmax;
-        let dim = num_coefficients(lmax);
-        let k = normalisation_constants(lmax, self.forward.normalization);
+        let f = self.forward;
         let mut out = vec![T::zero(); xyz.len()];
-        out.par_chunks_mut(CHUNK * 3)
-            .zip(xyz.par_chunks(CHUNK * 3))
-            .zip(grad.par_chunks(CHUNK * dim))
-            .for_each(|((out, xyz), grad)| {
-                for ((o, v), g) in out.chunks_mut(3).zip(xyz.chunks(3)).zip(grad.chunks(dim)) {
-                    let v = [v[0].to_f64(), v[1].to_f64(), v[2].to_f64()];
-                    let r = gradient_one(lmax, &k, v, |i| g[i].to_f64(), self.forward.normalize);
-                    for j in 0..3 {
-                        o[j] = T::from_f64(r[j]);
-                    }
-                }
-            });
+        Gradient::new(f.lmax, f.normalize, f.normalization).run(xyz, grad, &mut out);
         out
     }
 }
@@ -884,6 +1049,41 @@ mod tests {
             }
         }
         Ok(())
+    }
+
+    /// The vectorised gradient treats its lanes independently: many vectors at once (several
+    /// rayon tasks, a ragged last block, a zero and a tiny vector among them) give each
+    /// vector's gradient computed alone, for every normalisation, with and without `normalize`.
+    #[test]
+    fn batched_gradients_equal_one_vector_at_a_time() {
+        let n = 2 * GRAD_CHUNK + GRAD_LANES + 5;
+        let lmax = 7;
+        let dim = num_coefficients(lmax);
+        let mut xyz = crate::testing::random_normals(3 * n, 21);
+        xyz[3 * 17..3 * 18].fill(0.0);
+        xyz[3 * 40..3 * 41].copy_from_slice(&[1e-14, -2e-14, 5e-15]);
+        let grad = crate::testing::random_normals(n * dim, 22);
+        for normalization in [
+            Normalization::Component,
+            Normalization::Norm,
+            Normalization::Integral,
+        ] {
+            for normalize in [true, false] {
+                let g = Gradient::new(lmax, normalize, normalization);
+                let mut all = vec![0.0f64; 3 * n];
+                g.run(&xyz, &grad, &mut all);
+                assert!(all.iter().all(|v| v.is_finite()));
+                for e in 0..n {
+                    let mut one = [0.0f64; 3];
+                    g.run(
+                        &xyz[3 * e..3 * e + 3],
+                        &grad[e * dim..(e + 1) * dim],
+                        &mut one,
+                    );
+                    assert_eq!(one, all[3 * e..3 * e + 3], "vector {e}");
+                }
+            }
+        }
     }
 
     #[test]
