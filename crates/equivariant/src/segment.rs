@@ -49,6 +49,7 @@ use crate::activation::{check_float, Float};
 use crate::buffer::split_pieces;
 use crate::error::{EquivariantError, Result};
 use crate::float_kernel::{run_float, FloatKernel};
+use crate::so2::dispatch_kernel;
 
 /// Added to the softmax denominator, as `torch_geometric.utils.softmax` does.
 const SOFTMAX_EPS: f64 = 1e-16;
@@ -353,48 +354,64 @@ fn softmax_kernel<T: Float>(csr: &Csr, src: &[T], cols: usize) -> Vec<T> {
         .map(|&(s0, s1)| (csr.offsets[s0], csr.offsets[s1]))
         .collect();
     let pieces = split_blocks(&mut grouped, &item_bounds, cols);
-    let eps = T::from_f64(SOFTMAX_EPS);
     pieces
         .into_par_iter()
         .zip(blocks.par_iter())
-        .for_each(|(piece, &(s0, s1))| {
-            let base = csr.offsets[s0];
-            let mut max = vec![T::ZERO; cols];
-            let mut sum = vec![T::ZERO; cols];
-            for s in s0..s1 {
-                let (k0, k1) = (csr.offsets[s], csr.offsets[s + 1]);
-                if k0 == k1 {
-                    continue;
-                }
-                max.copy_from_slice(&src[csr.item(k0) * cols..(csr.item(k0) + 1) * cols]);
-                for k in k0 + 1..k1 {
-                    let e = csr.item(k);
-                    for (m, &v) in max.iter_mut().zip(&src[e * cols..(e + 1) * cols]) {
-                        *m = Float::fmax(*m, v);
-                    }
-                }
-                sum.iter_mut().for_each(|v| *v = T::ZERO);
-                for k in k0..k1 {
-                    let e = csr.item(k);
-                    let row = &mut piece[(k - base) * cols..(k - base + 1) * cols];
-                    for j in 0..cols {
-                        let v = (src[e * cols + j] - max[j]).exp();
-                        row[j] = v;
-                        sum[j] += v;
-                    }
-                }
-                for v in sum.iter_mut() {
-                    *v = T::ONE / (*v + eps);
-                }
-                for row in piece[(k0 - base) * cols..(k1 - base) * cols].chunks_mut(cols) {
-                    for (v, &inv) in row.iter_mut().zip(&sum) {
-                        *v *= inv;
-                    }
-                }
-            }
-        });
+        .for_each(|(piece, &(s0, s1))| softmax_block(csr, src, piece, (s0, s1), cols));
     ungroup(csr, grouped, cols)
 }
+
+/// The softmax of the segments `s0..s1` into `piece` (their items' rows, grouped order).
+/// Each row's exponentials are written first and summed after, so that both loops run on
+/// whole rows of SIMD lanes (compiled for AVX-512 or AVX2 by [`softmax_block`]).
+#[inline(always)]
+fn softmax_block_kernel<T: Float>(
+    csr: &Csr,
+    src: &[T],
+    piece: &mut [T],
+    (s0, s1): (usize, usize),
+    cols: usize,
+) {
+    let base = csr.offsets[s0];
+    let eps = T::from_f64(SOFTMAX_EPS);
+    let mut max = vec![T::ZERO; cols];
+    let mut sum = vec![T::ZERO; cols];
+    for s in s0..s1 {
+        let (k0, k1) = (csr.offsets[s], csr.offsets[s + 1]);
+        if k0 == k1 {
+            continue;
+        }
+        let first = csr.item(k0);
+        max.copy_from_slice(&src[first * cols..(first + 1) * cols]);
+        for k in k0 + 1..k1 {
+            let e = csr.item(k);
+            for (m, &v) in max.iter_mut().zip(&src[e * cols..(e + 1) * cols]) {
+                *m = Float::fmax(*m, v);
+            }
+        }
+        sum.fill(T::ZERO);
+        for k in k0..k1 {
+            let e = csr.item(k);
+            let row = &mut piece[(k - base) * cols..(k - base + 1) * cols];
+            for ((r, &v), &m) in row.iter_mut().zip(&src[e * cols..(e + 1) * cols]).zip(&max) {
+                *r = (v - m).exp();
+            }
+            for (acc, &r) in sum.iter_mut().zip(row.iter()) {
+                *acc += r;
+            }
+        }
+        for v in sum.iter_mut() {
+            *v = T::ONE / (*v + eps);
+        }
+        for row in piece[(k0 - base) * cols..(k1 - base) * cols].chunks_mut(cols) {
+            for (v, &inv) in row.iter_mut().zip(&sum) {
+                *v *= inv;
+            }
+        }
+    }
+}
+
+dispatch_kernel!(softmax_block, softmax_block_kernel, (csr: &Csr, src: &[T], piece: &mut [T], bounds: (usize, usize), cols: usize));
 
 /// Moves rows from the grouped (by segment) order back to item order.
 fn ungroup<T: Float>(csr: &Csr, grouped: Vec<T>, cols: usize) -> Vec<T> {
