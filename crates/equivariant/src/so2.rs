@@ -35,9 +35,9 @@
 //! ## Kernels
 //! [`rotate`] / [`rotate_inv`] are per-edge loops (rayon over edge chunks) that walk the
 //! Wigner blocks degree by degree: the kept rows, times the degree's scale, go into a small
-//! table, and register tiles of up to six output rows × 32 channels accumulate them with
-//! fused multiply-adds over the contiguous channel dimension, compiled for AVX-512 or AVX2
-//! when the CPU has them. The SO(2) maps (`forward*`) run in one custom op per call: each
+//! table, and register tiles of up to six output rows × 32 channels (16 with AVX2, 8 or 16 in
+//! the portable build) accumulate them with fused multiply-adds over the contiguous channel
+//! dimension, compiled for AVX-512 or AVX2 when the CPU has them. The SO(2) maps (`forward*`) run in one custom op per call: each
 //! rayon task takes a chunk of 128–512 edges (by the layer's size), rotates it into a
 //! task-local buffer, multiplies by the radial weights, runs one GEMM per order
 //! (`gemm`, single-threaded inside the task) and rotates the result straight into the output,
@@ -342,8 +342,20 @@ impl RotateOp {
     }
 }
 
-/// Channels per register tile of [`combine_rows`].
-const TILE: usize = 32;
+/// Channels per register tile of [`combine_rows`] (its `W`), by instruction set, so that the
+/// `GROUP · W` f32 partial sums of a tile stay in registers: 12 of the 32 `zmm` registers with
+/// AVX-512 (32 channels), 12 of the 16 `ymm` with AVX2 (16 channels: 32 spilled and made the
+/// rotations 8–30 % slower, docs/BENCHMARKS.md), and for the portable build 8 channels (12 of
+/// the 16 `xmm` of SSE2) on x86-64, 16 elsewhere (24 of the 32 NEON registers of aarch64).
+const TILE_AVX512: usize = 32;
+/// See [`TILE_AVX512`].
+const TILE_AVX2: usize = 16;
+/// See [`TILE_AVX512`].
+const TILE_PORTABLE: usize = if cfg!(target_arch = "x86_64") { 8 } else { 16 };
+
+/// Largest tile width: the scratch of [`combine_rows`]' ragged tail.
+const TILE_MAX: usize = TILE_AVX512;
+const _: () = assert!(TILE_AVX2 <= TILE_MAX && TILE_PORTABLE <= TILE_MAX);
 
 /// Most inputs of one [`combine_rows`] call: `2l + 1` for `l ≤ MAX_LMAX`.
 const MAX_TERMS: usize = 2 * SphericalLayout::MAX_LMAX + 1;
@@ -351,11 +363,11 @@ const MAX_TERMS: usize = 2 * SphericalLayout::MAX_LMAX + 1;
 /// `out[out_off[i]..][..c] = Σ_p coef(i, p) · src[src_off[p]..][..c]` for `R` output rows,
 /// each written once and never read (so `out` may be uninitialised: [`Overwrite`]).
 ///
-/// Register-blocked: the `R × TILE` partial sums of a channel tile stay in registers while
+/// Register-blocked: the `R × W` partial sums of a tile of `W` channels stay in registers while
 /// the inputs stream past, so each input tile is loaded once for all `R` outputs and each
 /// output is stored once (instead of an `axpy` per term).
 #[inline(always)]
-fn combine_rows<T: Float, O: Overwrite<T> + ?Sized, const R: usize>(
+fn combine_rows<T: Float, O: Overwrite<T> + ?Sized, const R: usize, const W: usize>(
     out: &mut O,
     out_off: [usize; R],
     src: &[T],
@@ -364,12 +376,12 @@ fn combine_rows<T: Float, O: Overwrite<T> + ?Sized, const R: usize>(
     c: usize,
 ) {
     let mut cb = 0;
-    while cb + TILE <= c {
-        let mut acc = [[T::zero(); TILE]; R];
+    while cb + W <= c {
+        let mut acc = [[T::zero(); W]; R];
         for (p, &off) in src_off.iter().enumerate() {
-            let xs: &[T; TILE] = src[off + cb..off + cb + TILE]
+            let xs: &[T; W] = src[off + cb..off + cb + W]
                 .try_into()
-                .expect("a tile has TILE elements");
+                .expect("a tile has W elements");
             for (i, a) in acc.iter_mut().enumerate() {
                 let d = coef(i, p);
                 for (a, &x) in a.iter_mut().zip(xs) {
@@ -380,10 +392,10 @@ fn combine_rows<T: Float, O: Overwrite<T> + ?Sized, const R: usize>(
         for (i, a) in acc.iter().enumerate() {
             out.put(out_off[i] + cb, a);
         }
-        cb += TILE;
+        cb += W;
     }
     if cb < c {
-        let mut acc = [T::zero(); TILE];
+        let mut acc = [T::zero(); TILE_MAX];
         let acc = &mut acc[..c - cb];
         for (i, &o) in out_off.iter().enumerate() {
             acc.fill(T::zero());
@@ -395,16 +407,16 @@ fn combine_rows<T: Float, O: Overwrite<T> + ?Sized, const R: usize>(
     }
 }
 
-/// Most output rows of one [`combine_rows`] call: with AVX-512 f32 its `GROUP · TILE / 16` = 12
-/// accumulator registers, the input tile and a broadcast fit the 32 vector registers (AVX2's
-/// 16 registers spill, as they did with groups of four).
+/// Most output rows of one [`combine_rows`] call: with each instruction set's tile width
+/// ([`TILE_AVX512`]) its `GROUP` rows of f32 partial sums take 12 vector registers, which
+/// leaves room for the input tile and a broadcast.
 const GROUP: usize = 6;
 
 /// [`combine_rows`] for `outputs.len()` rows, in as few groups of at most [`GROUP`] as
 /// possible, of sizes that differ by at most one (9 rows: 5 + 4, not 4 + 4 + 1, so that each
 /// input tile is loaded twice, not three times, and no group is load-bound).
 #[inline(always)]
-fn combine_groups<T: Float, O: Overwrite<T> + ?Sized>(
+fn combine_groups<T: Float, O: Overwrite<T> + ?Sized, const W: usize>(
     out: &mut O,
     outputs: &[usize],
     src: &[T],
@@ -421,12 +433,16 @@ fn combine_groups<T: Float, O: Overwrite<T> + ?Sized>(
         let group = &outputs[first..first + len];
         let coef = |i: usize, p: usize| coef(first + i, p);
         match *group {
-            [a, b, cc, d, e, f] => combine_rows(out, [a, b, cc, d, e, f], src, src_off, coef, c),
-            [a, b, cc, d, e] => combine_rows(out, [a, b, cc, d, e], src, src_off, coef, c),
-            [a, b, cc, d] => combine_rows(out, [a, b, cc, d], src, src_off, coef, c),
-            [a, b, cc] => combine_rows(out, [a, b, cc], src, src_off, coef, c),
-            [a, b] => combine_rows(out, [a, b], src, src_off, coef, c),
-            [a] => combine_rows(out, [a], src, src_off, coef, c),
+            [a, b, cc, d, e, f] => {
+                combine_rows::<_, _, _, W>(out, [a, b, cc, d, e, f], src, src_off, coef, c)
+            }
+            [a, b, cc, d, e] => {
+                combine_rows::<_, _, _, W>(out, [a, b, cc, d, e], src, src_off, coef, c)
+            }
+            [a, b, cc, d] => combine_rows::<_, _, _, W>(out, [a, b, cc, d], src, src_off, coef, c),
+            [a, b, cc] => combine_rows::<_, _, _, W>(out, [a, b, cc], src, src_off, coef, c),
+            [a, b] => combine_rows::<_, _, _, W>(out, [a, b], src, src_off, coef, c),
+            [a] => combine_rows::<_, _, _, W>(out, [a], src, src_off, coef, c),
             [] => {}
             _ => unreachable!("groups hold at most GROUP rows"),
         }
@@ -439,7 +455,7 @@ fn combine_groups<T: Float, O: Overwrite<T> + ?Sized>(
 /// Writes every element of `out` (`E` whole edges, `[E, trunc, C]`) and reads none; panics if
 /// `out` is not whole edges or `x` or `w` holds fewer.
 #[inline(always)]
-fn to_edge_kernel<T: Float, O: Overwrite<T> + ?Sized>(
+fn to_edge_kernel<T: Float, O: Overwrite<T> + ?Sized, const W: usize>(
     plan: &RotatePlan<T>,
     x: &[T],
     w: &[T],
@@ -485,7 +501,7 @@ fn to_edge_kernel<T: Float, O: Overwrite<T> + ?Sized>(
                     *t = d * s;
                 }
             }
-            combine_groups(
+            combine_groups::<_, _, W>(
                 out,
                 &dst_off[..rows],
                 xe,
@@ -502,7 +518,7 @@ fn to_edge_kernel<T: Float, O: Overwrite<T> + ?Sized>(
 /// Writes every element of `out` (`E` whole edges, `[E, (lmax+1)², C]`) and reads none; panics
 /// if `out` is not whole edges or `y` or `w` holds fewer.
 #[inline(always)]
-fn from_edge_kernel<T: Float, O: Overwrite<T> + ?Sized>(
+fn from_edge_kernel<T: Float, O: Overwrite<T> + ?Sized, const W: usize>(
     plan: &RotatePlan<T>,
     y: &[T],
     w: &[T],
@@ -548,7 +564,7 @@ fn from_edge_kernel<T: Float, O: Overwrite<T> + ?Sized>(
                     tab[j * rows + i] = d * s;
                 }
             }
-            combine_groups(
+            combine_groups::<_, _, W>(
                 out,
                 &dst_off[..k],
                 ye,
@@ -560,10 +576,42 @@ fn from_edge_kernel<T: Float, O: Overwrite<T> + ?Sized>(
     }
 }
 
-dispatch_kernel!(pub(crate) to_edge, to_edge_kernel, (plan: &RotatePlan<T>, x: &[T], w: &[T], out: &mut [T], c: usize));
-dispatch_kernel!(pub(crate) from_edge, from_edge_kernel, (plan: &RotatePlan<T>, y: &[T], w: &[T], out: &mut [T], c: usize));
-dispatch_kernel!(pub(crate) to_edge_uninit, to_edge_kernel, (plan: &RotatePlan<T>, x: &[T], w: &[T], out: &mut [MaybeUninit<T>], c: usize));
-dispatch_kernel!(pub(crate) from_edge_uninit, from_edge_kernel, (plan: &RotatePlan<T>, y: &[T], w: &[T], out: &mut [MaybeUninit<T>], c: usize));
+/// Generates `$name`, which runs the rotation kernel `$kernel` compiled for AVX-512 or
+/// AVX2+FMA when the running CPU has them (plain code otherwise), each with its own register
+/// tile width ([`TILE_AVX512`]); as [`dispatch_kernel!`] otherwise.
+macro_rules! dispatch_tiled {
+    ($vis:vis $name:ident, $kernel:ident, ($($arg:ident : $ty:ty),*)) => {
+        $vis fn $name<T: Float>($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                fn avx512<T: Float>($($arg: $ty),*) {
+                    $kernel::<T, _, TILE_AVX512>($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                fn avx2<T: Float>($($arg: $ty),*) {
+                    $kernel::<T, _, TILE_AVX2>($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU supports AVX-512F (checked just above).
+                    return unsafe { avx512($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            $kernel::<T, _, TILE_PORTABLE>($($arg),*)
+        }
+    };
+}
+
+dispatch_tiled!(pub(crate) to_edge, to_edge_kernel, (plan: &RotatePlan<T>, x: &[T], w: &[T], out: &mut [T], c: usize));
+dispatch_tiled!(pub(crate) from_edge, from_edge_kernel, (plan: &RotatePlan<T>, y: &[T], w: &[T], out: &mut [T], c: usize));
+dispatch_tiled!(pub(crate) to_edge_uninit, to_edge_kernel, (plan: &RotatePlan<T>, x: &[T], w: &[T], out: &mut [MaybeUninit<T>], c: usize));
+dispatch_tiled!(pub(crate) from_edge_uninit, from_edge_kernel, (plan: &RotatePlan<T>, y: &[T], w: &[T], out: &mut [MaybeUninit<T>], c: usize));
 
 /// Inputs `(x [E, rows_in, C], wigner)`.
 impl FloatKernel<2> for RotateOp {
@@ -1522,6 +1570,51 @@ mod tests {
             assert_eq!(back.dims(), &[edges, layout.num_coefficients(), c]);
             let reference = dense_rotate_inv(&to_vec(&y), &blocks, layout, edges, c);
             crate::testing::assert_close_slice(&to_vec(&back), &reference, 1e-12);
+        }
+        Ok(())
+    }
+
+    /// Every register-tile width the dispatch can pick (AVX-512, AVX2, the portable builds of
+    /// x86-64 and aarch64) gives the dense reference, for channel counts below, at and above
+    /// each width (whole tiles, a ragged tail, tail only): the widths other than the running
+    /// CPU's are otherwise never exercised on it.
+    #[test]
+    fn every_tile_width_matches_the_dense_reference() -> TestResult {
+        fn check<const W: usize>(layout: SphericalLayout, edges: usize, c: usize) -> TestResult {
+            let lmax = layout.lmax();
+            let (full, trunc) = (layout.num_coefficients(), layout.num_truncated());
+            let blocks = random_orthogonal_blocks(edges, lmax, 40 + c as u64);
+            let x = to_vec(&random_tensor(&[edges, full, c], DType::F64, 41)?);
+            let y = to_vec(&random_tensor(&[edges, trunc, c], DType::F64, 42)?);
+            let mut out = vec![f64::NAN; edges * trunc * c];
+            to_edge_kernel::<f64, _, W>(
+                &RotatePlan::new(layout, false),
+                &x,
+                &blocks,
+                &mut out[..],
+                c,
+            );
+            let reference = dense_rotate(&x, &blocks, layout, edges, c);
+            crate::testing::assert_close_slice(&out, &reference, 1e-12);
+            let mut back = vec![f64::NAN; edges * full * c];
+            from_edge_kernel::<f64, _, W>(
+                &RotatePlan::new(layout, true),
+                &y,
+                &blocks,
+                &mut back[..],
+                c,
+            );
+            let reference = dense_rotate_inv(&y, &blocks, layout, edges, c);
+            crate::testing::assert_close_slice(&back, &reference, 1e-12);
+            Ok(())
+        }
+        for (lmax, mmax) in [(4, 2), (6, 4)] {
+            let layout = SphericalLayout::new(lmax, mmax)?;
+            for c in [3, 8, 16, 19, 35, 64] {
+                check::<8>(layout, 2, c)?;
+                check::<16>(layout, 2, c)?;
+                check::<32>(layout, 2, c)?;
+            }
         }
         Ok(())
     }
