@@ -227,9 +227,12 @@ impl LayerShape {
     /// - 4/2/64 (0.4 M per-edge, 0.8 M gathered): 128 against 256 edges, per-edge
     ///   forward+backward 2–7 % faster (best of 10–15 in six of seven rounds; 64 and 192 edges
     ///   as fast as 128), gathered forward 1–7 % faster, forward and gathered forward+backward
-    ///   within the noise; 512 edges 3–6 % slower and 1024 edges 12–20 % slower than 256.
-    ///
-    /// Layers between 1 M and 4 M weights keep 256 edges, untested.
+    ///   within the noise; 512 edges 3–6 % slower and 1024 edges 12–20 % slower than 256;
+    /// - 4/2/128, eqV2-S's size (1.6 M per-edge, 3.3 M gathered; 2026-11-27, two rounds, best
+    ///   of 7, cap forced through a temporary switch): 256 edges against 128, forward+backward
+    ///   2–4 % faster (per-edge 578–590 against 599–603 ms, gathered 1126–1136 against
+    ///   1160–1179 ms), forwards within the noise; 512 edges as fast as 256 (each faster in one
+    ///   of the two rounds), so layers between 1 M and 4 M weights keep 256 edges.
     fn chunk_edges(&self, edges: usize) -> usize {
         let by_tasks = edges.div_ceil(4 * rayon::current_num_threads()).max(1);
         by_tasks.min(fused_chunk_cap(self.weight_len()))
