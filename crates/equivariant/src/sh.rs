@@ -48,7 +48,9 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
+use crate::activation::Float;
 use crate::error::{EquivariantError, Result};
+use crate::so2::dispatch_kernel;
 
 /// Largest degree supported by the spherical harmonics (e3nn ships l ≤ 12; the Wigner-D
 /// construction of this crate needs l ≤ 11).
@@ -345,49 +347,17 @@ impl Gradient {
 
     /// Gradients of the vectors `xyz` (`[n, 3]`) from the output gradient `grad`
     /// (`[n, (lmax+1)²]`) into `out` (`[n, 3]`), one rayon task per [`GRAD_CHUNK`] vectors.
-    fn run<T: WithDType>(&self, xyz: &[T], grad: &[T], out: &mut [T]) {
+    fn run<T: Float>(&self, xyz: &[T], grad: &[T], out: &mut [T]) {
         let dim = num_coefficients(self.lmax);
         out.par_chunks_mut(GRAD_CHUNK * 3)
             .zip(xyz.par_chunks(GRAD_CHUNK * 3))
             .zip(grad.par_chunks(GRAD_CHUNK * dim))
-            .for_each(|((out, xyz), grad)| self.chunk(xyz, grad, out));
+            .for_each(|((out, xyz), grad)| gradient_chunk(self, xyz, grad, out));
     }
 
-    /// One rayon task: dispatches to an AVX-512 or AVX2 build of the same code where the CPU
-    /// has it (the lane loops then run on 8 or 2 × 4 f64 lanes).
-    fn chunk<T: WithDType>(&self, xyz: &[T], grad: &[T], out: &mut [T]) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                // SAFETY: the CPU supports AVX-512F, checked just above.
-                unsafe { self.chunk_avx512(xyz, grad, out) };
-                return;
-            }
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                // SAFETY: the CPU supports AVX2 and FMA, checked just above.
-                unsafe { self.chunk_avx2(xyz, grad, out) };
-                return;
-            }
-        }
-        self.chunk_portable(xyz, grad, out);
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn chunk_avx512<T: WithDType>(&self, xyz: &[T], grad: &[T], out: &mut [T]) {
-        self.chunk_portable(xyz, grad, out);
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn chunk_avx2<T: WithDType>(&self, xyz: &[T], grad: &[T], out: &mut [T]) {
-        self.chunk_portable(xyz, grad, out);
-    }
-
+    /// One rayon task (compiled per instruction set by [`gradient_chunk`]).
     #[inline(always)]
-    fn chunk_portable<T: WithDType>(&self, xyz: &[T], grad: &[T], out: &mut [T]) {
+    fn chunk<T: Float>(&self, xyz: &[T], grad: &[T], out: &mut [T]) {
         let dim = num_coefficients(self.lmax);
         // Zeroed once per task: every entry a block reads is written by that block first,
         // and the lanes past a ragged tail keep finite values of an earlier block.
@@ -408,7 +378,7 @@ impl Gradient {
 
     /// Up to [`GRAD_LANES`] vectors: `xyz` `[nb, 3]`, `grad` `[nb, dim]`, `out` `[nb, 3]`.
     #[inline(always)]
-    fn block<T: WithDType>(&self, xyz: &[T], grad: &[T], sc: &mut GradientScratch, out: &mut [T]) {
+    fn block<T: Float>(&self, xyz: &[T], grad: &[T], sc: &mut GradientScratch, out: &mut [T]) {
         const L: usize = GRAD_LANES;
         let lmax = self.lmax;
         let n = lmax + 1;
@@ -530,6 +500,14 @@ impl Gradient {
         }
     }
 }
+
+/// [`Gradient::chunk`] as a free function, for [`dispatch_kernel!`].
+#[inline(always)]
+fn gradient_chunk_kernel<T: Float>(g: &Gradient, xyz: &[T], grad: &[T], out: &mut [T]) {
+    g.chunk(xyz, grad, out);
+}
+
+dispatch_kernel!(gradient_chunk, gradient_chunk_kernel, (g: &Gradient, xyz: &[T], grad: &[T], out: &mut [T]));
 
 fn check_lmax(lmax: usize) -> Result<()> {
     if lmax > SH_LMAX {
@@ -670,7 +648,7 @@ pub struct ShBackward {
 }
 
 impl ShBackward {
-    fn backward<T: WithDType>(&self, xyz: &[T], grad: &[T]) -> Vec<T> {
+    fn backward<T: Float>(&self, xyz: &[T], grad: &[T]) -> Vec<T> {
         let f = self.forward;
         let mut out = vec![T::zero(); xyz.len()];
         Gradient::new(f.lmax, f.normalize, f.normalization).run(xyz, grad, &mut out);

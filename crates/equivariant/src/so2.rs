@@ -195,18 +195,26 @@ fn axpy<T: Float>(y: &mut [T], a: T, x: &[T]) {
 
 /// Generates `$name`, which runs the `#[inline(always)]` generic kernel `$kernel` compiled
 /// for AVX-512 or AVX2+FMA when the running CPU has them (plain code otherwise).
+///
+/// The second form names the callee of each build, `[avx512, avx2, portable]`, for kernels
+/// with a per-instruction-set const parameter (the rotations' register tile width:
+/// `[to_edge_kernel::<T, _, TILE_AVX512>, …]`; `T` is the generated function's type
+/// parameter).
 macro_rules! dispatch_kernel {
     ($vis:vis $name:ident, $kernel:ident, ($($arg:ident : $ty:ty),*)) => {
+        $crate::so2::dispatch_kernel!($vis $name, [$kernel, $kernel, $kernel], ($($arg : $ty),*));
+    };
+    ($vis:vis $name:ident, [$avx512:expr, $avx2:expr, $portable:expr], ($($arg:ident : $ty:ty),*)) => {
         $vis fn $name<T: $crate::activation::Float>($($arg: $ty),*) {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f")]
                 fn avx512<T: $crate::activation::Float>($($arg: $ty),*) {
-                    $kernel($($arg),*)
+                    $avx512($($arg),*)
                 }
                 #[target_feature(enable = "avx2,fma")]
                 fn avx2<T: $crate::activation::Float>($($arg: $ty),*) {
-                    $kernel($($arg),*)
+                    $avx2($($arg),*)
                 }
                 if std::arch::is_x86_feature_detected!("avx512f") {
                     // SAFETY: the CPU supports AVX-512F (checked just above).
@@ -219,7 +227,7 @@ macro_rules! dispatch_kernel {
                     return unsafe { avx2($($arg),*) };
                 }
             }
-            $kernel($($arg),*)
+            $portable($($arg),*)
         }
     };
 }
@@ -576,35 +584,18 @@ fn from_edge_kernel<T: Float, O: Overwrite<T> + ?Sized, const W: usize>(
     }
 }
 
-/// Generates `$name`, which runs the rotation kernel `$kernel` compiled for AVX-512 or
-/// AVX2+FMA when the running CPU has them (plain code otherwise), each with its own register
-/// tile width ([`TILE_AVX512`]); as [`dispatch_kernel!`] otherwise.
+/// The rotation kernels, compiled per instruction set with its register tile width.
 macro_rules! dispatch_tiled {
     ($vis:vis $name:ident, $kernel:ident, ($($arg:ident : $ty:ty),*)) => {
-        $vis fn $name<T: Float>($($arg: $ty),*) {
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx512f")]
-                fn avx512<T: Float>($($arg: $ty),*) {
-                    $kernel::<T, _, TILE_AVX512>($($arg),*)
-                }
-                #[target_feature(enable = "avx2,fma")]
-                fn avx2<T: Float>($($arg: $ty),*) {
-                    $kernel::<T, _, TILE_AVX2>($($arg),*)
-                }
-                if std::arch::is_x86_feature_detected!("avx512f") {
-                    // SAFETY: the CPU supports AVX-512F (checked just above).
-                    return unsafe { avx512($($arg),*) };
-                }
-                if std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-                {
-                    // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-                    return unsafe { avx2($($arg),*) };
-                }
-            }
-            $kernel::<T, _, TILE_PORTABLE>($($arg),*)
-        }
+        dispatch_kernel!(
+            $vis $name,
+            [
+                $kernel::<T, _, TILE_AVX512>,
+                $kernel::<T, _, TILE_AVX2>,
+                $kernel::<T, _, TILE_PORTABLE>
+            ],
+            ($($arg : $ty),*)
+        );
     };
 }
 
