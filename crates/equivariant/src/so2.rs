@@ -458,6 +458,50 @@ fn combine_groups<T: Float, O: Overwrite<T> + ?Sized, const W: usize>(
     }
 }
 
+/// Where [`to_edge_rows_kernel`] reads the l-major input rows of each edge.
+#[derive(Clone, Copy)]
+pub(crate) enum EdgeRows<'a> {
+    /// Edge `e`'s rows are block `e` of the input (`[E, (lmax+1)², C]`).
+    PerEdge,
+    /// Edge `e`'s input is gathered from node rows (`[N, (lmax+1)², c]`, `c` channels):
+    /// node `source[e]` gives its channels `0..c` and, when present, node `target[e]` its
+    /// channels `c..2c` (EquiformerV2's message `cat(x[src], x[dst])`, never materialised).
+    Gathered {
+        /// The node of each edge's first `c` channels.
+        source: &'a [u32],
+        /// The node of each edge's second `c` channels, for a two-node message.
+        target: Option<&'a [u32]>,
+    },
+}
+
+impl EdgeRows<'_> {
+    /// Input pieces of `c` channels per edge: 1, or 2 for a two-node message.
+    fn pieces(&self) -> usize {
+        match self {
+            Self::Gathered {
+                target: Some(_), ..
+            } => 2,
+            _ => 1,
+        }
+    }
+
+    /// Offset in the input of the rows of edge `e`'s piece `h` (`row` elements per block).
+    #[inline(always)]
+    fn base(&self, e: usize, h: usize, row: usize) -> usize {
+        match self {
+            Self::PerEdge => e * row,
+            Self::Gathered { source, target } => {
+                let node = match (h, target) {
+                    (0, _) => source[e],
+                    (_, Some(t)) => t[e],
+                    (_, None) => unreachable!("a one-node message has one piece"),
+                };
+                node as usize * row
+            }
+        }
+    }
+}
+
 /// `out[e, slot(l,m), :] = s_l Σ_j D^l[m+l, j] x[e, l²+j, :]` for the kept `|m| ≤ mmax`.
 ///
 /// Writes every element of `out` (`E` whole edges, `[E, trunc, C]`) and reads none; panics if
@@ -470,36 +514,57 @@ fn to_edge_kernel<T: Float, O: Overwrite<T> + ?Sized, const W: usize>(
     out: &mut O,
     c: usize,
 ) {
+    let edges = out.out_len() / (plan.trunc * c).max(1);
+    assert!(
+        x.len() >= edges * plan.full * c,
+        "to_edge: the output is not whole edges, or the input holds fewer edges than it"
+    );
+    to_edge_rows_kernel::<T, O, W>(plan, x, w, EdgeRows::PerEdge, out, c);
+}
+
+/// [`to_edge_kernel`] with each edge's input rows where `rows` says: `x` holds `c` channels
+/// per row, and each edge's output row holds `c` times [`EdgeRows::pieces`] channels, piece
+/// `h` in channels `h·c..(h+1)·c`.
+///
+/// Writes every element of `out` (`E` whole edges) and reads none; panics if `out` is not
+/// whole edges, `w` holds fewer, or a row lies outside `x`.
+#[inline(always)]
+fn to_edge_rows_kernel<T: Float, O: Overwrite<T> + ?Sized, const W: usize>(
+    plan: &RotatePlan<T>,
+    x: &[T],
+    w: &[T],
+    rows_in: EdgeRows<'_>,
+    out: &mut O,
+    c: usize,
+) {
     let mut src_off = [0usize; MAX_TERMS];
     let mut dst_off = [0usize; MAX_TERMS];
     // The kept rows of the degree's block, times its scale: `[rows, k]`.
     let mut tab = [T::zero(); MAX_TERMS * MAX_TERMS];
-    let out_row = plan.trunc * c;
+    let pieces = rows_in.pieces();
+    let c_row = pieces * c;
+    let out_row = plan.trunc * c_row;
+    let block_in = plan.full * c;
     let edges = out.out_len() / out_row.max(1);
     assert!(
-        out.out_len() == edges * out_row
-            && x.len() >= edges * plan.full * c
-            && w.len() >= edges * plan.wigner_len,
+        out.out_len() == edges * out_row && w.len() >= edges * plan.wigner_len,
         "to_edge: the output is not whole edges, or the input holds fewer edges than it"
     );
-    for (e, (xe, we)) in x
-        .chunks_exact(plan.full * c)
-        .zip(w.chunks_exact(plan.wigner_len))
-        .take(edges)
-        .enumerate()
-    {
+    for (e, we) in w.chunks_exact(plan.wigner_len).take(edges).enumerate() {
+        let mut bases = [0usize; 2];
+        for (h, b) in bases[..pieces].iter_mut().enumerate() {
+            *b = rows_in.base(e, h, block_in);
+            assert!(
+                *b + block_in <= x.len(),
+                "to_edge: edge {e} reads rows outside the input"
+            );
+        }
         for l in 0..=plan.lmax {
             let k = 2 * l + 1;
             let block = &we[block_offset(l)..block_offset(l) + k * k];
             let mm = l.min(plan.mmax);
             let s = plan.scale[l];
             let rows = 2 * mm + 1;
-            for (j, off) in src_off[..k].iter_mut().enumerate() {
-                *off = (l * l + j) * c;
-            }
-            for (i, off) in dst_off[..rows].iter_mut().enumerate() {
-                *off = e * out_row + plan.slot[l * l + l - mm + i] * c;
-            }
             let first = l - mm;
             for (i, t) in tab[..rows * k].chunks_exact_mut(k).enumerate() {
                 for (t, &d) in t
@@ -509,14 +574,22 @@ fn to_edge_kernel<T: Float, O: Overwrite<T> + ?Sized, const W: usize>(
                     *t = d * s;
                 }
             }
-            combine_groups::<_, _, W>(
-                out,
-                &dst_off[..rows],
-                xe,
-                &src_off[..k],
-                |i, j| tab[i * k + j],
-                c,
-            );
+            for (h, &base) in bases[..pieces].iter().enumerate() {
+                for (j, off) in src_off[..k].iter_mut().enumerate() {
+                    *off = base + (l * l + j) * c;
+                }
+                for (i, off) in dst_off[..rows].iter_mut().enumerate() {
+                    *off = e * out_row + plan.slot[l * l + l - mm + i] * c_row + h * c;
+                }
+                combine_groups::<_, _, W>(
+                    out,
+                    &dst_off[..rows],
+                    x,
+                    &src_off[..k],
+                    |i, j| tab[i * k + j],
+                    c,
+                );
+            }
         }
     }
 }
@@ -533,36 +606,97 @@ fn from_edge_kernel<T: Float, O: Overwrite<T> + ?Sized, const W: usize>(
     out: &mut O,
     c: usize,
 ) {
+    let out_row = plan.full * c;
+    let edges = out.out_len() / out_row.max(1);
+    assert!(
+        out.out_len() == edges * out_row && y.len() >= edges * plan.trunc * c,
+        "from_edge: the output is not whole edges, or the input holds fewer edges than it"
+    );
+    from_edge_rows_kernel::<T, O, W>(plan, y, w, EdgeRows::PerEdge, out, c, edges);
+}
+
+/// `out[rows(e, h)] += (adjoint rotation of y[e])[channels h·c..(h+1)·c]`: the adjoint of
+/// [`to_edge_rows_kernel`], added into the node rows of `out` (`[N, (lmax+1)², c]`) that
+/// `rows` names for each edge's piece `h`.
+///
+/// Edges that share a node add into its rows one after another, in edge order. Panics if `y`
+/// or `w` holds fewer than `edges` edges or a row lies outside `out`.
+#[inline(always)]
+fn from_edge_add_kernel<T: Float, const W: usize>(
+    plan: &RotatePlan<T>,
+    y: &[T],
+    w: &[T],
+    rows: EdgeRows<'_>,
+    out: &mut [T],
+    c: usize,
+    edges: usize,
+) {
+    from_edge_rows_kernel::<T, _, W>(plan, y, w, rows, &mut AddInto(out), c, edges);
+}
+
+/// A sink whose [`put`](Overwrite::put) adds into the slice instead of overwriting it, for
+/// the kernels that accumulate into node rows ([`from_edge_add_kernel`]). Nothing written
+/// through it is ever passed to [`crate::buffer::assume_init`]: the slice is initialised.
+struct AddInto<'a, T>(&'a mut [T]);
+
+impl<T: Float> Overwrite<T> for AddInto<'_, T> {
+    #[inline(always)]
+    fn out_len(&self) -> usize {
+        self.0.len()
+    }
+
+    #[inline(always)]
+    fn put(&mut self, at: usize, src: &[T]) {
+        for (d, &v) in self.0[at..at + src.len()].iter_mut().zip(src) {
+            *d += v;
+        }
+    }
+}
+
+/// [`from_edge_kernel`] for `edges` edges of `y` (m-major, `c` times [`EdgeRows::pieces`]
+/// channels per row), each piece `h` of an edge written through `out` to the l-major rows
+/// that `rows` names (`c` channels per row).
+#[inline(always)]
+fn from_edge_rows_kernel<T: Float, O: Overwrite<T> + ?Sized, const W: usize>(
+    plan: &RotatePlan<T>,
+    y: &[T],
+    w: &[T],
+    rows_out: EdgeRows<'_>,
+    out: &mut O,
+    c: usize,
+    edges: usize,
+) {
     let mut src_off = [0usize; MAX_TERMS];
     let mut dst_off = [0usize; MAX_TERMS];
     // The kept rows of the degree's block, times its scale, transposed: `[k, rows]`.
     let mut tab = [T::zero(); MAX_TERMS * MAX_TERMS];
-    let out_row = plan.full * c;
-    let edges = out.out_len() / out_row.max(1);
+    let pieces = rows_out.pieces();
+    let c_row = pieces * c;
+    let block_out = plan.full * c;
     assert!(
-        out.out_len() == edges * out_row
-            && y.len() >= edges * plan.trunc * c
-            && w.len() >= edges * plan.wigner_len,
-        "from_edge: the output is not whole edges, or the input holds fewer edges than it"
+        y.len() >= edges * plan.trunc * c_row && w.len() >= edges * plan.wigner_len,
+        "from_edge: the input holds fewer edges than the output"
     );
     for (e, (ye, we)) in y
-        .chunks_exact(plan.trunc * c)
+        .chunks_exact(plan.trunc * c_row)
         .zip(w.chunks_exact(plan.wigner_len))
         .take(edges)
         .enumerate()
     {
+        let mut bases = [0usize; 2];
+        for (h, b) in bases[..pieces].iter_mut().enumerate() {
+            *b = rows_out.base(e, h, block_out);
+            assert!(
+                *b + block_out <= out.out_len(),
+                "from_edge: edge {e} writes rows outside the output"
+            );
+        }
         for l in 0..=plan.lmax {
             let k = 2 * l + 1;
             let block = &we[block_offset(l)..block_offset(l) + k * k];
             let mm = l.min(plan.mmax);
             let s = plan.scale[l];
             let rows = 2 * mm + 1;
-            for (i, off) in src_off[..rows].iter_mut().enumerate() {
-                *off = plan.slot[l * l + l - mm + i] * c;
-            }
-            for (j, off) in dst_off[..k].iter_mut().enumerate() {
-                *off = e * out_row + (l * l + j) * c;
-            }
             let first = l - mm;
             for (i, row) in block[first * k..(first + rows) * k]
                 .chunks_exact(k)
@@ -572,14 +706,22 @@ fn from_edge_kernel<T: Float, O: Overwrite<T> + ?Sized, const W: usize>(
                     tab[j * rows + i] = d * s;
                 }
             }
-            combine_groups::<_, _, W>(
-                out,
-                &dst_off[..k],
-                ye,
-                &src_off[..rows],
-                |j, i| tab[j * rows + i],
-                c,
-            );
+            for (h, &base) in bases[..pieces].iter().enumerate() {
+                for (i, off) in src_off[..rows].iter_mut().enumerate() {
+                    *off = plan.slot[l * l + l - mm + i] * c_row + h * c;
+                }
+                for (j, off) in dst_off[..k].iter_mut().enumerate() {
+                    *off = base + (l * l + j) * c;
+                }
+                combine_groups::<_, _, W>(
+                    out,
+                    &dst_off[..k],
+                    ye,
+                    &src_off[..rows],
+                    |j, i| tab[j * rows + i],
+                    c,
+                );
+            }
         }
     }
 }
@@ -600,9 +742,20 @@ macro_rules! dispatch_tiled {
 }
 
 dispatch_tiled!(pub(crate) to_edge, to_edge_kernel, (plan: &RotatePlan<T>, x: &[T], w: &[T], out: &mut [T], c: usize));
+#[cfg(test)] // the overwriting form is only compared against in tests
 dispatch_tiled!(pub(crate) from_edge, from_edge_kernel, (plan: &RotatePlan<T>, y: &[T], w: &[T], out: &mut [T], c: usize));
 dispatch_tiled!(pub(crate) to_edge_uninit, to_edge_kernel, (plan: &RotatePlan<T>, x: &[T], w: &[T], out: &mut [MaybeUninit<T>], c: usize));
 dispatch_tiled!(pub(crate) from_edge_uninit, from_edge_kernel, (plan: &RotatePlan<T>, y: &[T], w: &[T], out: &mut [MaybeUninit<T>], c: usize));
+dispatch_kernel!(
+    pub(crate) from_edge_add,
+    [
+        from_edge_add_kernel::<T, TILE_AVX512>,
+        from_edge_add_kernel::<T, TILE_AVX2>,
+        from_edge_add_kernel::<T, TILE_PORTABLE>
+    ],
+    (plan: &RotatePlan<T>, y: &[T], w: &[T], rows: EdgeRows<'_>, out: &mut [T], c: usize, edges: usize)
+);
+dispatch_tiled!(pub(crate) to_edge_rows, to_edge_rows_kernel, (plan: &RotatePlan<T>, x: &[T], w: &[T], rows: EdgeRows<'_>, out: &mut [T], c: usize));
 
 /// Inputs `(x [E, rows_in, C], wigner)`.
 impl FloatKernel<2> for RotateOp {
@@ -1605,6 +1758,84 @@ mod tests {
                 check::<8>(layout, 2, c)?;
                 check::<16>(layout, 2, c)?;
                 check::<32>(layout, 2, c)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The gathered rotations equal the per-edge ones on materialised messages, at every tile
+    /// width: `to_edge_rows` on node rows against `to_edge` on `cat(x[src], x[dst])`, and
+    /// `from_edge_add` against `from_edge` followed by adding each half into its node's rows
+    /// (onto a non-zero gradient, with nodes shared by several edges and a source equal to
+    /// its target).
+    #[test]
+    fn gathered_rotations_equal_rotations_of_the_materialised_messages() -> TestResult {
+        fn check<const W: usize>(layout: SphericalLayout, pair: bool, c: usize) -> TestResult {
+            let (lmax, full, trunc) = (
+                layout.lmax(),
+                layout.num_coefficients(),
+                layout.num_truncated(),
+            );
+            let (nodes, pieces) = (3, if pair { 2 } else { 1 });
+            let source = [2u32, 0, 2, 1, 1];
+            let target = [0u32, 0, 1, 1, 2];
+            let edges = source.len();
+            let cm = pieces * c;
+            let blocks = random_orthogonal_blocks(edges, lmax, 50 + c as u64);
+            let x = to_vec(&random_tensor(&[nodes, full, c], DType::F64, 51)?);
+            let y = to_vec(&random_tensor(&[edges, trunc, cm], DType::F64, 52)?);
+            let g0 = to_vec(&random_tensor(&[nodes, full, c], DType::F64, 53)?);
+            let rows = EdgeRows::Gathered {
+                source: &source,
+                target: pair.then_some(&target[..]),
+            };
+            // The messages, materialised.
+            let mut msg = vec![0.0; edges * full * cm];
+            for e in 0..edges {
+                for (h, node) in [source[e], target[e]][..pieces].iter().enumerate() {
+                    for r in 0..full {
+                        let from = (*node as usize * full + r) * c;
+                        let to = (e * full + r) * cm + h * c;
+                        msg[to..to + c].copy_from_slice(&x[from..from + c]);
+                    }
+                }
+            }
+            let plan = RotatePlan::new(layout, true);
+            let mut out = vec![f64::NAN; edges * trunc * cm];
+            to_edge_rows_kernel::<f64, _, W>(&plan, &x, &blocks, rows, &mut out[..], c);
+            let mut reference = vec![f64::NAN; edges * trunc * cm];
+            to_edge_kernel::<f64, _, W>(&plan, &msg, &blocks, &mut reference[..], cm);
+            assert_eq!(
+                out, reference,
+                "to_edge_rows, W = {W}, c = {c}, pair {pair}"
+            );
+            let mut grad = g0.clone();
+            from_edge_add_kernel::<f64, W>(&plan, &y, &blocks, rows, &mut grad, c, edges);
+            let mut back = vec![f64::NAN; edges * full * cm];
+            from_edge_kernel::<f64, _, W>(&plan, &y, &blocks, &mut back[..], cm);
+            let mut reference = g0;
+            for e in 0..edges {
+                for (h, node) in [source[e], target[e]][..pieces].iter().enumerate() {
+                    for r in 0..full {
+                        let to = (*node as usize * full + r) * c;
+                        let from = (e * full + r) * cm + h * c;
+                        for (d, v) in reference[to..to + c].iter_mut().zip(&back[from..from + c]) {
+                            *d += v;
+                        }
+                    }
+                }
+            }
+            crate::testing::assert_close_slice(&grad, &reference, 1e-13);
+            Ok(())
+        }
+        for (lmax, mmax) in [(2, 1), (4, 2)] {
+            let layout = SphericalLayout::new(lmax, mmax)?;
+            for pair in [true, false] {
+                for c in [3, 16, 35] {
+                    check::<8>(layout, pair, c)?;
+                    check::<16>(layout, pair, c)?;
+                    check::<32>(layout, pair, c)?;
+                }
             }
         }
         Ok(())

@@ -17,10 +17,10 @@
 //!
 //! ## Gathered messages
 //! The `forward_gather_*` variants ([`MessageGather`]) take node rows `[N, (lmax+1)², C]`
-//! and build each edge's message (`x[i]`, or `cat(x[src], x[dst])` along channels) inside the
-//! op, one edge at a time in a task-local buffer, before rotating it into the frame: the
-//! `[E, (lmax+1)², C_in]` message tensor never exists. Their backward pass rotates each edge's
-//! input gradient back and adds it into the node rows of a node-sized gradient.
+//! and rotate each edge's message (`x[i]`, or `cat(x[src], x[dst])` along channels) into the
+//! frame reading its channel halves straight from the node rows: the `[E, (lmax+1)², C_in]`
+//! message tensor never exists, not even one edge at a time. Their backward pass rotates each
+//! edge's input gradient back and adds it straight into the node rows of a node-sized gradient.
 //!
 //! ## Deterministic backward
 //! The backward pass splits the chunks into one contiguous part per rayon thread. Each part
@@ -60,7 +60,8 @@ use crate::float_kernel::{run_float, FloatKernel};
 use crate::linalg::{gemm, view};
 use crate::mapping::SphericalLayout;
 use crate::so2::{
-    contiguous_slice, dispatch_kernel, from_edge, from_edge_uninit, to_edge, RotatePlan,
+    contiguous_slice, dispatch_kernel, from_edge_add, from_edge_uninit, to_edge, to_edge_rows,
+    EdgeRows, RotatePlan,
 };
 use crate::wigner::WignerBlocks;
 
@@ -413,12 +414,10 @@ struct Scratch<T> {
     /// every order block, block after block, each `[ne, n_l · C]` (see [`Inputs::block_sums`]).
     sum_a: Vec<T>,
     sum_b: Vec<T>,
-    /// One gathered l-major message `[full, C_in]` (gather variants only).
-    edge: Vec<T>,
 }
 
 impl<T: Float> Scratch<T> {
-    fn new(shape: &LayerShape, ec: usize, backward: bool, gather: bool) -> Self {
+    fn new(shape: &LayerShape, ec: usize, backward: bool) -> Self {
         let trunc = shape.trunc();
         // Σ over the orders m > 0 of their degrees n_l, times the wider channel count.
         let wide = (1..=shape.layout.mmax())
@@ -440,11 +439,6 @@ impl<T: Float> Scratch<T> {
             gx: back(ec * trunc * shape.c_in),
             sum_a: vec![T::zero(); ec * wide],
             sum_b: back(ec * wide),
-            edge: if gather {
-                vec![T::zero(); shape.rows_in() * shape.c_in]
-            } else {
-                Vec::new()
-            },
         }
     }
 }
@@ -460,60 +454,6 @@ struct Gather<'a> {
     c_node: usize,
     nodes: usize,
 }
-
-impl Gather<'_> {
-    /// Writes the l-major message of edge `e` (`[full, C_in]`) into `buf` from the node rows
-    /// `x` (`[nodes, full, c_node]`).
-    fn message<T: Float>(&self, x: &[T], e: usize, full: usize, buf: &mut [T]) {
-        let cn = self.c_node;
-        let c_in = if self.target.is_some() { 2 * cn } else { cn };
-        let row = full * cn;
-        let s = self.source[e] as usize * row;
-        let src = &x[s..s + row];
-        for (d, v) in buf[..full * c_in]
-            .chunks_exact_mut(c_in)
-            .zip(src.chunks_exact(cn))
-        {
-            d[..cn].copy_from_slice(v);
-        }
-        if let Some(target) = self.target {
-            let t = target[e] as usize * row;
-            let dst = &x[t..t + row];
-            for (d, v) in buf[..full * c_in]
-                .chunks_exact_mut(c_in)
-                .zip(dst.chunks_exact(cn))
-            {
-                d[cn..].copy_from_slice(v);
-            }
-        }
-    }
-
-    /// Adds the l-major message gradient of edge `e` (`[full, C_in]`) into the node rows of
-    /// `gx` (`[nodes, full, c_node]`): the adjoint of [`Gather::message`].
-    fn scatter_add<T: Float>(&self, gx: &mut [T], e: usize, full: usize, buf: &[T]) {
-        let cn = self.c_node;
-        let row = full * cn;
-        let c_in = if self.target.is_some() { 2 * cn } else { cn };
-        let s = self.source[e] as usize * row;
-        add_strided(&mut gx[s..s + row], &buf[..full * c_in], cn, c_in, 0);
-        if let Some(target) = self.target {
-            let t = target[e] as usize * row;
-            add_strided(&mut gx[t..t + row], &buf[..full * c_in], cn, c_in, cn);
-        }
-    }
-}
-
-/// `dst[j·n..][..n] += src[j·rs + off..][..n]` for every row `j` of `dst`.
-#[inline(always)]
-fn add_strided_kernel<T: Float>(dst: &mut [T], src: &[T], n: usize, rs: usize, off: usize) {
-    for (d, s) in dst.chunks_exact_mut(n).zip(src.chunks_exact(rs)) {
-        for (d, &s) in d.iter_mut().zip(&s[off..off + n]) {
-            *d += s;
-        }
-    }
-}
-
-dispatch_kernel!(add_strided, add_strided_kernel, (dst: &mut [T], src: &[T], n: usize, rs: usize, off: usize));
 
 /// Inputs shared by all chunks.
 struct Inputs<'a, T> {
@@ -619,7 +559,7 @@ impl<'a, T: Float> Inputs<'a, T> {
 
     /// Rotates the chunk's (gathered) input into the edge frames: `out` `[ne, trunc, C_in]`,
     /// `edge` scratch for one gathered message.
-    fn rotate_in_chunk(&self, e0: usize, ne: usize, out: &mut [T], edge: &mut [T]) {
+    fn rotate_in_chunk(&self, e0: usize, ne: usize, out: &mut [T]) {
         let s = &self.shape;
         let plan = self.plan_in.as_ref().expect("rotate_in has a plan");
         match &self.gather {
@@ -628,17 +568,19 @@ impl<'a, T: Float> Inputs<'a, T> {
                 to_edge(plan, xc, self.wigner_chunk(e0, ne), out, s.c_in);
             }
             Some(ga) => {
-                let (full, row) = (s.rows_in(), s.trunc() * s.c_in);
-                for (i, o) in out[..ne * row].chunks_exact_mut(row).enumerate() {
-                    ga.message(self.x, e0 + i, full, edge);
-                    to_edge(
-                        plan,
-                        &edge[..full * s.c_in],
-                        self.wigner_chunk(e0 + i, 1),
-                        o,
-                        s.c_in,
-                    );
-                }
+                let rows = EdgeRows::Gathered {
+                    source: &ga.source[e0..e0 + ne],
+                    target: ga.target.map(|t| &t[e0..e0 + ne]),
+                };
+                let out = &mut out[..ne * s.trunc() * s.c_in];
+                to_edge_rows(
+                    plan,
+                    self.x,
+                    self.wigner_chunk(e0, ne),
+                    rows,
+                    out,
+                    ga.c_node,
+                );
             }
         }
     }
@@ -655,13 +597,7 @@ impl<'a, T: Float> Inputs<'a, T> {
     ) {
         let s = &self.shape;
         let (trunc, c_in, c_out) = (s.trunc(), s.c_in, s.c_out);
-        let Scratch {
-            xin,
-            y,
-            sum_a,
-            edge,
-            ..
-        } = scr;
+        let Scratch { xin, y, sum_a, .. } = scr;
         let rs_in = trunc * c_in;
         let rr = s.radial_rows() * c_in;
         let rad = self.radial_chunk(e0, ne);
@@ -674,7 +610,7 @@ impl<'a, T: Float> Inputs<'a, T> {
                 let rad = rad.map(|r| &r[s0 * rr..(s0 + sn) * rr]);
                 match (self.plan_in.is_some(), rad) {
                     (true, rad) => {
-                        self.rotate_in_chunk(e0 + s0, sn, piece, edge);
+                        self.rotate_in_chunk(e0 + s0, sn, piece);
                         if let Some(rad) = rad {
                             scale_in_place(piece, rad, &self.radial_rows, s.radial_rows(), c_in);
                         }
@@ -825,7 +761,6 @@ impl<'a, T: Float> Inputs<'a, T> {
             gx: gxs,
             sum_a,
             sum_b,
-            edge,
         } = scr;
         let rr = s.radial_rows() * c_in;
         // Output gradient in the edge frame (adjoint of the rotation back, with its rescale),
@@ -859,7 +794,7 @@ impl<'a, T: Float> Inputs<'a, T> {
                 let buf = &mut xr_buf[..ne * rs_in];
                 for (s0, sn) in sub_blocks(ne) {
                     let piece = &mut buf[s0 * rs_in..(s0 + sn) * rs_in];
-                    self.rotate_in_chunk(e0 + s0, sn, piece, edge);
+                    self.rotate_in_chunk(e0 + s0, sn, piece);
                     if rad.is_none() {
                         self.block_sums(sum_b, ne, (s0, sn), piece, c_in);
                     }
@@ -1077,16 +1012,17 @@ impl<'a, T: Float> Inputs<'a, T> {
                 }
             }
             (Some(plan), Some(ga), GxChunk::Nodes(gx)) => {
-                // Per edge: back to the l-major message, then added into its node rows.
-                let full = s.rows_in();
+                // Back to the l-major message, added straight into its node rows.
                 for (s0, sn) in sub_blocks(ne) {
                     let gp = &mut gxs[s0 * rs_in..(s0 + sn) * rs_in];
                     radial((s0, sn), gp, grad_rad);
-                    for (i, ge) in gp.chunks_exact(rs_in).enumerate() {
-                        let buf = &mut edge[..full * c_in];
-                        from_edge(plan, ge, self.wigner_chunk(e0 + s0 + i, 1), buf, c_in);
-                        ga.scatter_add(gx, e0 + s0 + i, full, buf);
-                    }
+                    let (a, b) = (e0 + s0, e0 + s0 + sn);
+                    let rows = EdgeRows::Gathered {
+                        source: &ga.source[a..b],
+                        target: ga.target.map(|t| &t[a..b]),
+                    };
+                    let w = self.wigner_chunk(a, sn);
+                    from_edge_add(plan, gp, w, rows, gx, ga.c_node, sn);
                 }
             }
             (None, _, GxChunk::Rows(gx)) => {
@@ -1208,7 +1144,7 @@ fn forward_into<T: Float>(
         .zip(extras)
         .with_min_len(min_len)
         .for_each_init(
-            || Scratch::new(s, ec, false, inputs.gather.is_some()),
+            || Scratch::new(s, ec, false),
             |scr, (((e0, ne), o), x)| {
                 inputs.forward_chunk(e0, ne, o, zero_init(x), scr);
             },
@@ -1316,7 +1252,7 @@ fn backward<T: Float>(
                 (None, Some(own)) => own.as_mut_slice(),
                 (None, None) => unreachable!("a part without an output slice owns a buffer"),
             };
-            let mut scr = Scratch::new(s, ec, true, gather);
+            let mut scr = Scratch::new(s, ec, true);
             let mut local = 0;
             for &(e0, ne) in &chunks[bounds[p]..bounds[p + 1]] {
                 let gx_chunk = match (&mut gx, own_gx.as_mut()) {
@@ -2982,6 +2918,8 @@ mod tests {
             (2, 1, 2, 3, 0, false, true, 5, 9),
             (2, 2, 2, 2, 1, true, false, 7, 13),
             (1, 0, 1, 2, 0, true, true, 3, 4),
+            (2, 2, 40, 5, 1, true, true, 6, 30),
+            (3, 1, 33, 4, 0, false, true, 5, 11),
         ];
         for (case, &(lmax, mmax, c_node, c_out, extra, pair, radial, nodes, edges)) in
             cases.iter().enumerate()
