@@ -252,7 +252,7 @@ impl S2Grid {
                 limit: lmax,
             });
         }
-        if res_beta % 2 != 0 || res_beta < 2 * (lmax + 1) {
+        if !res_beta.is_multiple_of(2) || res_beta < 2 * (lmax + 1) {
             return Err(EquivariantError::InvalidArgument {
                 name: "res_beta",
                 reason: format!(

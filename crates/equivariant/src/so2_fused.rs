@@ -57,7 +57,7 @@ use crate::buffer::{
 };
 use crate::error::{EquivariantError, Result};
 use crate::float_kernel::{run_float, FloatKernel};
-use crate::linalg::{gemm, view};
+use crate::linalg::{gemm, gemm_packed, view, PackedRhs, View};
 use crate::mapping::SphericalLayout;
 use crate::so2::{
     contiguous_slice, dispatch_kernel, from_edge_add, from_edge_uninit, to_edge, to_edge_rows,
@@ -236,7 +236,11 @@ impl LayerShape {
     ///   of the two rounds), so layers between 1 M and 4 M weights keep 256 edges.
     fn chunk_edges(&self, edges: usize) -> usize {
         let by_tasks = edges.div_ceil(4 * rayon::current_num_threads()).max(1);
-        by_tasks.min(fused_chunk_cap(self.weight_len()))
+        let cap = std::env::var("TMP_CAP")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(fused_chunk_cap(self.weight_len()));
+        by_tasks.min(cap)
     }
 }
 
@@ -455,6 +459,28 @@ struct Gather<'a> {
     nodes: usize,
 }
 
+/// The forward's weights packed once per call ([`Inputs::pack_weights`]); `None` where a
+/// product keeps the `gemm` crate.
+struct PackedWeights {
+    m0: Option<PackedRhs>,
+    /// Per order block: `[P₁, −P₂, P₃]` (complex) or `[W]`.
+    blocks: Vec<Vec<Option<PackedRhs>>>,
+}
+
+/// `dst[off..][m×n] (+)= lhs · (scale · rhs)` with `(dst, off, row stride, accumulate)`:
+/// through [`gemm_packed`] when the packed `scale · rhs` exists, else [`gemm()`].
+fn product<T: Float>(
+    (m, n, k): (usize, usize, usize),
+    (dst, off, rs, accumulate): (&mut [T], usize, usize, bool),
+    lhs: View<'_, T>,
+    (rhs, scale, packed): (View<'_, T>, T, Option<&PackedRhs>),
+) {
+    match packed {
+        Some(p) => gemm_packed((m, n, k), dst, off, rs, accumulate, lhs, p),
+        None => gemm((m, n, k), dst, off, rs, accumulate, lhs, rhs, scale),
+    }
+}
+
 /// Inputs shared by all chunks.
 struct Inputs<'a, T> {
     shape: LayerShape,
@@ -594,6 +620,7 @@ impl<'a, T: Float> Inputs<'a, T> {
         out: &mut [MaybeUninit<T>],
         extra: &mut [T],
         scr: &mut Scratch<T>,
+        packed: &PackedWeights,
     ) {
         let s = &self.shape;
         let (trunc, c_in, c_out) = (s.trunc(), s.c_in, s.c_out);
@@ -632,16 +659,25 @@ impl<'a, T: Float> Inputs<'a, T> {
         match &self.plan_out {
             Some(plan) => {
                 let y = &mut y[..ne * trunc * c_out];
-                self.so2_forward(ne, xin, y, extra, sum_a);
+                self.so2_forward(ne, xin, y, extra, sum_a, packed);
                 from_edge_uninit(plan, y, self.wigner_chunk(e0, ne), out, c_out);
             }
-            None => self.so2_forward(ne, xin, zero_init(out), extra, sum_a),
+            None => self.so2_forward(ne, xin, zero_init(out), extra, sum_a, packed),
         }
     }
 
     /// The SO(2) linear maps of one chunk: m-major `xin` → m-major `y` (+ `extra`), with the
     /// order blocks' sums `x₊ + x₋` of `xin` in `sums` ([`Self::block_sums`]).
-    fn so2_forward(&self, ne: usize, xin: &[T], y: &mut [T], extra: &mut [T], sums: &[T]) {
+    #[allow(clippy::too_many_arguments)]
+    fn so2_forward(
+        &self,
+        ne: usize,
+        xin: &[T],
+        y: &mut [T],
+        extra: &mut [T],
+        sums: &[T],
+        packed: &PackedWeights,
+    ) {
         let s = &self.shape;
         let (trunc, c_in, c_out) = (s.trunc(), s.c_in, s.c_out);
         let (rs_in, rs_out) = (trunc * c_in, trunc * c_out);
@@ -654,15 +690,11 @@ impl<'a, T: Float> Inputs<'a, T> {
             extra[e * ex..(e + 1) * ex].copy_from_slice(&bias[..ex]);
         }
         let one = T::one();
-        gemm(
+        product(
             (ne, n0, k0),
-            y,
-            0,
-            rs_out,
-            true,
+            (y, 0, rs_out, true),
             view(xin, 0, rs_in, 1),
-            view(w, ex, wc, 1),
-            one,
+            (view(w, ex, wc, 1), one, packed.m0.as_ref()),
         );
         if ex > 0 {
             gemm(
@@ -677,59 +709,81 @@ impl<'a, T: Float> Inputs<'a, T> {
             );
         }
         let mut sum_off = 0;
-        for b in &self.blocks {
+        for (b, pk) in self.blocks.iter().zip(&packed.blocks) {
             let (k, n) = (b.n_l * c_in, b.n_l * c_out);
             let (xp, xm) = (b.slot * c_in, (b.slot + b.n_l) * c_in);
             let (yp, ym) = (b.slot * c_out, (b.slot + b.n_l) * c_out);
             if s.complex {
                 let (p1, p2, p3) = (b.weight, b.weight + k * n, b.weight + 2 * k * n);
-                gemm(
+                product(
                     (ne, n, k),
-                    y,
-                    yp,
-                    rs_out,
-                    false,
+                    (y, yp, rs_out, false),
                     view(sums, sum_off, k, 1),
-                    view(w, p1, n, 1),
-                    one,
+                    (view(w, p1, n, 1), one, pk[0].as_ref()),
                 );
                 copy_rows(y, ne, n, rs_out, yp, ym);
-                gemm(
+                product(
                     (ne, n, k),
-                    y,
-                    yp,
-                    rs_out,
-                    true,
+                    (y, yp, rs_out, true),
                     view(xin, xm, rs_in, 1),
-                    view(w, p2, n, 1),
-                    T::from_f64(-1.0),
+                    (view(w, p2, n, 1), T::from_f64(-1.0), pk[1].as_ref()),
                 );
-                gemm(
+                product(
                     (ne, n, k),
-                    y,
-                    ym,
-                    rs_out,
-                    true,
+                    (y, ym, rs_out, true),
                     view(xin, xp, rs_in, 1),
-                    view(w, p3, n, 1),
-                    one,
+                    (view(w, p3, n, 1), one, pk[2].as_ref()),
                 );
                 sum_off += ne * k;
             } else {
                 for (xo, yo) in [(xp, yp), (xm, ym)] {
-                    gemm(
+                    product(
                         (ne, n, k),
-                        y,
-                        yo,
-                        rs_out,
-                        false,
+                        (y, yo, rs_out, false),
                         view(xin, xo, rs_in, 1),
-                        view(w, b.weight, n, 1),
-                        one,
+                        (view(w, b.weight, n, 1), one, pk[0].as_ref()),
                     );
                 }
             }
         }
+    }
+
+    /// The weights of [`Self::so2_forward`]'s products packed once for the whole call
+    /// ([`PackedRhs`]), each where the CPU and its shape allow (f32, AVX-512, output columns a
+    /// multiple of 32): the order-0 matrix, then per order block `[P₁, −P₂, P₃]` (complex) or
+    /// its one matrix. The `gemm` crate would pack them again for every chunk of edges.
+    fn pack_weights(&self) -> PackedWeights {
+        let s = &self.shape;
+        let (c_in, c_out) = (s.c_in, s.c_out);
+        let w = self.weights;
+        let one = T::one();
+        // (offset, row stride, k, n, scale) of every product's weight.
+        let mut specs = vec![(s.extra, s.w0_cols(), s.k0(), s.n0(), one)];
+        for b in &self.blocks {
+            let (k, n) = (b.n_l * c_in, b.n_l * c_out);
+            if s.complex {
+                specs.push((b.weight, n, k, n, one));
+                specs.push((b.weight + k * n, n, k, n, T::from_f64(-1.0)));
+                specs.push((b.weight + 2 * k * n, n, k, n, one));
+            } else {
+                specs.push((b.weight, n, k, n, one));
+            }
+        }
+        let mut packed: Vec<Option<PackedRhs>> = specs
+            .into_par_iter()
+            .map(|(off, rs, k, n, scale)| PackedRhs::pack(view(w, off, rs, 1), (k, n), scale))
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        let m0 = packed.pop().flatten();
+        let per_block = if s.complex { 3 } else { 1 };
+        let blocks = self
+            .blocks
+            .iter()
+            .map(|_| (0..per_block).map(|_| packed.pop().flatten()).collect())
+            .collect();
+        PackedWeights { m0, blocks }
     }
 
     /// Backward of one chunk: writes every element of `gx` (`GxChunk::Rows`,
@@ -1138,6 +1192,7 @@ fn forward_into<T: Float>(
         &chunks.iter().map(|c| c.1 * s.extra).collect::<Vec<_>>(),
     );
     let min_len = crate::buffer::min_task_len(chunks.len());
+    let packed = inputs.pack_weights();
     chunks
         .into_par_iter()
         .zip(mains)
@@ -1146,7 +1201,7 @@ fn forward_into<T: Float>(
         .for_each_init(
             || Scratch::new(s, ec, false),
             |scr, (((e0, ne), o), x)| {
-                inputs.forward_chunk(e0, ne, o, zero_init(x), scr);
+                inputs.forward_chunk(e0, ne, o, zero_init(x), scr, &packed);
             },
         );
 }
@@ -2765,40 +2820,45 @@ mod tests {
         Ok(())
     }
 
-    /// f32 kernels (their own GEMM micro-kernels and vector widths) agree with f64.
+    /// f32 kernels (their own GEMM micro-kernels and vector widths) agree with f64, for the
+    /// convolution and the linear layer, with output channels that the packed products
+    /// ([`PackedRhs`], whole 64-column panels; on AVX-512) take and with channels that keep
+    /// the `gemm` crate.
     #[test]
     fn fused_f32_matches_f64() -> TestResult {
         let layout = SphericalLayout::new(4, 2)?;
-        let config = So2ConvConfig::new(layout, 19, 13).with_extra_m0_outputs(3);
-        let (module, _) = Module::new(&config, false, 11)?;
-        let Module::Conv(conv) = &module else {
-            unreachable!("a convolution was built")
-        };
-        let edges = 70;
-        let w64 = random_wigner(edges, 4, 60, DType::F64)?;
-        let w32 = random_wigner(edges, 4, 60, DType::F32)?;
-        let x = random_tensor(&[edges, 25, 19], DType::F64, 12)?;
-        let r = random_tensor(&[edges, config.radial_len()], DType::F64, 13)?;
-        let (y64, e64) = conv.forward_rotated(&x, &w64, Some(&r))?;
-        // The f64 parameters are converted to the input's dtype inside the layer.
-        let (y32, e32) = conv.forward_rotated(
-            &x.to_dtype(DType::F32)?,
-            &w32,
-            Some(&r.to_dtype(DType::F32)?),
-        )?;
-        let scale = y64.abs()?.max_all()?.to_scalar::<f64>()?;
-        assert_close(
-            &(y32.to_dtype(DType::F64)? / scale)?,
-            &(&y64 / scale)?,
-            1e-5,
-        );
-        let (e64, e32) = (e64.ok_or("extra")?, e32.ok_or("extra")?);
-        let scale = e64.abs()?.max_all()?.to_scalar::<f64>()?;
-        assert_close(
-            &(e32.to_dtype(DType::F64)? / scale)?,
-            &(&e64 / scale)?,
-            1e-5,
-        );
+        for (c_in, c_out, linear) in [(19, 13, false), (24, 64, false), (24, 64, true)] {
+            let config = So2ConvConfig::new(layout, c_in, c_out).with_extra_m0_outputs(3);
+            let (module, _) = Module::new(&config, linear, 11)?;
+            let edges = 70;
+            let w64 = random_wigner(edges, 4, 60, DType::F64)?;
+            let w32 = random_wigner(edges, 4, 60, DType::F32)?;
+            let x = random_tensor(&[edges, 25, c_in], DType::F64, 12)?;
+            let r = random_tensor(&[edges, config.radial_len()], DType::F64, 13)?;
+            let forward = |x: &Tensor, w: &WignerBlocks, r: &Tensor| match &module {
+                Module::Conv(conv) => conv.forward_rotated(x, w, Some(r)),
+                Module::Linear(lin) => Ok((lin.forward_rotated(x, w, None)?, None)),
+            };
+            let (y64, e64) = forward(&x, &w64, &r)?;
+            // The f64 parameters are converted to the input's dtype inside the layer.
+            let (y32, e32) = forward(&x.to_dtype(DType::F32)?, &w32, &r.to_dtype(DType::F32)?)?;
+            let scale = y64.abs()?.max_all()?.to_scalar::<f64>()?;
+            assert_close(
+                &(y32.to_dtype(DType::F64)? / scale)?,
+                &(&y64 / scale)?,
+                1e-5,
+            );
+            if let (Some(e64), Some(e32)) = (e64, e32) {
+                let scale = e64.abs()?.max_all()?.to_scalar::<f64>()?;
+                assert_close(
+                    &(e32.to_dtype(DType::F64)? / scale)?,
+                    &(&e64 / scale)?,
+                    1e-5,
+                );
+            } else {
+                assert!(linear, "the convolution has extra outputs");
+            }
+        }
         Ok(())
     }
 

@@ -825,7 +825,7 @@ const STRESS_ALIASES: [&str; 2] = ["stress", "REF_stress"];
 
 fn parse_properties(spec: &str) -> Result<Vec<Column>, String> {
     let parts: Vec<&str> = spec.split(':').collect();
-    if parts.len() % 3 != 0 {
+    if !parts.len().is_multiple_of(3) {
         return Err(format!(
             "Properties={spec:?} must be name:type:count triples"
         ));

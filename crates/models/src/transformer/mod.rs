@@ -317,7 +317,7 @@ impl TransformerConfig {
             depth += 1;
         }
         let h_floor = |d: usize| (8 * d).min(STUDY_HEAD_HIDDEN);
-        let admissible = |d: usize| d % ladder_heads(d) == 0;
+        let admissible = |d: usize| d.is_multiple_of(ladder_heads(d));
         let mut best = 1;
         let mut next = None;
         for d in (1..=LADDER_MAX_WIDTH).filter(|&d| admissible(d)) {
@@ -388,7 +388,7 @@ impl Architecture for TransformerConfig {
         positive("head_hidden", self.head_hidden)?;
         positive("max_atomic_number", self.max_atomic_number)?;
         positive("num_radial", self.num_radial)?;
-        if self.d_model % self.heads != 0 {
+        if !self.d_model.is_multiple_of(self.heads) {
             return Err(ModelError::config(
                 "transformer.heads",
                 format!(
