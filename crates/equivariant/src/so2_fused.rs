@@ -748,30 +748,39 @@ impl<'a, T: Float> Inputs<'a, T> {
         }
     }
 
-    /// The weights of [`Self::so2_forward`]'s products packed once for the whole call
-    /// ([`PackedRhs`]), each where the CPU and its shape allow (f32, AVX-512, output columns a
-    /// multiple of 32): the order-0 matrix, then per order block `[P₁, −P₂, P₃]` (complex) or
-    /// its one matrix. The `gemm` crate would pack them again for every chunk of edges.
-    fn pack_weights(&self) -> PackedWeights {
+    /// The right factors of the layer's products with the weights, packed once for the whole
+    /// call ([`PackedRhs`]), each where the CPU and its shape allow (f32, AVX-512, output
+    /// columns a multiple of 64): the order-0 matrix, then per order block `[P₁, −P₂, P₃]`
+    /// (complex) or its one matrix. From the packed weights `w` for the forward's products,
+    /// from their transposes ([`Self::transposed_weights`], `transposed`) for the backward's
+    /// input gradient. The `gemm` crate would pack them again for every chunk of edges.
+    fn pack_products(&self, w: &[T], transposed: bool) -> PackedWeights {
         let s = &self.shape;
-        let (c_in, c_out) = (s.c_in, s.c_out);
-        let w = self.weights;
+        let (c_in, c_out, k0, n0, ex) = (s.c_in, s.c_out, s.k0(), s.n0(), s.extra);
         let one = T::one();
-        // (offset, row stride, k, n, scale) of every product's weight.
-        let mut specs = vec![(s.extra, s.w0_cols(), s.k0(), s.n0(), one)];
+        // (offset, row stride, rows, columns, scale) of every product's right factor.
+        let mut specs = vec![if transposed {
+            (ex * k0, k0, n0, k0, one)
+        } else {
+            (ex, s.w0_cols(), k0, n0, one)
+        }];
         for b in &self.blocks {
             let (k, n) = (b.n_l * c_in, b.n_l * c_out);
-            if s.complex {
-                specs.push((b.weight, n, k, n, one));
-                specs.push((b.weight + k * n, n, k, n, T::from_f64(-1.0)));
-                specs.push((b.weight + 2 * k * n, n, k, n, one));
+            let (rows, cols) = if transposed { (n, k) } else { (k, n) };
+            let parts: &[(usize, f64)] = if s.complex {
+                &[(0, 1.0), (k * n, -1.0), (2 * k * n, 1.0)]
             } else {
-                specs.push((b.weight, n, k, n, one));
+                &[(0, 1.0)]
+            };
+            for &(off, scale) in parts {
+                specs.push((b.weight + off, cols, rows, cols, T::from_f64(scale)));
             }
         }
         let mut packed: Vec<Option<PackedRhs>> = specs
             .into_par_iter()
-            .map(|(off, rs, k, n, scale)| PackedRhs::pack(view(w, off, rs, 1), (k, n), scale))
+            .map(|(off, rs, rows, cols, scale)| {
+                PackedRhs::pack(view(w, off, rs, 1), (rows, cols), scale)
+            })
             .collect::<Vec<_>>()
             .into_iter()
             .rev()
@@ -791,7 +800,8 @@ impl<'a, T: Float> Inputs<'a, T> {
     /// `[N, full, c_node]` instead) and of `grad_rad` (`[ne, R·C_in]`; both uninitialised on
     /// entry), and accumulates the packed-weight gradient into `gw`. `wt` holds the packed
     /// weights with every matrix transposed ([`Inputs::transposed_weights`]), the right
-    /// operands of the input-gradient products.
+    /// operands of the input-gradient products, and `packed_t` the same packed for
+    /// [`gemm_packed`] where it applies.
     #[allow(clippy::too_many_arguments)]
     fn backward_chunk(
         &self,
@@ -800,7 +810,7 @@ impl<'a, T: Float> Inputs<'a, T> {
         (g, g_extra): (&[T], Option<&[T]>),
         gx: GxChunk<'_, T>,
         grad_rad: &mut [MaybeUninit<T>],
-        (gw, wt): (&mut [T], &[T]),
+        (gw, wt, packed_t): (&mut [T], &[T], &PackedWeights),
         scr: &mut Scratch<T>,
     ) {
         let s = &self.shape;
@@ -881,15 +891,11 @@ impl<'a, T: Float> Inputs<'a, T> {
         };
         let gxs = &mut gxs[..ne * trunc * c_in];
         // m = 0.
-        gemm(
+        product(
             (ne, k0, n0),
-            gxs,
-            0,
-            rs_in,
-            false,
+            (gxs, 0, rs_in, false),
             view(gy, 0, rs_out, 1),
-            view(wt, ex * k0, k0, 1),
-            one,
+            (view(wt, ex * k0, k0, 1), one, packed_t.m0.as_ref()),
         );
         if let Some(g_extra) = g_extra {
             gemm(
@@ -942,7 +948,7 @@ impl<'a, T: Float> Inputs<'a, T> {
         }
         // m > 0, with the sums Sg = g₊ + g₋ (`sum_a`) and S = xs₊ + xs₋ (`sum_b`) of each block.
         let (mut sa, mut sb) = (0, 0);
-        for b in &self.blocks {
+        for (b, pk) in self.blocks.iter().zip(&packed_t.blocks) {
             let (k, n) = (b.n_l * c_in, b.n_l * c_out);
             let (xp, xm) = (b.slot * c_in, (b.slot + b.n_l) * c_in);
             let (yp, ym) = (b.slot * c_out, (b.slot + b.n_l) * c_out);
@@ -950,36 +956,24 @@ impl<'a, T: Float> Inputs<'a, T> {
                 let (p1, p2, p3) = (b.weight, b.weight + k * n, b.weight + 2 * k * n);
                 let (sum_a, sum_b) = (&sum_a[sa..sa + ne * n], &sum_b[sb..sb + ne * k]);
                 (sa, sb) = (sa + ne * n, sb + ne * k);
-                gemm(
+                product(
                     (ne, k, n),
-                    gxs,
-                    xp,
-                    rs_in,
-                    false,
+                    (gxs, xp, rs_in, false),
                     view(sum_a, 0, n, 1),
-                    view(wt, p1, k, 1),
-                    one,
+                    (view(wt, p1, k, 1), one, pk[0].as_ref()),
                 );
                 copy_rows(gxs, ne, k, rs_in, xp, xm);
-                gemm(
+                product(
                     (ne, k, n),
-                    gxs,
-                    xp,
-                    rs_in,
-                    true,
+                    (gxs, xp, rs_in, true),
                     view(gy, ym, rs_out, 1),
-                    view(wt, p3, k, 1),
-                    one,
+                    (view(wt, p3, k, 1), one, pk[2].as_ref()),
                 );
-                gemm(
+                product(
                     (ne, k, n),
-                    gxs,
-                    xm,
-                    rs_in,
-                    true,
+                    (gxs, xm, rs_in, true),
                     view(gy, yp, rs_out, 1),
-                    view(wt, p2, k, 1),
-                    T::from_f64(-1.0),
+                    (view(wt, p2, k, 1), T::from_f64(-1.0), pk[1].as_ref()),
                 );
                 gemm(
                     (k, n, ne),
@@ -1013,15 +1007,11 @@ impl<'a, T: Float> Inputs<'a, T> {
                 );
             } else {
                 for (xo, yo) in [(xp, yp), (xm, ym)] {
-                    gemm(
+                    product(
                         (ne, k, n),
-                        gxs,
-                        xo,
-                        rs_in,
-                        false,
+                        (gxs, xo, rs_in, false),
                         view(gy, yo, rs_out, 1),
-                        view(wt, b.weight, k, 1),
-                        one,
+                        (view(wt, b.weight, k, 1), one, pk[0].as_ref()),
                     );
                     gemm(
                         (k, n, ne),
@@ -1192,7 +1182,7 @@ fn forward_into<T: Float>(
         &chunks.iter().map(|c| c.1 * s.extra).collect::<Vec<_>>(),
     );
     let min_len = crate::buffer::min_task_len(chunks.len());
-    let packed = inputs.pack_weights();
+    let packed = inputs.pack_products(inputs.weights, false);
     chunks
         .into_par_iter()
         .zip(mains)
@@ -1270,6 +1260,7 @@ fn backward<T: Float>(
     let chunks = chunks(edges, ec, rayon::current_num_threads());
     let n_parts = rayon::current_num_threads().clamp(1, chunks.len());
     let wt = inputs.transposed_weights();
+    let packed_t = inputs.pack_products(&wt, true);
     let bounds: Vec<usize> = (0..=n_parts).map(|p| p * chunks.len() / n_parts).collect();
     let part_edges: Vec<usize> = (0..n_parts)
         .map(|p| chunks[bounds[p]..bounds[p + 1]].iter().map(|c| c.1).sum())
@@ -1325,7 +1316,7 @@ fn backward<T: Float>(
                     (g, g_extra),
                     gx_chunk,
                     rad_chunk,
-                    (gw, &wt),
+                    (gw, &wt, &packed_t),
                     &mut scr,
                 );
                 local += ne;
@@ -2820,14 +2811,14 @@ mod tests {
         Ok(())
     }
 
-    /// f32 kernels (their own GEMM micro-kernels and vector widths) agree with f64, for the
-    /// convolution and the linear layer, with output channels that the packed products
-    /// ([`PackedRhs`], whole 64-column panels; on AVX-512) take and with channels that keep
-    /// the `gemm` crate.
+    /// f32 kernels (their own GEMM micro-kernels and vector widths) agree with f64, values and
+    /// input gradients, for the convolution and the linear layer, with channels that the
+    /// packed products ([`PackedRhs`], whole 64-column panels; on AVX-512) take and with
+    /// channels that keep the `gemm` crate.
     #[test]
     fn fused_f32_matches_f64() -> TestResult {
         let layout = SphericalLayout::new(4, 2)?;
-        for (c_in, c_out, linear) in [(19, 13, false), (24, 64, false), (24, 64, true)] {
+        for (c_in, c_out, linear) in [(19, 13, false), (64, 64, false), (64, 64, true)] {
             let config = So2ConvConfig::new(layout, c_in, c_out).with_extra_m0_outputs(3);
             let (module, _) = Module::new(&config, linear, 11)?;
             let edges = 70;
@@ -2839,9 +2830,26 @@ mod tests {
                 Module::Conv(conv) => conv.forward_rotated(x, w, Some(r)),
                 Module::Linear(lin) => Ok((lin.forward_rotated(x, w, None)?, None)),
             };
-            let (y64, e64) = forward(&x, &w64, &r)?;
+            let (x64, x32) = (
+                Var::from_tensor(&x)?,
+                Var::from_tensor(&x.to_dtype(DType::F32)?)?,
+            );
+            let (y64, e64) = forward(x64.as_tensor(), &w64, &r)?;
             // The f64 parameters are converted to the input's dtype inside the layer.
-            let (y32, e32) = forward(&x.to_dtype(DType::F32)?, &w32, &r.to_dtype(DType::F32)?)?;
+            let (y32, e32) = forward(x32.as_tensor(), &w32, &r.to_dtype(DType::F32)?)?;
+            // The input gradients (the backward's products with the transposed weights).
+            let g64 = loss(&(y64.clone(), e64.clone()))?.backward()?;
+            let cast = |t: &Tensor| t.to_dtype(DType::F64);
+            let g32 = loss(&(cast(&y32)?, e32.as_ref().map(cast).transpose()?))?.backward()?;
+            let (Some(gx64), Some(gx32)) = (g64.get(&x64), g32.get(&x32)) else {
+                panic!("no input gradient");
+            };
+            let scale = gx64.abs()?.max_all()?.to_scalar::<f64>()?;
+            assert_close(
+                &(gx32.to_dtype(DType::F64)? / scale)?,
+                &(gx64 / scale)?,
+                1e-5,
+            );
             let scale = y64.abs()?.max_all()?.to_scalar::<f64>()?;
             assert_close(
                 &(y32.to_dtype(DType::F64)? / scale)?,
