@@ -18,6 +18,9 @@
 //! `MATSCALE_BENCH_REPEATS` (default 5) timed passes after a warm-up, f32, one thread
 //! (the layer runs one chunk per rayon task, each GEMM single-threaded).
 //!
+//! The forward and input-gradient passes are also timed with [`gemm_packed`] against weights
+//! packed once beforehand ([`PackedRhs`]), as the layer runs them on AVX-512 (`…_packed`).
+//!
 //! Run: `cargo bench -p matscale-equivariant --bench gemm`; side by side with `torch.addmm`
 //! (MKL / oneDNN) on the same shapes and strides:
 //! `python crates/equivariant/benches/gemm_torch.py compare`.
@@ -26,7 +29,7 @@
 
 use std::time::Instant;
 
-use matscale_equivariant::linalg::{gemm, view};
+use matscale_equivariant::linalg::{gemm, gemm_packed, view, PackedRhs};
 use matscale_equivariant::so2::fused_chunk_cap;
 
 /// Which buffer an operand reads.
@@ -170,6 +173,52 @@ fn time(products: &[Product], bufs: &Buffers, out: &mut [f32], repeats: usize) -
             t.elapsed().as_secs_f64()
         })
         .fold(f64::INFINITY, f64::min)
+}
+
+/// [`time`] with every weight factor packed once beforehand ([`PackedRhs`], outside the
+/// clock, as the layer packs once per call) and multiplied by [`gemm_packed`]; `None` where
+/// a weight cannot be packed (no AVX-512, or a width that is not whole panels) or a pass has
+/// no weight factor.
+fn time_packed(
+    products: &[Product],
+    bufs: &Buffers,
+    out: &mut [f32],
+    repeats: usize,
+) -> Option<f64> {
+    let packed = products
+        .iter()
+        .map(|p| {
+            let (_, n, k) = p.mnk;
+            let (src, off, rs, cs) = p.rhs;
+            matches!(src, Src::W)
+                .then(|| PackedRhs::pack(view(bufs.get(src), off, rs, cs), (k, n), 1.0f32))
+                .flatten()
+        })
+        .collect::<Option<Vec<_>>>()?;
+    let pass = |out: &mut [f32]| {
+        for (p, w) in products.iter().zip(&packed) {
+            let (ls, lo, lr, lc) = p.lhs;
+            gemm_packed(
+                p.mnk,
+                out,
+                0,
+                p.mnk.1,
+                true,
+                view(bufs.get(ls), lo, lr, lc),
+                w,
+            );
+        }
+    };
+    pass(out);
+    Some(
+        (0..repeats)
+            .map(|_| {
+                let t = Instant::now();
+                pass(out);
+                t.elapsed().as_secs_f64()
+            })
+            .fold(f64::INFINITY, f64::min),
+    )
 }
 
 /// Multiply-adds per FMA-peak pass: 12 register chains × `FMA_ITERS` iterations.
@@ -368,6 +417,25 @@ fn main() {
                 per / best / 1e9,
                 at_peak.map_or("null".to_string(), |t| t.to_string())
             );
+            // The same products against weights packed once, as the layer runs them.
+            if let Some(best) = time_packed(&products, &bufs, &mut out, repeats) {
+                let per_1e4 = best * 1e4 / chunk as f64;
+                println!(
+                    "gemm_packed layer {case} {name}: {:.1} GFLOP/s, {:.1} ms per 10^4 edges{}",
+                    per / best / 1e9,
+                    per_1e4 * 1e3,
+                    at_peak.map_or(String::new(), |t| format!(
+                        " ({:.1} % of the FMA peak)",
+                        100.0 * t / per_1e4
+                    ))
+                );
+                println!(
+                    "RESULT {{\"case\": \"{case}\", \"pass\": \"{name}_packed\", \
+                     \"gflops\": {:.3}, \"chunk\": {chunk}, \"flops\": {per}, \
+                     \"seconds_per_1e4_edges\": {per_1e4}}}",
+                    per / best / 1e9
+                );
+            }
         }
     }
 }
