@@ -42,6 +42,12 @@
 //! `W₀` row-major `[k₀, extra + n₀]` (fairchem's `fc_m0.weight` transposed, extra outputs
 //! first), the bias `[extra + n₀]`, then per order `m ≥ 1` the row-major `[k_m, n_m]` matrices
 //! `P₁, P₂, P₃` (convolution) or `Wᵀ` (linear), `k_m = (lmax−m+1)·C_in`, `n_m = (lmax−m+1)·C_out`.
+//!
+//! ## Products
+//! On f32 with AVX-512, every forward product and every input-gradient product whose output
+//! width is whole 64-column panels multiplies a factor packed once per call
+//! ([`crate::linalg::gemm_packed`], `Inputs::pack_products`); the rest, and all weight
+//! gradients, go through [`crate::linalg::gemm`].
 
 use std::mem::MaybeUninit;
 use std::sync::{Arc, Mutex, PoisonError};
