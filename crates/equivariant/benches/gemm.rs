@@ -146,9 +146,21 @@ impl Buffers {
     }
 }
 
+/// Best seconds of `repeats` runs of `pass` on `out`, after one warm-up run.
+fn best_of(repeats: usize, out: &mut [f32], pass: impl Fn(&mut [f32])) -> f64 {
+    pass(out);
+    (0..repeats)
+        .map(|_| {
+            let t = Instant::now();
+            pass(out);
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
 /// Best seconds of `repeats` passes of `products` (after one warm-up pass).
 fn time(products: &[Product], bufs: &Buffers, out: &mut [f32], repeats: usize) -> f64 {
-    let pass = |out: &mut [f32]| {
+    best_of(repeats, out, |out| {
         for p in products {
             let (m, n, k) = p.mnk;
             let (ls, lo, lr, lc) = p.lhs;
@@ -164,15 +176,7 @@ fn time(products: &[Product], bufs: &Buffers, out: &mut [f32], repeats: usize) -
                 1.0,
             );
         }
-    };
-    pass(out);
-    (0..repeats)
-        .map(|_| {
-            let t = Instant::now();
-            pass(out);
-            t.elapsed().as_secs_f64()
-        })
-        .fold(f64::INFINITY, f64::min)
+    })
 }
 
 /// [`time`] with every weight factor packed once beforehand ([`PackedRhs`], outside the
@@ -195,7 +199,7 @@ fn time_packed(
                 .flatten()
         })
         .collect::<Option<Vec<_>>>()?;
-    let pass = |out: &mut [f32]| {
+    Some(best_of(repeats, out, |out| {
         for (p, w) in products.iter().zip(&packed) {
             let (ls, lo, lr, lc) = p.lhs;
             gemm_packed(
@@ -208,17 +212,7 @@ fn time_packed(
                 w,
             );
         }
-    };
-    pass(out);
-    Some(
-        (0..repeats)
-            .map(|_| {
-                let t = Instant::now();
-                pass(out);
-                t.elapsed().as_secs_f64()
-            })
-            .fold(f64::INFINITY, f64::min),
-    )
+    }))
 }
 
 /// Multiply-adds per FMA-peak pass: 12 register chains × `FMA_ITERS` iterations.

@@ -189,8 +189,8 @@ fn avx512() -> bool {
 ///
 /// Register tiles of 6 rows × 64 columns run over the whole depth `k` (no depth blocking:
 /// the panel, `64·k` floats, stays in L2 for every row tile, and the 6 left rows stream
-/// past); measured at 96–98 % of the core's FMA peak on the SO(2) layer's shapes, against
-/// 90–94 % for the `gemm` crate (docs/BENCHMARKS.md).
+/// past); measured at 94–100 % of the core's FMA peak on the SO(2) layer's shapes, against
+/// 88–94 % for the `gemm` crate (`bench gemm`, docs/BENCHMARKS.md).
 ///
 /// # Panics
 /// `T` is not f32, `rhs` is not `k × n`, `lhs` has a column stride other than 1, or a matrix

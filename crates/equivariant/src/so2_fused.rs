@@ -242,11 +242,7 @@ impl LayerShape {
     ///   of the two rounds), so layers between 1 M and 4 M weights keep 256 edges.
     fn chunk_edges(&self, edges: usize) -> usize {
         let by_tasks = edges.div_ceil(4 * rayon::current_num_threads()).max(1);
-        let cap = std::env::var("TMP_CAP")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(fused_chunk_cap(self.weight_len()));
-        by_tasks.min(cap)
+        by_tasks.min(fused_chunk_cap(self.weight_len()))
     }
 }
 
@@ -465,8 +461,8 @@ struct Gather<'a> {
     nodes: usize,
 }
 
-/// The forward's weights packed once per call ([`Inputs::pack_weights`]); `None` where a
-/// product keeps the `gemm` crate.
+/// The right factors of the layer's weight products, packed once per call
+/// ([`Inputs::pack_products`]); `None` where a product keeps the `gemm` crate.
 struct PackedWeights {
     m0: Option<PackedRhs>,
     /// Per order block: `[P₁, −P₂, P₃]` (complex) or `[W]`.
@@ -589,8 +585,8 @@ impl<'a, T: Float> Inputs<'a, T> {
         out
     }
 
-    /// Rotates the chunk's (gathered) input into the edge frames: `out` `[ne, trunc, C_in]`,
-    /// `edge` scratch for one gathered message.
+    /// Rotates the chunk's input into the edge frames: `out` `[ne, trunc, C_in]`, read from
+    /// the per-edge rows or, with `gather`, straight from the node rows.
     fn rotate_in_chunk(&self, e0: usize, ne: usize, out: &mut [T]) {
         let s = &self.shape;
         let plan = self.plan_in.as_ref().expect("rotate_in has a plan");
