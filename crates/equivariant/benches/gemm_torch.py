@@ -1,7 +1,7 @@
 """The SO(2) layer's GEMMs in PyTorch, beside matscale's `linalg::gemm` (bench `gemm`).
 
 Same products, shapes and strides as crates/equivariant/benches/gemm.rs: for one chunk of the
-fused layer, at the layer's own chunk size (128, 256 or 512 edges by its packed weight count),
+fused layer, at the layer's own chunk size (128 or 256 edges by its packed weight count),
 per-edge C -> C and EquiformerV2's gathered 2C -> C message layer: the forward `x·W`,
 input-gradient `g·Wᵀ` and weight-gradient `xᵀ·g` products of every order (three per order
 m > 0: the 3-multiplication complex product), the activations as column blocks of
@@ -28,8 +28,8 @@ import torch
 
 def layer_chunk(weights: int) -> int:
     """Edges per chunk of the fused layer for `weights` packed weights, as gemm.rs
-    (`matscale_equivariant::so2::fused_chunk_cap`: 128 under 1 M, 256 under 4 M, 512 above)."""
-    return 128 if weights < 1 << 20 else 256 if weights < 4 << 20 else 512
+    (`matscale_equivariant::so2::fused_chunk_cap`: 128 under 1 M, 256 above)."""
+    return 128 if weights < 1 << 20 else 256
 
 
 # (lmax, mmax, C_in, C_out, case suffix): the per-edge layers, then EquiformerV2's gathered

@@ -128,46 +128,154 @@ const _: () = assert!(TILE_ROWS == 6, "packed_avx512's tail covers 1..=5 rows");
 
 /// A right-hand factor `[k × n]` packed once for many products with [`gemm_packed`]: panels
 /// of 64 columns, each `[k][64]` contiguous, so that the product streams each panel from L2
-/// with no per-call packing. The fused SO(2) layer multiplies every 512-edge chunk by the
+/// with no per-call packing. The fused SO(2) layer multiplies every 256-edge chunk by the
 /// same weights: the `gemm` crate re-packs them (tens of MB at lmax 6) for every chunk,
 /// which this does once per call.
+///
+/// A large factor (depth `k` ≥ [`STRASSEN_MIN_DEPTH`], even; `n` ≥ [`STRASSEN_MIN_COLS`], a
+/// multiple of 128) is packed for one level of Strassen's algorithm instead: the seven sums
+/// and differences of its `[k/2 × n/2]` blocks that Strassen's seven block products take,
+/// each in panels. [`gemm_packed`] then runs 7 half-size products instead of 8, one eighth
+/// fewer multiplications, for the price of five sums of the left factor's blocks per call
+/// (see [`gemm_packed`]). [`PackedRhs::pack_plain`] packs without it.
 ///
 /// Only f32 on CPUs with AVX-512, and only for `n` a multiple of 64: [`PackedRhs::pack`]
 /// returns `None` otherwise, and the caller keeps [`gemm()`].
 #[derive(Debug, Clone)]
 pub struct PackedRhs {
-    data: Vec<f32>,
+    form: Form,
     k: usize,
     n: usize,
 }
 
+/// How a [`PackedRhs`] holds its factor.
+#[derive(Debug, Clone)]
+enum Form {
+    /// `[n/64][k][64]`.
+    Plain(Vec<f32>),
+    /// Strassen's seven right factors, each `[k/2 × n/2]` in panels, in the order of the
+    /// products `M₁ … M₇` of [`strassen_avx512`]: `B₁₁ + B₂₂`, `B₁₁`, `B₁₂ − B₂₂`, `B₂₁ − B₁₁`,
+    /// `B₂₂`, `B₁₁ + B₁₂`, `B₂₁ + B₂₂`.
+    Strassen(Box<[Vec<f32>; 7]>),
+}
+
+/// The smallest depth `k` whose products [`PackedRhs::pack`] packs for Strassen's algorithm.
+/// Below it the five block sums of the left factor cost more than the eighth of the
+/// multiplications saved (`bench gemm`, docs/BENCHMARKS.md).
+pub const STRASSEN_MIN_DEPTH: usize = 256;
+
+/// The fewest columns `n` whose products [`PackedRhs::pack`] packs for Strassen's algorithm
+/// (each half then holds at least two panels).
+pub const STRASSEN_MIN_COLS: usize = 256;
+
+/// A block `(row, column)` of a matrix split in 2 × 2.
+type Block = (usize, usize);
+
+/// `[k][n]` in panels of [`PANEL`] columns (`n` a multiple of it); `fill(p, j, out)` writes
+/// row `p`, columns `j..j + 64`, into `out`.
+fn pack_panels(k: usize, n: usize, fill: impl Fn(usize, usize, &mut [f32])) -> Vec<f32> {
+    let mut data = vec![0.0f32; k * n];
+    for (panel, out) in data.chunks_exact_mut(k * PANEL).enumerate() {
+        for (p, row) in out.chunks_exact_mut(PANEL).enumerate() {
+            fill(p, panel * PANEL, row);
+        }
+    }
+    data
+}
+
 impl PackedRhs {
     /// Packs `scale · rhs` (`k × n`), or `None` when [`gemm_packed`] cannot use it (`T` is not
-    /// f32, `n` is not a multiple of 64, or the CPU lacks AVX-512).
+    /// f32, `n` is not a multiple of 64, or the CPU lacks AVX-512). A large factor is packed
+    /// for Strassen's algorithm (see the type's docs).
     ///
     /// # Panics
     /// The matrix reaches past its slice.
     pub fn pack<T: WithDType>(rhs: View<'_, T>, (k, n): (usize, usize), scale: T) -> Option<Self> {
+        let strassen =
+            k >= STRASSEN_MIN_DEPTH && k % 2 == 0 && n >= STRASSEN_MIN_COLS && n % (2 * PANEL) == 0;
+        Self::pack_as(rhs, (k, n), scale, strassen)
+    }
+
+    /// [`PackedRhs::pack`] without Strassen's algorithm, whatever the shape: every product
+    /// against it is the plain one.
+    ///
+    /// # Panics
+    /// The matrix reaches past its slice.
+    pub fn pack_plain<T: WithDType>(
+        rhs: View<'_, T>,
+        (k, n): (usize, usize),
+        scale: T,
+    ) -> Option<Self> {
+        Self::pack_as(rhs, (k, n), scale, false)
+    }
+
+    fn pack_as<T: WithDType>(
+        rhs: View<'_, T>,
+        (k, n): (usize, usize),
+        scale: T,
+        strassen: bool,
+    ) -> Option<Self> {
         if T::DTYPE != DType::F32 || n % PANEL != 0 || n == 0 || k == 0 || !avx512() {
             return None;
         }
         assert_span(rhs.data.len(), rhs.off, (k, n), (rhs.rs, rhs.cs));
         let scale = scale.to_f64() as f32;
-        let mut data = vec![0.0f32; k * n];
-        for (panel, out) in data.chunks_exact_mut(k * PANEL).enumerate() {
-            for (p, row) in out.chunks_exact_mut(PANEL).enumerate() {
-                let first = rhs.off + p * rhs.rs + panel * PANEL * rhs.cs;
+        // `scale · rhs`, dense row-major `[k][n]`.
+        let mut dense = vec![0.0f32; k * n];
+        for (p, row) in dense.chunks_exact_mut(n).enumerate() {
+            let first = rhs.off + p * rhs.rs;
+            if rhs.cs == 1 {
+                for (o, x) in row.iter_mut().zip(&rhs.data[first..first + n]) {
+                    *o = x.to_f64() as f32 * scale;
+                }
+            } else {
                 for (j, o) in row.iter_mut().enumerate() {
                     *o = rhs.data[first + j * rhs.cs].to_f64() as f32 * scale;
                 }
             }
         }
-        Some(Self { data, k, n })
+        let form = if strassen {
+            // (block, sign, block) or (block, 0, block) for a block alone, with blocks
+            // (row, column) of B: M₁ … M₇'s right factors.
+            let combos: [(Block, f32, Block); 7] = [
+                ((0, 0), 1.0, (1, 1)),
+                ((0, 0), 0.0, (0, 0)),
+                ((0, 1), -1.0, (1, 1)),
+                ((1, 0), -1.0, (0, 0)),
+                ((1, 1), 0.0, (1, 1)),
+                ((0, 0), 1.0, (0, 1)),
+                ((1, 0), 1.0, (1, 1)),
+            ];
+            let (k2, n2) = (k / 2, n / 2);
+            Form::Strassen(Box::new(combos.map(|((r, c), sign, (r2, c2))| {
+                pack_panels(k2, n2, |p, j, out| {
+                    let x = &dense[(r * k2 + p) * n + c * n2 + j..][..out.len()];
+                    if sign == 0.0 {
+                        out.copy_from_slice(x);
+                        return;
+                    }
+                    let y = &dense[(r2 * k2 + p) * n + c2 * n2 + j..][..out.len()];
+                    for ((o, &x), &y) in out.iter_mut().zip(x).zip(y) {
+                        *o = x + sign * y;
+                    }
+                })
+            })))
+        } else {
+            Form::Plain(pack_panels(k, n, |p, j, out| {
+                out.copy_from_slice(&dense[p * n + j..][..out.len()]);
+            }))
+        };
+        Some(Self { form, k, n })
     }
 
     /// `(k, n)`: the shape of the packed factor.
     pub fn shape(&self) -> (usize, usize) {
         (self.k, self.n)
+    }
+
+    /// Whether products against this factor run one level of Strassen's algorithm.
+    pub fn is_strassen(&self) -> bool {
+        matches!(self.form, Form::Strassen(_))
     }
 }
 
@@ -191,6 +299,15 @@ fn avx512() -> bool {
 /// the panel, `64·k` floats, stays in L2 for every row tile, and the 6 left rows stream
 /// past); measured at 94–100 % of the core's FMA peak on the SO(2) layer's shapes, against
 /// 88–94 % for the `gemm` crate (`bench gemm`, docs/BENCHMARKS.md).
+///
+/// Against a factor packed for Strassen's algorithm ([`PackedRhs::is_strassen`]) the product
+/// is one level of it: the left factor's rows split in halves (the upper one a row longer
+/// when `m` is odd, the lower one read as if padded with a zero row) and its columns in
+/// halves, five sums of its blocks formed in a per-thread buffer (`5 · ⌈m/2⌉ · k/2` floats,
+/// kept for the thread's next call), then seven block products, each adding its register
+/// tiles straight into the one or two blocks of `dst` it contributes to. The rounding
+/// differs from the plain product's by a few units in the last place of the largest terms
+/// (checked against f64 in the tests).
 ///
 /// # Panics
 /// `T` is not f32, `rhs` is not `k × n`, `lhs` has a column stride other than 1, or a matrix
@@ -229,19 +346,29 @@ pub fn gemm_packed<T: WithDType>(
     {
         // `PackedRhs::pack` only builds a packed factor where AVX-512 exists.
         assert!(avx512(), "linalg::gemm_packed: needs AVX-512");
-        // SAFETY: the CPU has AVX-512F (checked just above); every matrix lies inside its
-        // slice (checked above: `dst` and `lhs` by `assert_span`, `rhs` by its shape), and
-        // `dst` is a unique borrow that aliases neither factor.
-        unsafe {
-            packed_avx512(
-                (m, n, k),
-                dst.as_mut_ptr().add(dst_off),
-                dst_rs,
-                accumulate,
-                a.as_ptr().add(lhs.off),
-                lhs.rs,
-                &rhs.data,
-            );
+        let c = Dest {
+            // SAFETY: `dst_off` lies inside `dst` (checked by `assert_span` above).
+            c: unsafe { dst.as_mut_ptr().add(dst_off) },
+            ldc: dst_rs,
+            rows: m,
+            store: if accumulate { Store::Add } else { Store::Set },
+        };
+        // SAFETY: likewise for `lhs.off` inside `a`.
+        let a = unsafe { a.as_ptr().add(lhs.off) };
+        match &rhs.form {
+            // SAFETY: the CPU has AVX-512F (checked just above); every matrix lies inside
+            // its slice (checked above: `dst` and `lhs` by `assert_span`, `rhs` by its
+            // shape), and `dst` is a unique borrow that aliases neither factor.
+            Form::Plain(bp) => unsafe { packed_avx512((m, n, k), &[c], a, lhs.rs, bp) },
+            Form::Strassen(bs) => STRASSEN_LHS.with_borrow_mut(|sums| {
+                let need = 5 * m.div_ceil(2) * (k / 2);
+                if sums.len() < need {
+                    sums.resize(need, 0.0);
+                }
+                // SAFETY: as for the plain product; `sums` holds the five block sums
+                // (length checked just above) and is this thread's own.
+                unsafe { strassen_avx512((m, n, k), c, a, lhs.rs, bs, sums) }
+            }),
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -251,44 +378,161 @@ pub fn gemm_packed<T: WithDType>(
     }
 }
 
-/// The driver of [`gemm_packed`]: panel by panel, tiles of [`TILE_ROWS`] rows, the last tile
-/// with the remaining rows.
+thread_local! {
+    /// The five sums of the left factor's blocks for [`gemm_packed`]'s Strassen products,
+    /// kept per thread between calls (a fresh allocation of megabytes per call would fault its
+    /// pages in every time).
+    static STRASSEN_LHS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// How a register tile is written to a destination block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Store {
+    /// `c = tile`.
+    Set,
+    /// `c += tile`.
+    Add,
+    /// `c −= tile`.
+    Sub,
+}
+
+/// A destination of a product's register tiles: `rows` rows of stride `ldc` at `c` (a product
+/// of more rows writes only the first `rows` of them here).
+#[derive(Clone, Copy)]
+struct Dest {
+    c: *mut f32,
+    ldc: usize,
+    rows: usize,
+    store: Store,
+}
+
+impl Dest {
+    /// The same destination `cols` columns and `rows_down` rows further on, holding `rows` rows,
+    /// written with `store`.
+    ///
+    fn at(self, rows_down: usize, cols: usize, rows: usize, store: Store) -> Self {
+        Self {
+            // A destination of no rows may point one block past the matrix; it is never
+            // written, and `wrapping_add` forms its pointer without claiming it in bounds.
+            c: self.c.wrapping_add(rows_down * self.ldc + cols),
+            ldc: self.ldc,
+            rows,
+            store,
+        }
+    }
+}
+
+/// One level of Strassen's algorithm (see [`gemm_packed`]): `c` (`m × n`, written with
+/// `c.store`, Set or Add) gets `a · B` from `a` (`m × k`, row stride `lda`) and `B`'s seven
+/// packed block combinations `bs` ([`Form::Strassen`]), with `sums` as scratch.
+///
+/// With `h = ⌈m/2⌉` upper and `l = m − h` lower rows, `k₂ = k/2`, `n₂ = n/2`:
+/// `M₁ = (A₁₁ + A₂₂)(B₁₁ + B₂₂)`, `M₂ = (A₂₁ + A₂₂) B₁₁`, `M₃ = A₁₁ (B₁₂ − B₂₂)`,
+/// `M₄ = A₂₂ (B₂₁ − B₁₁)`, `M₅ = (A₁₁ + A₁₂) B₂₂`, `M₆ = (A₂₁ − A₁₁)(B₁₁ + B₁₂)`,
+/// `M₇ = (A₁₂ − A₂₂)(B₂₁ + B₂₂)`; `C₁₁ = M₁ + M₄ − M₅ + M₇`, `C₁₂ = M₃ + M₅`,
+/// `C₂₁ = M₂ + M₄`, `C₂₂ = M₁ − M₂ + M₃ + M₆`. The lower blocks of `A` are read as if
+/// padded with a zero row when `l < h`: products whose left factor is lower-only run `l` rows,
+/// and the sums `A₁₁ + A₂₂`, `A₁₂ − A₂₂` copy the upper block's last row.
 ///
 /// # Safety
-/// AVX-512F is available; `c` addresses `m` rows of stride `ldc` and `n` columns, `a` `m` rows
-/// of stride `lda` and `k` columns, and `bp` holds `k × n` packed elements.
+/// AVX-512F is available; `c` addresses `m` rows of `n` columns, `a` `m` rows of `k` columns;
+/// `k` is even and `n` a multiple of `2 · 64`; `bs` holds seven `k/2 × n/2` packed factors;
+/// `sums` holds at least `5 · h · k/2` floats and aliases nothing else.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn strassen_avx512(
+    (m, n, k): (usize, usize, usize),
+    c: Dest,
+    a: *const f32,
+    lda: usize,
+    bs: &[Vec<f32>; 7],
+    sums: &mut [f32],
+) {
+    let (h, l, k2, n2) = (m.div_ceil(2), m / 2, k / 2, n / 2);
+    let first = c.store;
+    // SAFETY: every pointer below addresses a block inside `a` (rows `0..m`, columns
+    // `0..k`), inside `c` (rows `0..m`, columns `0..n`) or inside `sums`; the caller
+    // guarantees those extents.
+    unsafe {
+        // Block (r, q) of A: element (i, p) at a + r·h·lda + q·k2 + i·lda + p (the lower
+        // blocks' pointers are formed with `wrapping_add`: with m = 1 they have no rows).
+        let blk = |r: usize, q: usize| a.wrapping_add(r * h * lda + q * k2);
+        let (a11, a12, a21, a22) = (blk(0, 0), blk(0, 1), blk(1, 0), blk(1, 1));
+        let (s1, rest) = sums.split_at_mut(h * k2);
+        let (s2, rest) = rest.split_at_mut(h * k2);
+        let (s5, rest) = rest.split_at_mut(h * k2);
+        let (s6, s7) = rest.split_at_mut(h * k2);
+        let sum = |out: &mut [f32], x: &[f32], y: &[f32], sign: f32| {
+            for ((o, &x), &y) in out.iter_mut().zip(x).zip(y) {
+                *o = x + sign * y;
+            }
+        };
+        for i in 0..h {
+            let row = |p: *const f32| std::slice::from_raw_parts(p.add(i * lda), k2);
+            let (x11, x12) = (row(a11), row(a12));
+            let o = i * k2..(i + 1) * k2;
+            sum(&mut s5[o.clone()], x11, x12, 1.0);
+            if i < l {
+                let (x21, x22) = (row(a21), row(a22));
+                sum(&mut s1[o.clone()], x11, x22, 1.0);
+                sum(&mut s2[o.clone()], x21, x22, 1.0);
+                sum(&mut s6[o.clone()], x21, x11, -1.0);
+                sum(&mut s7[o], x12, x22, -1.0);
+            } else {
+                s1[o.clone()].copy_from_slice(x11);
+                s7[o].copy_from_slice(x12);
+            }
+        }
+        let c11 = c.at(0, 0, h, first);
+        let c12 = c.at(0, n2, h, first);
+        let c21 = c.at(h, 0, l, first);
+        let c22 = c.at(h, n2, l, first);
+        let with = |d: Dest, store: Store| Dest { store, ..d };
+        let (add, sub) = (Store::Add, Store::Sub);
+        let products: [(*const f32, usize, usize, &[Dest]); 7] = [
+            (s1.as_ptr(), k2, h, &[c11, c22]),
+            (s2.as_ptr(), k2, l, &[c21, with(c22, sub)]),
+            (a11, lda, h, &[c12, with(c22, add)]),
+            (a22, lda, l, &[with(c11, add), with(c21, add)]),
+            (s5.as_ptr(), k2, h, &[with(c11, sub), with(c12, add)]),
+            (s6.as_ptr(), k2, l, &[with(c22, add)]),
+            (s7.as_ptr(), k2, h, &[with(c11, add)]),
+        ];
+        for ((lhs, ld, rows, dests), b) in products.into_iter().zip(bs) {
+            packed_avx512((rows, n2, k2), dests, lhs, ld, b);
+        }
+    }
+}
+
+/// The driver of [`gemm_packed`]: panel by panel, tiles of [`TILE_ROWS`] rows, the last tile
+/// with the remaining rows; each tile written to every destination in `dests` (one or two).
+///
+/// # Safety
+/// AVX-512F is available; each destination addresses `min(m, rows)` rows of its stride and
+/// `n` columns, `a` `m` rows of stride `lda` and `k` columns, and `bp` holds `k × n` packed
+/// elements; no destination aliases `a` or `bp`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn packed_avx512(
     (m, n, k): (usize, usize, usize),
-    c: *mut f32,
-    ldc: usize,
-    accumulate: bool,
+    dests: &[Dest],
     a: *const f32,
     lda: usize,
     bp: &[f32],
 ) {
     // SAFETY: every pointer formed below stays inside the extents the caller guarantees
-    // (panel `panel` of `bp`, rows `i..` of `a` and `c`), and so do the tiles' accesses.
+    // (panel `panel` of `bp`, rows `i..` of `a` and of the destinations), and so do the
+    // tiles' accesses.
     unsafe {
         for panel in 0..n / PANEL {
             let b = bp.as_ptr().add(panel * k * PANEL);
-            let c = c.add(panel * PANEL);
             let mut i = 0;
             while i + TILE_ROWS <= m {
-                tile_avx512::<TILE_ROWS>(
-                    k,
-                    a.add(i * lda),
-                    lda,
-                    b,
-                    c.add(i * ldc),
-                    ldc,
-                    accumulate,
-                );
+                tile_avx512::<TILE_ROWS>(k, a.add(i * lda), lda, b, dests, i, panel * PANEL);
                 i += TILE_ROWS;
             }
-            let (a, c) = (a.add(i * lda), c.add(i * ldc));
-            let t = (k, a, lda, b, c, ldc, accumulate);
+            let a = a.add(i * lda);
+            let t = (k, a, lda, b, dests, i, panel * PANEL);
             match m - i {
                 0 => {}
                 1 => tile_avx512::<1>(t.0, t.1, t.2, t.3, t.4, t.5, t.6),
@@ -301,11 +545,13 @@ unsafe fn packed_avx512(
     }
 }
 
-/// One `R × 64` register tile over the whole depth: `c[r][0..64] (+)= Σ_p a[r][p] · b[p][0..64]`.
+/// One `R × 64` register tile over the whole depth, `Σ_p a[r][p] · b[p][0..64]`, written to
+/// rows `row0 + r` (those below each destination's `rows`), columns `col..col + 64` of every
+/// destination.
 ///
 /// # Safety
 /// AVX-512F is available; `a` addresses `R` rows of stride `lda` and `k` columns, `b` `k × 64`
-/// elements, `c` `R` rows of stride `ldc` and 64 columns.
+/// elements; every destination row written lies inside its matrix.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[inline]
@@ -314,13 +560,13 @@ unsafe fn tile_avx512<const R: usize>(
     a: *const f32,
     lda: usize,
     b: *const f32,
-    c: *mut f32,
-    ldc: usize,
-    accumulate: bool,
+    dests: &[Dest],
+    row0: usize,
+    col: usize,
 ) {
     use std::arch::x86_64::{
         _mm512_add_ps, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_set1_ps, _mm512_setzero_ps,
-        _mm512_storeu_ps,
+        _mm512_storeu_ps, _mm512_sub_ps,
     };
     let mut acc = [[_mm512_setzero_ps(); 4]; R];
     // SAFETY: the loads and stores stay inside the rows and panel the caller guarantees.
@@ -339,13 +585,17 @@ unsafe fn tile_avx512<const R: usize>(
                 }
             }
         }
-        for (r, acc) in acc.iter_mut().enumerate() {
-            let row = c.add(r * ldc);
-            for (q, a) in acc.iter_mut().enumerate() {
-                if accumulate {
-                    *a = _mm512_add_ps(_mm512_loadu_ps(row.add(16 * q)), *a);
+        for d in dests {
+            for (r, acc) in acc.iter().enumerate().take(d.rows.saturating_sub(row0)) {
+                let row = d.c.add((row0 + r) * d.ldc + col);
+                for (q, &a) in acc.iter().enumerate() {
+                    let v = match d.store {
+                        Store::Set => a,
+                        Store::Add => _mm512_add_ps(_mm512_loadu_ps(row.add(16 * q)), a),
+                        Store::Sub => _mm512_sub_ps(_mm512_loadu_ps(row.add(16 * q)), a),
+                    };
+                    _mm512_storeu_ps(row.add(16 * q), v);
                 }
-                _mm512_storeu_ps(row.add(16 * q), *a);
             }
         }
     }
@@ -438,6 +688,104 @@ mod tests {
                 assert_eq!(dst[0], 0.5, "element before the block written");
             }
         }
+    }
+
+    /// One level of Strassen's algorithm equals the naive loop for every row count 1..=25
+    /// (odd ones read a zero-padded lower half), both write modes, a scale, strided operands,
+    /// and leaves the destination's padding alone.
+    #[test]
+    fn strassen_products_match_the_naive_loop() {
+        let (n, k) = (256, 38);
+        let a: Vec<f32> = (0..30 * 50).map(|i| (i as f32 * 0.37).sin()).collect();
+        let b: Vec<f32> = (0..k * 270).map(|i| (i as f32 * 0.11).cos()).collect();
+        let Some(packed) = PackedRhs::pack_as(view(&b, 3, 270, 1), (k, n), -2.0f32, true) else {
+            assert!(!avx512());
+            return;
+        };
+        assert!(packed.is_strassen());
+        for m in 1..=25 {
+            for accumulate in [false, true] {
+                let ld = 270;
+                let mut dst = vec![0.5f32; m * ld + 1];
+                gemm_packed(
+                    (m, n, k),
+                    &mut dst,
+                    1,
+                    ld,
+                    accumulate,
+                    view(&a, 2, 50, 1),
+                    &packed,
+                );
+                for i in 0..m {
+                    for j in 0..ld {
+                        let got = dst[1 + i * ld + j];
+                        if j >= n {
+                            assert_eq!(got, 0.5, "padding written (m {m}, row {i}, col {j})");
+                            continue;
+                        }
+                        let dot: f64 = (0..k)
+                            .map(|p| a[2 + i * 50 + p] as f64 * b[3 + p * 270 + j] as f64)
+                            .sum();
+                        let want = -2.0 * dot + if accumulate { 0.5 } else { 0.0 };
+                        assert!(
+                            (got as f64 - want).abs() < 1e-4 * (1.0 + want.abs()),
+                            "m {m}, acc {accumulate}, ({i}, {j}): {got} vs {want}"
+                        );
+                    }
+                }
+                assert_eq!(dst[0], 0.5, "element before the block written");
+            }
+        }
+    }
+
+    /// `pack` chooses Strassen's form exactly for large factors with even depth and whole
+    /// double panels; `pack_plain` never does. A large product is as accurate as the plain
+    /// one to within a small factor, against f64.
+    #[test]
+    fn strassen_applies_to_large_factors_only_and_keeps_the_accuracy() {
+        let (m, k, n) = (37, STRASSEN_MIN_DEPTH, STRASSEN_MIN_COLS);
+        let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.731).sin()).collect();
+        let b: Vec<f32> = (0..(k + 2) * (n + 128))
+            .map(|i| (i as f32 * 0.193).cos())
+            .collect();
+        let Some(fast) = PackedRhs::pack(view(&b, 0, n, 1), (k, n), 1.0f32) else {
+            assert!(!avx512());
+            return;
+        };
+        assert!(fast.is_strassen());
+        let plain = PackedRhs::pack_plain(view(&b, 0, n, 1), (k, n), 1.0f32).unwrap();
+        assert!(!plain.is_strassen());
+        let declined = [
+            (k - 2, n),   // too shallow
+            (k + 1, n),   // odd depth
+            (k, n - 64),  // n/2 not whole panels
+            (k, n - 128), // too narrow
+        ];
+        for (kk, nn) in declined {
+            let p = PackedRhs::pack(view(&b, 0, nn, 1), (kk, nn), 1.0f32).unwrap();
+            assert!(!p.is_strassen(), "k {kk}, n {nn}");
+        }
+        let run = |p: &PackedRhs| {
+            let mut c = vec![0.0f32; m * n];
+            gemm_packed((m, n, k), &mut c, 0, n, false, view(&a, 0, k, 1), p);
+            c
+        };
+        let (cf, cp) = (run(&fast), run(&plain));
+        let (mut err_fast, mut err_plain) = (0.0f64, 0.0f64);
+        for i in 0..m {
+            for j in 0..n {
+                let dot: f64 = (0..k)
+                    .map(|p| a[i * k + p] as f64 * b[p * n + j] as f64)
+                    .sum();
+                err_fast = err_fast.max((cf[i * n + j] as f64 - dot).abs());
+                err_plain = err_plain.max((cp[i * n + j] as f64 - dot).abs());
+            }
+        }
+        assert!(
+            err_fast < 4.0 * err_plain.max(1e-6),
+            "{err_fast} vs {err_plain}"
+        );
+        assert!(err_fast < 1e-3, "{err_fast}");
     }
 
     /// Only f32, whole panels and (on x86-64) AVX-512 get a packed factor.

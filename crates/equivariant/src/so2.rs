@@ -38,7 +38,7 @@
 //! table, and register tiles of up to six output rows × 32 channels (16 with AVX2, 8 or 16 in
 //! the portable build) accumulate them with fused multiply-adds over the contiguous channel
 //! dimension, compiled for AVX-512 or AVX2 when the CPU has them. The SO(2) maps (`forward*`)
-//! run in one custom op per call: each rayon task takes a chunk of 128–512 edges (by the
+//! run in one custom op per call: each rayon task takes a chunk of 128 or 256 edges (by the
 //! layer's size), rotates it into a task-local buffer, multiplies by the radial weights, runs
 //! one GEMM per order (`gemm`, single-threaded inside the task) and rotates the result straight
 //! into the output, so no edge-sized intermediate tensor exists. For `m > 0` the complex product uses three real

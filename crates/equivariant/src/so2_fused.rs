@@ -7,7 +7,7 @@
 //! ## Why fused
 //! Composed from separate ops, one layer writes and re-reads four edge-sized tensors (rotated,
 //! radially scaled, convolved, rotated back) and candle accumulates a gradient for each in the
-//! backward pass. Here every rayon task takes a chunk of 128–512 edges (by the layer's size),
+//! backward pass. Here every rayon task takes a chunk of 128 or 256 edges (by the layer's size),
 //! rotates it into a task-local scratch buffer, scales it by the radial weights, runs the GEMMs
 //! of every order on the chunk (single-threaded `gemm`, the threads work on different chunks)
 //! and rotates the result straight into the output. The backward pass is one op as well: it recomputes
@@ -218,9 +218,8 @@ impl LayerShape {
         self.rows_out() * self.c_out
     }
 
-    /// Edges per task: 128 for layers with fewer than [`SMALL_WEIGHTS`] packed weights, 256 up
-    /// to [`LARGE_WEIGHTS`], 512 from there, or fewer so that every thread gets at least four
-    /// tasks. Large chunks amortise the packing of the weights inside each GEMM call (the
+    /// Edges per task: 128 for layers with fewer than [`SMALL_WEIGHTS`] packed weights, 256
+    /// from there, or fewer so that every thread gets at least four tasks. Large chunks amortise the packing of the weights inside each GEMM call (the
     /// per-order matrices are up to `896 × 896` at lmax 6, C 128, streamed from L3) and, in the
     /// backward pass, the read-modify-write of the weight-gradient accumulator per chunk (20 MB
     /// at lmax 6, mmax 4, C 128); small ones keep the chunk's GEMM operands in L2 (a 128-edge
@@ -239,7 +238,13 @@ impl LayerShape {
     ///   of 7, cap forced through a temporary switch): 256 edges against 128, forward+backward
     ///   2–4 % faster (per-edge 578–590 against 599–603 ms, gathered 1126–1136 against
     ///   1160–1179 ms), forwards within the noise; 512 edges as fast as 256 (each faster in one
-    ///   of the two rounds), so layers between 1 M and 4 M weights keep 256 edges.
+    ///   of the two rounds), so layers between 1 M and 4 M weights keep 256 edges;
+    /// - 6/4/128 once its large products ran Strassen's algorithm ([`crate::linalg::PackedRhs`],
+    ///   whose five block sums of the left factor per product read the chunk's rows once more;
+    ///   2026-11-27, two rounds, best of 5): 256 against 512 edges, gathered forward 2–3 %
+    ///   faster (956 against 978–983 ms), gathered forward+backward 1.6–1.9 %, per-edge forward
+    ///   1.5–3 %; 128 edges, gathered forward within the noise of 256 but forward+backward
+    ///   1.5–3 % slower. So the 512-edge tier for layers above 4 M weights is gone.
     fn chunk_edges(&self, edges: usize) -> usize {
         let by_tasks = edges.div_ceil(4 * rayon::current_num_threads()).max(1);
         by_tasks.min(fused_chunk_cap(self.weight_len()))
@@ -247,31 +252,26 @@ impl LayerShape {
 }
 
 /// The most edges per task of a fused SO(2) layer with `packed_weights` packed weights: 128
-/// below `SMALL_WEIGHTS` (1 M), 256 below `LARGE_WEIGHTS` (4 M), 512 from there. A layer
-/// runs fewer when that leaves a thread under four tasks; why these sizes is measured in
-/// `LayerShape::chunk_edges`. Public so that benchmarks (bench `gemm`) run the layer's chunks.
+/// below `SMALL_WEIGHTS` (1 M), 256 from there. A layer runs fewer when that leaves a thread
+/// under four tasks; why these sizes is measured in `LayerShape::chunk_edges`. Public so that
+/// benchmarks (bench `gemm`) run the layer's chunks.
 ///
 /// ```
 /// use matscale_equivariant::so2::fused_chunk_cap;
 /// assert_eq!(fused_chunk_cap(410_000), 128); // lmax 4, mmax 2, 64 channels
-/// assert_eq!(fused_chunk_cap(5_030_000), 512); // lmax 6, mmax 4, 128 channels
+/// assert_eq!(fused_chunk_cap(5_030_000), 256); // lmax 6, mmax 4, 128 channels
 /// ```
 pub fn fused_chunk_cap(packed_weights: usize) -> usize {
     if packed_weights < SMALL_WEIGHTS {
         128
-    } else if packed_weights < LARGE_WEIGHTS {
-        256
     } else {
-        512
+        256
     }
 }
 
 /// Packed weights below which a layer runs chunks of 128 edges (see
 /// [`LayerShape::chunk_edges`]).
 const SMALL_WEIGHTS: usize = 1 << 20;
-
-/// Packed weights from which a layer runs chunks of 512 edges (see [`LayerShape::chunk_edges`]).
-const LARGE_WEIGHTS: usize = 4 << 20;
 
 // ---------------------------------------------------------------------------------------------
 // Small vector kernels (in cache)
@@ -1116,7 +1116,7 @@ dispatch_kernel!(scale_in_place, scale_in_place_kernel, (x: &mut [T], rad: &[T],
 /// scaling, order-block sums; radial gradient, rotation back): each pass over a sub-block
 /// reads what the previous one wrote while it is still in L1/L2 (8 edges are 39 KB of m-major
 /// rows at lmax 4, mmax 2, C 64 and 176 KB at lmax 6, mmax 4, C 128), where whole chunks
-/// (128–512 edges, 0.6–11 MB) would go to L3 or memory between passes.
+/// (128 or 256 edges, 0.6–5.6 MB) would go to L3 or memory between passes.
 const SUB_EDGES: usize = 8;
 
 /// `(first edge, edge count)` of the sub-blocks of a chunk of `ne` edges.
@@ -2815,12 +2815,18 @@ mod tests {
 
     /// f32 kernels (their own GEMM micro-kernels and vector widths) agree with f64, values and
     /// input gradients, for the convolution and the linear layer, with channels that the
-    /// packed products ([`PackedRhs`], whole 64-column panels; on AVX-512) take and with
-    /// channels that keep the `gemm` crate.
+    /// packed products ([`PackedRhs`], whole 64-column panels; on AVX-512) take, with 128
+    /// channels, where every product of both passes runs Strassen's algorithm (64 channels
+    /// run it for the order-1 block only), and with channels that keep the `gemm` crate.
     #[test]
     fn fused_f32_matches_f64() -> TestResult {
         let layout = SphericalLayout::new(4, 2)?;
-        for (c_in, c_out, linear) in [(19, 13, false), (64, 64, false), (64, 64, true)] {
+        for (c_in, c_out, linear) in [
+            (19, 13, false),
+            (64, 64, false),
+            (64, 64, true),
+            (128, 128, false),
+        ] {
             let config = So2ConvConfig::new(layout, c_in, c_out).with_extra_m0_outputs(3);
             let (module, _) = Module::new(&config, linear, 11)?;
             let edges = 70;
