@@ -293,7 +293,9 @@ fn avx512() -> bool {
 
 /// `dst[dst_off..][m×n] = lhs[m×k] · rhs`, or `+=` when `accumulate`, with `rhs` packed by
 /// [`PackedRhs::pack`] (its scale already applied); `dst` has row stride `dst_rs` and unit
-/// column stride, `lhs` must have unit column stride. Single-threaded.
+/// column stride. `lhs` must have unit column stride, or, against a plain factor
+/// ([`PackedRhs::pack_plain`]), unit row stride (a transposed matrix, as in the weight
+/// gradient `xᵀ·g`). Single-threaded.
 ///
 /// Register tiles of 6 rows × 64 columns run over the whole depth `k` (no depth blocking:
 /// the panel, `64·k` floats, stays in L2 for every row tile, and the 6 left rows stream
@@ -310,8 +312,8 @@ fn avx512() -> bool {
 /// (checked against f64 in the tests).
 ///
 /// # Panics
-/// `T` is not f32, `rhs` is not `k × n`, `lhs` has a column stride other than 1, or a matrix
-/// reaches past its slice.
+/// `T` is not f32, `rhs` is not `k × n`, `lhs` has neither unit stride (or is transposed
+/// against a Strassen-packed factor), or a matrix reaches past its slice.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_packed<T: WithDType>(
     (m, n, k): (usize, usize, usize),
@@ -328,12 +330,21 @@ pub fn gemm_packed<T: WithDType>(
         T::DTYPE
     );
     assert_eq!(rhs.shape(), (k, n), "linalg::gemm_packed: rhs shape");
-    assert_eq!(lhs.cs, 1, "linalg::gemm_packed: lhs column stride");
+    // Row-major `lhs` (unit column stride), or a transposed one (unit row stride) against a
+    // plain factor.
+    let transposed = lhs.cs != 1;
+    assert!(
+        !transposed || (lhs.rs == 1 && !rhs.is_strassen()),
+        "linalg::gemm_packed: lhs needs a unit column stride (or a unit row stride against a \
+         plain factor), got strides ({}, {})",
+        lhs.rs,
+        lhs.cs
+    );
     if m == 0 || n == 0 {
         return;
     }
     assert_span(dst.len(), dst_off, (m, n), (dst_rs, 1));
-    assert_span(lhs.data.len(), lhs.off, (m, k), (lhs.rs, 1));
+    assert_span(lhs.data.len(), lhs.off, (m, k), (lhs.rs, lhs.cs));
     // SAFETY: T is f32 (checked above), so both slices reinterpret as f32 slices of the same
     // length and alignment.
     let (dst, a) = unsafe {
@@ -359,7 +370,11 @@ pub fn gemm_packed<T: WithDType>(
             // SAFETY: the CPU has AVX-512F (checked just above); every matrix lies inside
             // its slice (checked above: `dst` and `lhs` by `assert_span`, `rhs` by its
             // shape), and `dst` is a unique borrow that aliases neither factor.
-            Form::Plain(bp) => unsafe { packed_avx512((m, n, k), &[c], a, lhs.rs, bp) },
+            Form::Plain(bp) if transposed => unsafe {
+                packed_avx512::<true>((m, n, k), &[c], a, lhs.cs, bp);
+            },
+            // SAFETY: as just above.
+            Form::Plain(bp) => unsafe { packed_avx512::<false>((m, n, k), &[c], a, lhs.rs, bp) },
             Form::Strassen(bs) => STRASSEN_LHS.with_borrow_mut(|sums| {
                 let need = 5 * m.div_ceil(2) * (k / 2);
                 if sums.len() < need {
@@ -499,21 +514,22 @@ unsafe fn strassen_avx512(
             (s7.as_ptr(), k2, h, &[with(c11, add)]),
         ];
         for ((lhs, ld, rows, dests), b) in products.into_iter().zip(bs) {
-            packed_avx512((rows, n2, k2), dests, lhs, ld, b);
+            packed_avx512::<false>((rows, n2, k2), dests, lhs, ld, b);
         }
     }
 }
 
 /// The driver of [`gemm_packed`]: panel by panel, tiles of [`TILE_ROWS`] rows, the last tile
 /// with the remaining rows; each tile written to every destination in `dests` (one or two).
+/// Element `(i, p)` of the left factor is `a[i·lda + p]`, or `a[i + p·lda]` when `TRANS`.
 ///
 /// # Safety
 /// AVX-512F is available; each destination addresses `min(m, rows)` rows of its stride and
-/// `n` columns, `a` `m` rows of stride `lda` and `k` columns, and `bp` holds `k × n` packed
+/// `n` columns, `a` the `m × k` elements so addressed, and `bp` holds `k × n` packed
 /// elements; no destination aliases `a` or `bp`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn packed_avx512(
+unsafe fn packed_avx512<const TRANS: bool>(
     (m, n, k): (usize, usize, usize),
     dests: &[Dest],
     a: *const f32,
@@ -527,19 +543,20 @@ unsafe fn packed_avx512(
         for panel in 0..n / PANEL {
             let b = bp.as_ptr().add(panel * k * PANEL);
             let mut i = 0;
+            // The first element of row i.
+            let row = |i: usize| a.add(if TRANS { i } else { i * lda });
             while i + TILE_ROWS <= m {
-                tile_avx512::<TILE_ROWS>(k, a.add(i * lda), lda, b, dests, i, panel * PANEL);
+                tile_avx512::<TILE_ROWS, TRANS>(k, row(i), lda, b, dests, i, panel * PANEL);
                 i += TILE_ROWS;
             }
-            let a = a.add(i * lda);
-            let t = (k, a, lda, b, dests, i, panel * PANEL);
+            let t = (k, row(i), lda, b, dests, i, panel * PANEL);
             match m - i {
                 0 => {}
-                1 => tile_avx512::<1>(t.0, t.1, t.2, t.3, t.4, t.5, t.6),
-                2 => tile_avx512::<2>(t.0, t.1, t.2, t.3, t.4, t.5, t.6),
-                3 => tile_avx512::<3>(t.0, t.1, t.2, t.3, t.4, t.5, t.6),
-                4 => tile_avx512::<4>(t.0, t.1, t.2, t.3, t.4, t.5, t.6),
-                _ => tile_avx512::<5>(t.0, t.1, t.2, t.3, t.4, t.5, t.6),
+                1 => tile_avx512::<1, TRANS>(t.0, t.1, t.2, t.3, t.4, t.5, t.6),
+                2 => tile_avx512::<2, TRANS>(t.0, t.1, t.2, t.3, t.4, t.5, t.6),
+                3 => tile_avx512::<3, TRANS>(t.0, t.1, t.2, t.3, t.4, t.5, t.6),
+                4 => tile_avx512::<4, TRANS>(t.0, t.1, t.2, t.3, t.4, t.5, t.6),
+                _ => tile_avx512::<5, TRANS>(t.0, t.1, t.2, t.3, t.4, t.5, t.6),
             }
         }
     }
@@ -549,13 +566,15 @@ unsafe fn packed_avx512(
 /// rows `row0 + r` (those below each destination's `rows`), columns `col..col + 64` of every
 /// destination.
 ///
+/// Element `(r, p)` of the left factor is `a[r·lda + p]`, or `a[r + p·lda]` when `TRANS`.
+///
 /// # Safety
-/// AVX-512F is available; `a` addresses `R` rows of stride `lda` and `k` columns, `b` `k × 64`
+/// AVX-512F is available; `a` addresses the `R × k` elements so addressed, `b` `k × 64`
 /// elements; every destination row written lies inside its matrix.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn tile_avx512<const R: usize>(
+unsafe fn tile_avx512<const R: usize, const TRANS: bool>(
     k: usize,
     a: *const f32,
     lda: usize,
@@ -579,7 +598,7 @@ unsafe fn tile_avx512<const R: usize>(
                 _mm512_loadu_ps(b.add(p * PANEL + 48)),
             ];
             for (r, acc) in acc.iter_mut().enumerate() {
-                let x = _mm512_set1_ps(*a.add(r * lda + p));
+                let x = _mm512_set1_ps(*a.add(if TRANS { r + p * lda } else { r * lda + p }));
                 for (a, &bv) in acc.iter_mut().zip(&bv) {
                     *a = _mm512_fmadd_ps(x, bv, *a);
                 }
@@ -688,6 +707,52 @@ mod tests {
                 assert_eq!(dst[0], 0.5, "element before the block written");
             }
         }
+    }
+
+    /// A transposed left factor (unit row stride, as the weight gradient's `xᵀ`) against a
+    /// plain packed factor equals the naive loop for every row-tile remainder; against a
+    /// Strassen-packed factor it is refused.
+    #[test]
+    fn packed_products_take_a_transposed_left_factor() {
+        let (n, k) = (128, 29);
+        let a: Vec<f32> = (0..40 * 60).map(|i| (i as f32 * 0.29).sin()).collect();
+        let b: Vec<f32> = (0..k * 130).map(|i| (i as f32 * 0.13).cos()).collect();
+        let Some(packed) = PackedRhs::pack_plain(view(&b, 1, 130, 1), (k, n), 0.5f32) else {
+            assert!(!avx512());
+            return;
+        };
+        for m in 1..=25 {
+            let mut dst = vec![0.25f32; m * n];
+            // Element (i, p) of the left factor at 3 + i + p·60.
+            gemm_packed((m, n, k), &mut dst, 0, n, true, view(&a, 3, 1, 60), &packed);
+            for i in 0..m {
+                for j in 0..n {
+                    let dot: f64 = (0..k)
+                        .map(|p| a[3 + i + p * 60] as f64 * b[1 + p * 130 + j] as f64)
+                        .sum();
+                    let want = 0.25 + 0.5 * dot;
+                    let got = dst[i * n + j] as f64;
+                    assert!(
+                        (got - want).abs() < 1e-4 * (1.0 + want.abs()),
+                        "m {m} ({i}, {j})"
+                    );
+                }
+            }
+        }
+        let strassen = PackedRhs::pack_as(view(&b, 0, 128, 1), (4, 128), 1.0f32, true).unwrap();
+        let refused = std::panic::catch_unwind(|| {
+            let mut dst = vec![0.0f32; 2 * 128];
+            gemm_packed(
+                (2, 128, 4),
+                &mut dst,
+                0,
+                128,
+                false,
+                view(&a, 0, 1, 60),
+                &strassen,
+            );
+        });
+        assert!(refused.is_err());
     }
 
     /// One level of Strassen's algorithm equals the naive loop for every row count 1..=25

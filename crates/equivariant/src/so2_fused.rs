@@ -483,6 +483,23 @@ fn product<T: Float>(
     }
 }
 
+/// `gw[off..][k×n] += lhs · (scale · g)` with `(gw, off, row stride)`, for the weight
+/// gradient's products `xᵀ·g` (`lhs` a transposed view of the chunk's rows, `g` its
+/// `[ne × n]` output-gradient rows): through [`gemm_packed`] on `g` packed for this one
+/// product where [`PackedRhs::pack_plain`] takes it, else [`gemm()`]. Packing `g` costs
+/// `ne · n` copies against the product's `2·k·n·ne` operations.
+fn weight_product<T: Float>(
+    (k, n, ne): (usize, usize, usize),
+    (gw, off, rs): (&mut [T], usize, usize),
+    lhs: View<'_, T>,
+    (g, scale): (View<'_, T>, T),
+) {
+    match PackedRhs::pack_plain(g, (ne, n), scale) {
+        Some(p) => gemm_packed((k, n, ne), gw, off, rs, true, lhs, &p),
+        None => gemm((k, n, ne), gw, off, rs, true, lhs, g, scale),
+    }
+}
+
 /// Inputs shared by all chunks.
 struct Inputs<'a, T> {
     shape: LayerShape,
@@ -921,15 +938,11 @@ impl<'a, T: Float> Inputs<'a, T> {
                 one,
             );
         }
-        gemm(
+        weight_product(
             (k0, n0, ne),
-            gw,
-            ex,
-            wc,
-            true,
+            (gw, ex, wc),
             view(xs, 0, 1, rs_in),
-            view(gy, 0, rs_out, 1),
-            one,
+            (view(gy, 0, rs_out, 1), one),
         );
         let gb = s.bias_offset();
         for e in 0..ne {
@@ -977,35 +990,23 @@ impl<'a, T: Float> Inputs<'a, T> {
                     view(gy, yp, rs_out, 1),
                     (view(wt, p2, k, 1), T::from_f64(-1.0), pk[1].as_ref()),
                 );
-                gemm(
+                weight_product(
                     (k, n, ne),
-                    gw,
-                    p1,
-                    n,
-                    true,
+                    (gw, p1, n),
                     view(sum_b, 0, 1, k),
-                    view(sum_a, 0, n, 1),
-                    one,
+                    (view(sum_a, 0, n, 1), one),
                 );
-                gemm(
+                weight_product(
                     (k, n, ne),
-                    gw,
-                    p2,
-                    n,
-                    true,
+                    (gw, p2, n),
                     view(xs, xm, 1, rs_in),
-                    view(gy, yp, rs_out, 1),
-                    T::from_f64(-1.0),
+                    (view(gy, yp, rs_out, 1), T::from_f64(-1.0)),
                 );
-                gemm(
+                weight_product(
                     (k, n, ne),
-                    gw,
-                    p3,
-                    n,
-                    true,
+                    (gw, p3, n),
                     view(xs, xp, 1, rs_in),
-                    view(gy, ym, rs_out, 1),
-                    one,
+                    (view(gy, ym, rs_out, 1), one),
                 );
             } else {
                 for (xo, yo) in [(xp, yp), (xm, ym)] {
@@ -1015,15 +1016,11 @@ impl<'a, T: Float> Inputs<'a, T> {
                         view(gy, yo, rs_out, 1),
                         (view(wt, b.weight, k, 1), one, pk[0].as_ref()),
                     );
-                    gemm(
+                    weight_product(
                         (k, n, ne),
-                        gw,
-                        b.weight,
-                        n,
-                        true,
+                        (gw, b.weight, n),
                         view(xs, xo, 1, rs_in),
-                        view(gy, yo, rs_out, 1),
-                        one,
+                        (view(gy, yo, rs_out, 1), one),
                     );
                 }
             }
@@ -2813,8 +2810,8 @@ mod tests {
         Ok(())
     }
 
-    /// f32 kernels (their own GEMM micro-kernels and vector widths) agree with f64, values and
-    /// input gradients, for the convolution and the linear layer, with channels that the
+    /// f32 kernels (their own GEMM micro-kernels and vector widths) agree with f64, values,
+    /// input and parameter gradients, for the convolution and the linear layer, with channels that the
     /// packed products ([`PackedRhs`], whole 64-column panels; on AVX-512) take, with 128
     /// channels, where every product of both passes runs Strassen's algorithm (64 channels
     /// run it for the order-1 block only), and with channels that keep the `gemm` crate.
@@ -2828,7 +2825,7 @@ mod tests {
             (128, 128, false),
         ] {
             let config = So2ConvConfig::new(layout, c_in, c_out).with_extra_m0_outputs(3);
-            let (module, _) = Module::new(&config, linear, 11)?;
+            let (module, varmap) = Module::new(&config, linear, 11)?;
             let edges = 70;
             let w64 = random_wigner(edges, 4, 60, DType::F64)?;
             let w32 = random_wigner(edges, 4, 60, DType::F32)?;
@@ -2858,6 +2855,15 @@ mod tests {
                 &(gx64 / scale)?,
                 1e-5,
             );
+            // The parameter gradients (the weight gradient's products `xᵀ·g`), which flow
+            // through the f32 kernels into the f64 parameters.
+            for (name, var) in varmap.data().lock().unwrap().iter() {
+                let (Some(p64), Some(p32)) = (g64.get(var), g32.get(var)) else {
+                    panic!("no gradient for {name}");
+                };
+                let scale = p64.abs()?.max_all()?.to_scalar::<f64>()?;
+                assert_close(&(p32 / scale)?, &(p64 / scale)?, 1e-5);
+            }
             let scale = y64.abs()?.max_all()?.to_scalar::<f64>()?;
             assert_close(
                 &(y32.to_dtype(DType::F64)? / scale)?,
