@@ -160,9 +160,10 @@ enum Form {
 }
 
 /// The smallest depth `k` whose products [`PackedRhs::pack`] packs for Strassen's algorithm.
-/// Below it the five block sums of the left factor cost more than the eighth of the
-/// multiplications saved (`bench gemm`, docs/BENCHMARKS.md).
-pub const STRASSEN_MIN_DEPTH: usize = 256;
+/// At 256 the SO(2) layer's products gained 3–7 % over 512 (`bench gemm`, docs/BENCHMARKS.md);
+/// 128 lets the weight gradient's products (depth: a chunk of 250 edges) take it too, for
+/// 1–2 % of the lmax-6 layer's forward+backward.
+pub const STRASSEN_MIN_DEPTH: usize = 128;
 
 /// The fewest columns `n` whose products [`PackedRhs::pack`] packs for Strassen's algorithm
 /// (each half then holds at least two panels).
@@ -293,9 +294,8 @@ fn avx512() -> bool {
 
 /// `dst[dst_off..][m×n] = lhs[m×k] · rhs`, or `+=` when `accumulate`, with `rhs` packed by
 /// [`PackedRhs::pack`] (its scale already applied); `dst` has row stride `dst_rs` and unit
-/// column stride. `lhs` must have unit column stride, or, against a plain factor
-/// ([`PackedRhs::pack_plain`]), unit row stride (a transposed matrix, as in the weight
-/// gradient `xᵀ·g`). Single-threaded.
+/// column stride. `lhs` must have unit column stride, or unit row stride (a transposed
+/// matrix, as in the weight gradient `xᵀ·g`). Single-threaded.
 ///
 /// Register tiles of 6 rows × 64 columns run over the whole depth `k` (no depth blocking:
 /// the panel, `64·k` floats, stays in L2 for every row tile, and the 6 left rows stream
@@ -312,8 +312,8 @@ fn avx512() -> bool {
 /// (checked against f64 in the tests).
 ///
 /// # Panics
-/// `T` is not f32, `rhs` is not `k × n`, `lhs` has neither unit stride (or is transposed
-/// against a Strassen-packed factor), or a matrix reaches past its slice.
+/// `T` is not f32, `rhs` is not `k × n`, `lhs` has neither a unit column nor a unit row
+/// stride, or a matrix reaches past its slice.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_packed<T: WithDType>(
     (m, n, k): (usize, usize, usize),
@@ -334,9 +334,8 @@ pub fn gemm_packed<T: WithDType>(
     // plain factor.
     let transposed = lhs.cs != 1;
     assert!(
-        !transposed || (lhs.rs == 1 && !rhs.is_strassen()),
-        "linalg::gemm_packed: lhs needs a unit column stride (or a unit row stride against a \
-         plain factor), got strides ({}, {})",
+        !transposed || lhs.rs == 1,
+        "linalg::gemm_packed: lhs needs a unit column or row stride, got strides ({}, {})",
         lhs.rs,
         lhs.cs
     );
@@ -382,7 +381,13 @@ pub fn gemm_packed<T: WithDType>(
                 }
                 // SAFETY: as for the plain product; `sums` holds the five block sums
                 // (length checked just above) and is this thread's own.
-                unsafe { strassen_avx512((m, n, k), c, a, lhs.rs, bs, sums) }
+                unsafe {
+                    if transposed {
+                        strassen_avx512::<true>((m, n, k), c, a, lhs.cs, bs, sums);
+                    } else {
+                        strassen_avx512::<false>((m, n, k), c, a, lhs.rs, bs, sums);
+                    }
+                }
             }),
         }
     }
@@ -455,7 +460,7 @@ impl Dest {
 /// `sums` holds at least `5 · h · k/2` floats and aliases nothing else.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn strassen_avx512(
+unsafe fn strassen_avx512<const TRANS: bool>(
     (m, n, k): (usize, usize, usize),
     c: Dest,
     a: *const f32,
@@ -469,9 +474,15 @@ unsafe fn strassen_avx512(
     // `0..k`), inside `c` (rows `0..m`, columns `0..n`) or inside `sums`; the caller
     // guarantees those extents.
     unsafe {
-        // Block (r, q) of A: element (i, p) at a + r·h·lda + q·k2 + i·lda + p (the lower
-        // blocks' pointers are formed with `wrapping_add`: with m = 1 they have no rows).
-        let blk = |r: usize, q: usize| a.wrapping_add(r * h * lda + q * k2);
+        // Block (r, q) of A starts at element (r·h, q·k₂) (the lower blocks' pointers are
+        // formed with `wrapping_add`: with m = 1 they have no rows).
+        let blk = |r: usize, q: usize| {
+            a.wrapping_add(if TRANS {
+                r * h + q * k2 * lda
+            } else {
+                r * h * lda + q * k2
+            })
+        };
         let (a11, a12, a21, a22) = (blk(0, 0), blk(0, 1), blk(1, 0), blk(1, 1));
         let (s1, rest) = sums.split_at_mut(h * k2);
         let (s2, rest) = rest.split_at_mut(h * k2);
@@ -482,21 +493,33 @@ unsafe fn strassen_avx512(
                 *o = x + sign * y;
             }
         };
-        for i in 0..h {
-            let row = |p: *const f32| std::slice::from_raw_parts(p.add(i * lda), k2);
-            let (x11, x12) = (row(a11), row(a12));
-            let o = i * k2..(i + 1) * k2;
+        // The sums are stored like the left factor: row-major `[h][k₂]`, or transposed
+        // `[k₂][h]` when `TRANS`; each line below is one row (or, transposed, one column) of
+        // the blocks, `len` elements of the upper blocks and `low` of the lower ones.
+        let (lines, len) = if TRANS { (k2, h) } else { (h, k2) };
+        for t in 0..lines {
+            // `wrapping_add`: a lower block with no rows may point past the matrix (never read).
+            let line = |p: *const f32, len: usize| {
+                std::slice::from_raw_parts(p.wrapping_add(t * lda), len)
+            };
+            // Elements of this line in the lower blocks: all (transposed: `l` of `h`), or in
+            // row-major storage the row if it exists.
+            let low = match (TRANS, t < l) {
+                (true, _) => l,
+                (false, true) => k2,
+                (false, false) => 0,
+            };
+            let (x11, x12) = (line(a11, len), line(a12, len));
+            let (x21, x22) = (line(a21, low), line(a22, low));
+            let o = t * len..(t + 1) * len;
             sum(&mut s5[o.clone()], x11, x12, 1.0);
-            if i < l {
-                let (x21, x22) = (row(a21), row(a22));
-                sum(&mut s1[o.clone()], x11, x22, 1.0);
-                sum(&mut s2[o.clone()], x21, x22, 1.0);
-                sum(&mut s6[o.clone()], x21, x11, -1.0);
-                sum(&mut s7[o], x12, x22, -1.0);
-            } else {
-                s1[o.clone()].copy_from_slice(x11);
-                s7[o].copy_from_slice(x12);
-            }
+            sum(&mut s1[o.clone()], x11, x22, 1.0);
+            sum(&mut s2[o.clone()], x21, x22, 1.0);
+            sum(&mut s6[o.clone()], x21, x11, -1.0);
+            sum(&mut s7[o.clone()], x12, x22, -1.0);
+            // The upper-only tail (the zero-padded lower row): `A₁₁` and `A₁₂` alone.
+            s1[o.start + low..o.end].copy_from_slice(&x11[low..]);
+            s7[o.start + low..o.end].copy_from_slice(&x12[low..]);
         }
         let c11 = c.at(0, 0, h, first);
         let c12 = c.at(0, n2, h, first);
@@ -504,17 +527,19 @@ unsafe fn strassen_avx512(
         let c22 = c.at(h, n2, l, first);
         let with = |d: Dest, store: Store| Dest { store, ..d };
         let (add, sub) = (Store::Add, Store::Sub);
+        // The sums' leading dimension.
+        let ls = if TRANS { h } else { k2 };
         let products: [(*const f32, usize, usize, &[Dest]); 7] = [
-            (s1.as_ptr(), k2, h, &[c11, c22]),
-            (s2.as_ptr(), k2, l, &[c21, with(c22, sub)]),
+            (s1.as_ptr(), ls, h, &[c11, c22]),
+            (s2.as_ptr(), ls, l, &[c21, with(c22, sub)]),
             (a11, lda, h, &[c12, with(c22, add)]),
             (a22, lda, l, &[with(c11, add), with(c21, add)]),
-            (s5.as_ptr(), k2, h, &[with(c11, sub), with(c12, add)]),
-            (s6.as_ptr(), k2, l, &[with(c22, add)]),
-            (s7.as_ptr(), k2, h, &[with(c11, add)]),
+            (s5.as_ptr(), ls, h, &[with(c11, sub), with(c12, add)]),
+            (s6.as_ptr(), ls, l, &[with(c22, add)]),
+            (s7.as_ptr(), ls, h, &[with(c11, add)]),
         ];
         for ((lhs, ld, rows, dests), b) in products.into_iter().zip(bs) {
-            packed_avx512::<false>((rows, n2, k2), dests, lhs, ld, b);
+            packed_avx512::<TRANS>((rows, n2, k2), dests, lhs, ld, b);
         }
     }
 }
@@ -709,50 +734,43 @@ mod tests {
         }
     }
 
-    /// A transposed left factor (unit row stride, as the weight gradient's `xᵀ`) against a
-    /// plain packed factor equals the naive loop for every row-tile remainder; against a
-    /// Strassen-packed factor it is refused.
+    /// A transposed left factor (unit row stride, as the weight gradient's `xᵀ`) equals the
+    /// naive loop for every row-tile remainder, against a plain and a Strassen-packed factor
+    /// (whose block sums are then formed column by column).
     #[test]
     fn packed_products_take_a_transposed_left_factor() {
-        let (n, k) = (128, 29);
+        let (n, k) = (256, 30);
         let a: Vec<f32> = (0..40 * 60).map(|i| (i as f32 * 0.29).sin()).collect();
-        let b: Vec<f32> = (0..k * 130).map(|i| (i as f32 * 0.13).cos()).collect();
-        let Some(packed) = PackedRhs::pack_plain(view(&b, 1, 130, 1), (k, n), 0.5f32) else {
-            assert!(!avx512());
-            return;
-        };
-        for m in 1..=25 {
-            let mut dst = vec![0.25f32; m * n];
-            // Element (i, p) of the left factor at 3 + i + p·60.
-            gemm_packed((m, n, k), &mut dst, 0, n, true, view(&a, 3, 1, 60), &packed);
-            for i in 0..m {
-                for j in 0..n {
-                    let dot: f64 = (0..k)
-                        .map(|p| a[3 + i + p * 60] as f64 * b[1 + p * 130 + j] as f64)
-                        .sum();
-                    let want = 0.25 + 0.5 * dot;
-                    let got = dst[i * n + j] as f64;
-                    assert!(
-                        (got - want).abs() < 1e-4 * (1.0 + want.abs()),
-                        "m {m} ({i}, {j})"
-                    );
+        let b: Vec<f32> = (0..k * 260).map(|i| (i as f32 * 0.13).cos()).collect();
+        for strassen in [false, true] {
+            let Some(packed) = PackedRhs::pack_as(view(&b, 1, 260, 1), (k, n), 0.5f32, strassen)
+            else {
+                assert!(!avx512());
+                return;
+            };
+            assert_eq!(packed.is_strassen(), strassen);
+            for m in 1..=25 {
+                for accumulate in [false, true] {
+                    let mut dst = vec![0.25f32; m * n];
+                    // Element (i, p) of the left factor at 3 + i + p·60.
+                    let lhs = view(&a, 3, 1, 60);
+                    gemm_packed((m, n, k), &mut dst, 0, n, accumulate, lhs, &packed);
+                    for i in 0..m {
+                        for j in 0..n {
+                            let dot: f64 = (0..k)
+                                .map(|p| a[3 + i + p * 60] as f64 * b[1 + p * 260 + j] as f64)
+                                .sum();
+                            let want = 0.5 * dot + if accumulate { 0.25 } else { 0.0 };
+                            let got = dst[i * n + j] as f64;
+                            assert!(
+                                (got - want).abs() < 1e-4 * (1.0 + want.abs()),
+                                "strassen {strassen}, m {m}, acc {accumulate}, ({i}, {j})"
+                            );
+                        }
+                    }
                 }
             }
         }
-        let strassen = PackedRhs::pack_as(view(&b, 0, 128, 1), (4, 128), 1.0f32, true).unwrap();
-        let refused = std::panic::catch_unwind(|| {
-            let mut dst = vec![0.0f32; 2 * 128];
-            gemm_packed(
-                (2, 128, 4),
-                &mut dst,
-                0,
-                128,
-                false,
-                view(&a, 0, 1, 60),
-                &strassen,
-            );
-        });
-        assert!(refused.is_err());
     }
 
     /// One level of Strassen's algorithm equals the naive loop for every row count 1..=25

@@ -486,15 +486,17 @@ fn product<T: Float>(
 /// `gw[off..][k×n] += lhs · (scale · g)` with `(gw, off, row stride)`, for the weight
 /// gradient's products `xᵀ·g` (`lhs` a transposed view of the chunk's rows, `g` its
 /// `[ne × n]` output-gradient rows): through [`gemm_packed`] on `g` packed for this one
-/// product where [`PackedRhs::pack_plain`] takes it, else [`gemm()`]. Packing `g` costs
-/// `ne · n` copies against the product's `2·k·n·ne` operations.
+/// product where [`PackedRhs::pack`] takes it (for Strassen's algorithm when the chunk has at
+/// least [`crate::linalg::STRASSEN_MIN_DEPTH`] edges, an even count), else [`gemm()`].
+/// Packing `g` costs `ne · n` copies (7/4 of that for Strassen's block combinations) against
+/// the product's `2·k·n·ne` operations.
 fn weight_product<T: Float>(
     (k, n, ne): (usize, usize, usize),
     (gw, off, rs): (&mut [T], usize, usize),
     lhs: View<'_, T>,
     (g, scale): (View<'_, T>, T),
 ) {
-    match PackedRhs::pack_plain(g, (ne, n), scale) {
+    match PackedRhs::pack(g, (ne, n), scale) {
         Some(p) => gemm_packed((k, n, ne), gw, off, rs, true, lhs, &p),
         None => gemm((k, n, ne), gw, off, rs, true, lhs, g, scale),
     }
