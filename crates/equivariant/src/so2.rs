@@ -2316,9 +2316,12 @@ mod tests {
         for init in [So2Init::Fairchem, So2Init::Eqv2Uniform, So2Init::Eqv2Normal] {
             let varmap = VarMap::new();
             let vb = VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu);
-            So2Convolution::new(&So2ConvConfig::new(layout, 8, 8).with_init(init), vb)?;
+            // 32 channels: the order-1 weight has 32 768 entries, so the relative spread of
+            // their RMS is ≈ 0.4 % and the 5 % tolerance below is over 10 σ (with 8 channels,
+            // 2 048 entries, it was 3 σ, and the unseeded initialisation failed it now and then).
+            So2Convolution::new(&So2ConvConfig::new(layout, 32, 32).with_init(init), vb)?;
             let p = params_of(&varmap);
-            let fan_m1 = (layout.m_size(1) * 8) as f64;
+            let fan_m1 = (layout.m_size(1) * 32) as f64;
             let w1 = &p["so2_m_conv.0.fc.weight"];
             let max = w1.iter().fold(0.0f64, |a, v| a.max(v.abs()));
             let rms = (w1.iter().map(|v| v * v).sum::<f64>() / w1.len() as f64).sqrt();
