@@ -5,7 +5,11 @@
 //! packed parameters, the rows of one order `m` inside an edge's coefficients. [`gemm()`] multiplies
 //! such sub-matrices in place, described by a [`View`] (slice, offset, row and column stride),
 //! checks that every addressed element lies inside its slice, and calls the `gemm` crate on one
-//! thread (the callers parallelise over chunks of edges or nodes).
+//! thread (the callers parallelise over chunks of edges or nodes). For a right factor that
+//! many products share (a layer's weights, multiplied by every chunk), [`PackedRhs`] packs it
+//! once and [`gemm_packed`] multiplies against it with an AVX-512 f32 kernel, running one
+//! level of Strassen's algorithm (seven half-size products instead of eight) on large
+//! factors.
 //!
 //! ```
 //! use matscale_equivariant::linalg::{gemm, view};
@@ -141,6 +145,28 @@ const _: () = assert!(TILE_ROWS == 6, "packed_avx512's tail covers 1..=5 rows");
 ///
 /// Only f32 on CPUs with AVX-512, and only for `n` a multiple of 64: [`PackedRhs::pack`]
 /// returns `None` otherwise, and the caller keeps [`gemm()`].
+///
+/// ```
+/// use matscale_equivariant::linalg::{gemm, gemm_packed, view, PackedRhs};
+///
+/// let (m, k, n) = (10, 256, 256);
+/// let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.1).sin()).collect();
+/// let b: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.3).cos()).collect();
+/// let mut want = vec![0.0f32; m * n];
+/// gemm((m, n, k), &mut want, 0, n, false, view(&a, 0, k, 1), view(&b, 0, n, 1), 1.0);
+/// // `None` on a CPU without AVX-512: keep `gemm` there.
+/// if let Some(packed) = PackedRhs::pack(view(&b, 0, n, 1), (k, n), 1.0f32) {
+///     assert!(packed.is_strassen()); // k and n are large enough
+///     let mut got = vec![0.0f32; m * n];
+///     for _chunk in 0..3 {
+///         // Packed once, multiplied many times (here: the same rows again).
+///         gemm_packed((m, n, k), &mut got, 0, n, false, view(&a, 0, k, 1), &packed);
+///     }
+///     for (g, w) in got.iter().zip(&want) {
+///         assert!((g - w).abs() < 1e-3 * (1.0 + w.abs()));
+///     }
+/// }
+/// ```
 #[derive(Debug, Clone)]
 pub struct PackedRhs {
     form: Form,
