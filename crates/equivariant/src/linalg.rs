@@ -713,42 +713,38 @@ mod tests {
             1.0,
         );
     }
-    /// The packed product equals the naive loop for every row-tile remainder (m = 1..=25,
-    /// so full 6-row tiles plus each tail), several panels, a strided destination and left
-    /// factor, a scale, and both write modes.
-    #[test]
-    fn packed_products_match_the_naive_loop() {
-        let (n, k) = (128, 37);
+    /// `scale · a · b` through `packed` (`b` at offset 3 with row stride `b_rs`, `k × n`)
+    /// equals the naive loop for every row count m = 1..=25 (so full 6-row tiles plus each
+    /// tail, and odd and even halves for Strassen's form), with a strided left factor and
+    /// destination, in both write modes, and leaves the destination's padding and the
+    /// element before it alone.
+    fn assert_matches_naive(packed: &PackedRhs, b: &[f32], b_rs: usize, scale: f64) {
+        let (k, n) = packed.shape();
+        let ld = n + 22;
         let a: Vec<f32> = (0..30 * 50).map(|i| (i as f32 * 0.37).sin()).collect();
-        let b: Vec<f32> = (0..k * 140).map(|i| (i as f32 * 0.11).cos()).collect();
-        let Some(packed) = PackedRhs::pack(view(&b, 3, 140, 1), (k, n), -2.0f32) else {
-            // No AVX-512 here: `pack` must say so instead of packing.
-            assert!(!avx512());
-            return;
-        };
         for m in 1..=25 {
             for accumulate in [false, true] {
-                let mut dst = vec![0.5f32; m * 150 + 1];
+                let mut dst = vec![0.5f32; m * ld + 1];
                 gemm_packed(
                     (m, n, k),
                     &mut dst,
                     1,
-                    150,
+                    ld,
                     accumulate,
                     view(&a, 2, 50, 1),
-                    &packed,
+                    packed,
                 );
                 for i in 0..m {
-                    for j in 0..150 {
-                        let got = dst[1 + i * 150 + j];
+                    for j in 0..ld {
+                        let got = dst[1 + i * ld + j];
                         if j >= n {
                             assert_eq!(got, 0.5, "padding written (m {m}, row {i}, col {j})");
                             continue;
                         }
                         let dot: f64 = (0..k)
-                            .map(|p| a[2 + i * 50 + p] as f64 * b[3 + p * 140 + j] as f64)
+                            .map(|p| a[2 + i * 50 + p] as f64 * b[3 + p * b_rs + j] as f64)
                             .sum();
-                        let want = -2.0 * dot + if accumulate { 0.5 } else { 0.0 };
+                        let want = scale * dot + if accumulate { 0.5 } else { 0.0 };
                         assert!(
                             (got as f64 - want).abs() < 1e-4 * (1.0 + want.abs()),
                             "m {m}, acc {accumulate}, ({i}, {j}): {got} vs {want}"
@@ -758,6 +754,21 @@ mod tests {
                 assert_eq!(dst[0], 0.5, "element before the block written");
             }
         }
+    }
+
+    /// The packed product equals the naive loop (see [`assert_matches_naive`]) across two
+    /// panels, with a scale.
+    #[test]
+    fn packed_products_match_the_naive_loop() {
+        let (n, k) = (128, 37);
+        let b: Vec<f32> = (0..k * 140).map(|i| (i as f32 * 0.11).cos()).collect();
+        let Some(packed) = PackedRhs::pack(view(&b, 3, 140, 1), (k, n), -2.0f32) else {
+            // No AVX-512 here: `pack` must say so instead of packing.
+            assert!(!avx512());
+            return;
+        };
+        assert!(!packed.is_strassen());
+        assert_matches_naive(&packed, &b, 140, -2.0);
     }
 
     /// A transposed left factor (unit row stride, as the weight gradient's `xᵀ`) equals the
@@ -799,52 +810,18 @@ mod tests {
         }
     }
 
-    /// One level of Strassen's algorithm equals the naive loop for every row count 1..=25
-    /// (odd ones read a zero-padded lower half), both write modes, a scale, strided operands,
-    /// and leaves the destination's padding alone.
+    /// One level of Strassen's algorithm equals the naive loop (see [`assert_matches_naive`]):
+    /// odd row counts read a zero-padded lower half.
     #[test]
     fn strassen_products_match_the_naive_loop() {
         let (n, k) = (256, 38);
-        let a: Vec<f32> = (0..30 * 50).map(|i| (i as f32 * 0.37).sin()).collect();
         let b: Vec<f32> = (0..k * 270).map(|i| (i as f32 * 0.11).cos()).collect();
         let Some(packed) = PackedRhs::pack_as(view(&b, 3, 270, 1), (k, n), -2.0f32, true) else {
             assert!(!avx512());
             return;
         };
         assert!(packed.is_strassen());
-        for m in 1..=25 {
-            for accumulate in [false, true] {
-                let ld = 270;
-                let mut dst = vec![0.5f32; m * ld + 1];
-                gemm_packed(
-                    (m, n, k),
-                    &mut dst,
-                    1,
-                    ld,
-                    accumulate,
-                    view(&a, 2, 50, 1),
-                    &packed,
-                );
-                for i in 0..m {
-                    for j in 0..ld {
-                        let got = dst[1 + i * ld + j];
-                        if j >= n {
-                            assert_eq!(got, 0.5, "padding written (m {m}, row {i}, col {j})");
-                            continue;
-                        }
-                        let dot: f64 = (0..k)
-                            .map(|p| a[2 + i * 50 + p] as f64 * b[3 + p * 270 + j] as f64)
-                            .sum();
-                        let want = -2.0 * dot + if accumulate { 0.5 } else { 0.0 };
-                        assert!(
-                            (got as f64 - want).abs() < 1e-4 * (1.0 + want.abs()),
-                            "m {m}, acc {accumulate}, ({i}, {j}): {got} vs {want}"
-                        );
-                    }
-                }
-                assert_eq!(dst[0], 0.5, "element before the block written");
-            }
-        }
+        assert_matches_naive(&packed, &b, 270, -2.0);
     }
 
     /// `pack` chooses Strassen's form exactly for large factors with even depth and whole
