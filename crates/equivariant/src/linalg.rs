@@ -419,11 +419,12 @@ pub fn gemm_packed<T: WithDType>(
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (dst, a, accumulate);
+        let _ = (dst, a, accumulate, transposed);
         unreachable!("PackedRhs::pack returns None without AVX-512");
     }
 }
 
+#[cfg(target_arch = "x86_64")]
 thread_local! {
     /// The five sums of the left factor's blocks for [`gemm_packed`]'s Strassen products,
     /// kept per thread between calls (a fresh allocation of megabytes per call would fault its
@@ -432,6 +433,7 @@ thread_local! {
 }
 
 /// How a register tile is written to a destination block.
+#[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Store {
     /// `c = tile`.
@@ -444,6 +446,7 @@ enum Store {
 
 /// A destination of a product's register tiles: `rows` rows of stride `ldc` at `c` (a product
 /// of more rows writes only the first `rows` of them here).
+#[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
 struct Dest {
     c: *mut f32,
@@ -452,6 +455,7 @@ struct Dest {
     store: Store,
 }
 
+#[cfg(target_arch = "x86_64")]
 impl Dest {
     /// The same destination `cols` columns and `rows_down` rows further on, holding `rows` rows,
     /// written with `store`.
