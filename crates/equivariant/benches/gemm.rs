@@ -227,6 +227,7 @@ fn time_packed(
 }
 
 /// Multiply-adds per FMA-peak pass: 12 register chains × `FMA_ITERS` iterations.
+#[cfg(target_arch = "x86_64")]
 const FMA_ITERS: u64 = 20_000_000;
 
 /// Defines `unsafe fn $name(iters: u64)`: 12 independent chains of `vfmadd231ps` on registers

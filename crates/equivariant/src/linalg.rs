@@ -175,6 +175,8 @@ pub struct PackedRhs {
 }
 
 /// How a [`PackedRhs`] holds its factor.
+// Only the x86-64 kernels read the packed data (elsewhere `pack` returns `None`).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 #[derive(Debug, Clone)]
 enum Form {
     /// `[n/64][k][64]`.
