@@ -18,8 +18,12 @@
 //! `MATSCALE_BENCH_REPEATS` (default 5) timed passes after a warm-up, f32, one thread
 //! (the layer runs one chunk per rayon task, each GEMM single-threaded).
 //!
-//! The forward and input-gradient passes are also timed with [`gemm_packed`] against weights
-//! packed once beforehand ([`PackedRhs`]), as the layer runs them on AVX-512 (`…_packed`).
+//! Every pass is also timed with [`gemm_packed`] as the layer runs it on AVX-512: against
+//! weights packed once beforehand ([`PackedRhs`]), and for the weight gradient with `g`
+//! packed inside the clock for each product (`…_packed`); then again with Strassen's
+//! algorithm where [`PackedRhs::pack`] chooses it (`…_strassen`). (The bench's chunk is the
+//! cap, 128 or 256 edges; the layer's chunks at 10⁴ edges on two threads are 125 or 250, so
+//! at 4 / 2 / 64 its weight gradient, on odd chunks, stays plain.)
 //!
 //! Run: `cargo bench -p matscale-equivariant --bench gemm`; side by side with `torch.addmm`
 //! (MKL / oneDNN) on the same shapes and strides:
@@ -179,10 +183,12 @@ fn time(products: &[Product], bufs: &Buffers, out: &mut [f32], repeats: usize) -
     })
 }
 
-/// [`time`] with every weight factor packed once beforehand ([`PackedRhs`], outside the
-/// clock, as the layer packs once per call) and multiplied by [`gemm_packed`]; `None` where
-/// a weight cannot be packed (no AVX-512, or a width that is not whole panels) or a pass has
-/// no weight factor.
+/// [`time`] with [`gemm_packed`]: every weight factor packed once beforehand ([`PackedRhs`],
+/// outside the clock, as the layer packs once per call); the weight gradient's right factor
+/// `g`, which changes with every chunk, packed inside the clock for each product, as the
+/// layer's `weight_product` does. Plain packing, or `strassen` for [`PackedRhs::pack`]'s
+/// choice. `None` where a factor cannot be packed (no AVX-512, or a width that is not whole
+/// panels), or with `strassen` where no product takes Strassen's form.
 fn time_packed(
     products: &[Product],
     bufs: &Buffers,
@@ -190,29 +196,37 @@ fn time_packed(
     repeats: usize,
     strassen: bool,
 ) -> Option<f64> {
-    let packed = products
-        .iter()
-        .map(|p| {
-            let (_, n, k) = p.mnk;
-            let (src, off, rs, cs) = p.rhs;
-            matches!(src, Src::W)
-                .then(|| {
-                    let rhs = view(bufs.get(src), off, rs, cs);
-                    if strassen {
-                        PackedRhs::pack(rhs, (k, n), 1.0f32)
-                    } else {
-                        PackedRhs::pack_plain(rhs, (k, n), 1.0f32)
-                    }
-                })
-                .flatten()
-        })
-        .collect::<Option<Vec<_>>>()?;
-    if strassen && !packed.iter().any(PackedRhs::is_strassen) {
+    let pack = |p: &Product| {
+        let (_, n, k) = p.mnk;
+        let (src, off, rs, cs) = p.rhs;
+        let rhs = view(bufs.get(src), off, rs, cs);
+        if strassen {
+            PackedRhs::pack(rhs, (k, n), 1.0f32)
+        } else {
+            PackedRhs::pack_plain(rhs, (k, n), 1.0f32)
+        }
+    };
+    let forms = products.iter().map(pack).collect::<Option<Vec<_>>>()?;
+    if strassen && !forms.iter().any(PackedRhs::is_strassen) {
         return None;
     }
+    // Packed once (weights), or `None` for a factor packed per product (`g`).
+    let once: Vec<Option<PackedRhs>> = products
+        .iter()
+        .zip(forms)
+        .map(|(p, f)| matches!(p.rhs.0, Src::W).then_some(f))
+        .collect();
     Some(best_of(repeats, out, |out| {
-        for (p, w) in products.iter().zip(&packed) {
+        for (p, w) in products.iter().zip(&once) {
             let (ls, lo, lr, lc) = p.lhs;
+            let per_product;
+            let w = match w {
+                Some(w) => w,
+                None => {
+                    per_product = pack(p).expect("packable (checked above)");
+                    &per_product
+                }
+            };
             gemm_packed(
                 p.mnk,
                 out,

@@ -220,9 +220,14 @@ impl PackedRhs {
     /// # Panics
     /// The matrix reaches past its slice.
     pub fn pack<T: WithDType>(rhs: View<'_, T>, (k, n): (usize, usize), scale: T) -> Option<Self> {
-        let strassen =
-            k >= STRASSEN_MIN_DEPTH && k % 2 == 0 && n >= STRASSEN_MIN_COLS && n % (2 * PANEL) == 0;
-        Self::pack_as(rhs, (k, n), scale, strassen)
+        Self::pack_as(rhs, (k, n), scale, Self::strassen_fits((k, n)))
+    }
+
+    /// Whether [`PackedRhs::pack`] packs a `k × n` factor for Strassen's algorithm (when it
+    /// packs it at all): `k` even and ≥ [`STRASSEN_MIN_DEPTH`], `n` ≥ [`STRASSEN_MIN_COLS`]
+    /// and a multiple of 128.
+    pub fn strassen_fits((k, n): (usize, usize)) -> bool {
+        k >= STRASSEN_MIN_DEPTH && k % 2 == 0 && n >= STRASSEN_MIN_COLS && n % (2 * PANEL) == 0
     }
 
     /// [`PackedRhs::pack`] without Strassen's algorithm, whatever the shape: every product

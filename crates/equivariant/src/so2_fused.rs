@@ -485,22 +485,32 @@ fn product<T: Float>(
 
 /// `gw[off..][k×n] += lhs · (scale · g)` with `(gw, off, row stride)`, for the weight
 /// gradient's products `xᵀ·g` (`lhs` a transposed view of the chunk's rows, `g` its
-/// `[ne × n]` output-gradient rows): through [`gemm_packed`] on `g` packed for this one
-/// product where [`PackedRhs::pack`] takes it (for Strassen's algorithm when the chunk has at
-/// least [`crate::linalg::STRASSEN_MIN_DEPTH`] edges, an even count), else [`gemm()`].
-/// Packing `g` costs `ne · n` copies (7/4 of that for Strassen's block combinations) against
-/// the product's `2·k·n·ne` operations.
+/// `[ne × n]` output-gradient rows). Through [`gemm_packed`] on `g` packed for this one
+/// product where [`PackedRhs::pack`] takes it and either runs Strassen's algorithm (a chunk
+/// of an even number of edges, at least [`crate::linalg::STRASSEN_MIN_DEPTH`]) or the depth
+/// is at most [`PLAIN_PACKED_WEIGHT_GRAD_DEPTH`]; else [`gemm()`]. Packing `g` costs `ne · n`
+/// copies (7/4 of that for Strassen's block combinations) against the product's `2·k·n·ne`
+/// operations.
 fn weight_product<T: Float>(
     (k, n, ne): (usize, usize, usize),
     (gw, off, rs): (&mut [T], usize, usize),
     lhs: View<'_, T>,
     (g, scale): (View<'_, T>, T),
 ) {
-    match PackedRhs::pack(g, (ne, n), scale) {
+    let packed = (ne <= PLAIN_PACKED_WEIGHT_GRAD_DEPTH || PackedRhs::strassen_fits((ne, n)))
+        .then(|| PackedRhs::pack(g, (ne, n), scale))
+        .flatten();
+    match packed {
         Some(p) => gemm_packed((k, n, ne), gw, off, rs, true, lhs, &p),
         None => gemm((k, n, ne), gw, off, rs, true, lhs, g, scale),
     }
 }
+
+/// The deepest weight-gradient product (edges per chunk) that runs the plain packed tile
+/// rather than the `gemm` crate when Strassen's algorithm does not apply: `bench gemm`, one
+/// thread, the plain packed tile against the crate: 4 / 2 / 64 at 128 edges 1–3 % faster,
+/// 6 / 4 / 128 at 256 edges 2–4 % slower (2026-11-27).
+const PLAIN_PACKED_WEIGHT_GRAD_DEPTH: usize = 128;
 
 /// Inputs shared by all chunks.
 struct Inputs<'a, T> {
@@ -2820,15 +2830,18 @@ mod tests {
     #[test]
     fn fused_f32_matches_f64() -> TestResult {
         let layout = SphericalLayout::new(4, 2)?;
-        for (c_in, c_out, linear) in [
-            (19, 13, false),
-            (64, 64, false),
-            (64, 64, true),
-            (128, 128, false),
+        // (C_in, C_out, linear, edges): 2 048 edges give chunks of 256 with two threads (as
+        // CI runs; more threads cut smaller chunks), deep enough for the weight gradient's
+        // products to run Strassen's algorithm.
+        for (c_in, c_out, linear, edges) in [
+            (19, 13, false, 70),
+            (64, 64, false, 70),
+            (64, 64, true, 70),
+            (128, 128, false, 70),
+            (128, 128, false, 2048),
         ] {
             let config = So2ConvConfig::new(layout, c_in, c_out).with_extra_m0_outputs(3);
             let (module, varmap) = Module::new(&config, linear, 11)?;
-            let edges = 70;
             let w64 = random_wigner(edges, 4, 60, DType::F64)?;
             let w32 = random_wigner(edges, 4, 60, DType::F32)?;
             let x = random_tensor(&[edges, 25, c_in], DType::F64, 12)?;
