@@ -254,50 +254,45 @@ impl PackedRhs {
         }
         assert_span(rhs.data.len(), rhs.off, (k, n), (rhs.rs, rhs.cs));
         let scale = scale.to_f64() as f32;
-        // `scale · rhs`, dense row-major `[k][n]`.
-        let mut dense = vec![0.0f32; k * n];
-        for (p, row) in dense.chunks_exact_mut(n).enumerate() {
-            let first = rhs.off + p * rhs.rs;
+        // `out` = `scale · rhs[p][j..j + out.len()]`.
+        let load = |p: usize, j: usize, out: &mut [f32]| {
+            let (first, len) = (rhs.off + p * rhs.rs + j * rhs.cs, out.len());
             if rhs.cs == 1 {
-                for (o, x) in row.iter_mut().zip(&rhs.data[first..first + n]) {
+                for (o, x) in out.iter_mut().zip(&rhs.data[first..first + len]) {
                     *o = x.to_f64() as f32 * scale;
                 }
             } else {
-                for (j, o) in row.iter_mut().enumerate() {
-                    *o = rhs.data[first + j * rhs.cs].to_f64() as f32 * scale;
+                for (i, o) in out.iter_mut().enumerate() {
+                    *o = rhs.data[first + i * rhs.cs].to_f64() as f32 * scale;
                 }
             }
-        }
+        };
         let form = if strassen {
-            // (block, sign, block) or (block, 0, block) for a block alone, with blocks
-            // (row, column) of B: M₁ … M₇'s right factors.
-            let combos: [(Block, f32, Block); 7] = [
-                ((0, 0), 1.0, (1, 1)),
-                ((0, 0), 0.0, (0, 0)),
-                ((0, 1), -1.0, (1, 1)),
-                ((1, 0), -1.0, (0, 0)),
-                ((1, 1), 0.0, (1, 1)),
-                ((0, 0), 1.0, (0, 1)),
-                ((1, 0), 1.0, (1, 1)),
+            // M₁ … M₇'s right factors: a block (row, column) of B, plus or minus another one.
+            let combos: [(Block, Option<(f32, Block)>); 7] = [
+                ((0, 0), Some((1.0, (1, 1)))),
+                ((0, 0), None),
+                ((0, 1), Some((-1.0, (1, 1)))),
+                ((1, 0), Some((-1.0, (0, 0)))),
+                ((1, 1), None),
+                ((0, 0), Some((1.0, (0, 1)))),
+                ((1, 0), Some((1.0, (1, 1)))),
             ];
             let (k2, n2) = (k / 2, n / 2);
-            Form::Strassen(Box::new(combos.map(|((r, c), sign, (r2, c2))| {
+            Form::Strassen(Box::new(combos.map(|((r, c), other)| {
                 pack_panels(k2, n2, |p, j, out| {
-                    let x = &dense[(r * k2 + p) * n + c * n2 + j..][..out.len()];
-                    if sign == 0.0 {
-                        out.copy_from_slice(x);
-                        return;
-                    }
-                    let y = &dense[(r2 * k2 + p) * n + c2 * n2 + j..][..out.len()];
-                    for ((o, &x), &y) in out.iter_mut().zip(x).zip(y) {
-                        *o = x + sign * y;
+                    load(r * k2 + p, c * n2 + j, out);
+                    if let Some((sign, (r2, c2))) = other {
+                        let mut y = [0.0f32; PANEL];
+                        load(r2 * k2 + p, c2 * n2 + j, &mut y);
+                        for (o, &y) in out.iter_mut().zip(&y) {
+                            *o += sign * y;
+                        }
                     }
                 })
             })))
         } else {
-            Form::Plain(pack_panels(k, n, |p, j, out| {
-                out.copy_from_slice(&dense[p * n + j..][..out.len()]);
-            }))
+            Form::Plain(pack_panels(k, n, load))
         };
         Some(Self { form, k, n })
     }
@@ -464,17 +459,14 @@ struct Dest {
 
 #[cfg(target_arch = "x86_64")]
 impl Dest {
-    /// The same destination `cols` columns and `rows_down` rows further on, holding `rows` rows,
-    /// written with `store`.
-    ///
-    fn at(self, rows_down: usize, cols: usize, rows: usize, store: Store) -> Self {
+    /// The same destination `cols` columns and `rows_down` rows further on, holding `rows` rows.
+    fn at(self, rows_down: usize, cols: usize, rows: usize) -> Self {
         Self {
             // A destination of no rows may point one block past the matrix; it is never
             // written, and `wrapping_add` forms its pointer without claiming it in bounds.
             c: self.c.wrapping_add(rows_down * self.ldc + cols),
-            ldc: self.ldc,
             rows,
-            store,
+            ..self
         }
     }
 }
@@ -506,7 +498,6 @@ unsafe fn strassen_avx512<const TRANS: bool>(
     sums: &mut [f32],
 ) {
     let (h, l, k2, n2) = (m.div_ceil(2), m / 2, k / 2, n / 2);
-    let first = c.store;
     // SAFETY: every pointer below addresses a block inside `a` (rows `0..m`, columns
     // `0..k`), inside `c` (rows `0..m`, columns `0..n`) or inside `sums`; the caller
     // guarantees those extents.
@@ -558,10 +549,12 @@ unsafe fn strassen_avx512<const TRANS: bool>(
             s1[o.start + low..o.end].copy_from_slice(&x11[low..]);
             s7[o.start + low..o.end].copy_from_slice(&x12[low..]);
         }
-        let c11 = c.at(0, 0, h, first);
-        let c12 = c.at(0, n2, h, first);
-        let c21 = c.at(h, 0, l, first);
-        let c22 = c.at(h, n2, l, first);
+        // Each block's first write is `c.store` (Set, or Add onto `c`), the others add or
+        // subtract.
+        let c11 = c.at(0, 0, h);
+        let c12 = c.at(0, n2, h);
+        let c21 = c.at(h, 0, l);
+        let c22 = c.at(h, n2, l);
         let with = |d: Dest, store: Store| Dest { store, ..d };
         let (add, sub) = (Store::Add, Store::Sub);
         // The sums' leading dimension.

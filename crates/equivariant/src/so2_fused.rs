@@ -219,7 +219,8 @@ impl LayerShape {
     }
 
     /// Edges per task: 128 for layers with fewer than [`SMALL_WEIGHTS`] packed weights, 256
-    /// from there, or fewer so that every thread gets at least four tasks. Large chunks amortise the packing of the weights inside each GEMM call (the
+    /// from there, or fewer so that every thread gets at least four tasks. Large chunks
+    /// amortise the packing of the weights inside each GEMM call (the
     /// per-order matrices are up to `896 × 896` at lmax 6, C 128, streamed from L3) and, in the
     /// backward pass, the read-modify-write of the weight-gradient accumulator per chunk (20 MB
     /// at lmax 6, mmax 4, C 128); small ones keep the chunk's GEMM operands in L2 (a 128-edge
@@ -2823,8 +2824,8 @@ mod tests {
     }
 
     /// f32 kernels (their own GEMM micro-kernels and vector widths) agree with f64, values,
-    /// input and parameter gradients, for the convolution and the linear layer, with channels that the
-    /// packed products ([`PackedRhs`], whole 64-column panels; on AVX-512) take, with 128
+    /// input and parameter gradients, for the convolution and the linear layer, with channels
+    /// that the packed products ([`PackedRhs`], whole 64-column panels; on AVX-512) take, with 128
     /// channels, where every product of both passes runs Strassen's algorithm (64 channels
     /// run it for the order-1 block only), and with channels that keep the `gemm` crate.
     #[test]
