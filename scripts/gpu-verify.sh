@@ -23,7 +23,9 @@
 # SANITIZE=1 to also run the kernel tests under compute-sanitizer, FAIRCHEM (build: a fairchem
 # 1.x source checkout whose EquiformerV2 and SCN model folders, about 0.5 MB, are staged for the
 # GPU machine; default /tmp/fairchem, see equiformer_v2_compare.sh; without it the EquiformerV2
-# comparison is skipped), EQV2_REPS (run: timed repetitions, default 10).
+# comparison is skipped), EQV2_REPS (run: timed repetitions, default 5). Each step of `run` has
+# its own time limit (seconds: T_TESTS 150, T_BENCH 180, T_EQV2 200, T_TRAIN 60) so that one
+# hung or slow step cannot eat the lease: the steps after it still run and report.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STAGE=target/gpu-stage
@@ -69,13 +71,18 @@ build() {
 }
 
 run() {
+    # The logs go straight to OUTDIR (they survive a kill); JSON, device facts and the training
+    # run's folder go to a work folder packed into OUTDIR/results.tar.gz at the end (the device
+    # tool brings back at most 8 files, two folders down).
     local out="${1:-${OUT:-target/gpu-out}}"
     mkdir -p "$out"
     out=$(cd "$out" && pwd)
+    local work=/tmp/matscale-gpu-out
+    rm -rf "$work" && mkdir -p "$work"
     local bin=/tmp/matscale-gpu
     rm -rf "$bin" && mkdir -p "$bin"
     tar -C "$bin" -xJf "$STAGE/matscale-gpu.tar.xz"
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/device.txt"
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$work/device.txt"
     # The CUDA 13 libraries of the PyTorch venv (every folder under nvidia/ holding a .so).
     local libs
     libs=$(python3 - <<'PY'
@@ -87,6 +94,11 @@ for p in nvidia.__path__:
 print(":".join(sorted(dirs)))
 PY
 )
+    # The machine's own toolkit as a fallback (its lib64, never lib64/stubs).
+    local d
+    for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+        [ -d "$d" ] && libs="$libs:$d"
+    done
     export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     for b in xtask cuda-tests equiformer-v2-bench; do
         if ldd "$bin/bin/$b" | grep "not found"; then
@@ -94,37 +106,51 @@ PY
             exit 1
         fi
     done
+    echo "== preflight"
+    python3 - <<'PY' 2>&1 | tee "$out/preflight.txt"
+import torch, e3nn
+print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+print("e3nn", e3nn.__version__)
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(p.name, p.multi_processor_count, "SMs", round(p.total_memory / 2**30, 1), "GiB")
+PY
     local status=0
     echo "== CUDA kernel tests (each kernel against the CPU, f32 1e-5, f64 1e-12, with gradients)"
-    "$bin/bin/cuda-tests" --test-threads=1 2>&1 | tee "$out/cuda-tests.log" || status=1
+    timeout "${T_TESTS:-150}" "$bin/bin/cuda-tests" --test-threads=1 2>&1 \
+        | tee "$out/cuda-tests.log" || status=1
     if grep -q "no CUDA device" "$out/cuda-tests.log"; then
         echo "the tests found no CUDA device: nothing was compared" >&2
         status=1
     fi
     if [ "${SANITIZE:-0}" = 1 ] && command -v compute-sanitizer >/dev/null; then
         echo "== the same tests under compute-sanitizer (memcheck)"
-        compute-sanitizer --tool memcheck "$bin/bin/cuda-tests" --test-threads=1 \
-            > "$out/sanitizer.log" 2>&1 || status=1
+        timeout "${T_TESTS:-150}" compute-sanitizer --tool memcheck "$bin/bin/cuda-tests" \
+            --test-threads=1 > "$out/sanitizer.log" 2>&1 || status=1
         tail -n 5 "$out/sanitizer.log"
     fi
     echo "== bench kernels --device cuda, with the e3nn / PyTorch reference"
-    "$bin/bin/xtask" bench kernels --device cuda --reference --python python3 \
-        --out "$out/bench-kernels-cuda0.json" 2>&1 | tee "$out/bench-kernels.log" || status=1
-    echo "== a short SchNet training run on the GPU (EMT-labelled alloys)"
-    "$bin/bin/xtask" train --model schnet --size 1e5 --data emt --emt-structures 64 --epochs 2 \
-        --device cuda --out "$out/schnet-run" 2>&1 | tail -n 20 | tee "$out/train.log" || status=1
+    timeout "${T_BENCH:-180}" "$bin/bin/xtask" bench kernels --device cuda --reference \
+        --python python3 --out "$work/bench-kernels-cuda0.json" 2>&1 \
+        | tee "$out/bench-kernels.log" || status=1
     if [ -f "$STAGE/fairchem-src.tar.xz" ]; then
         echo "== EquiformerV2 forward and forward+backward on the GPU, matscale against fairchem"
         local fc=/tmp/matscale-fairchem
         rm -rf "$fc" && mkdir -p "$fc"
         tar -C "$fc" -xJf "$STAGE/fairchem-src.tar.xz"
         BIN="$bin/bin/equiformer-v2-bench" FAIRCHEM="$fc" PYTHON=python3 \
-            OUT="$out/equiformer_v2.jsonl" \
+            OUT="$work/equiformer_v2.jsonl" timeout "${T_EQV2:-200}" \
             crates/models/benches/equiformer_v2_compare.sh --device cuda \
-            --reps "${EQV2_REPS:-10}" --warmup 3 2>&1 | tee "$out/equiformer_v2.log" || status=1
+            --reps "${EQV2_REPS:-5}" --warmup 2 2>&1 | tee "$out/equiformer_v2.log" || status=1
     else
         echo "== EquiformerV2 against fairchem: skipped (no fairchem sources staged)"
     fi
+    echo "== a short SchNet training run on the GPU (EMT-labelled alloys)"
+    timeout "${T_TRAIN:-60}" "$bin/bin/xtask" train --model schnet --size 1e5 --data emt \
+        --emt-structures 64 --epochs 2 --device cuda --out "$work/schnet-run" 2>&1 \
+        | tail -n 20 | tee "$out/train.log" || status=1
+    cp "$out"/*.log "$out"/preflight.txt "$work"/ 2>/dev/null || true
+    tar -C "$(dirname "$work")" -czf "$out/results.tar.gz" "$(basename "$work")"
     echo "results in $out (status $status)"
     return "$status"
 }
