@@ -24,11 +24,75 @@
 # 1.x source checkout whose EquiformerV2 and SCN model folders, about 0.5 MB, are staged for the
 # GPU machine; default /tmp/fairchem, see equiformer_v2_compare.sh; without it the EquiformerV2
 # comparison is skipped), EQV2_REPS (run: timed repetitions, default 5). Each step of `run` has
-# its own time limit (seconds: T_TESTS 150, T_BENCH 180, T_EQV2 200, T_TRAIN 60) so that one
+# its own time limit (seconds: T_TESTS 150, T_CHECK 90 per model, T_BENCH 180, T_EQV2 200,
+# T_TRAIN 60) so that one
 # hung or slow step cannot eat the lease: the steps after it still run and report.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STAGE=target/gpu-stage
+
+setup_bins() {
+    bin=/tmp/matscale-gpu
+    rm -rf "$bin" && mkdir -p "$bin"
+    tar -C "$bin" -xJf "$STAGE/matscale-gpu.tar.xz"
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "${work:-/tmp}/device.txt"
+    # The CUDA 13 libraries of the PyTorch venv (every folder under nvidia/ holding a .so).
+    local libs
+    libs=$(python3 - <<'PY'
+import glob, os, nvidia
+dirs = set()
+for p in nvidia.__path__:
+    for f in glob.glob(os.path.join(p, "**", "lib*.so*"), recursive=True):
+        dirs.add(os.path.dirname(f))
+print(":".join(sorted(dirs)))
+PY
+)
+    # The machine's own toolkit as a fallback (its lib64, never lib64/stubs).
+    local d
+    for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+        [ -d "$d" ] && libs="$libs:$d"
+    done
+    export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    for b in xtask cuda-tests equiformer-v2-bench; do
+        if ldd "$bin/bin/$b" | grep "not found"; then
+            echo "missing libraries for $b (LD_LIBRARY_PATH=$LD_LIBRARY_PATH)" >&2
+            exit 1
+        fi
+    done
+}
+
+# Where the time of one EquiformerV2 step goes on the GPU: every kernel of one forward and one
+# forward+backward of matscale under Nsight Compute (device time per kernel name, one metric,
+# no replay), the wall time of each, and fairchem's step under torch.profiler, into OUTDIR.
+profile() {
+    local out="${1:-${OUT:-target/gpu-out}}"
+    mkdir -p "$out"
+    out=$(cd "$out" && pwd)
+    setup_bins
+    local ncu
+    ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n 1)
+    local input=/tmp/matscale-eqv2-input.json
+    "$bin/bin/equiformer-v2-bench" input "$input"
+    local fc=/tmp/matscale-fairchem
+    rm -rf "$fc" && mkdir -p "$fc"
+    tar -C "$fc" -xJf "$STAGE/fairchem-src.tar.xz"
+    local c p
+    for c in ${PROFILE_CONFIGS:-eqv2-s}; do
+        for p in forward forward_backward; do
+            echo "== $c $p"
+            "$bin/bin/equiformer-v2-bench" compare --config "$c" --phase "$p" --reps 5 \
+                --warmup 2 --device cuda | tee -a "$out/profile-wall.jsonl"
+            timeout "${T_PROFILE:-120}" "$ncu" --metrics gpu__time_duration.sum --csv \
+                --print-summary per-kernel "$bin/bin/equiformer-v2-bench" compare --config "$c" \
+                --phase "$p" --reps 1 --warmup 0 --device cuda \
+                > "$out/ncu-$c-$p.csv" 2> "$out/ncu-$c-$p.err" || echo "ncu failed: $(tail -n 3 "$out/ncu-$c-$p.err")"
+            timeout 120 python3 -W ignore crates/models/benches/equiformer_v2_fairchem.py \
+                --fairchem "$fc" --input "$input" --config "$c" --phase "$p" --reps 5 \
+                --warmup 2 --device cuda --profile "$out/torch-$c-$p.txt" \
+                | tee -a "$out/profile-wall.jsonl" || echo "fairchem profile failed"
+        done
+    done
+}
 
 build() {
     local td="${TARGET_DIR:-/work/target-cuda}"
@@ -79,33 +143,7 @@ run() {
     out=$(cd "$out" && pwd)
     local work=/tmp/matscale-gpu-out
     rm -rf "$work" && mkdir -p "$work"
-    local bin=/tmp/matscale-gpu
-    rm -rf "$bin" && mkdir -p "$bin"
-    tar -C "$bin" -xJf "$STAGE/matscale-gpu.tar.xz"
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$work/device.txt"
-    # The CUDA 13 libraries of the PyTorch venv (every folder under nvidia/ holding a .so).
-    local libs
-    libs=$(python3 - <<'PY'
-import glob, os, nvidia
-dirs = set()
-for p in nvidia.__path__:
-    for f in glob.glob(os.path.join(p, "**", "lib*.so*"), recursive=True):
-        dirs.add(os.path.dirname(f))
-print(":".join(sorted(dirs)))
-PY
-)
-    # The machine's own toolkit as a fallback (its lib64, never lib64/stubs).
-    local d
-    for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
-        [ -d "$d" ] && libs="$libs:$d"
-    done
-    export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-    for b in xtask cuda-tests equiformer-v2-bench; do
-        if ldd "$bin/bin/$b" | grep "not found"; then
-            echo "missing libraries for $b (LD_LIBRARY_PATH=$LD_LIBRARY_PATH)" >&2
-            exit 1
-        fi
-    done
+    setup_bins
     echo "== preflight"
     python3 - <<'PY' 2>&1 | tee "$out/preflight.txt"
 import torch, e3nn
@@ -129,6 +167,12 @@ PY
             --test-threads=1 > "$out/sanitizer.log" 2>&1 || status=1
         tail -n 5 "$out/sanitizer.log"
     fi
+    echo "== EquiformerV2 on the GPU against the CPU (same weights: outputs and every weight gradient)"
+    local c
+    for c in small eqv2-s; do
+        timeout "${T_CHECK:-90}" "$bin/bin/equiformer-v2-bench" check --config "$c" --device cuda \
+            2>&1 | tee -a "$out/eqv2-check.log" || status=1
+    done
     echo "== bench kernels --device cuda, with the e3nn / PyTorch reference"
     timeout "${T_BENCH:-180}" "$bin/bin/xtask" bench kernels --device cuda --reference \
         --python python3 --out "$work/bench-kernels-cuda0.json" 2>&1 \
@@ -158,5 +202,6 @@ PY
 case "${1:-}" in
     build) build ;;
     run) shift; run "$@" ;;
+    profile) shift; profile "$@" ;;
     *) sed -n '2,20p' "$0"; exit 2 ;;
 esac

@@ -2,66 +2,83 @@
 // layout (crates/equivariant/src/so2.rs `RotateOp`), plus the small row kernels that the
 // fused SO(2) layer (so2_fused.rs) runs between its cuBLAS GEMMs.
 //
-// Wigner rows: [E, wlen], block l at block_off[l], row-major (2l+1)². One thread per output
-// element, channels fastest so that loads and stores of a warp are contiguous.
+// Wigner rows: [E, wlen], block l at block_off[l], row-major (2l+1)². The two rotations run
+// one block per (edge, tile of blockDim.x ≤ 128 channels): the block copies its edge's Wigner
+// blocks into shared memory once, then each thread walks every output row of one channel,
+// reading the Wigner entries as shared-memory broadcasts and its inputs with loads that are
+// contiguous across the warp (re-reads of an input row hit L1), with no index division.
 #include "common.cuh"
 
 // out[e, r, ch] = scale[l] Σ_j D^l[i][j] x[e, l² + j, ch] for the m-major row r = (l, i = m + l).
 template <typename T>
-__device__ void rotate_to_edge_impl(long long total, int c, int full, int trunc, int wlen,
+__device__ void rotate_to_edge_impl(long long edges, int c, int full, int trunc, int wlen,
                                     const T* __restrict__ x, const T* __restrict__ w,
                                     const int* __restrict__ row_l, const int* __restrict__ row_i,
                                     const int* __restrict__ block_off, const T* __restrict__ scale,
                                     T* __restrict__ out) {
-    MATSCALE_GRID_STRIDE(idx, total) {
-        const int ch = (int)(idx % c);
-        const long long er = idx / c;
-        const int r = (int)(er % trunc);
-        const long long e = er / trunc;
-        const int l = row_l[r], i = row_i[r], k = 2 * l + 1;
-        const T* d = w + e * wlen + block_off[l] + i * k;
-        const T* xe = x + (e * full + l * l) * c + ch;
-        T acc = T(0);
-        for (int j = 0; j < k; ++j) acc += d[j] * xe[(long long)j * c];
-        out[idx] = acc * scale[l];
+    extern __shared__ unsigned char rotate_shared[];
+    T* sw = reinterpret_cast<T*>(rotate_shared);
+    const int ch = blockIdx.y * blockDim.x + threadIdx.x;
+    for (long long e = blockIdx.x; e < edges; e += gridDim.x) {
+        __syncthreads();  // the previous edge's entries are no longer read
+        for (int q = threadIdx.x; q < wlen; q += blockDim.x) sw[q] = w[e * wlen + q];
+        __syncthreads();
+        if (ch >= c) continue;
+        const T* xe = x + e * full * c + ch;
+        T* oe = out + e * trunc * c + ch;
+        for (int r = 0; r < trunc; ++r) {
+            const int l = row_l[r], k = 2 * l + 1;
+            const T* d = sw + block_off[l] + row_i[r] * k;
+            const T* xl = xe + (long long)(l * l) * c;
+            T acc = T(0);
+            for (int j = 0; j < k; ++j) acc += d[j] * xl[(long long)j * c];
+            oe[(long long)r * c] = acc * scale[l];
+        }
     }
 }
 
 MATSCALE_F32_F64(rotate_to_edge,
-    (long long total, int c, int full, int trunc, int wlen, const float* x, const float* w, const int* row_l, const int* row_i, const int* block_off, const float* scale, float* out),
-    (long long total, int c, int full, int trunc, int wlen, const double* x, const double* w, const int* row_l, const int* row_i, const int* block_off, const double* scale, double* out),
-    (total, c, full, trunc, wlen, x, w, row_l, row_i, block_off, scale, out))
+    (long long edges, int c, int full, int trunc, int wlen, const float* x, const float* w, const int* row_l, const int* row_i, const int* block_off, const float* scale, float* out),
+    (long long edges, int c, int full, int trunc, int wlen, const double* x, const double* w, const int* row_l, const int* row_i, const int* block_off, const double* scale, double* out),
+    (edges, c, full, trunc, wlen, x, w, row_l, row_i, block_off, scale, out))
 
 // out[e, l² + j, ch] = scale[l] Σ_{|m| ≤ min(l, mmax)} D^l[m + l][j] y[e, slot(l, m), ch].
 // `slot` maps the l-major index l² + m + l to the m-major row (unused entries are −1).
 template <typename T>
-__device__ void rotate_from_edge_impl(long long total, int c, int full, int trunc, int wlen,
+__device__ void rotate_from_edge_impl(long long edges, int c, int lmax, int trunc, int wlen,
                                       int mmax, const T* __restrict__ y, const T* __restrict__ w,
                                       const int* __restrict__ slot, const int* __restrict__ block_off,
                                       const T* __restrict__ scale, T* __restrict__ out) {
-    MATSCALE_GRID_STRIDE(idx, total) {
-        const int ch = (int)(idx % c);
-        const long long eq = idx / c;
-        const int q = (int)(eq % full);
-        const long long e = eq / full;
-        int l = 0;
-        while ((l + 1) * (l + 1) <= q) ++l;
-        const int j = q - l * l, k = 2 * l + 1;
-        const int mm = l < mmax ? l : mmax;
-        const T* d = w + e * wlen + block_off[l];
-        const T* ye = y + e * (long long)trunc * c + ch;
-        T acc = T(0);
-        for (int m = -mm; m <= mm; ++m) {
-            acc += d[(m + l) * k + j] * ye[(long long)slot[l * l + m + l] * c];
+    extern __shared__ unsigned char rotate_shared[];
+    T* sw = reinterpret_cast<T*>(rotate_shared);
+    const int ch = blockIdx.y * blockDim.x + threadIdx.x;
+    const int full = (lmax + 1) * (lmax + 1);
+    for (long long e = blockIdx.x; e < edges; e += gridDim.x) {
+        __syncthreads();
+        for (int q = threadIdx.x; q < wlen; q += blockDim.x) sw[q] = w[e * wlen + q];
+        __syncthreads();
+        if (ch >= c) continue;
+        const T* ye = y + e * trunc * c + ch;
+        T* oe = out + e * full * c + ch;
+        for (int l = 0; l <= lmax; ++l) {
+            const int k = 2 * l + 1, mm = l < mmax ? l : mmax;
+            const T* d = sw + block_off[l];
+            const int* sl = slot + l * l + l;  // sl[m] for −mm ≤ m ≤ mm
+            for (int j = 0; j < k; ++j) {
+                T acc = T(0);
+                for (int m = -mm; m <= mm; ++m) {
+                    acc += d[(m + l) * k + j] * ye[(long long)sl[m] * c];
+                }
+                oe[(long long)(l * l + j) * c] = acc * scale[l];
+            }
         }
-        out[idx] = acc * scale[l];
     }
 }
 
 MATSCALE_F32_F64(rotate_from_edge,
-    (long long total, int c, int full, int trunc, int wlen, int mmax, const float* y, const float* w, const int* slot, const int* block_off, const float* scale, float* out),
-    (long long total, int c, int full, int trunc, int wlen, int mmax, const double* y, const double* w, const int* slot, const int* block_off, const double* scale, double* out),
-    (total, c, full, trunc, wlen, mmax, y, w, slot, block_off, scale, out))
+    (long long edges, int c, int lmax, int trunc, int wlen, int mmax, const float* y, const float* w, const int* slot, const int* block_off, const float* scale, float* out),
+    (long long edges, int c, int lmax, int trunc, int wlen, int mmax, const double* y, const double* w, const int* slot, const int* block_off, const double* scale, double* out),
+    (edges, c, lmax, trunc, wlen, mmax, y, w, slot, block_off, scale, out))
 
 // dst[e, s, ch] = src[e, s, ch] · rad[e, rows[s], ch] (dst may be src).
 template <typename T>

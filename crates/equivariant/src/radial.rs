@@ -45,6 +45,7 @@ use crate::activation::{check_float, Float, Function};
 use crate::error::{EquivariantError, Result};
 use crate::float_kernel::{run_float, FloatKernel};
 use crate::norms::LayerNorm;
+use crate::segment::gather_rows;
 
 /// Number of Gaussians EquiformerV2 uses (hard-coded in fairchem, whatever the config says).
 pub const EQUIFORMER_V2_NUM_GAUSSIANS: usize = 600;
@@ -255,7 +256,7 @@ impl RadialFunction {
         let Some((linear, _)) = self.hidden.first() else {
             let mut parts = vec![dense.clone()];
             for (table, index) in gathered {
-                parts.push(table.index_select(index, 0)?);
+                parts.push(gather_rows(table, index)?);
             }
             return linear_bias_folded(&self.last, &Tensor::cat(&parts, 1)?);
         };
@@ -280,7 +281,7 @@ impl RadialFunction {
         for (table, index) in gathered {
             let width = table.dim(1)?;
             let projected = table.matmul(&w.narrow(1, offset, width)?.t()?.contiguous()?)?;
-            h = (h + projected.index_select(index, 0)?)?;
+            h = (h + gather_rows(&projected, index)?)?;
             offset += width;
         }
         if let Some(bias) = linear.bias() {

@@ -13,7 +13,7 @@ use matscale_equivariant::frames::{edge_wigner, Roll};
 use matscale_equivariant::mapping::SphericalLayout;
 use matscale_equivariant::radial::GaussianSmearing;
 use matscale_equivariant::s2grid::S2Grid;
-use matscale_equivariant::segment::Segments;
+use matscale_equivariant::segment::{gather_rows, Segments};
 use matscale_equivariant::sh::{spherical_harmonics, Normalization};
 use matscale_equivariant::so2::{rotate, rotate_inv, So2ConvConfig, So2Convolution, So2Linear};
 use rand::{Rng, SeedableRng};
@@ -204,7 +204,17 @@ fn rotations_match_cpu_with_gradients() -> TestResult {
         return Ok(());
     };
     for dtype in [DType::F64, DType::F32] {
-        for (lmax, mmax, c) in [(4, 2, 8), (6, 4, 5), (2, 2, 3)] {
+        // Channel counts below, at and across the kernels' 128-channel tiles; register tiles
+        // of 5, 9, 13 and 25 inputs per degree (lmax 11 is the largest layout).
+        for (lmax, mmax, c) in [
+            (4, 2, 8),
+            (6, 4, 5),
+            (2, 2, 3),
+            (4, 2, 160),
+            (3, 1, 33),
+            (8, 8, 4),
+            (11, 11, 2),
+        ] {
             let layout = SphericalLayout::new(lmax, mmax)?;
             let e = edges(dtype)?;
             let w_cpu = edge_wigner(&e, lmax, &Roll::Random { seed: 1 })?;
@@ -355,6 +365,13 @@ fn segment_ops_match_cpu_with_gradients() -> TestResult {
             compare_with_grad("segment softmax", &dev, &x, |t| Ok(seg.softmax(t)?))?;
             let s = random(&[90, 2, 3], 23, dtype)?;
             compare_with_grad("segment gather", &dev, &s, |t| Ok(seg.gather(t)?))?;
+            // gather_rows: candle's index_select on the CPU, a segment gather on the GPU.
+            let idx = Tensor::new(index.as_slice(), &Device::Cpu)?;
+            let idx_gpu = idx.to_device(&dev)?;
+            compare_with_grad("gather_rows", &dev, &s, |t| {
+                let i = if t.device().is_cuda() { &idx_gpu } else { &idx };
+                Ok(gather_rows(t, i)?)
+            })?;
         }
     }
     Ok(())

@@ -13,6 +13,11 @@
 //!   peak RSS is that measurement's. With `--device cuda` (a `cuda` build with a GPU; otherwise
 //!   one line says why and it runs on the CPU) each repetition ends with a device
 //!   synchronisation; the GPU's peak memory is not measured (`peak_device_bytes`: null).
+//! * `equiformer_v2 check --config small|eqv2-s [--device cuda] [--tolerance 1e-3]`: the same
+//!   model (same seeded weights, zero frame roll) on the CPU and on the device: energy, forces,
+//!   stress and every weight gradient of the forward+backward loss, compared as
+//!   `max |device − cpu| / max |cpu|` per tensor. Prints one JSON line with the worst of each
+//!   and exits non-zero above the tolerance (f32: the two sides sum in different orders).
 //! * `equiformer_v2 input PATH`: writes the batch (structures and the edge list with its
 //!   vectors) as JSON for `equiformer_v2_fairchem.py`, so both sides run on the same graph.
 //!
@@ -40,7 +45,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use criterion::Criterion;
 use matscale_equivariant::device::{select_device, DeviceRequest};
-use matscale_models::equiformer_v2::{EquiformerV2, EquiformerV2Config};
+use matscale_models::equiformer_v2::{EquiformerV2, EquiformerV2Config, FrameRoll};
 use matscale_models::{seeded_var_builder, BatchTensors, ForceMode, Geometry, Model};
 use matscale_structures::batch::{GraphBatch, GraphOptions};
 use matscale_structures::generate::AlloyGenerator;
@@ -262,6 +267,123 @@ fn write_input(path: &str) -> BenchResult<()> {
     Ok(())
 }
 
+/// `max |got − want| / max |want|` of two tensors of the same shape (on any devices).
+fn relative_error(got: &Tensor, want: &Tensor) -> BenchResult<f64> {
+    let got = got
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F64)?
+        .flatten_all()?;
+    let want = want.to_dtype(DType::F64)?.flatten_all()?;
+    let diff = (got - &want)?.abs()?.max(0)?.to_scalar::<f64>()?;
+    let scale = want.abs()?.max(0)?.to_scalar::<f64>()?;
+    if !diff.is_finite() {
+        return Ok(f64::INFINITY);
+    }
+    Ok(if scale > 0.0 { diff / scale } else { diff })
+}
+
+/// One side of `check`: outputs and the weight gradients (by name) of `mean(E²) + mean(F²)`.
+struct Evaluated {
+    energy: Tensor,
+    forces: Tensor,
+    stress: Tensor,
+    grads: Vec<(String, Option<Tensor>)>,
+}
+
+fn evaluate(name: &str, device: &Device) -> BenchResult<Evaluated> {
+    let config = EquiformerV2Config {
+        frame_roll: FrameRoll::Zero,
+        ..config(name)?
+    };
+    let b = batch(&config)?;
+    let varmap = VarMap::new();
+    let vb = seeded_var_builder(&varmap, 7, DType::F32, device);
+    let net = EquiformerV2::new(&config, ForceMode::Direct, vb)?;
+    let tensors = BatchTensors::new(&b, DType::F32, device)?;
+    let geometry = Geometry::of(&tensors)?;
+    let out = net.forward(&tensors, &geometry, false)?;
+    let forces = out.forces.ok_or("direct forces missing")?;
+    let stress = out.stress.ok_or("direct stress missing")?;
+    let loss = (out.energy.sqr()?.mean_all()? + forces.sqr()?.mean_all()?)?;
+    let store = loss.backward()?;
+    let mut vars: Vec<(String, candle_core::Var)> = varmap
+        .data()
+        .lock()
+        .map_err(|_| "poisoned var map")?
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    let grads = vars
+        .into_iter()
+        .map(|(k, v)| {
+            let g = store.get(v.as_tensor()).cloned();
+            (k, g)
+        })
+        .collect();
+    Ok(Evaluated {
+        energy: out.energy,
+        forces,
+        stress,
+        grads,
+    })
+}
+
+/// `check`: the model on the CPU against the same model on the requested device.
+fn check(args: &[String]) -> BenchResult<()> {
+    let mut name = "small".to_string();
+    let mut request = DeviceRequest::Cpu;
+    let mut tolerance = 1e-3;
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let mut value = || {
+            it.next()
+                .cloned()
+                .ok_or_else(|| format!("{flag} needs a value"))
+        };
+        match flag.as_str() {
+            "--config" => name = value()?,
+            "--device" => request = value()?.parse()?,
+            "--tolerance" => tolerance = value()?.parse()?,
+            other => return Err(format!("unknown option {other}").into()),
+        }
+    }
+    let selected = select_device(request);
+    let cpu = evaluate(&name, &Device::Cpu)?;
+    let dev = evaluate(&name, &selected.device)?;
+    let energy = relative_error(&dev.energy, &cpu.energy)?;
+    let forces = relative_error(&dev.forces, &cpu.forces)?;
+    let stress = relative_error(&dev.stress, &cpu.stress)?;
+    let (mut worst, mut worst_name, mut missing) = (0f64, String::new(), Vec::new());
+    for ((k, want), (_, got)) in cpu.grads.iter().zip(&dev.grads) {
+        match (want, got) {
+            (Some(want), Some(got)) => {
+                let err = relative_error(got, want)?;
+                if err.is_nan() || err > worst {
+                    worst = err;
+                    worst_name = k.clone();
+                }
+            }
+            (None, None) => {}
+            _ => missing.push(k.clone()),
+        }
+    }
+    let ok = [energy, forces, stress, worst]
+        .iter()
+        .all(|&e| e <= tolerance)
+        && missing.is_empty();
+    println!(
+        "{{\"check\": \"{name}\", \"device\": \"{}\", \"energy\": {energy:e},          \"forces\": {forces:e}, \"stress\": {stress:e}, \"worst_gradient\": {worst:e},          \"worst_gradient_of\": \"{worst_name}\", \"gradients\": {},          \"missing_gradients\": {missing:?}, \"tolerance\": {tolerance:e}, \"ok\": {ok}}}",
+        selected.label(),
+        cpu.grads.len(),
+    );
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("{name}: the device and the CPU differ by more than {tolerance:e}").into())
+    }
+}
+
 fn criterion_benches() -> BenchResult<()> {
     let mut c = Criterion::default()
         .sample_size(10)
@@ -287,6 +409,7 @@ fn main() -> BenchResult<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("compare") => compare(&args[1..]),
+        Some("check") => check(&args[1..]),
         Some("input") => write_input(args.get(1).ok_or("input needs a path")?),
         _ => criterion_benches(),
     }

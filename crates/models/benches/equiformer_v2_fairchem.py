@@ -86,6 +86,8 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--heads", default="energy,forces,stress")
     p.add_argument("--device", default="cpu", help="cpu or cuda (cuda:0)")
+    p.add_argument("--profile", help="after timing, profile one more step with torch.profiler "
+                   "and write its per-kernel table (by device time) to this file")
     a = p.parse_args()
     device = torch.device(a.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -173,6 +175,17 @@ def main():
         t = time.perf_counter()
         step()
         seconds.append(time.perf_counter() - t)
+    if a.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=activities) as prof:
+            step()
+            if cuda:
+                torch.cuda.synchronize(device)
+        key = "self_device_time_total" if cuda else "self_cpu_time_total"
+        with open(a.profile, "w") as f:
+            f.write(prof.key_averages().table(sort_by=key, row_limit=60, max_name_column_width=90))
     print(
         json.dumps(
             {

@@ -7,6 +7,7 @@
 //! inputs from [`Geometry`] gets forces and stress by automatic differentiation for free.
 
 use candle_core::{DType, Device, Tensor, D};
+use matscale_equivariant::segment::Segments;
 use matscale_structures::batch::GraphBatch;
 
 use crate::error::{ModelError, Result};
@@ -90,6 +91,34 @@ pub struct BatchTensors {
     pub pbc: Vec<[bool; 3]>,
     /// The sizes FLOP counts depend on.
     pub shape: BatchShape,
+    /// Host groupings of the index tensors, for sums over them ([`BatchTensors::sum_over`]).
+    pub groups: BatchGroups,
+}
+
+/// The batch's index tensors as [`Segments`] (host CSR groupings, shared by clones).
+#[derive(Debug, Clone)]
+pub struct BatchGroups {
+    /// Edges grouped by target node (`edge_dst`, sorted).
+    pub edges_by_target: Segments,
+    /// Edges grouped by source node (`edge_src`, unsorted).
+    pub edges_by_source: Segments,
+    /// Edges grouped by structure (`edge_structure`, sorted).
+    pub edges_by_structure: Segments,
+    /// Nodes grouped by structure (`node_structure`, sorted).
+    pub nodes_by_structure: Segments,
+}
+
+/// Which index a sum over rows follows (see [`BatchTensors::sum_over`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grouping {
+    /// `[E, ...]` → `[N, ...]` by `edge_dst`.
+    EdgesByTarget,
+    /// `[E, ...]` → `[N, ...]` by `edge_src`.
+    EdgesBySource,
+    /// `[E, ...]` → `[B, ...]` by `edge_structure`.
+    EdgesByStructure,
+    /// `[N, ...]` → `[B, ...]` by `node_structure`.
+    NodesByStructure,
 }
 
 impl BatchTensors {
@@ -137,7 +166,70 @@ impl BatchTensors {
             volumes_host: batch.volumes.clone(),
             pbc: batch.pbc.clone(),
             shape: BatchShape::of(batch),
+            groups: BatchGroups {
+                edges_by_target: Segments::from_offsets(&batch.dst_ptr)?,
+                edges_by_source: Segments::from_indices(&batch.edge_src, n)?,
+                edges_by_structure: Segments::from_offsets(&batch.edge_ptr)?,
+                nodes_by_structure: Segments::from_offsets(&batch.node_ptr)?,
+            },
         })
+    }
+
+    /// The grouping of `grouping` and its index tensor.
+    fn grouping(&self, grouping: Grouping) -> (&Segments, &Tensor) {
+        let g = &self.groups;
+        match grouping {
+            Grouping::EdgesByTarget => (&g.edges_by_target, &self.edge_dst),
+            Grouping::EdgesBySource => (&g.edges_by_source, &self.edge_src),
+            Grouping::EdgesByStructure => (&g.edges_by_structure, &self.edge_structure),
+            Grouping::NodesByStructure => (&g.nodes_by_structure, &self.node_structure),
+        }
+    }
+
+    /// Sums the rows of `values` (`[E, ...]` or `[N, ...]`) that share an index of
+    /// `grouping`: `[N, ...]` or `[B, ...]`, zeros for empty groups; differentiable.
+    ///
+    /// f32 and f64 run as a [`Segments::sum`] (a deterministic CSR sum whose backward is a
+    /// gather), other dtypes as candle's `index_add`. On a GPU this matters: candle's CUDA
+    /// `index_add` gives each thread one column and walks every row in it (milliseconds for
+    /// a force or stress head's 3 or 9 columns).
+    ///
+    /// # Errors
+    /// A first dimension other than the grouping's items.
+    pub fn sum_over(&self, grouping: Grouping, values: &Tensor) -> Result<Tensor> {
+        let (segments, index) = self.grouping(grouping);
+        if matches!(values.dtype(), DType::F32 | DType::F64) {
+            return Ok(segments.sum(values)?);
+        }
+        let mut shape = values.dims().to_vec();
+        if let Some(rows) = shape.first_mut() {
+            *rows = segments.num_segments();
+        }
+        if segments.num_items() == 0 {
+            // candle's index_add rejects empty sources.
+            return Ok(Tensor::zeros(shape, values.dtype(), values.device())?);
+        }
+        Ok(
+            Tensor::zeros(shape, values.dtype(), values.device())?.index_add(
+                index,
+                &values.contiguous()?,
+                0,
+            )?,
+        )
+    }
+
+    /// The rows of `values` (`[N, ...]` or `[B, ...]`) for every item of `grouping`
+    /// (`[E, ...]` or `[N, ...]`): `values.index_select(index, 0)`, differentiable, whose
+    /// backward for f32 and f64 is a [`Segments::sum`] (see [`Self::sum_over`]).
+    ///
+    /// # Errors
+    /// A first dimension other than the grouping's segments.
+    pub fn gather_by(&self, grouping: Grouping, values: &Tensor) -> Result<Tensor> {
+        let (segments, index) = self.grouping(grouping);
+        if matches!(values.dtype(), DType::F32 | DType::F64) {
+            return Ok(segments.gather(values)?);
+        }
+        Ok(values.index_select(index, 0)?)
     }
 
     /// Number of structures `B`.
@@ -291,4 +383,125 @@ pub(crate) fn inverse3(m: &Tensor) -> Result<Tensor> {
     Ok(adj
         .broadcast_div(&det.reshape((b, 1))?)?
         .reshape((b, 3, 3))?)
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor, Var};
+    use matscale_structures::batch::{GraphBatch, GraphOptions};
+    use matscale_structures::generate::AlloyGenerator;
+
+    use super::{BatchTensors, Grouping};
+
+    fn batch() -> GraphBatch {
+        let generator = AlloyGenerator {
+            seed: 5,
+            ..AlloyGenerator::default()
+        }
+        .check()
+        .expect("valid generator");
+        let structures = generator.generate(0..3);
+        let options = GraphOptions {
+            cutoff: 4.0,
+            max_neighbors: None,
+            degeneracy_tolerance: None,
+        };
+        GraphBatch::new(&structures, &options).expect("batch")
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+        let b = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    /// `sum_over` / `gather_by` equal candle's `index_add` / `index_select` on every grouping,
+    /// values and gradients, in f64 and f32 (segment ops) and bf16 (candle's ops).
+    #[test]
+    fn sums_and_gathers_match_index_add_and_index_select() {
+        let b = batch();
+        assert!(b.n_edges() > 100, "{} edges", b.n_edges());
+        let t = BatchTensors::new(&b, DType::F32, &Device::Cpu).expect("tensors");
+        for dtype in [DType::F64, DType::F32, DType::BF16] {
+            let tol = if dtype == DType::BF16 { 1e-1 } else { 1e-5 };
+            for (grouping, index, rows, segments) in [
+                (
+                    Grouping::EdgesByTarget,
+                    &t.edge_dst,
+                    t.n_edges(),
+                    t.n_nodes(),
+                ),
+                (
+                    Grouping::EdgesBySource,
+                    &t.edge_src,
+                    t.n_edges(),
+                    t.n_nodes(),
+                ),
+                (
+                    Grouping::EdgesByStructure,
+                    &t.edge_structure,
+                    t.n_edges(),
+                    t.n_structures(),
+                ),
+                (
+                    Grouping::NodesByStructure,
+                    &t.node_structure,
+                    t.n_nodes(),
+                    t.n_structures(),
+                ),
+            ] {
+                let values = Tensor::randn(0f32, 1.0, (rows, 2, 3), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let v = Var::from_tensor(&values).unwrap();
+                let ours = t.sum_over(grouping, v.as_tensor()).unwrap();
+                let theirs = Tensor::zeros((segments, 2, 3), dtype, &Device::Cpu)
+                    .unwrap()
+                    .index_add(index, v.as_tensor(), 0)
+                    .unwrap();
+                assert_eq!(ours.dims(), theirs.dims());
+                let d = max_diff(&ours, &theirs);
+                assert!(d <= tol, "{grouping:?} {dtype:?} sum: {d}");
+                // Gradient of Σ w·sum = w gathered back to the rows.
+                let w = Tensor::randn(0f32, 1.0, (segments, 2, 3), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let g = (ours * &w).unwrap().sum_all().unwrap().backward().unwrap();
+                let got = g.get(v.as_tensor()).expect("gradient");
+                let want = w.index_select(index, 0).unwrap();
+                let d = max_diff(got, &want);
+                assert!(d <= tol, "{grouping:?} {dtype:?} sum gradient: {d}");
+
+                let table = Var::from_tensor(&w).unwrap();
+                let gathered = t.gather_by(grouping, table.as_tensor()).unwrap();
+                let d = max_diff(&gathered, &w.index_select(index, 0).unwrap());
+                assert_eq!(d, 0.0, "{grouping:?} {dtype:?} gather");
+                let g = (gathered * &values)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                let got = g.get(table.as_tensor()).expect("gradient");
+                let want = Tensor::zeros((segments, 2, 3), dtype, &Device::Cpu)
+                    .unwrap()
+                    .index_add(index, &values, 0)
+                    .unwrap();
+                let d = max_diff(got, &want);
+                assert!(d <= tol, "{grouping:?} {dtype:?} gather gradient: {d}");
+            }
+            // A wrong row count is an error, not a panic.
+            let bad = Tensor::zeros((3, 2), DType::F32, &Device::Cpu).unwrap();
+            assert!(t.sum_over(Grouping::EdgesByTarget, &bad).is_err());
+        }
+    }
 }

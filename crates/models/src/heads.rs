@@ -13,7 +13,7 @@
 use candle_core::{Module, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
 
-use crate::batch::{BatchTensors, Geometry};
+use crate::batch::{BatchTensors, Geometry, Grouping};
 use crate::error::Result;
 use crate::flops::{FlopCounter, TRANSCENDENTAL};
 
@@ -76,13 +76,7 @@ pub fn edge_forces(batch: &BatchTensors, geometry: &Geometry, weights: &Tensor) 
     let per_edge = unit
         .broadcast_mul(&weights.unsqueeze(D::Minus1)?)?
         .contiguous()?;
-    Ok(
-        Tensor::zeros((batch.n_nodes(), 3), dtype, weights.device())?.index_add(
-            &batch.edge_dst,
-            &per_edge,
-            0,
-        )?,
-    )
+    batch.sum_over(Grouping::EdgesByTarget, &per_edge)
 }
 
 /// Equivariant direct stress `σ_s = (1/V_s) Σ_{e ∈ s} w_e r̂_e ⊗ r̂_e` from invariant edge
@@ -95,13 +89,8 @@ pub fn edge_stress(batch: &BatchTensors, geometry: &Geometry, weights: &Tensor) 
         .reshape((e, 3, 1))?
         .broadcast_mul(&unit.reshape((e, 1, 3))?)?
         .broadcast_mul(&weights.reshape((e, 1, 1))?)?
-        // An empty broadcast result is not contiguous, which `index_add` refuses.
         .contiguous()?;
-    let summed = Tensor::zeros((batch.n_structures(), 3, 3), dtype, weights.device())?.index_add(
-        &batch.edge_structure,
-        &outer,
-        0,
-    )?;
+    let summed = batch.sum_over(Grouping::EdgesByStructure, &outer)?;
     let inv_volume: Vec<f64> = batch
         .volumes_host
         .iter()

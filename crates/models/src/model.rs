@@ -17,7 +17,7 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
-use crate::batch::{BatchShape, BatchTensors, Geometry};
+use crate::batch::{BatchShape, BatchTensors, Geometry, Grouping};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::flops::{FlopCounter, Flops};
@@ -190,8 +190,7 @@ impl Normalizer {
     /// `energy_scale·raw + Σ reference[Z]` per structure, eV `[B]`.
     fn energy(&self, batch: &BatchTensors, raw: &Tensor) -> Result<Tensor> {
         let per_atom = self.reference.index_select(&batch.numbers, 0)?;
-        let reference = Tensor::zeros(batch.n_structures(), per_atom.dtype(), batch.device())?
-            .index_add(&batch.node_structure, &per_atom, 0)?;
+        let reference = batch.sum_over(Grouping::NodesByStructure, &per_atom)?;
         Ok(raw.broadcast_mul(&self.energy_scale)?.add(&reference)?)
     }
 }
@@ -434,15 +433,7 @@ pub fn higher_order_gradients_work() -> Result<bool> {
 
 /// Sums `values` `[N, ...]` per structure into `[B, ...]`.
 pub fn sum_per_structure(batch: &BatchTensors, values: &Tensor) -> Result<Tensor> {
-    let mut shape = values.dims().to_vec();
-    shape[0] = batch.n_structures();
-    Ok(
-        Tensor::zeros(shape, values.dtype(), values.device())?.index_add(
-            &batch.node_structure,
-            values,
-            0,
-        )?,
-    )
+    batch.sum_over(Grouping::NodesByStructure, values)
 }
 
 /// Mean of `values` `[N, F]` per structure `[B, F]`.

@@ -73,7 +73,7 @@ use matscale_equivariant::radial::GaussianSmearing;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::batch::{BatchShape, BatchTensors, Geometry};
+use crate::batch::{BatchShape, BatchTensors, Geometry, Grouping};
 use crate::config::{Architecture, Family};
 use crate::error::{ModelError, Result};
 use crate::flops::{FlopCounter, TRANSCENDENTAL};
@@ -579,12 +579,8 @@ impl Interaction {
             .forward(&shifted_softplus(&self.filter_in.forward(&edges.rbf)?)?)?
             .broadcast_mul(&edges.cutoff)?;
         let x = self.conv_in.forward(h)?;
-        let messages = (x.index_select(&batch.edge_src, 0)? * filters)?;
-        let summed = Tensor::zeros((x.dim(0)?, x.dim(1)?), x.dtype(), x.device())?.index_add(
-            &batch.edge_dst,
-            &messages,
-            0,
-        )?;
+        let messages = (batch.gather_by(Grouping::EdgesBySource, &x)? * filters)?;
+        let summed = batch.sum_over(Grouping::EdgesByTarget, &messages)?;
         let y = shifted_softplus(&self.conv_out.forward(&summed)?)?;
         Ok(self.update.forward(&y)?)
     }

@@ -8,7 +8,9 @@
 //! rotated input, like the CPU op, and writes `[gx | grad_radial | grad_weights]`.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, CudaViewMut, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg,
+};
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Shape, Storage, Tensor};
 
@@ -59,6 +61,24 @@ impl<T: CudaFloat> RotateTables<T> {
     }
 }
 
+/// Launch of the rotation kernels: one block per (edge, tile of up to 128 channels), the
+/// edge's `wlen` Wigner entries in dynamic shared memory.
+fn rotate_cfg<T>(edges: usize, c: usize, wlen: usize) -> LaunchConfig {
+    const MAX_THREADS: usize = 128;
+    let threads = c.next_multiple_of(32).min(MAX_THREADS);
+    let tiles = c.div_ceil(threads);
+    LaunchConfig {
+        grid_dim: (
+            u32::try_from(edges.min(i32::MAX as usize)).expect("capped"),
+            u32::try_from(tiles).expect("channel tiles fit in u32"),
+            1,
+        ),
+        block_dim: (threads as u32, 1, 1),
+        shared_mem_bytes: u32::try_from(wlen * std::mem::size_of::<T>())
+            .expect("Wigner blocks of one edge fit in shared memory"),
+    }
+}
+
 /// `out[e, m-major, c] = D|kept rows · x[e, l-major, c]` (times the per-degree scale).
 fn to_edge<T: CudaFloat>(
     dev: &CudaDevice,
@@ -70,19 +90,18 @@ fn to_edge<T: CudaFloat>(
     c: usize,
     out: &mut CudaViewMut<'_, T>,
 ) -> candle_core::Result<()> {
-    let total = edges * layout.num_truncated() * c;
-    if total == 0 {
+    if edges == 0 || c == 0 {
         return Ok(());
     }
     let func = kernel::<T>(dev, ROTATE, "rotate_to_edge")?;
-    let (t, ci) = (long(total), int(c, "channels")?);
+    let (e, ci) = (long(edges), int(c, "channels")?);
     let (full, trunc, wlen) = (
         layout.num_coefficients() as i32,
         layout.num_truncated() as i32,
         layout.wigner_len() as i32,
     );
     let mut b = func.builder();
-    b.arg(&t)
+    b.arg(&e)
         .arg(&ci)
         .arg(&full)
         .arg(&trunc)
@@ -94,8 +113,9 @@ fn to_edge<T: CudaFloat>(
         .arg(&tables.block_off)
         .arg(&tables.scale)
         .arg(out);
-    // SAFETY: x is [edges, full, c], w [edges, wlen], out [edges, trunc, c]; tables sized by layout.
-    unsafe { b.launch(launch_cfg(total)) }.w()?;
+    // SAFETY: x is [edges, full, c], w [edges, wlen], out [edges, trunc, c]; tables sized by
+    // layout; the shared memory holds wlen entries.
+    unsafe { b.launch(rotate_cfg::<T>(edges, c, layout.wigner_len())) }.w()?;
     Ok(())
 }
 
@@ -110,22 +130,21 @@ fn from_edge<T: CudaFloat>(
     c: usize,
     out: &mut CudaViewMut<'_, T>,
 ) -> candle_core::Result<()> {
-    let total = edges * layout.num_coefficients() * c;
-    if total == 0 {
+    if edges == 0 || c == 0 {
         return Ok(());
     }
     let func = kernel::<T>(dev, ROTATE, "rotate_from_edge")?;
-    let (t, ci) = (long(total), int(c, "channels")?);
-    let (full, trunc, wlen, mmax) = (
-        layout.num_coefficients() as i32,
+    let (e, ci) = (long(edges), int(c, "channels")?);
+    let (lmax, trunc, wlen, mmax) = (
+        layout.lmax() as i32,
         layout.num_truncated() as i32,
         layout.wigner_len() as i32,
         layout.mmax() as i32,
     );
     let mut b = func.builder();
-    b.arg(&t)
+    b.arg(&e)
         .arg(&ci)
-        .arg(&full)
+        .arg(&lmax)
         .arg(&trunc)
         .arg(&wlen)
         .arg(&mmax)
@@ -135,8 +154,9 @@ fn from_edge<T: CudaFloat>(
         .arg(&tables.block_off)
         .arg(&tables.scale)
         .arg(out);
-    // SAFETY: y is [edges, trunc, c], w [edges, wlen], out [edges, full, c].
-    unsafe { b.launch(launch_cfg(total)) }.w()?;
+    // SAFETY: y is [edges, trunc, c], w [edges, wlen], out [edges, full, c]; the shared
+    // memory holds wlen entries.
+    unsafe { b.launch(rotate_cfg::<T>(edges, c, layout.wigner_len())) }.w()?;
     Ok(())
 }
 

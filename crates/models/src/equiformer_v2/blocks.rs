@@ -636,13 +636,12 @@ impl GraphAttention {
 /// `index_select` + `cat` would keep both `[E, K, C]` halves alive in the autograd graph.
 fn gather_pair(x: &Tensor, graph: &EdgeGraph) -> Result<Tensor> {
     if !x.device().is_cpu() || !matches!(x.dtype(), DType::F32 | DType::F64) {
-        return Ok(Tensor::cat(
-            &[
-                &x.index_select(&graph.src, 0)?,
-                &x.index_select(&graph.dst, 0)?,
-            ],
-            2,
-        )?);
+        // Segment gathers on a GPU (a CSR segment sum as backward, not candle's index_add).
+        let message = MessageGather::Pair {
+            source: graph.src.clone(),
+            target: graph.dst.clone(),
+        };
+        return Ok(message.message(x)?);
     }
     let op = GatherPair {
         ends: graph.ends()?.clone(),

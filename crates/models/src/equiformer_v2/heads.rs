@@ -14,7 +14,7 @@ use matscale_equivariant::sh::{spherical_harmonics, Normalization};
 
 use super::blocks::{linear, norm, EdgeEnds, EdgeGraph, WeightInit};
 use super::config::EquiformerV2Config;
-use crate::batch::BatchTensors;
+use crate::batch::{BatchTensors, Grouping};
 use crate::error::Result;
 
 /// `1/√2`, `1/√3`, `1/√6` of fairchem's `change_mat`.
@@ -120,8 +120,7 @@ impl StressHead {
         let scalar = mlp(&self.scalar_mlp, &node_scalar)?; // [N, 1]
         let irrep2 = mlp(&self.irrep2_mlp, &node_irrep2)?.squeeze(D::Minus1)?; // [N, 5]
         let per_node = Tensor::cat(&[&scalar, &irrep2], 1)?; // [N, 6]
-        let summed =
-            Tensor::zeros((b, 6), dtype, device)?.index_add(&batch.node_structure, &per_node, 0)?;
+        let summed = batch.sum_over(Grouping::NodesByStructure, &per_node)?;
         let atoms = batch.n_atoms.to_dtype(dtype)?.clamp(1.0, f64::INFINITY)?;
         let mean = summed.broadcast_div(&atoms.unsqueeze(1)?)?;
         let compose: Vec<f64> = COMPOSE.iter().flatten().copied().collect();

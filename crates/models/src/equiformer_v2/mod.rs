@@ -108,7 +108,7 @@ use matscale_equivariant::segment::Segments;
 
 pub use config::{EquiformerV2Config, FrameRoll, ParameterBreakdown, NUM_GAUSSIANS};
 
-use crate::batch::{BatchShape, BatchTensors, Geometry};
+use crate::batch::{BatchShape, BatchTensors, Geometry, Grouping};
 use crate::error::{ModelError, Result};
 use crate::flops::{FlopCounter, LAYER_NORM, SOFTMAX, TRANSCENDENTAL};
 use crate::model::{ForceMode, Model, RawOutput};
@@ -466,11 +466,8 @@ impl EquiformerV2 {
         let (x, graph, edge_vectors) = self.backbone(batch, geometry, train, helpers)?;
         let n = batch.n_nodes();
         let per_atom = self.energy_block.forward(&x)?.narrow(1, 0, 1)?.reshape(n)?;
-        let energy = (Tensor::zeros(batch.n_structures(), x.dtype(), x.device())?.index_add(
-            &batch.node_structure,
-            &per_atom,
-            0,
-        )? / self.config.avg_num_nodes)?;
+        let energy =
+            (batch.sum_over(Grouping::NodesByStructure, &per_atom)? / self.config.avg_num_nodes)?;
         let forces = match &self.force_block {
             Some(block) => Some(
                 block
