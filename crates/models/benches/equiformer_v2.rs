@@ -172,24 +172,29 @@ fn median(sorted: &[f64]) -> f64 {
     }
 }
 
+/// The `--flag value` pairs of a mode's arguments, in order.
+fn flag_values(args: &[String]) -> BenchResult<Vec<(&str, &str)>> {
+    let mut pairs = Vec::new();
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
+        pairs.push((flag.as_str(), value.as_str()));
+    }
+    Ok(pairs)
+}
+
 fn compare(args: &[String]) -> BenchResult<()> {
     let mut name = "small".to_string();
     let mut phase = "forward".to_string();
     let (mut reps, mut warmup) = (3usize, 1usize);
     let mut request = DeviceRequest::Cpu;
-    let mut it = args.iter();
-    while let Some(flag) = it.next() {
-        let mut value = || {
-            it.next()
-                .cloned()
-                .ok_or_else(|| format!("{flag} needs a value"))
-        };
-        match flag.as_str() {
-            "--config" => name = value()?,
-            "--phase" => phase = value()?,
-            "--reps" => reps = value()?.parse()?,
-            "--warmup" => warmup = value()?.parse()?,
-            "--device" => request = value()?.parse()?,
+    for (flag, value) in flag_values(args)? {
+        match flag {
+            "--config" => name = value.to_string(),
+            "--phase" => phase = value.to_string(),
+            "--reps" => reps = value.parse()?,
+            "--warmup" => warmup = value.parse()?,
+            "--device" => request = value.parse()?,
             other => return Err(format!("unknown option {other}").into()),
         }
     }
@@ -334,17 +339,11 @@ fn check(args: &[String]) -> BenchResult<()> {
     let mut name = "small".to_string();
     let mut request = DeviceRequest::Cpu;
     let mut tolerance = 1e-3;
-    let mut it = args.iter();
-    while let Some(flag) = it.next() {
-        let mut value = || {
-            it.next()
-                .cloned()
-                .ok_or_else(|| format!("{flag} needs a value"))
-        };
-        match flag.as_str() {
-            "--config" => name = value()?,
-            "--device" => request = value()?.parse()?,
-            "--tolerance" => tolerance = value()?.parse()?,
+    for (flag, value) in flag_values(args)? {
+        match flag {
+            "--config" => name = value.to_string(),
+            "--device" => request = value.parse()?,
+            "--tolerance" => tolerance = value.parse()?,
             other => return Err(format!("unknown option {other}").into()),
         }
     }
@@ -373,7 +372,10 @@ fn check(args: &[String]) -> BenchResult<()> {
         .all(|&e| e <= tolerance)
         && missing.is_empty();
     println!(
-        "{{\"check\": \"{name}\", \"device\": \"{}\", \"energy\": {energy:e},          \"forces\": {forces:e}, \"stress\": {stress:e}, \"worst_gradient\": {worst:e},          \"worst_gradient_of\": \"{worst_name}\", \"gradients\": {},          \"missing_gradients\": {missing:?}, \"tolerance\": {tolerance:e}, \"ok\": {ok}}}",
+        "{{\"check\": \"{name}\", \"device\": \"{}\", \"energy\": {energy:e}, \
+         \"forces\": {forces:e}, \"stress\": {stress:e}, \"worst_gradient\": {worst:e}, \
+         \"worst_gradient_of\": \"{worst_name}\", \"gradients\": {}, \
+         \"missing_gradients\": {missing:?}, \"tolerance\": {tolerance:e}, \"ok\": {ok}}}",
         selected.label(),
         cpu.grads.len(),
     );
