@@ -26,10 +26,21 @@
 # comparison is skipped), EQV2_REPS (run: timed repetitions, default 5). Each step of `run` has
 # its own time limit (seconds: T_TESTS 150, T_CHECK 90 per model, T_BENCH 180, T_EQV2 200,
 # T_TRAIN 60) so that one
-# hung or slow step cannot eat the lease: the steps after it still run and report.
+# hung or slow step cannot eat the lease: the steps after it still run and report. STEPS (run:
+# a comma list of tests, check, bench, eqv2, train; default all) picks steps. STAGE (default
+# target/gpu-stage) names the staged folder, so two builds can travel together for an A/B in one
+# device call:
+#   git checkout A && STAGE=target/gpu-stage-a scripts/gpu-verify.sh build
+#   git checkout B && STAGE=target/gpu-stage-b scripts/gpu-verify.sh build
+#   device: for v in a b; do STAGE=target/gpu-stage-$v STEPS=tests,bench \
+#             bash scripts/gpu-verify.sh run "$OUT/$v"; done     carry both stages
+# (each such run returns 4 files; the device tool returns at most 8).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-STAGE=target/gpu-stage
+STAGE="${STAGE:-target/gpu-stage}"
+# The steps of `run` (a comma list of tests, check, bench, eqv2, train).
+STEPS="${STEPS:-tests,check,bench,eqv2,train}"
+want() { [[ ",$STEPS," == *",$1,"* ]]; }
 
 setup_bins() {
     bin=/tmp/matscale-gpu
@@ -154,30 +165,38 @@ if torch.cuda.is_available():
     print(p.name, p.multi_processor_count, "SMs", round(p.total_memory / 2**30, 1), "GiB")
 PY
     local status=0
-    echo "== CUDA kernel tests (each kernel against the CPU, f32 1e-5, f64 1e-12, with gradients)"
-    timeout "${T_TESTS:-150}" "$bin/bin/cuda-tests" --test-threads=1 2>&1 \
-        | tee "$out/cuda-tests.log" || status=1
-    if grep -q "no CUDA device" "$out/cuda-tests.log"; then
-        echo "the tests found no CUDA device: nothing was compared" >&2
-        status=1
+    if want tests; then
+        echo "== CUDA kernel tests (each kernel against the CPU, f32 1e-5, f64 1e-12, with gradients)"
+        timeout "${T_TESTS:-150}" "$bin/bin/cuda-tests" --test-threads=1 2>&1 \
+            | tee "$out/cuda-tests.log" || status=1
+        if grep -q "no CUDA device" "$out/cuda-tests.log"; then
+            echo "the tests found no CUDA device: nothing was compared" >&2
+            status=1
+        fi
     fi
-    if [ "${SANITIZE:-0}" = 1 ] && command -v compute-sanitizer >/dev/null; then
+    if want tests && [ "${SANITIZE:-0}" = 1 ] && command -v compute-sanitizer >/dev/null; then
         echo "== the same tests under compute-sanitizer (memcheck)"
         timeout "${T_TESTS:-150}" compute-sanitizer --tool memcheck "$bin/bin/cuda-tests" \
             --test-threads=1 > "$out/sanitizer.log" 2>&1 || status=1
         tail -n 5 "$out/sanitizer.log"
     fi
-    echo "== EquiformerV2 on the GPU against the CPU (same weights: outputs and every weight gradient)"
-    local c
-    for c in small eqv2-s; do
-        timeout "${T_CHECK:-90}" "$bin/bin/equiformer-v2-bench" check --config "$c" --device cuda \
-            2>&1 | tee -a "$out/eqv2-check.log" || status=1
-    done
-    echo "== bench kernels --device cuda, with the e3nn / PyTorch reference"
-    timeout "${T_BENCH:-180}" "$bin/bin/xtask" bench kernels --device cuda --reference \
-        --python python3 --out "$work/bench-kernels-cuda0.json" 2>&1 \
-        | tee "$out/bench-kernels.log" || status=1
-    if [ -f "$STAGE/fairchem-src.tar.xz" ]; then
+    if want check; then
+        echo "== EquiformerV2 on the GPU against the CPU (same weights: outputs and every weight gradient)"
+        local c
+        for c in small eqv2-s; do
+            timeout "${T_CHECK:-90}" "$bin/bin/equiformer-v2-bench" check --config "$c" \
+                --device cuda 2>&1 | tee -a "$out/eqv2-check.log" || status=1
+        done
+    fi
+    if want bench; then
+        echo "== bench kernels --device cuda, with the e3nn / PyTorch reference"
+        timeout "${T_BENCH:-180}" "$bin/bin/xtask" bench kernels --device cuda --reference \
+            --python python3 --out "$work/bench-kernels-cuda0.json" 2>&1 \
+            | tee "$out/bench-kernels.log" || status=1
+    fi
+    if ! want eqv2; then
+        :
+    elif [ -f "$STAGE/fairchem-src.tar.xz" ]; then
         echo "== EquiformerV2 forward and forward+backward on the GPU, matscale against fairchem"
         local fc=/tmp/matscale-fairchem
         rm -rf "$fc" && mkdir -p "$fc"
@@ -189,10 +208,12 @@ PY
     else
         echo "== EquiformerV2 against fairchem: skipped (no fairchem sources staged)"
     fi
-    echo "== a short SchNet training run on the GPU (EMT-labelled alloys)"
-    timeout "${T_TRAIN:-60}" "$bin/bin/xtask" train --model schnet --size 1e5 --data emt \
-        --emt-structures 64 --epochs 2 --device cuda --out "$work/schnet-run" 2>&1 \
-        | tail -n 20 | tee "$out/train.log" || status=1
+    if want train; then
+        echo "== a short SchNet training run on the GPU (EMT-labelled alloys)"
+        timeout "${T_TRAIN:-60}" "$bin/bin/xtask" train --model schnet --size 1e5 --data emt \
+            --emt-structures 64 --epochs 2 --device cuda --out "$work/schnet-run" 2>&1 \
+            | tail -n 20 | tee "$out/train.log" || status=1
+    fi
     cp "$out"/*.log "$out"/preflight.txt "$work"/ 2>/dev/null || true
     tar -C "$(dirname "$work")" -czf "$out/results.tar.gz" "$(basename "$work")"
     echo "results in $out (status $status)"

@@ -326,6 +326,14 @@ fn bench_config(
         rotate_inv(y.as_tensor(), &wigner, layout)?;
         Ok(())
     })?;
+    // A fresh zeroed tensor of the rotation's output size, dropped again: the floor under every
+    // op that returns a new tensor of that size. On CUDA it shows what allocation costs after a
+    // synchronisation (candle allocates from the driver's stream-ordered pool, which by default
+    // unmaps freed memory at every synchronisation); on the CPU, the allocator and page faults.
+    b.record("alloc_output", "fwd", key, e * tr * cf * F32, 0.0, || {
+        drop(Tensor::zeros((edges, trunc, c), DType::F32, &dev)?);
+        Ok(())
+    })?;
 
     // The fused rotate → SO(2) convolution → rotate back layer.
     let varmap = VarMap::new();
