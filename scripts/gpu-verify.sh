@@ -25,7 +25,7 @@
 # GPU machine; default /tmp/fairchem, see equiformer_v2_compare.sh; without it the EquiformerV2
 # comparison is skipped), EQV2_REPS (run: timed repetitions, default 5). Each step of `run` has
 # its own time limit (seconds: T_TESTS 150, T_CHECK 90 per model, T_BENCH 180, T_EQV2 200,
-# T_TRAIN 60) so that one
+# T_TRAIN 60 per model family) so that one
 # hung or slow step cannot eat the lease: the steps after it still run and report. STEPS (run:
 # a comma list of tests, check, bench, eqv2, train; default all) picks steps. STAGE (default
 # target/gpu-stage) names the staged folder, so two builds can travel together for an A/B in one
@@ -209,10 +209,16 @@ PY
         echo "== EquiformerV2 against fairchem: skipped (no fairchem sources staged)"
     fi
     if want train; then
-        echo "== a short SchNet training run on the GPU (EMT-labelled alloys)"
-        timeout "${T_TRAIN:-60}" "$bin/bin/xtask" train --model schnet --size 1e5 --data emt \
-            --emt-structures 64 --epochs 2 --device cuda --out "$work/schnet-run" 2>&1 \
-            | tail -n 20 | tee "$out/train.log" || status=1
+        # Every model family through the trainer on the GPU (EMT-labelled alloys, two epochs).
+        local m size
+        : > "$out/train.log"
+        for m in schnet:1e5 fcn:4e4 transformer:1.5e5 equiformer_v2:5e4; do
+            size=${m#*:} m=${m%%:*}
+            echo "== $m: a short training run on the GPU (EMT-labelled alloys)" | tee -a "$out/train.log"
+            timeout "${T_TRAIN:-60}" "$bin/bin/xtask" train --model "$m" --size "$size" \
+                --data emt --emt-structures 64 --epochs 2 --device cuda \
+                --out "$work/train-$m" 2>&1 | tail -n 4 | tee -a "$out/train.log" || status=1
+        done
     fi
     cp "$out"/*.log "$out"/preflight.txt "$work"/ 2>/dev/null || true
     tar -C "$(dirname "$work")" -czf "$out/results.tar.gz" "$(basename "$work")"
