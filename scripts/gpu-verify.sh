@@ -187,6 +187,10 @@ PY
             timeout "${T_CHECK:-90}" "$bin/bin/equiformer-v2-bench" check --config "$c" \
                 --device cuda 2>&1 | tee -a "$out/eqv2-check.log" || status=1
         done
+        # Conservative forces: differentiable frames and second derivatives on the GPU.
+        timeout "${T_CHECK:-90}" "$bin/bin/equiformer-v2-bench" check --config tiny \
+            --forces conservative --structures 2 --device cuda 2>&1 \
+            | tee -a "$out/eqv2-check.log" || status=1
     fi
     if want bench; then
         echo "== bench kernels --device cuda, with the e3nn / PyTorch reference"

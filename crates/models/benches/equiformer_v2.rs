@@ -13,9 +13,10 @@
 //!   peak RSS is that measurement's. With `--device cuda` (a `cuda` build with a GPU; otherwise
 //!   one line says why and it runs on the CPU) each repetition ends with a device
 //!   synchronisation; the GPU's peak memory is not measured (`peak_device_bytes`: null).
-//! * `equiformer_v2 check --config small|eqv2-s [--device cuda] [--tolerance 1e-3]`: the same
-//!   model (same seeded weights, zero frame roll) on the CPU and on the device: energy, forces,
-//!   stress and every weight gradient of the forward+backward loss, compared as
+//! * `equiformer_v2 check --config small|eqv2-s|tiny [--forces direct|conservative]
+//!   [--structures 1..8] [--device cuda] [--tolerance 1e-3]`: the same model (same seeded weights, zero frame roll, normaliser
+//!   included) on the CPU and on the device: energy, forces, stress and every weight gradient
+//!   of the loss `mean(E²) + mean(F²)` (second derivatives with conservative forces), compared as
 //!   `max |device − cpu| / max |cpu|` per tensor. Prints one JSON line with the worst of each
 //!   and exits non-zero above the tolerance (f32: the two sides sum in different orders).
 //! * `equiformer_v2 input PATH`: writes the batch (structures and the edge list with its
@@ -46,7 +47,10 @@ use candle_nn::{VarBuilder, VarMap};
 use criterion::Criterion;
 use matscale_equivariant::device::{select_device, DeviceRequest};
 use matscale_models::equiformer_v2::{EquiformerV2, EquiformerV2Config, FrameRoll};
-use matscale_models::{seeded_var_builder, BatchTensors, ForceMode, Geometry, Model};
+use matscale_models::{
+    seeded_var_builder, AtomisticModel, BatchTensors, ForceMode, Geometry, Model, ModelConfig,
+    ModelSpec,
+};
 use matscale_structures::batch::{GraphBatch, GraphOptions};
 use matscale_structures::generate::AlloyGenerator;
 
@@ -78,17 +82,38 @@ fn config(name: &str) -> BenchResult<EquiformerV2Config> {
             ..EquiformerV2Config::eqv2_s()
         }),
         "eqv2-s" => Ok(EquiformerV2Config::eqv2_s()),
-        other => Err(format!("unknown config {other:?} (small, eqv2-s)").into()),
+        // For the conservative check: second derivatives of eqV2-S-sized layers need tens of
+        // GB even for one cell.
+        "tiny" => Ok(EquiformerV2Config {
+            num_layers: 2,
+            sphere_channels: 16,
+            attn_hidden_channels: 16,
+            num_heads: 2,
+            attn_alpha_channels: 8,
+            attn_value_channels: 8,
+            ffn_hidden_channels: 16,
+            edge_channels: 16,
+            lmax_list: vec![4],
+            mmax_list: vec![2],
+            grid_resolution: 10,
+            ..EquiformerV2Config::eqv2_s()
+        }),
+        other => Err(format!("unknown config {other:?} (small, eqv2-s, tiny)").into()),
     }
 }
 
 fn batch(config: &EquiformerV2Config) -> BenchResult<GraphBatch> {
+    batch_of(config, STRUCTURES)
+}
+
+/// The first `structures` cells of the benchmark batch.
+fn batch_of(config: &EquiformerV2Config, structures: u64) -> BenchResult<GraphBatch> {
     let generator = AlloyGenerator {
         seed: SEED,
         ..AlloyGenerator::default()
     }
     .check()?;
-    let structures = generator.generate(0..STRUCTURES);
+    let structures = generator.generate(0..structures);
     let options = GraphOptions {
         cutoff: config.max_radius,
         max_neighbors: Some(config.max_neighbors),
@@ -295,20 +320,30 @@ struct Evaluated {
     grads: Vec<(String, Option<Tensor>)>,
 }
 
-fn evaluate(name: &str, device: &Device) -> BenchResult<Evaluated> {
+/// The model of `name` through [`AtomisticModel`] (normaliser included) with `forces` as its
+/// force mode; conservative forces are energy gradients, so the loss's weight gradients are
+/// second derivatives.
+fn evaluate(
+    name: &str,
+    device: &Device,
+    forces: ForceMode,
+    structures: u64,
+) -> BenchResult<Evaluated> {
     let config = EquiformerV2Config {
         frame_roll: FrameRoll::Zero,
         ..config(name)?
     };
-    let b = batch(&config)?;
+    let b = batch_of(&config, structures)?;
     let varmap = VarMap::new();
     let vb = seeded_var_builder(&varmap, 7, DType::F32, device);
-    let net = EquiformerV2::new(&config, ForceMode::Direct, vb)?;
+    let spec = ModelSpec {
+        model: ModelConfig::EquiformerV2(config),
+        force_mode: forces,
+    };
+    let model = AtomisticModel::new(&spec, vb.clone(), vb)?;
     let tensors = BatchTensors::new(&b, DType::F32, device)?;
-    let geometry = Geometry::of(&tensors)?;
-    let out = net.forward(&tensors, &geometry, false)?;
-    let forces = out.forces.ok_or("direct forces missing")?;
-    let stress = out.stress.ok_or("direct stress missing")?;
+    let out = model.predict(&tensors, false)?;
+    let (forces, stress) = (out.forces, out.stress);
     let loss = (out.energy.sqr()?.mean_all()? + forces.sqr()?.mean_all()?)?;
     let store = loss.backward()?;
     let mut vars: Vec<(String, candle_core::Var)> = varmap
@@ -339,17 +374,27 @@ fn check(args: &[String]) -> BenchResult<()> {
     let mut name = "small".to_string();
     let mut request = DeviceRequest::Cpu;
     let mut tolerance = 1e-3;
+    let mut force_mode = ForceMode::Direct;
+    let mut structures = STRUCTURES;
     for (flag, value) in flag_values(args)? {
         match flag {
             "--config" => name = value.to_string(),
+            "--forces" => force_mode = value.parse()?,
+            "--structures" => structures = value.parse()?,
             "--device" => request = value.parse()?,
             "--tolerance" => tolerance = value.parse()?,
             other => return Err(format!("unknown option {other}").into()),
         }
     }
+    if !(1..=STRUCTURES).contains(&structures) {
+        return Err(format!("--structures must be 1..={STRUCTURES}").into());
+    }
+    if force_mode == ForceMode::Conservative {
+        matscale_models::enable_higher_order_gradients()?;
+    }
     let selected = select_device(request);
-    let cpu = evaluate(&name, &Device::Cpu)?;
-    let dev = evaluate(&name, &selected.device)?;
+    let cpu = evaluate(&name, &Device::Cpu, force_mode, structures)?;
+    let dev = evaluate(&name, &selected.device, force_mode, structures)?;
     let energy = relative_error(&dev.energy, &cpu.energy)?;
     let forces = relative_error(&dev.forces, &cpu.forces)?;
     let stress = relative_error(&dev.stress, &cpu.stress)?;
@@ -372,7 +417,8 @@ fn check(args: &[String]) -> BenchResult<()> {
         .all(|&e| e <= tolerance)
         && missing.is_empty();
     println!(
-        "{{\"check\": \"{name}\", \"device\": \"{}\", \"energy\": {energy:e}, \
+        "{{\"check\": \"{name}\", \"force_mode\": \"{force_mode:?}\", \"structures\": {structures}, \"device\": \"{}\", \
+         \"energy\": {energy:e}, \
          \"forces\": {forces:e}, \"stress\": {stress:e}, \"worst_gradient\": {worst:e}, \
          \"worst_gradient_of\": \"{worst_name}\", \"gradients\": {}, \
          \"missing_gradients\": {missing:?}, \"tolerance\": {tolerance:e}, \"ok\": {ok}}}",
