@@ -357,14 +357,15 @@ fn evaluate(
     let grads = vars
         .into_iter()
         .map(|(k, v)| {
-            let g = store.get(v.as_tensor()).cloned();
+            // Detached: with higher-order gradients on, each would keep the whole graph alive.
+            let g = store.get(v.as_tensor()).map(Tensor::detach);
             (k, g)
         })
         .collect();
     Ok(Evaluated {
-        energy: out.energy,
-        forces,
-        stress,
+        energy: out.energy.detach(),
+        forces: forces.detach(),
+        stress: stress.detach(),
         grads,
     })
 }
