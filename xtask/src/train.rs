@@ -47,7 +47,7 @@ pub struct TrainArgs {
     /// Target parameter count on the family's size ladder (e.g. 1e5).
     #[arg(long)]
     size: Option<f64>,
-    /// Named preset of the family.
+    /// Named preset of the family (`NAME` with --model, or `FAMILY/NAME` as --list-presets prints it).
     #[arg(long)]
     preset: Option<String>,
     /// List the model presets and their parameter counts, then exit.
@@ -132,16 +132,32 @@ fn resolve(args: &TrainArgs) -> anyhow::Result<RunConfig> {
         }
         None => RunConfig::default(),
     };
-    if let Some(f) = args.model {
+    // `--preset family/name`, as `--list-presets` prints them, also names the family.
+    let (mut model, mut preset) = (args.model, args.preset.clone());
+    if let Some((prefix, name)) = args.preset.as_deref().and_then(|p| p.split_once('/')) {
+        let family: Family = prefix
+            .parse()
+            .with_context(|| format!("--preset {prefix}/{name}"))?;
+        if let Some(m) = model.filter(|&m| m != family) {
+            anyhow::bail!(
+                "--preset {prefix}/{name} is a {} preset, but --model is {}",
+                family.name(),
+                m.name()
+            );
+        }
+        model = Some(family);
+        preset = Some(name.to_string());
+    }
+    if let Some(f) = model {
         if run.model.config.as_ref().is_some_and(|c| c.family() != f) {
             run.model.config = None;
         }
         run.model.family = Some(f);
     }
-    if args.size.is_some() || args.preset.is_some() {
+    if args.size.is_some() || preset.is_some() {
         run.model.config = None;
         run.model.size = args.size;
-        run.model.preset = args.preset.clone();
+        run.model.preset = preset;
     }
     if run.model.family.is_none() && run.model.config.is_none() {
         anyhow::bail!("no model: give --model FAMILY (fcn, transformer, schnet, equiformer_v2) or a [model] section in --config");
@@ -334,4 +350,55 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     );
     println!("wrote {}", out.join("result.json").display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::{resolve, TrainArgs};
+    use matscale_models::Family;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: TrainArgs,
+    }
+
+    fn run(flags: &[&str]) -> anyhow::Result<matscale_trainer::run::RunConfig> {
+        let cli = Cli::try_parse_from(std::iter::once("train").chain(flags.iter().copied()))?;
+        resolve(&cli.args)
+    }
+
+    #[test]
+    fn presets_may_carry_their_family() -> anyhow::Result<()> {
+        let both = run(&["--model", "transformer", "--preset", "distance-d96-l3"])?;
+        let prefixed = run(&["--preset", "transformer/distance-d96-l3"])?;
+        for run in [&both, &prefixed] {
+            assert_eq!(run.model.family, Some(Family::Transformer));
+            assert_eq!(run.model.preset.as_deref(), Some("distance-d96-l3"));
+        }
+        let err = run(&[
+            "--model",
+            "schnet",
+            "--preset",
+            "transformer/distance-d96-l3",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("is a transformer preset, but --model is schnet"),
+            "{err}"
+        );
+        let err = format!("{:#}", run(&["--preset", "foo/bar"]).unwrap_err());
+        assert!(
+            err.contains("--preset foo/bar") && err.contains("`foo`"),
+            "{err}"
+        );
+        let err = run(&["--preset", "distance-d96-l3"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no model"), "{err}");
+        Ok(())
+    }
 }

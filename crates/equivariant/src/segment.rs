@@ -322,6 +322,17 @@ impl Segments {
         })?)
     }
 
+    /// `src.index_select(index, 0)` where `index` is this grouping's index as a tensor: candle's
+    /// `index_select` on the CPU and for dtypes other than f32 and f64, [`Self::gather`]
+    /// elsewhere (its backward is a segment sum, not candle's CUDA `index_add`; see
+    /// [`gather_rows`], which builds the grouping from the tensor on every call).
+    pub fn select_rows(&self, src: &Tensor, index: &Tensor) -> Result<Tensor> {
+        if src.device().is_cpu() || !matches!(src.dtype(), DType::F32 | DType::F64) {
+            return Ok(src.index_select(index, 0)?);
+        }
+        self.gather(src)
+    }
+
     /// Softmax over the items of each segment, per trailing column: `[E, ...] → [E, ...]`.
     pub fn softmax(&self, src: &Tensor) -> Result<Tensor> {
         self.check(src, self.num_items(), "src", "items")?;

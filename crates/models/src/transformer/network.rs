@@ -3,9 +3,10 @@
 use candle_core::{DType, Module, Tensor, D};
 use candle_nn::{Embedding, Linear, VarBuilder};
 use matscale_equivariant::norms::LayerNorm;
+use matscale_equivariant::segment::Segments;
 
 use super::TransformerConfig;
-use crate::batch::{BatchShape, BatchTensors, Geometry};
+use crate::batch::{BatchShape, BatchTensors, Geometry, Grouping};
 use crate::error::Result;
 use crate::flops::{FlopCounter, LAYER_NORM, SOFTMAX, TRANSCENDENTAL};
 use crate::heads::{count_edge_heads, edge_forces, edge_stress, voigt_to_matrix, MlpHead};
@@ -89,6 +90,9 @@ struct Padding {
     gather: Tensor,
     /// `[N]`: slot of each node.
     scatter: Tensor,
+    /// `gather` and `scatter` as host groupings (for [`Segments::select_rows`]).
+    gather_groups: Segments,
+    scatter_groups: Segments,
     /// `[B, 1, 1, M]`: 1 for real keys, 0 for padding.
     key_mask: Tensor,
     /// `[B, 1, 1, M]`: 0 for real keys, [`MASKED_LOGIT`] for padding.
@@ -115,6 +119,8 @@ impl Padding {
         let key_bias = ((&key_mask - 1.0)? * -MASKED_LOGIT)?;
         Ok(Self {
             width,
+            gather_groups: Segments::from_indices(&gather, n + 1)?,
+            scatter_groups: Segments::from_indices(&scatter, b * width)?,
             gather: Tensor::from_vec(gather, b * width, device)?,
             scatter: Tensor::from_vec(scatter, n, device)?,
             key_mask,
@@ -125,12 +131,13 @@ impl Padding {
     /// `[N, w]` → `[B·M, w]` with zero rows for padding.
     fn pad(&self, x: &Tensor) -> Result<Tensor> {
         let zero = Tensor::zeros((1, x.dim(1)?), x.dtype(), x.device())?;
-        Ok(Tensor::cat(&[x, &zero], 0)?.index_select(&self.gather, 0)?)
+        let padded = Tensor::cat(&[x, &zero], 0)?;
+        Ok(self.gather_groups.select_rows(&padded, &self.gather)?)
     }
 
     /// `[B·M, w]` → `[N, w]`.
     fn unpad(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.index_select(&self.scatter, 0)?)
+        Ok(self.scatter_groups.select_rows(x, &self.scatter)?)
     }
 }
 
@@ -142,6 +149,8 @@ struct Radial {
     envelope: Tensor,
     /// Slot pair `(s·M + i)·M + j` of each edge `j → i`, `[E]` u32.
     pair: Tensor,
+    /// The edges grouped by slot pair (host CSR), for the scatter of the attention bias.
+    pair_groups: Segments,
 }
 
 /// GELU in its tanh form, `½x(1 + tanh u) = x·σ(2u)` with `u = √(2/π)(x + 0.044715 x³)`,
@@ -358,14 +367,21 @@ impl Transformer {
                 row[node] = ((s * m + local) * m) as u32;
             }
         }
-        let slot = Tensor::from_vec(slot, n, batch.device())?;
-        let row = Tensor::from_vec(row, n, batch.device())?;
-        let pair =
-            (row.index_select(&batch.edge_dst, 0)? + slot.index_select(&batch.edge_src, 0)?)?;
+        let groups = &batch.groups;
+        let pair: Vec<u32> = groups
+            .edges_by_target
+            .segment_of()
+            .iter()
+            .zip(groups.edges_by_source.segment_of())
+            .map(|(&dst, &src)| row[dst as usize] + slot[src as usize])
+            .collect();
+        let pair_groups = Segments::from_indices(&pair, batch.n_structures() * m * m)?;
+        let pair = Tensor::from_vec(pair, e, batch.device())?;
         Ok(Radial {
             basis: basis.to_dtype(self.dtype)?,
             envelope: envelope.to_dtype(self.dtype)?,
             pair,
+            pair_groups,
         })
     }
 
@@ -379,11 +395,17 @@ impl Transformer {
     ) -> Result<Tensor> {
         let (b, m, heads) = (batch.n_structures(), padding.width, self.config.heads);
         let per_edge = linear(layer, &radial.basis)?.broadcast_mul(&radial.envelope)?; // [E, H]
-        let dense = Tensor::zeros((b * m * m, heads), self.dtype, batch.device())?.index_add(
-            &radial.pair,
-            &per_edge,
-            0,
-        )?;
+                                                                                       // A segment sum (deterministic, and fast on a GPU, where candle's index_add walks every
+                                                                                       // edge in each of the H threads); candle's index_add for the half types.
+        let dense = if matches!(self.dtype, DType::F32 | DType::F64) {
+            radial.pair_groups.sum(&per_edge)?
+        } else {
+            Tensor::zeros((b * m * m, heads), self.dtype, batch.device())?.index_add(
+                &radial.pair,
+                &per_edge,
+                0,
+            )?
+        };
         Ok(dense
             .reshape((b, m, m, heads))?
             .permute((0, 3, 1, 2))?
@@ -477,8 +499,8 @@ impl EdgeHead {
         let w_src = self.first_weight.narrow(1, 0, d)?.contiguous()?;
         let w_dst = self.first_weight.narrow(1, d, d)?.contiguous()?;
         let w_rbf = self.first_weight.narrow(1, 2 * d, k)?.contiguous()?;
-        let src = x.matmul(&w_src.t()?)?.index_select(&batch.edge_src, 0)?;
-        let dst = x.matmul(&w_dst.t()?)?.index_select(&batch.edge_dst, 0)?;
+        let src = batch.gather_by(Grouping::EdgesBySource, &x.matmul(&w_src.t()?)?)?;
+        let dst = batch.gather_by(Grouping::EdgesByTarget, &x.matmul(&w_dst.t()?)?)?;
         let ones = Tensor::ones((radial.basis.dim(0)?, 1), x.dtype(), x.device())?;
         let rbf =
             (radial.basis.matmul(&w_rbf.t()?)? + ones.matmul(&self.first_bias.unsqueeze(0)?)?)?;
