@@ -79,6 +79,7 @@ use candle_core::{DType, Module, Tensor};
 use candle_nn::init::{FanInOut, NonLinearity, NormalOrUniform};
 use candle_nn::{Init, Linear, VarBuilder};
 use matscale_equivariant::norms::LayerNorm;
+use matscale_equivariant::segment::gather_rows;
 use serde::{Deserialize, Serialize};
 
 use crate::batch::{BatchShape, BatchTensors, Geometry};
@@ -473,10 +474,12 @@ impl Model for Fcn {
             .collect();
         let numbers = Tensor::from_vec(numbers, rows, device)?;
         let source = Tensor::from_slice(&layout.source_atom, rows, device)?;
-        let embedded = self.embedding.index_select(&numbers, 0)?;
+        let embedded = gather_rows(&self.embedding, &numbers)?;
         let positions = geometry.positions.to_dtype(dtype)?;
-        let positions = Tensor::cat(&[&positions, &Tensor::zeros((1, 3), dtype, device)?], 0)?
-            .index_select(&source, 0)?;
+        let positions = gather_rows(
+            &Tensor::cat(&[&positions, &Tensor::zeros((1, 3), dtype, device)?], 0)?,
+            &source,
+        )?;
         let x = Tensor::cat(&[&embedded, &positions], 1)?;
 
         let mut x = self.input.forward(&x)?;
@@ -495,7 +498,7 @@ impl Model for Fcn {
         let (forces, stress) = match (&self.force_head, &self.stress_head) {
             (Some(force_head), Some(stress_head)) => {
                 let slots = Tensor::from_slice(&layout.slot_of_atom, n, device)?;
-                let forces = force_head.forward(&x)?.index_select(&slots, 0)?;
+                let forces = gather_rows(&force_head.forward(&x)?, &slots)?;
                 let inverse_counts: Vec<f64> = batch
                     .node_ptr
                     .windows(2)

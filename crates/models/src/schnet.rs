@@ -70,6 +70,7 @@
 use candle_core::{Module, Tensor, D};
 use candle_nn::{Init, Linear, VarBuilder};
 use matscale_equivariant::radial::GaussianSmearing;
+use matscale_equivariant::segment::gather_rows;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -713,7 +714,7 @@ impl Model for SchNet {
         _train: bool,
     ) -> Result<RawOutput> {
         let edges = self.edge_features(geometry)?;
-        let mut h = self.embedding.index_select(&batch.numbers, 0)?;
+        let mut h = gather_rows(&self.embedding, &batch.numbers)?;
         for block in &self.interactions {
             h = (&h + block.forward(&h, &edges, batch)?)?;
         }
@@ -738,8 +739,8 @@ impl Model for SchNet {
             }
             Some(head) => {
                 let a = head.node.forward(&h)?;
-                let pre = ((a.index_select(&batch.edge_src, 0)?
-                    + a.index_select(&batch.edge_dst, 0)?)?
+                let pre = ((batch.gather_by(Grouping::EdgesBySource, &a)?
+                    + batch.gather_by(Grouping::EdgesByTarget, &a)?)?
                     + head.radial.forward(&edges.rbf)?)?;
                 let weights = head
                     .out
