@@ -72,6 +72,14 @@ PY
     done
 }
 
+# Unpacks the staged fairchem sources and prints their folder.
+unpack_fairchem() {
+    local fc=/tmp/matscale-fairchem
+    rm -rf "$fc" && mkdir -p "$fc"
+    tar -C "$fc" -xJf "$STAGE/fairchem-src.tar.xz"
+    echo "$fc"
+}
+
 # Where the time of one EquiformerV2 step goes on the GPU: every kernel of one forward and one
 # forward+backward of matscale under Nsight Compute (device time per kernel name, one metric,
 # no replay), the wall time of each, and fairchem's step under torch.profiler, into OUTDIR.
@@ -84,9 +92,8 @@ profile() {
     ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n 1)
     local input=/tmp/matscale-eqv2-input.json
     "$bin/bin/equiformer-v2-bench" input "$input"
-    local fc=/tmp/matscale-fairchem
-    rm -rf "$fc" && mkdir -p "$fc"
-    tar -C "$fc" -xJf "$STAGE/fairchem-src.tar.xz"
+    local fc
+    fc=$(unpack_fairchem)
     local c p
     for c in ${PROFILE_CONFIGS:-eqv2-s}; do
         for p in forward forward_backward; do
@@ -202,9 +209,8 @@ PY
         :
     elif [ -f "$STAGE/fairchem-src.tar.xz" ]; then
         echo "== EquiformerV2 forward and forward+backward on the GPU, matscale against fairchem"
-        local fc=/tmp/matscale-fairchem
-        rm -rf "$fc" && mkdir -p "$fc"
-        tar -C "$fc" -xJf "$STAGE/fairchem-src.tar.xz"
+        local fc
+        fc=$(unpack_fairchem)
         BIN="$bin/bin/equiformer-v2-bench" FAIRCHEM="$fc" PYTHON=python3 \
             OUT="$work/equiformer_v2.jsonl" timeout "${T_EQV2:-200}" \
             crates/models/benches/equiformer_v2_compare.sh --device cuda \

@@ -47,7 +47,8 @@ pub struct TrainArgs {
     /// Target parameter count on the family's size ladder (e.g. 1e5).
     #[arg(long)]
     size: Option<f64>,
-    /// Named preset of the family (`NAME` with --model, or `FAMILY/NAME` as --list-presets prints it).
+    /// Named preset of the family (`NAME` with --model, or `FAMILY/NAME` as --list-presets
+    /// prints it).
     #[arg(long)]
     preset: Option<String>,
     /// List the model presets and their parameter counts, then exit.

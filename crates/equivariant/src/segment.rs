@@ -327,10 +327,30 @@ impl Segments {
     /// elsewhere (its backward is a segment sum, not candle's CUDA `index_add`; see
     /// [`gather_rows`], which builds the grouping from the tensor on every call).
     pub fn select_rows(&self, src: &Tensor, index: &Tensor) -> Result<Tensor> {
-        if src.device().is_cpu() || !matches!(src.dtype(), DType::F32 | DType::F64) {
+        if gathers_with_index_select(src) {
             return Ok(src.index_select(index, 0)?);
         }
         self.gather(src)
+    }
+
+    /// `zeros([S, ...]).index_add(index, src, 0)` where `index` is this grouping's index as a
+    /// tensor: [`Self::sum`] for f32 and f64 on every device (deterministic, parallel on the
+    /// CPU, and on a GPU free of candle's `index_add`, which walks every row in each column's
+    /// thread), candle's `index_add` for the other dtypes (zeros without items, which
+    /// `index_add` rejects).
+    pub fn scatter_sum(&self, src: &Tensor, index: &Tensor) -> Result<Tensor> {
+        if matches!(src.dtype(), DType::F32 | DType::F64) {
+            return self.sum(src);
+        }
+        let mut shape = src.dims().to_vec();
+        if let Some(rows) = shape.first_mut() {
+            *rows = self.num_segments();
+        }
+        let zeros = Tensor::zeros(shape, src.dtype(), src.device())?;
+        if self.num_items() == 0 {
+            return Ok(zeros);
+        }
+        Ok(zeros.index_add(index, &src.contiguous()?, 0)?)
     }
 
     /// Softmax over the items of each segment, per trailing column: `[E, ...] → [E, ...]`.
@@ -359,10 +379,16 @@ pub fn segment_sum(src: &Tensor, index: &Tensor, num_segments: usize) -> Result<
 /// # Errors
 /// `index` is not a `[E]` integer tensor with values below `src.dim(0)`.
 pub fn gather_rows(src: &Tensor, index: &Tensor) -> Result<Tensor> {
-    if src.device().is_cpu() || !matches!(src.dtype(), DType::F32 | DType::F64) {
+    if gathers_with_index_select(src) {
         return Ok(src.index_select(index, 0)?);
     }
     Segments::new(index, src.dim(0)?)?.gather(src)
+}
+
+/// Whether [`gather_rows`] and [`Segments::select_rows`] keep candle's `index_select` for
+/// `src`: on the CPU (where its backward is fine) and for dtypes the segment ops lack.
+fn gathers_with_index_select(src: &Tensor) -> bool {
+    src.device().is_cpu() || !matches!(src.dtype(), DType::F32 | DType::F64)
 }
 
 /// Softmax over the items sharing an `index` (`[E]`); see [`Segments::softmax`].

@@ -14,10 +14,11 @@
 //!   one line says why and it runs on the CPU) each repetition ends with a device
 //!   synchronisation; the GPU's peak memory is not measured (`peak_device_bytes`: null).
 //! * `equiformer_v2 check --config small|eqv2-s|tiny [--forces direct|conservative]
-//!   [--structures 1..8] [--device cuda] [--tolerance 1e-3]`: the same model (same seeded weights, zero frame roll, normaliser
-//!   included) on the CPU and on the device: energy, forces, stress and every weight gradient
-//!   of the loss `mean(E²) + mean(F²)` (second derivatives with conservative forces), compared as
-//!   `max |device − cpu| / max |cpu|` per tensor. Prints one JSON line with the worst of each
+//!   [--structures 1..8] [--device cuda] [--tolerance 1e-3]`: the same model (same seeded
+//!   weights, zero frame roll, normaliser included) on the CPU and on the device: energy,
+//!   forces, stress and every weight gradient of the loss `mean(E²) + mean(F²)` (second
+//!   derivatives with conservative forces), compared as `max |device − cpu| / max |cpu|` per
+//!   tensor. Prints one JSON line with the worst of each
 //!   and exits non-zero above the tolerance (f32: the two sides sum in different orders).
 //! * `equiformer_v2 input PATH`: writes the batch (structures and the edge list with its
 //!   vectors) as JSON for `equiformer_v2_fairchem.py`, so both sides run on the same graph.
@@ -320,13 +321,12 @@ struct Evaluated {
     grads: Vec<(String, Option<Tensor>)>,
 }
 
-/// The model of `name` through [`AtomisticModel`] (normaliser included) with `forces` as its
-/// force mode; conservative forces are energy gradients, so the loss's weight gradients are
+/// The model of `name` through [`AtomisticModel`] (normaliser included) with `force_mode`; conservative forces are energy gradients, so the loss's weight gradients are
 /// second derivatives.
 fn evaluate(
     name: &str,
     device: &Device,
-    forces: ForceMode,
+    force_mode: ForceMode,
     structures: u64,
 ) -> BenchResult<Evaluated> {
     let config = EquiformerV2Config {
@@ -338,7 +338,7 @@ fn evaluate(
     let vb = seeded_var_builder(&varmap, 7, DType::F32, device);
     let spec = ModelSpec {
         model: ModelConfig::EquiformerV2(config),
-        force_mode: forces,
+        force_mode,
     };
     let model = AtomisticModel::new(&spec, vb.clone(), vb)?;
     let tensors = BatchTensors::new(&b, DType::F32, device)?;
@@ -418,8 +418,8 @@ fn check(args: &[String]) -> BenchResult<()> {
         .all(|&e| e <= tolerance)
         && missing.is_empty();
     println!(
-        "{{\"check\": \"{name}\", \"force_mode\": \"{force_mode:?}\", \"structures\": {structures}, \"device\": \"{}\", \
-         \"energy\": {energy:e}, \
+        "{{\"check\": \"{name}\", \"force_mode\": \"{force_mode:?}\", \
+         \"structures\": {structures}, \"device\": \"{}\", \"energy\": {energy:e}, \
          \"forces\": {forces:e}, \"stress\": {stress:e}, \"worst_gradient\": {worst:e}, \
          \"worst_gradient_of\": \"{worst_name}\", \"gradients\": {}, \
          \"missing_gradients\": {missing:?}, \"tolerance\": {tolerance:e}, \"ok\": {ok}}}",

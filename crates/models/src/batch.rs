@@ -189,8 +189,8 @@ impl BatchTensors {
     /// Sums the rows of `values` (`[E, ...]` or `[N, ...]`) that share an index of
     /// `grouping`: `[N, ...]` or `[B, ...]`, zeros for empty groups; differentiable.
     ///
-    /// f32 and f64 run as a [`Segments::sum`] (a deterministic CSR sum whose backward is a
-    /// gather), other dtypes as candle's `index_add`. On a GPU this matters: candle's CUDA
+    /// [`Segments::scatter_sum`]: f32 and f64 run as a [`Segments::sum`] (a deterministic CSR
+    /// sum whose backward is a gather), other dtypes as candle's `index_add`. On a GPU this matters: candle's CUDA
     /// `index_add` gives each thread one column and walks every row in it (milliseconds for
     /// a force or stress head's 3 or 9 columns).
     ///
@@ -198,24 +198,7 @@ impl BatchTensors {
     /// A first dimension other than the grouping's items.
     pub fn sum_over(&self, grouping: Grouping, values: &Tensor) -> Result<Tensor> {
         let (segments, index) = self.grouping(grouping);
-        if matches!(values.dtype(), DType::F32 | DType::F64) {
-            return Ok(segments.sum(values)?);
-        }
-        let mut shape = values.dims().to_vec();
-        if let Some(rows) = shape.first_mut() {
-            *rows = segments.num_segments();
-        }
-        if segments.num_items() == 0 {
-            // candle's index_add rejects empty sources.
-            return Ok(Tensor::zeros(shape, values.dtype(), values.device())?);
-        }
-        Ok(
-            Tensor::zeros(shape, values.dtype(), values.device())?.index_add(
-                index,
-                &values.contiguous()?,
-                0,
-            )?,
-        )
+        Ok(segments.scatter_sum(values, index)?)
     }
 
     /// The rows of `values` (`[N, ...]` or `[B, ...]`) for every item of `grouping`

@@ -394,18 +394,9 @@ impl Transformer {
         padding: &Padding,
     ) -> Result<Tensor> {
         let (b, m, heads) = (batch.n_structures(), padding.width, self.config.heads);
-        let per_edge = linear(layer, &radial.basis)?.broadcast_mul(&radial.envelope)?; // [E, H]
-                                                                                       // A segment sum (deterministic, and fast on a GPU, where candle's index_add walks every
-                                                                                       // edge in each of the H threads); candle's index_add for the half types.
-        let dense = if matches!(self.dtype, DType::F32 | DType::F64) {
-            radial.pair_groups.sum(&per_edge)?
-        } else {
-            Tensor::zeros((b * m * m, heads), self.dtype, batch.device())?.index_add(
-                &radial.pair,
-                &per_edge,
-                0,
-            )?
-        };
+        // [E, H] summed into the slot pairs [B·M·M, H].
+        let per_edge = linear(layer, &radial.basis)?.broadcast_mul(&radial.envelope)?;
+        let dense = radial.pair_groups.scatter_sum(&per_edge, &radial.pair)?;
         Ok(dense
             .reshape((b, m, m, heads))?
             .permute((0, 3, 1, 2))?
