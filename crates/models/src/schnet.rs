@@ -739,8 +739,11 @@ impl Model for SchNet {
             }
             Some(head) => {
                 let a = head.node.forward(&h)?;
-                let pre = ((batch.gather_by(Grouping::EdgesBySource, &a)?
-                    + batch.gather_by(Grouping::EdgesByTarget, &a)?)?
+                // `gather_rows`, not `gather_by`: on the CPU candle's `index_select`, whose
+                // backward adds both gathers into one gradient in place, as before (separate
+                // segment sums would change the rounding of SchNet's sweeps).
+                let pre = ((gather_rows(&a, &batch.edge_src)?
+                    + gather_rows(&a, &batch.edge_dst)?)?
                     + head.radial.forward(&edges.rbf)?)?;
                 let weights = head
                     .out
