@@ -130,10 +130,12 @@ fn gather_setup(s: &Setup, c: usize, edges: usize) -> GatherSetup {
     GatherSetup {
         nodes: Tensor::randn(0f32, 1., (n, s.layout.num_coefficients(), c), &dev).expect("x"),
         radial: Tensor::randn(0f32, 1., (edges, conv.radial_len()), &dev).expect("radial"),
-        gather: MessageGather::Pair {
-            source: Tensor::new(source.as_slice(), &dev).expect("source"),
-            target: Tensor::new(target.as_slice(), &dev).expect("target"),
-        },
+        gather: MessageGather::pair(
+            &Tensor::new(source.as_slice(), &dev).expect("source"),
+            &Tensor::new(target.as_slice(), &dev).expect("target"),
+            n,
+        )
+        .expect("gather"),
         conv,
     }
 }
@@ -168,8 +170,8 @@ fn gather_unfused(s: &Setup, g: &GatherSetup, x: &Tensor, radial: &Tensor) -> Te
     };
     let msg = Tensor::cat(
         &[
-            &x.index_select(source, 0).expect("source rows"),
-            &x.index_select(target, 0).expect("target rows"),
+            &x.index_select(source.tensor(), 0).expect("source rows"),
+            &x.index_select(target.tensor(), 0).expect("target rows"),
         ],
         2,
     )

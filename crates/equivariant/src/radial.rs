@@ -45,7 +45,7 @@ use crate::activation::{check_float, Float, Function};
 use crate::error::{EquivariantError, Result};
 use crate::float_kernel::{run_float, FloatKernel};
 use crate::norms::LayerNorm;
-use crate::segment::gather_rows;
+use crate::segment::RowIndex;
 
 /// Number of Gaussians EquiformerV2 uses (hard-coded in fairchem, whatever the config says).
 pub const EQUIFORMER_V2_NUM_GAUSSIANS: usize = 600;
@@ -246,17 +246,35 @@ impl RadialFunction {
     /// distance features followed by source and target atom embeddings (tables of one row per
     /// element), so this replaces an `[E, 600 + 2·ec]` concatenation by two `[E, c1]` gathers.
     ///
+    /// The indices are [`RowIndex`]es, grouped once per graph: no call copies anything from
+    /// the device.
+    ///
     /// # Errors
-    /// The widths do not add up to `c0`, or an index is out of range.
+    /// The widths do not add up to `c0`, an index does not index its table's rows, or its
+    /// length is not the dense input's rows.
     pub fn forward_gathered(
         &self,
         dense: &Tensor,
-        gathered: &[(&Tensor, &Tensor)],
+        gathered: &[(&Tensor, &RowIndex)],
     ) -> Result<Tensor> {
+        let edges = dense.dim(0)?;
+        for (table, index) in gathered {
+            let n = table.dim(0)?;
+            if index.rows() != n || index.len() != edges {
+                return Err(EquivariantError::InvalidArgument {
+                    name: "gathered index",
+                    reason: format!(
+                        "{} entries into {} rows, for a table of {n} rows and {edges} dense rows",
+                        index.len(),
+                        index.rows()
+                    ),
+                });
+            }
+        }
         let Some((linear, _)) = self.hidden.first() else {
             let mut parts = vec![dense.clone()];
             for (table, index) in gathered {
-                parts.push(gather_rows(table, index)?);
+                parts.push(index.gather(table)?);
             }
             return linear_bias_folded(&self.last, &Tensor::cat(&parts, 1)?);
         };
@@ -281,7 +299,7 @@ impl RadialFunction {
         for (table, index) in gathered {
             let width = table.dim(1)?;
             let projected = table.matmul(&w.narrow(1, offset, width)?.t()?.contiguous()?)?;
-            h = (h + gather_rows(&projected, index)?)?;
+            h = (h + index.gather(&projected)?)?;
             offset += width;
         }
         if let Some(bias) = linear.bias() {
@@ -296,7 +314,7 @@ impl RadialFunction {
     fn forward_gathered_fused(
         &self,
         dense: &Tensor,
-        gathered: &[(&Tensor, &Tensor)],
+        gathered: &[(&Tensor, &RowIndex)],
     ) -> Result<Option<Tensor>> {
         let applies = dense.device().is_cpu()
             && matches!(dense.dtype(), DType::F32 | DType::F64)
@@ -316,23 +334,10 @@ impl RadialFunction {
         for (table, index) in gathered {
             let width = table.dim(1)?;
             tables.push(table.matmul(&w.narrow(1, offset, width)?.t()?.contiguous()?)?);
-            let index: Vec<u32> = index.to_dtype(DType::U32)?.to_vec1()?;
-            if index.len() != edges {
-                return Err(EquivariantError::ShapeMismatch {
-                    arg: "gathered index",
-                    expected: format!("[{edges}]"),
-                    found: vec![index.len()],
-                });
-            }
-            let n = table.dim(0)?;
-            if let Some(&bad) = index.iter().find(|&&i| i as usize >= n) {
-                return Err(EquivariantError::InvalidArgument {
-                    name: "gathered index",
-                    reason: format!("{bad} out of range for a table of {n} rows"),
-                });
-            }
-            parts.push((rows, index));
-            rows += n;
+            // Checked by `forward_gathered`: `index.len() == edges`, values below the rows.
+            debug_assert_eq!(index.len(), edges);
+            parts.push((rows, index.host().to_vec()));
+            rows += table.dim(0)?;
             offset += width;
         }
         let dtype = dense.dtype();
@@ -502,13 +507,17 @@ mod tests {
             let dense = random_tensor(&[edges, 10], DType::F64, 31)?.to_dtype(dtype)?;
             let a = candle_core::Var::from_tensor(&random_tensor(&[4, 3], dtype, 32)?)?;
             let b = candle_core::Var::from_tensor(&random_tensor(&[5, 2], dtype, 33)?)?;
-            let ia = Tensor::new(index(4, 1).as_slice(), &Device::Cpu)?;
-            let ib = Tensor::new(index(5, 3).as_slice(), &Device::Cpu)?;
+            let ia = RowIndex::new(&Tensor::new(index(4, 1).as_slice(), &Device::Cpu)?, 4)?;
+            let ib = RowIndex::new(&Tensor::new(index(5, 3).as_slice(), &Device::Cpu)?, 5)?;
             let (ta, tb) = (a.as_tensor(), b.as_tensor());
             let fused =
                 pool.install(|| radial.forward_gathered(&dense, &[(ta, &ia), (tb, &ib)]))?;
             let cat = Tensor::cat(
-                &[&dense, &ta.index_select(&ia, 0)?, &tb.index_select(&ib, 0)?],
+                &[
+                    &dense,
+                    &ta.index_select(ia.tensor(), 0)?,
+                    &tb.index_select(ib.tensor(), 0)?,
+                ],
                 1,
             )?;
             let reference = radial.forward(&cat)?;
@@ -527,10 +536,17 @@ mod tests {
                 let t = var.as_tensor();
                 close(g1.get(t).unwrap(), g2.get(t).unwrap(), name);
             }
-            let bad = Tensor::new(index(6, 0).as_slice(), &Device::Cpu)?;
-            assert!(radial
+            // An index into 6 rows for a table of 4; an index of another length.
+            let bad = RowIndex::new(&Tensor::new(index(6, 0).as_slice(), &Device::Cpu)?, 6)?;
+            let err = radial
                 .forward_gathered(&dense, &[(ta, &bad), (tb, &ib)])
-                .is_err());
+                .unwrap_err();
+            assert!(err.to_string().contains("table of 4 rows"), "{err}");
+            let short = RowIndex::new(&Tensor::new(&[0u32, 1], &Device::Cpu)?, 4)?;
+            let err = radial
+                .forward_gathered(&dense, &[(ta, &short), (tb, &ib)])
+                .unwrap_err();
+            assert!(err.to_string().contains("700 dense rows"), "{err}");
         }
         Ok(())
     }
@@ -545,12 +561,16 @@ mod tests {
         let dense = candle_core::Var::from_tensor(&random_tensor(&[7, 6], DType::F64, 21)?)?;
         let a = candle_core::Var::from_tensor(&random_tensor(&[4, 2], DType::F64, 22)?)?;
         let b = candle_core::Var::from_tensor(&random_tensor(&[5, 3], DType::F64, 23)?)?;
-        let ia = Tensor::new(&[0u32, 3, 3, 1, 2, 0, 1], &Device::Cpu)?;
-        let ib = Tensor::new(&[4u32, 0, 1, 1, 2, 3, 4], &Device::Cpu)?;
+        let ia = RowIndex::new(&Tensor::new(&[0u32, 3, 3, 1, 2, 0, 1], &Device::Cpu)?, 4)?;
+        let ib = RowIndex::new(&Tensor::new(&[4u32, 0, 1, 1, 2, 3, 4], &Device::Cpu)?, 5)?;
         let (ta, tb, td) = (a.as_tensor(), b.as_tensor(), dense.as_tensor());
         let fast = radial.forward_gathered(td, &[(ta, &ia), (tb, &ib)])?;
         let cat = Tensor::cat(
-            &[td, &ta.index_select(&ia, 0)?, &tb.index_select(&ib, 0)?],
+            &[
+                td,
+                &ta.index_select(ia.tensor(), 0)?,
+                &tb.index_select(ib.tensor(), 0)?,
+            ],
             1,
         )?;
         let reference = radial.forward(&cat)?;

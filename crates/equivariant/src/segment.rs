@@ -385,6 +385,120 @@ pub fn gather_rows(src: &Tensor, index: &Tensor) -> Result<Tensor> {
     Segments::new(index, src.dim(0)?)?.gather(src)
 }
 
+/// A row index (`[E]`, u32, values below [`Self::rows`]) on its device together with its
+/// host grouping ([`Segments`]), made once per graph and shared (cheaply cloned) by every
+/// gather and sum over it.
+///
+/// [`gather_rows`] and [`segment_sum`] group their index anew on every call, which on a GPU
+/// copies it to the host and so waits for every queued kernel. A model that gathers by the
+/// same index in every layer (EquiformerV2's messages and radial embeddings) builds a
+/// `RowIndex` per batch instead, from the host copy the batch already has
+/// ([`Self::from_segments`]), and its layers never synchronise with the device.
+///
+/// # Example
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use matscale_equivariant::segment::{RowIndex, Segments};
+///
+/// # fn main() -> matscale_equivariant::error::Result<()> {
+/// let source = RowIndex::from_segments(Segments::from_indices(&[1u32, 0, 1], 2)?, &Device::Cpu)?;
+/// let nodes = Tensor::new(&[[10.0f32], [20.0]], &Device::Cpu)?;
+/// let rows: Vec<Vec<f32>> = source.gather(&nodes)?.to_vec2()?;
+/// assert_eq!(rows, vec![vec![20.0], vec![10.0], vec![20.0]]);
+/// let back: Vec<Vec<f32>> = source.sum(&source.gather(&nodes)?)?.to_vec2()?;
+/// assert_eq!(back, vec![vec![10.0], vec![40.0]]);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct RowIndex {
+    index: Tensor,
+    segments: Segments,
+}
+
+impl RowIndex {
+    /// Groups `index` (`[E]`, u8/u32/i64, every value below `rows`): one copy to the host.
+    ///
+    /// # Errors
+    /// As [`Segments::new`].
+    pub fn new(index: &Tensor, rows: usize) -> Result<Self> {
+        let segments = Segments::new(index, rows)?;
+        Self::from_segments(segments, index.device())
+    }
+
+    /// The index of `segments` ([`Segments::segment_of`]) uploaded to `device`; no copy from
+    /// the device.
+    ///
+    /// # Errors
+    /// The upload fails.
+    pub fn from_segments(segments: Segments, device: &candle_core::Device) -> Result<Self> {
+        let index = segments.index_tensor(device)?;
+        Ok(Self { index, segments })
+    }
+
+    /// The index `[E]`, u32, contiguous, on its device.
+    pub fn tensor(&self) -> &Tensor {
+        &self.index
+    }
+
+    /// The host grouping of the index.
+    pub fn segments(&self) -> &Segments {
+        &self.segments
+    }
+
+    /// The index on the host (`[E]`, u32).
+    pub fn host(&self) -> &[u32] {
+        self.segments.segment_of()
+    }
+
+    /// Number of rows indexed into (`S`: every value is below it).
+    pub fn rows(&self) -> usize {
+        self.segments.num_segments()
+    }
+
+    /// Number of entries `E`.
+    pub fn len(&self) -> usize {
+        self.segments.num_items()
+    }
+
+    /// Whether the index has no entries.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// `src.index_select(index, 0)`: `[S, ...] → [E, ...]`, as [`Segments::select_rows`].
+    ///
+    /// # Errors
+    /// `src` does not have [`Self::rows`] rows.
+    pub fn gather(&self, src: &Tensor) -> Result<Tensor> {
+        if src.rank() == 0 || src.dim(0)? != self.rows() {
+            return Err(EquivariantError::ShapeMismatch {
+                arg: "src",
+                expected: format!("[{} (rows of the index), ...]", self.rows()),
+                found: src.dims().to_vec(),
+            });
+        }
+        self.segments.select_rows(src, &self.index)
+    }
+
+    /// `zeros([S, ...]).index_add(index, src, 0)`: `[E, ...] → [S, ...]`, as
+    /// [`Segments::scatter_sum`].
+    ///
+    /// # Errors
+    /// `src` does not have [`Self::len`] rows.
+    pub fn sum(&self, src: &Tensor) -> Result<Tensor> {
+        if src.rank() == 0 || src.dim(0)? != self.len() {
+            return Err(EquivariantError::ShapeMismatch {
+                arg: "src",
+                expected: format!("[{} (entries of the index), ...]", self.len()),
+                found: src.dims().to_vec(),
+            });
+        }
+        self.segments.scatter_sum(src, &self.index)
+    }
+}
+
 /// Whether [`gather_rows`] and [`Segments::select_rows`] keep candle's `index_select` for
 /// `src`: on the CPU (where its backward is fine) and for dtypes the segment ops lack.
 fn gathers_with_index_select(src: &Tensor) -> bool {

@@ -1427,10 +1427,11 @@ impl So2Convolution {
     /// let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
     /// // Messages cat(x[src], x[dst]) have 2 × 4 channels.
     /// let conv = So2Convolution::new(&So2ConvConfig::new(layout, 8, 5), vb)?;
-    /// let gather = MessageGather::Pair {
-    ///     source: Tensor::new(src.as_slice(), &dev)?,
-    ///     target: Tensor::new(dst.as_slice(), &dev)?,
-    /// };
+    /// let gather = MessageGather::pair(
+    ///     &Tensor::new(src.as_slice(), &dev)?,
+    ///     &Tensor::new(dst.as_slice(), &dev)?,
+    ///     3,
+    /// )?;
     /// let (y, _) = conv.forward_gather_rotated(&nodes, &gather, &wigner, None)?;
     /// assert_eq!(y.dims(), &[4, 9, 5]);
     /// # Ok::<(), matscale_equivariant::error::EquivariantError>(())
@@ -1439,8 +1440,7 @@ impl So2Convolution {
     /// # Errors
     /// As [`So2Convolution::forward_rotated`]; [`EquivariantError::ShapeMismatch`] naming `x`
     /// when its channels times `gather.parts()` are not `in_channels`, or naming an index that
-    /// is not `[E]`; [`EquivariantError::InvalidArgument`] naming an index of another dtype
-    /// than u32 / i64 or with a value that is not a node row.
+    /// does not index `x`'s node rows or (`target`) differs in length from `source`.
     pub fn forward_gather_rotated(
         &self,
         x: &Tensor,

@@ -65,7 +65,7 @@ use crate::error::{EquivariantError, Result};
 use crate::float_kernel::{run_float, FloatKernel};
 use crate::linalg::{gemm, gemm_packed, view, PackedRhs, View};
 use crate::mapping::SphericalLayout;
-use crate::segment::gather_rows;
+use crate::segment::RowIndex;
 use crate::so2::{
     contiguous_slice, dispatch_kernel, from_edge_add, from_edge_uninit, to_edge, to_edge_rows,
     EdgeRows, RotatePlan,
@@ -1981,23 +1981,53 @@ impl CustomOp1 for PackComplexBackward {
 /// ([`crate::so2::So2Convolution::forward_gather_rotated`] and
 /// [`crate::so2::So2Convolution::forward_gather_rotate_in`]).
 ///
-/// The indices are `[E]` tensors of dtype u32 or i64 (on the device of the node features);
-/// every value must be a valid node row.
+/// The indices are [`RowIndex`]es (grouped once per graph, on the device of the node
+/// features), so neither the checks nor the gathers copy anything from the device; build them
+/// with [`Self::single`] / [`Self::pair`] from index tensors, or from a batch's host groupings
+/// with [`RowIndex::from_segments`].
 #[derive(Debug, Clone)]
 pub enum MessageGather {
     /// The message of edge `e` is node row `x[index[e]]` (`C_in = C`).
-    Single(Tensor),
+    Single(RowIndex),
     /// The message of edge `e` is `cat(x[source[e]], x[target[e]])` along channels
     /// (`C_in = 2·C`): EquiformerV2's `SO2EquivariantGraphAttention` message.
     Pair {
         /// Source node of each edge (channels `0..C` of the message).
-        source: Tensor,
+        source: RowIndex,
         /// Target node of each edge (channels `C..2C`).
-        target: Tensor,
+        target: RowIndex,
     },
 }
 
 impl MessageGather {
+    /// A [`Self::Single`] gather of `index` (`[E]`, u8/u32/i64) into `nodes` node rows.
+    ///
+    /// # Errors
+    /// [`EquivariantError::InvalidArgument`] naming `index` (and the edge) for a value outside
+    /// `0..nodes`; [`EquivariantError::ShapeMismatch`] or
+    /// [`EquivariantError::UnsupportedDType`] for an index that is not `[E]` integers.
+    pub fn single(index: &Tensor, nodes: usize) -> Result<Self> {
+        Ok(Self::Single(row_index("index", index, nodes)?))
+    }
+
+    /// A [`Self::Pair`] gather of `source` and `target` (`[E]` each) into `nodes` node rows.
+    ///
+    /// # Errors
+    /// As [`Self::single`], naming `source` or `target`; a `target` of another length than
+    /// `source`.
+    pub fn pair(source: &Tensor, target: &Tensor, nodes: usize) -> Result<Self> {
+        let source = row_index("source", source, nodes)?;
+        let target = row_index("target", target, nodes)?;
+        if target.len() != source.len() {
+            return Err(EquivariantError::ShapeMismatch {
+                arg: "target",
+                expected: format!("[num_edges = {}] like source", source.len()),
+                found: vec![target.len()],
+            });
+        }
+        Ok(Self::Pair { source, target })
+    }
+
     /// Number of node rows concatenated per message (1 or 2).
     pub fn parts(&self) -> usize {
         match self {
@@ -2010,73 +2040,48 @@ impl MessageGather {
     /// their `cat` along channels), which the fused CPU op never builds. Devices without the
     /// gathered kernel (CUDA) run the per-edge layer on it.
     ///
-    /// The rows are [`gather_rows`]: on a GPU a segment gather, whose backward is a CSR segment
-    /// sum instead of candle's CUDA `index_add` (2-4 ms per EquiformerV2 message on an H100).
+    /// The rows are [`RowIndex::gather`]: on a GPU a segment gather, whose backward is a CSR
+    /// segment sum instead of candle's CUDA `index_add` (2-4 ms per EquiformerV2 message on
+    /// an H100).
     pub fn message(&self, x: &Tensor) -> Result<Tensor> {
-        let rows = |index: &Tensor| gather_rows(x, index);
         Ok(match self {
-            Self::Single(index) => rows(index)?,
-            Self::Pair { source, target } => Tensor::cat(&[&rows(source)?, &rows(target)?], 2)?,
+            Self::Single(index) => index.gather(x)?,
+            Self::Pair { source, target } => {
+                Tensor::cat(&[&source.gather(x)?, &target.gather(x)?], 2)?
+            }
         })
     }
 }
 
-/// Validated, contiguous u32 indices held by the gather ops.
-#[derive(Debug, Clone)]
-struct GatherIndex {
-    source: Tensor,
-    target: Option<Tensor>,
-    nodes: usize,
-    c_node: usize,
+/// [`RowIndex::new`] with errors naming `arg` instead of `index`.
+fn row_index(arg: &'static str, index: &Tensor, nodes: usize) -> Result<RowIndex> {
+    RowIndex::new(index, nodes).map_err(|e| match e {
+        EquivariantError::InvalidArgument { reason, .. } => EquivariantError::InvalidArgument {
+            name: arg,
+            reason: format!("node indices: {reason}"),
+        },
+        EquivariantError::ShapeMismatch {
+            expected, found, ..
+        } => EquivariantError::ShapeMismatch {
+            arg,
+            expected,
+            found,
+        },
+        EquivariantError::UnsupportedDType { found, .. } => EquivariantError::InvalidArgument {
+            name: arg,
+            reason: format!("node indices must be u8, u32 or i64, found {found:?}"),
+        },
+        other => other,
+    })
 }
 
-/// Checks one index tensor (`[E]`, u32 or i64, values `< nodes`) and returns it as
-/// contiguous u32.
-fn check_index(
-    arg: &'static str,
-    t: &Tensor,
-    edges: Option<usize>,
+/// The grouped indices held by the gather ops.
+#[derive(Debug, Clone)]
+struct GatherIndex {
+    source: RowIndex,
+    target: Option<RowIndex>,
     nodes: usize,
-) -> Result<Tensor> {
-    let expected = || match edges {
-        Some(e) => format!("[num_edges = {e}] (u32 or i64 node indices)"),
-        None => "[num_edges] (u32 or i64 node indices)".to_string(),
-    };
-    let &[e] = t.dims() else {
-        return Err(EquivariantError::ShapeMismatch {
-            arg,
-            expected: expected(),
-            found: t.dims().to_vec(),
-        });
-    };
-    if edges.is_some_and(|n| n != e) {
-        return Err(EquivariantError::ShapeMismatch {
-            arg,
-            expected: expected(),
-            found: t.dims().to_vec(),
-        });
-    }
-    let host: Vec<i64> = match t.dtype() {
-        DType::U32 => t.to_vec1::<u32>()?.into_iter().map(i64::from).collect(),
-        DType::I64 => t.to_vec1::<i64>()?,
-        found => {
-            return Err(EquivariantError::InvalidArgument {
-                name: arg,
-                reason: format!("node indices must be u32 or i64, found {found:?}"),
-            })
-        }
-    };
-    if let Some((edge, &v)) = host
-        .iter()
-        .enumerate()
-        .find(|(_, &v)| v < 0 || v as u64 >= nodes as u64)
-    {
-        return Err(EquivariantError::InvalidArgument {
-            name: arg,
-            reason: format!("node index {v} of edge {edge} is out of range for {nodes} nodes"),
-        });
-    }
-    Ok(t.to_dtype(DType::U32)?.contiguous()?)
+    c_node: usize,
 }
 
 /// Checks the arguments of the gathered layer (see [`MessageGather`]) and returns its
@@ -2114,26 +2119,45 @@ fn check_gather(
     if rows != full || c_node * parts != shape.c_in {
         return Err(x_error());
     }
+    let rows_error = |arg: &'static str, found: usize| EquivariantError::ShapeMismatch {
+        arg,
+        expected: format!("an index into the {nodes} node rows of x"),
+        found: vec![found],
+    };
+    let (first, arg) = match gather {
+        MessageGather::Single(i) => (i, "index"),
+        MessageGather::Pair { source, .. } => (source, "source"),
+    };
+    if first.rows() != nodes {
+        return Err(rows_error(arg, first.rows()));
+    }
     let index = match gather {
         MessageGather::Single(i) => GatherIndex {
-            source: check_index("index", i, None, nodes)?,
+            source: i.clone(),
             target: None,
             nodes,
             c_node,
         },
         MessageGather::Pair { source, target } => {
-            let source = check_index("source", source, None, nodes)?;
-            let edges = source.dims1()?;
-            let target = check_index("target", target, Some(edges), nodes)?;
+            if target.len() != source.len() {
+                return Err(EquivariantError::ShapeMismatch {
+                    arg: "target",
+                    expected: format!("[num_edges = {}] like source", source.len()),
+                    found: vec![target.len()],
+                });
+            }
+            if target.rows() != nodes {
+                return Err(rows_error("target", target.rows()));
+            }
             GatherIndex {
-                source,
-                target: Some(target),
+                source: source.clone(),
+                target: Some(target.clone()),
                 nodes,
                 c_node,
             }
         }
     };
-    let edges = index.source.dims1()?;
+    let edges = index.source.len();
     if wigner.lmax() != layout.lmax() {
         return Err(EquivariantError::InvalidArgument {
             name: "wigner",
@@ -2192,7 +2216,7 @@ pub(crate) fn forward_gather(
     per_edge: impl FnOnce(&Tensor) -> Result<(Tensor, Option<Tensor>)>,
 ) -> Result<(Tensor, Option<Tensor>)> {
     let index = check_gather(shape, x, gather, wigner, radial)?;
-    let edges = index.source.dims1()?;
+    let edges = index.source.len();
     if !x.device().is_cpu() || (edges > 0 && crate::higher_order_gradients_requested()) {
         return per_edge(&gather.message(x)?);
     }
@@ -2218,20 +2242,16 @@ pub(crate) fn forward_gather(
     Ok((out, Some(extra)))
 }
 
-/// Runs `f` with the CPU index slices and the gather description of `index`.
+/// Runs `f` with the host index slices and the gather description of `index`.
 fn with_gather<R>(
     index: &GatherIndex,
     f: impl FnOnce(Gather<'_>) -> candle_core::Result<R>,
 ) -> candle_core::Result<R> {
-    with_held::<u32, _>(Some(&index.source), |source| {
-        with_held::<u32, _>(index.target.as_ref(), |target| {
-            f(Gather {
-                source: source.expect("the source index is always held"),
-                target,
-                c_node: index.c_node,
-                nodes: index.nodes,
-            })
-        })
+    f(Gather {
+        source: index.source.host(),
+        target: index.target.as_ref().map(RowIndex::host),
+        c_node: index.c_node,
+        nodes: index.nodes,
     })
 }
 
@@ -2331,7 +2351,7 @@ impl CustomOp1 for ExtraOutputOp {
 
 impl So2GatherOp {
     fn edges(&self) -> usize {
-        self.index.source.elem_count()
+        self.index.source.len()
     }
 
     fn run(
@@ -3041,12 +3061,9 @@ mod tests {
             )?
             .to_dtype(DType::I64)?;
             let gather = if pair {
-                MessageGather::Pair {
-                    source: src,
-                    target: dst,
-                }
+                MessageGather::pair(&src, &dst, nodes)?
             } else {
-                MessageGather::Single(src)
+                MessageGather::single(&src, nodes)?
             };
             let x = Var::from_tensor(&random_tensor(
                 &[nodes, layout.num_coefficients(), c_node],
@@ -3114,10 +3131,11 @@ mod tests {
         };
         let (nodes, edges) = (3, 5);
         let dev = Device::Cpu;
-        let gather = MessageGather::Pair {
-            source: Tensor::new(&[0u32, 1, 2, 2, 0], &dev)?,
-            target: Tensor::new(&[1u32, 0, 0, 1, 0], &dev)?,
-        };
+        let gather = MessageGather::pair(
+            &Tensor::new(&[0u32, 1, 2, 2, 0], &dev)?,
+            &Tensor::new(&[1u32, 0, 0, 1, 0], &dev)?,
+            nodes,
+        )?;
         let wigner = random_wigner(edges, 2, 70, DType::F64)?;
         let x = random_tensor(&[nodes, 9, 2], DType::F64, 71)?;
         let r = random_tensor(&[edges, config.radial_len()], DType::F64, 72)?;
@@ -3148,7 +3166,7 @@ mod tests {
             1e-6,
         )?
         .assert_within(1e-8);
-        let single = MessageGather::Single(Tensor::new(&[2u32, 2, 0, 1, 2], &dev)?);
+        let single = MessageGather::single(&Tensor::new(&[2u32, 2, 0, 1, 2], &dev)?, nodes)?;
         let (lin_like, _) = Module::new(&So2ConvConfig::new(layout, 2, 3), false, 32)?;
         let Module::Conv(conv1) = &lin_like else {
             unreachable!("a convolution was built")
@@ -3245,10 +3263,11 @@ mod tests {
         };
         let (nodes, edges) = (20, 300);
         let dev = Device::Cpu;
-        let gather = MessageGather::Pair {
-            source: Tensor::new(random_index(edges, nodes, 5).as_slice(), &dev)?,
-            target: Tensor::new(random_index(edges, nodes, 6).as_slice(), &dev)?,
-        };
+        let gather = MessageGather::pair(
+            &Tensor::new(random_index(edges, nodes, 5).as_slice(), &dev)?,
+            &Tensor::new(random_index(edges, nodes, 6).as_slice(), &dev)?,
+            nodes,
+        )?;
         let wigner = random_wigner(edges, 3, 90, DType::F64)?;
         let x = Var::from_tensor(&random_tensor(&[nodes, 16, 3], DType::F64, 91)?)?;
         let r = Var::from_tensor(&random_tensor(
@@ -3303,10 +3322,11 @@ mod tests {
         };
         let (nodes, edges) = (30, 900);
         let dev = Device::Cpu;
-        let gather = MessageGather::Pair {
-            source: Tensor::new(random_index(edges, nodes, 3).as_slice(), &dev)?,
-            target: Tensor::new(random_index(edges, nodes, 4).as_slice(), &dev)?,
-        };
+        let gather = MessageGather::pair(
+            &Tensor::new(random_index(edges, nodes, 3).as_slice(), &dev)?,
+            &Tensor::new(random_index(edges, nodes, 4).as_slice(), &dev)?,
+            nodes,
+        )?;
         let wigner = random_wigner(edges, 3, 80, DType::F32)?;
         let x = Var::from_tensor(&random_tensor(&[nodes, 16, 3], DType::F32, 81)?)?;
         let xe = Var::from_tensor(&random_tensor(&[edges, 16, 6], DType::F32, 82)?)?;
@@ -3356,47 +3376,39 @@ mod tests {
         let dev = Device::Cpu;
         let wigner = random_wigner(3, 2, 0, DType::F64)?;
         let x = random_tensor(&[2, 9, 2], DType::F64, 0)?;
-        let pair = |s: &[u32], t: &[u32]| -> candle_core::Result<MessageGather> {
-            Ok(MessageGather::Pair {
-                source: Tensor::new(s, &dev)?,
-                target: Tensor::new(t, &dev)?,
-            })
+        let pair = |s: &[u32], t: &[u32], nodes: usize| -> crate::error::Result<MessageGather> {
+            MessageGather::pair(&Tensor::new(s, &dev)?, &Tensor::new(t, &dev)?, nodes)
         };
-        let ok = pair(&[0, 1, 1], &[1, 0, 0])?;
+        let ok = pair(&[0, 1, 1], &[1, 0, 0], 2)?;
         assert!(conv.forward_gather_rotated(&x, &ok, &wigner, None).is_ok());
-        // A node index out of range, named with its edge.
-        let err = conv
-            .forward_gather_rotated(&x, &pair(&[0, 1, 1], &[1, 2, 0])?, &wigner, None)
-            .unwrap_err();
+        // A node index out of range, named with its edge, when the gather is built.
+        let err = pair(&[0, 1, 1], &[1, 2, 0], 2).unwrap_err();
         assert!(
-            matches!(&err, EquivariantError::InvalidArgument { name: "target", reason } if reason.contains("edge 1")),
+            matches!(&err, EquivariantError::InvalidArgument { name: "target", reason } if reason.contains("entry 1 is 2")),
             "{err}"
         );
         // Source and target of different lengths.
-        let err = conv
-            .forward_gather_rotated(&x, &pair(&[0, 1, 1], &[1, 0])?, &wigner, None)
-            .unwrap_err();
+        let err = pair(&[0, 1, 1], &[1, 0], 2).unwrap_err();
         assert!(
             matches!(err, EquivariantError::ShapeMismatch { arg: "target", .. }),
             "{err}"
         );
-        // Negative i64 index; float index.
-        let neg = MessageGather::Single(Tensor::new(&[0i64, -1, 1], &dev)?);
-        let (module1, _) = Module::new(&So2ConvConfig::new(layout, 2, 2), false, 1)?;
-        let Module::Conv(conv1) = &module1 else {
-            unreachable!("a convolution was built")
-        };
-        let err = conv1
-            .forward_gather_rotated(&x, &neg, &wigner, None)
+        // Indices grouped for 3 nodes, applied to the 2 node rows of x.
+        let three = pair(&[0, 1, 1], &[1, 0, 0], 3)?;
+        let err = conv
+            .forward_gather_rotated(&x, &three, &wigner, None)
             .unwrap_err();
         assert!(
-            matches!(err, EquivariantError::InvalidArgument { name: "index", .. }),
+            matches!(err, EquivariantError::ShapeMismatch { arg: "source", .. }),
             "{err}"
         );
-        let float = MessageGather::Single(Tensor::new(&[0f32, 1., 1.], &dev)?);
-        let err = conv1
-            .forward_gather_rotated(&x, &float, &wigner, None)
-            .unwrap_err();
+        // Negative i64 index; float index.
+        let err = MessageGather::single(&Tensor::new(&[0i64, -1, 1], &dev)?, 2).unwrap_err();
+        assert!(
+            matches!(&err, EquivariantError::InvalidArgument { name: "index", reason } if reason.contains("entry 1 is -1")),
+            "{err}"
+        );
+        let err = MessageGather::single(&Tensor::new(&[0f32, 1., 1.], &dev)?, 2).unwrap_err();
         assert!(
             matches!(err, EquivariantError::InvalidArgument { name: "index", .. }),
             "{err}"
@@ -3438,10 +3450,7 @@ mod tests {
         };
         let dev = Device::Cpu;
         let empty = Tensor::zeros(0, DType::U32, &dev)?;
-        let gather = MessageGather::Pair {
-            source: empty.clone(),
-            target: empty,
-        };
+        let gather = MessageGather::pair(&empty.clone(), &empty, 2)?;
         let wigner = random_wigner(0, 2, 0, DType::F64)?;
         let x = Var::from_tensor(&random_tensor(&[2, 9, 2], DType::F64, 3)?)?;
         let (y, _) = conv.forward_gather_rotated(x.as_tensor(), &gather, &wigner, None)?;

@@ -157,10 +157,11 @@ fn so2_layers_have_second_derivatives() -> TestResult {
     );
     assert!(err < 1e-7, "rotated: {err:e}");
     let nodes_x = tensor(&[nodes, layout.num_coefficients(), 2], 4);
-    let gather = MessageGather::Pair {
-        source: Tensor::new(&[0u32, 1, 2, 3, 3, 1], &Device::Cpu)?,
-        target: Tensor::new(&[1u32, 1, 0, 2, 0, 3], &Device::Cpu)?,
-    };
+    let gather = MessageGather::pair(
+        &Tensor::new(&[0u32, 1, 2, 3, 3, 1], &Device::Cpu)?,
+        &Tensor::new(&[1u32, 1, 0, 2, 0, 3], &Device::Cpu)?,
+        nodes,
+    )?;
     let err = check_second_derivative(
         |x, r| {
             conv.forward_gather_rotate_in(x, &gather, &wigner, Some(r))

@@ -12,7 +12,7 @@
 //! frames (`GatherPair`) and the feed-forward grid MLP ([`grid_mlp`]); each has a composed
 //! fallback and a test against it. See docs/ARCHITECTURE.md ("EquiformerV2 on the CPU: what is fused and why").
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{Init, Linear, Module, VarBuilder};
@@ -22,7 +22,7 @@ use matscale_equivariant::mapping::SphericalLayout;
 use matscale_equivariant::norms::{EquivariantNorm, LayerNorm, NormConfig, NormType, So3LinearV2};
 use matscale_equivariant::radial::RadialFunction;
 use matscale_equivariant::s2grid::S2Grid;
-use matscale_equivariant::segment::Segments;
+use matscale_equivariant::segment::{RowIndex, Segments};
 use matscale_equivariant::so2::{MessageGather, So2ConvConfig, So2Convolution, So2Init};
 use matscale_equivariant::wigner::block_offset;
 
@@ -157,43 +157,36 @@ impl AtomEdgeEmbedding {
 }
 
 /// What every block reads about the graph of one forward pass.
+///
+/// Every index is a [`RowIndex`] made from the batch's host groupings, so no layer copies an
+/// index from the device (on a GPU each such copy waits for all queued kernels).
 #[derive(Debug, Clone)]
 pub(crate) struct EdgeGraph {
     /// Nodes `N`.
     pub n_nodes: usize,
     /// Edges `E`.
     pub n_edges: usize,
-    /// Source node per edge `[E]`, u32.
-    pub src: Tensor,
-    /// Target node per edge `[E]`, u32.
-    pub dst: Tensor,
-    /// Atomic number of each edge's source `[E]`, u32.
-    pub source_numbers: Tensor,
-    /// Atomic number of each edge's target `[E]`, u32.
-    pub target_numbers: Tensor,
+    /// Source node per edge `[E]`.
+    pub src: RowIndex,
+    /// Target node per edge `[E]` (sorted): its grouping is the edges of every node.
+    pub dst: RowIndex,
+    /// Atomic number of each edge's source `[E]`, rows of the element embeddings.
+    pub source_numbers: RowIndex,
+    /// Atomic number of each edge's target `[E]`, rows of the element embeddings.
+    pub target_numbers: RowIndex,
     /// Gaussian distance features `[E, 600]` in the weight dtype, those below
     /// [`GAUSSIAN_FLOOR`] set to zero.
     pub distance_features: Tensor,
     /// Edge frames (detached, or differentiable for conservative forces); `None` without edges.
     pub wigner: Option<EdgeFrames>,
-    /// Edges grouped by target node.
-    pub segments: Segments,
-    /// `src` and `dst` on the host, made on first use by a CPU op (see [`Self::ends`]).
-    pub ends: OnceLock<EdgeEnds>,
+    /// `src` and `dst` on the host, for the CPU ops that index node rows by edge.
+    pub ends: EdgeEnds,
 }
 
 impl EdgeGraph {
-    /// The edges' source and target nodes on the host, copied once per graph for the CPU ops
-    /// that index node rows by edge.
-    pub(crate) fn ends(&self) -> Result<&EdgeEnds> {
-        if let Some(ends) = self.ends.get() {
-            return Ok(ends);
-        }
-        let ends = EdgeEnds {
-            src: self.src.to_vec1::<u32>()?.into(),
-            dst: self.dst.to_vec1::<u32>()?.into(),
-        };
-        Ok(self.ends.get_or_init(|| ends))
+    /// Edges grouped by target node.
+    pub(crate) fn segments(&self) -> &Segments {
+        self.dst.segments()
     }
 }
 
@@ -309,12 +302,12 @@ impl EdgeDegreeEmbedding {
         let fused = m0.device().is_cpu()
             && matches!(m0.dtype(), DType::F32 | DType::F64)
             && !weights.track_op()
-            && graph.segments.is_sorted()
+            && graph.segments().is_sorted()
             && !matscale_equivariant::higher_order_gradients_requested();
         if fused {
             // One pass per node: the `[E, (lmax+1)², C]` spread message never exists.
             let op = DegreeSpread {
-                segments: graph.segments.clone(),
+                segments: graph.segments().clone(),
                 weights: weights.contiguous()?,
                 degree: (0..=self.layout.lmax())
                     .flat_map(|d| std::iter::repeat_n(d, 2 * d + 1))
@@ -325,7 +318,7 @@ impl EdgeDegreeEmbedding {
         let spread = m0
             .index_select(&self.degree, 1)?
             .broadcast_mul(&weights.unsqueeze(2)?)?;
-        Ok(graph.segments.sum(&spread)?)
+        Ok(graph.segments().sum(&spread)?)
     }
 }
 
@@ -619,7 +612,7 @@ impl GraphAttention {
                 .broadcast_mul(&self.alpha_dot.unsqueeze(0)?)?
                 .sum(D::Minus1)?,
         };
-        let mut alpha = graph.segments.softmax(&logits)?;
+        let mut alpha = graph.segments().softmax(&logits)?;
         if train && self.alpha_drop > 0.0 {
             alpha = candle_nn::ops::dropout(&alpha, self.alpha_drop as f32)?;
         }
@@ -644,9 +637,9 @@ fn gather_pair(x: &Tensor, graph: &EdgeGraph) -> Result<Tensor> {
         return Ok(message.message(x)?);
     }
     let op = GatherPair {
-        ends: graph.ends()?.clone(),
-        src_index: graph.src.clone(),
-        dst_index: graph.dst.clone(),
+        ends: graph.ends.clone(),
+        src_index: graph.src.tensor().clone(),
+        dst_index: graph.dst.tensor().clone(),
     };
     Ok(x.contiguous()?.apply_op1(op)?)
 }
@@ -732,16 +725,16 @@ fn attention_sum(
     let fused = values.device().is_cpu()
         && matches!(values.dtype(), DType::F32 | DType::F64)
         && alpha.dtype() == values.dtype()
-        && graph.segments.is_sorted();
+        && graph.segments().is_sorted();
     if !fused {
         let weighted = values
             .reshape((e, k, heads, hv / heads))?
             .broadcast_mul(&alpha.reshape((e, 1, heads, 1))?)?
             .reshape((e, k, hv))?;
-        return Ok(graph.segments.sum(&weighted)?);
+        return Ok(graph.segments().sum(&weighted)?);
     }
     let op = AttentionSum {
-        segments: graph.segments.clone(),
+        segments: graph.segments().clone(),
         heads,
     };
     Ok(values.contiguous()?.apply_op2(&alpha.contiguous()?, op)?)

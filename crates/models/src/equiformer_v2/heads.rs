@@ -97,7 +97,7 @@ impl StressHead {
             let edge_irrep2 = y2.unsqueeze(2)?.broadcast_mul(&x_edge.unsqueeze(1)?)?;
             // Mean over incoming edges (torch_scatter's mean: 0 for nodes without edges).
             let counts: Vec<f64> = graph
-                .segments
+                .segments()
                 .counts()
                 .iter()
                 .map(|&k| 1.0 / k.max(1) as f64)
@@ -105,11 +105,11 @@ impl StressHead {
             let inv = Tensor::from_vec(counts, n, device)?.to_dtype(dtype)?;
             (
                 graph
-                    .segments
+                    .segments()
                     .sum(&x_edge)?
                     .broadcast_mul(&inv.unsqueeze(1)?)?,
                 graph
-                    .segments
+                    .segments()
                     .sum(&edge_irrep2)?
                     .broadcast_mul(&inv.reshape((n, 1, 1))?)?,
             )
@@ -141,17 +141,11 @@ fn edge_contract(x: &Tensor, sh: &Tensor, graph: &EdgeGraph) -> Result<Tensor> {
         && sh.dtype() == x.dtype()
         && !matscale_equivariant::higher_order_gradients_requested();
     if !fused {
-        let x_edge = Tensor::cat(
-            &[
-                &x.index_select(&graph.src, 0)?,
-                &x.index_select(&graph.dst, 0)?,
-            ],
-            2,
-        )?;
+        let x_edge = Tensor::cat(&[&graph.src.gather(x)?, &graph.dst.gather(x)?], 2)?;
         return Ok(x_edge.broadcast_mul(&sh.unsqueeze(2)?)?.sum(1)?);
     }
     let op = EdgeContract {
-        ends: graph.ends()?.clone(),
+        ends: graph.ends.clone(),
     };
     Ok(x.contiguous()?.apply_op2(&sh.contiguous()?, op)?)
 }

@@ -104,7 +104,7 @@ use matscale_equivariant::frames::{edge_wigner, Roll};
 use matscale_equivariant::mapping::SphericalLayout;
 use matscale_equivariant::norms::EquivariantNorm;
 use matscale_equivariant::radial::GaussianSmearing;
-use matscale_equivariant::segment::Segments;
+use matscale_equivariant::segment::{RowIndex, Segments};
 
 pub use config::{EquiformerV2Config, FrameRoll, ParameterBreakdown, NUM_GAUSSIANS};
 
@@ -113,7 +113,7 @@ use crate::error::{ModelError, Result};
 use crate::flops::{FlopCounter, LAYER_NORM, SOFTMAX, TRANSCENDENTAL};
 use crate::model::{ForceMode, Model, RawOutput};
 use blocks::{
-    norm, EdgeDegreeEmbedding, EdgeGraph, FeedForward, GraphAttention, Grids, TransBlock,
+    norm, EdgeDegreeEmbedding, EdgeEnds, EdgeGraph, FeedForward, GraphAttention, Grids, TransBlock,
 };
 use heads::StressHead;
 use rotation::EdgeFrames;
@@ -371,17 +371,37 @@ impl EquiformerV2 {
             .ge(blocks::GAUSSIAN_FLOOR)?
             .to_dtype(distance_features.dtype())?;
         let distance_features = (distance_features * keep)?;
+        // Indices from the batch's host groupings: nothing is copied back from the device.
+        let device = batch.device();
+        let groups = &batch.groups;
+        let (src_host, dst_host) = (
+            groups.edges_by_source.segment_of(),
+            groups.edges_by_target.segment_of(),
+        );
+        let elements = self.config.max_num_elements;
+        let numbers_of = |nodes: &[u32]| -> Result<RowIndex> {
+            let z: Vec<u32> = nodes
+                .iter()
+                .map(|&i| u32::from(batch.numbers_host[i as usize]))
+                .collect();
+            Ok(RowIndex::from_segments(
+                Segments::from_indices(&z, elements)?,
+                device,
+            )?)
+        };
         let graph = EdgeGraph {
             n_nodes: batch.n_nodes(),
             n_edges,
-            src: batch.edge_src.clone(),
-            dst: batch.edge_dst.clone(),
-            source_numbers: batch.numbers.index_select(&batch.edge_src, 0)?,
-            target_numbers: batch.numbers.index_select(&batch.edge_dst, 0)?,
+            source_numbers: numbers_of(src_host)?,
+            target_numbers: numbers_of(dst_host)?,
+            src: RowIndex::from_segments(groups.edges_by_source.clone(), device)?,
+            dst: RowIndex::from_segments(groups.edges_by_target.clone(), device)?,
             distance_features,
             wigner,
-            segments: Segments::new(&batch.edge_dst, batch.n_nodes())?,
-            ends: Default::default(),
+            ends: EdgeEnds {
+                src: src_host.into(),
+                dst: dst_host.into(),
+            },
         };
         Ok((graph, edge_vectors))
     }
