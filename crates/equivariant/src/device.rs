@@ -139,9 +139,39 @@ pub fn select_device(request: DeviceRequest) -> SelectedDevice {
     selected
 }
 
+/// Peak bytes in use on `device` since [`reset_peak_device_bytes`]: the default memory pool's
+/// high watermark on a GPU (see [`crate::cuda::peak_pool_bytes`]); `None` on the CPU, in a
+/// build without the `cuda` feature, or if the driver cannot say. Synchronise first.
+pub fn peak_device_bytes(device: &Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(dev) = device {
+        return crate::cuda::peak_pool_bytes(dev).ok();
+    }
+    let _ = device;
+    None
+}
+
+/// Starts a new [`peak_device_bytes`] measurement from the bytes in use now (a no-op on the
+/// CPU and without the `cuda` feature). Returns whether a GPU measurement was reset.
+pub fn reset_peak_device_bytes(device: &Device) -> bool {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(dev) = device {
+        return crate::cuda::reset_peak_pool_bytes(dev).is_ok();
+    }
+    let _ = device;
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The CPU has no device memory pool: no peak, nothing reset.
+    #[test]
+    fn cpu_has_no_device_peak() {
+        assert!(!reset_peak_device_bytes(&Device::Cpu));
+        assert_eq!(peak_device_bytes(&Device::Cpu), None);
+    }
 
     #[test]
     fn requests_parse_and_print() {

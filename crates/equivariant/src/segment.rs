@@ -67,6 +67,9 @@ struct Csr {
     offsets: Vec<usize>,
     /// Items grouped by segment (stable); `None` when the index is sorted (identity).
     order: Option<Vec<u32>>,
+    /// The arrays on the GPU, uploaded once by the first op that runs there.
+    #[cfg(feature = "cuda")]
+    device: crate::cuda::segment::DeviceCsrCache,
 }
 
 impl Csr {
@@ -84,6 +87,7 @@ impl Csr {
             index,
             offsets,
             order,
+            cache: &self.device,
         }
     }
 
@@ -202,6 +206,8 @@ impl Segments {
                 index: idx,
                 offsets,
                 order,
+                #[cfg(feature = "cuda")]
+                device: Default::default(),
             }),
         })
     }
@@ -248,6 +254,8 @@ impl Segments {
                 index,
                 offsets: offsets.to_vec(),
                 order: None,
+                #[cfg(feature = "cuda")]
+                device: Default::default(),
             }),
         })
     }

@@ -12,7 +12,9 @@
 //!   median, the process's peak RSS, the device). Run one measurement per process so that the
 //!   peak RSS is that measurement's. With `--device cuda` (a `cuda` build with a GPU; otherwise
 //!   one line says why and it runs on the CPU) each repetition ends with a device
-//!   synchronisation; the GPU's peak memory is not measured (`peak_device_bytes`: null).
+//!   synchronisation, and `peak_device_bytes` is the high watermark of the device's memory
+//!   pool over the timed repetitions (reset after the warm-up, as the fairchem script resets
+//!   `torch.cuda.max_memory_allocated`); `null` on the CPU.
 //! * `equiformer_v2 check --config small|eqv2-s|tiny [--forces direct|conservative]
 //!   [--structures 1..8] [--device cuda] [--tolerance 1e-3]`: the same model (same seeded
 //!   weights, zero frame roll, normaliser included) on the CPU and on the device: energy,
@@ -46,7 +48,9 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use criterion::Criterion;
-use matscale_equivariant::device::{select_device, DeviceRequest};
+use matscale_equivariant::device::{
+    peak_device_bytes, reset_peak_device_bytes, select_device, DeviceRequest,
+};
 use matscale_models::equiformer_v2::{EquiformerV2, EquiformerV2Config, FrameRoll};
 use matscale_models::{
     seeded_var_builder, AtomisticModel, BatchTensors, ForceMode, Geometry, Model, ModelConfig,
@@ -237,19 +241,24 @@ fn compare(args: &[String]) -> BenchResult<()> {
     for _ in 0..warmup {
         case.step(backward)?;
     }
+    let device = &selected.device;
+    device.synchronize()?;
+    reset_peak_device_bytes(device);
     let mut seconds = Vec::with_capacity(reps);
     for _ in 0..reps {
         let start = Instant::now();
         case.step(backward)?;
         seconds.push(start.elapsed().as_secs_f64());
     }
+    device.synchronize()?;
+    let peak_device = peak_device_bytes(device).map_or("null".to_string(), |b| b.to_string());
     let mut sorted = seconds.clone();
     sorted.sort_by(f64::total_cmp);
     println!(
         "{{\"impl\": \"matscale\", \"config\": \"{name}\", \"phase\": \"{phase}\", \
          \"parameters\": {}, \"atoms\": {}, \"edges\": {}, \"threads\": {}, \
          \"device\": \"{}\", \"seconds\": {seconds:?}, \"best_s\": {}, \"median_s\": {}, \
-         \"peak_rss_bytes\": {}, \"peak_device_bytes\": null}}",
+         \"peak_rss_bytes\": {}, \"peak_device_bytes\": {peak_device}}}",
         case.n_parameters,
         case.n_atoms,
         case.n_edges,

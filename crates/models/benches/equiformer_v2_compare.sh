@@ -14,8 +14,9 @@
 # if missing: `git --git-dir=<mirror> archive fairchem_core-1.9.0 src | tar -x -C /tmp/fairchem`),
 # THREADS (default 2), OUT (JSON lines are also written there; default a temp file), BIN (a
 # prebuilt `equiformer_v2` bench executable, e.g. on a GPU machine without cargo; default: build
-# it with cargo, adding `--features cuda` for --device cuda). On a GPU the memory columns are
-# fairchem's CUDA allocator peak (matscale's GPU peak is not measured) and both peak RSS.
+# it with cargo, adding `--features cuda` for --device cuda). On a GPU an extra row gives the
+# device memory peaks: PyTorch's `max_memory_allocated` and the high watermark of the CUDA
+# memory pool that candle allocates from, both over the timed repetitions.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 THREADS="${THREADS:-2}"
@@ -94,7 +95,11 @@ for r in rows:
           f"| {r['median_s'] / m['median_s']:.2f}x | {r['best_s'] / m['best_s']:.2f}x "
           f"| {gb(r):.2f} GB | {gb(m):.2f} GB | {gb(m) / gb(r):.2f} |")
     if gpu(r) is not None:
-        print(f"|  |  |  |  |  |  |  | GPU: | {gpu(r) / 1e9:.2f} GB | – | – |")
+        ours_gpu = gpu(m)
+        theirs = f"{gpu(r) / 1e9:.2f} GB"
+        mine, ratio = ("–", "–") if not ours_gpu else (
+            f"{ours_gpu / 1e9:.2f} GB", f"{ours_gpu / gpu(r):.2f}")
+        print(f"|  |  |  |  |  |  |  | GPU: | {theirs} | {mine} | {ratio} |")
 if rows:
     devices = sorted({f"{r['impl']}: {r.get('device', 'cpu')}" for r in rows})
     print(f"\n({rows[0]['atoms']} atoms, {rows[0]['edges']} edges; {', '.join(devices)}; "

@@ -329,3 +329,66 @@ pub(crate) fn gemm_batched<T: CudaFloat>(
     }
     Ok(())
 }
+
+/// The default stream-ordered memory pool of `device`'s GPU, with its context bound to this
+/// thread. candle allocates through cudarc's `cuMemAllocAsync` (on every GPU that supports
+/// memory pools, all current ones), which draws from this pool.
+fn default_pool(
+    device: &CudaDevice,
+) -> candle_core::Result<candle_core::cuda_backend::cudarc::driver::sys::CUmemoryPool> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let stream = device.cuda_stream();
+    let ctx = stream.context();
+    ctx.bind_to_thread().w()?;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    // SAFETY: `pool` is a valid out-pointer and the device handle comes from a live context.
+    unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) }
+        .result()
+        .w()?;
+    Ok(pool)
+}
+
+/// The most bytes in use at once in `device`'s default memory pool since
+/// [`reset_peak_pool_bytes`] (or since the pool was created): the peak of candle's tensors
+/// and matscale's kernel buffers, what `torch.cuda.max_memory_allocated` reports for PyTorch.
+/// Call it after a synchronisation so that every queued allocation has happened.
+///
+/// # Errors
+/// A driver error from querying the pool.
+pub fn peak_pool_bytes(device: &CudaDevice) -> candle_core::Result<u64> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let pool = default_pool(device)?;
+    let mut value = 0u64;
+    // SAFETY: the used-memory high watermark attribute writes a u64 (cuuint64_t).
+    unsafe {
+        sys::cuMemPoolGetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+            (&mut value as *mut u64).cast(),
+        )
+    }
+    .result()
+    .w()?;
+    Ok(value)
+}
+
+/// Resets the high watermark that [`peak_pool_bytes`] reads to the bytes in use now.
+///
+/// # Errors
+/// A driver error from setting the pool attribute.
+pub fn reset_peak_pool_bytes(device: &CudaDevice) -> candle_core::Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let pool = default_pool(device)?;
+    // The driver accepts only zero here, meaning "the current use".
+    let mut zero = 0u64;
+    // SAFETY: the used-memory high watermark attribute takes a pointer to a u64 (cuuint64_t).
+    unsafe {
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+            (&mut zero as *mut u64).cast(),
+        )
+    }
+    .result()
+    .w()
+}

@@ -1,9 +1,12 @@
 //! Segment sum / gather / softmax on the device (`kernels/segment.cu`).
 
 use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::CudaSlice;
 use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+use candle_core::cuda_backend::DeviceId;
 use candle_core::cuda_backend::WrapErr;
-use candle_core::{CudaStorage, DType, Layout, Shape};
+use candle_core::{CudaDevice, CudaStorage, DType, Layout, Shape};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use super::{int, kernel, launch_cfg, long, upload, view, zeros, CudaFloat, SEGMENT};
 
@@ -13,6 +16,51 @@ pub(crate) struct Csr<'a> {
     pub(crate) index: &'a [u32],
     pub(crate) offsets: &'a [usize],
     pub(crate) order: Option<&'a [u32]>,
+    /// The grouping's device copy, kept with the grouping (see [`DeviceCsrCache`]).
+    pub(crate) cache: &'a DeviceCsrCache,
+}
+
+/// The CSR arrays on one GPU: index, offsets (u32) and order (one dummy entry when sorted).
+struct DeviceCsr {
+    device: DeviceId,
+    index: CudaSlice<u32>,
+    offsets: CudaSlice<u32>,
+    order: CudaSlice<u32>,
+}
+
+/// A grouping's arrays on the device, uploaded by the first segment op that runs there and
+/// reused by every later one (a model sums, gathers and softmaxes over the same grouping in
+/// every layer, forward and backward). A grouping used on another device gets fresh copies.
+#[derive(Default)]
+pub(crate) struct DeviceCsrCache(Mutex<Option<Arc<DeviceCsr>>>);
+
+impl std::fmt::Debug for DeviceCsrCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let held = self
+            .0
+            .lock()
+            .map(|c| c.as_ref().map(|d| d.device))
+            .unwrap_or(None);
+        f.debug_tuple("DeviceCsrCache").field(&held).finish()
+    }
+}
+
+impl Csr<'_> {
+    /// The arrays on `dev`: the cached copy, or a new upload that becomes the cache.
+    fn on_device(&self, dev: &CudaDevice) -> candle_core::Result<Arc<DeviceCsr>> {
+        let mut slot = self.cache.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(cached) = slot.as_ref().filter(|c| c.device == dev.id()) {
+            return Ok(cached.clone());
+        }
+        let arrays = Arc::new(DeviceCsr {
+            device: dev.id(),
+            index: upload(dev, self.index)?,
+            offsets: upload(dev, &offsets_u32(self)?)?,
+            order: upload(dev, self.order.unwrap_or(&[]))?,
+        });
+        *slot = Some(arrays.clone());
+        Ok(arrays)
+    }
 }
 
 /// Which segment op.
@@ -57,11 +105,11 @@ fn run<T: CudaFloat>(
         SegmentKind::Gather => {
             let total = items * cols;
             if total > 0 {
-                let index = upload(dev, csr.index)?;
+                let arrays = csr.on_device(dev)?;
                 let func = kernel::<T>(dev, SEGMENT, "segment_gather")?;
                 let t = long(total);
                 let mut b = func.builder();
-                b.arg(&t).arg(&c).arg(&index).arg(&src).arg(&mut out);
+                b.arg(&t).arg(&c).arg(&arrays.index).arg(&src).arg(&mut out);
                 // SAFETY: index has `items` entries < num_segments; src [num_segments, cols].
                 unsafe { b.launch(launch_cfg(total)) }.w()?;
             }
@@ -69,8 +117,8 @@ fn run<T: CudaFloat>(
         SegmentKind::Sum | SegmentKind::Softmax(_) => {
             let total = csr.num_segments * cols;
             if total > 0 {
-                let offsets = upload(dev, &offsets_u32(csr)?)?;
-                let order = upload(dev, csr.order.unwrap_or(&[]))?;
+                let arrays = csr.on_device(dev)?;
+                let (offsets, order) = (&arrays.offsets, &arrays.order);
                 let has_order = i32::from(csr.order.is_some());
                 let t = long(total);
                 let (fname, eps) = match kind {
@@ -79,7 +127,7 @@ fn run<T: CudaFloat>(
                 };
                 let func = kernel::<T>(dev, SEGMENT, fname)?;
                 let mut b = func.builder();
-                b.arg(&t).arg(&c).arg(&offsets).arg(&order).arg(&has_order);
+                b.arg(&t).arg(&c).arg(offsets).arg(order).arg(&has_order);
                 if let Some(eps) = &eps {
                     b.arg(eps);
                 }
@@ -129,16 +177,15 @@ fn softmax_backward_typed<T: CudaFloat>(
     let mut out = zeros::<T>(dev, csr.index.len() * cols)?;
     let total = csr.num_segments * cols;
     if total > 0 {
-        let offsets = upload(dev, &offsets_u32(csr)?)?;
-        let order = upload(dev, csr.order.unwrap_or(&[]))?;
+        let arrays = csr.on_device(dev)?;
         let has_order = i32::from(csr.order.is_some());
         let (t, c) = (long(total), int(cols, "columns")?);
         let func = kernel::<T>(dev, SEGMENT, "segment_softmax_backward")?;
         let mut b = func.builder();
         b.arg(&t)
             .arg(&c)
-            .arg(&offsets)
-            .arg(&order)
+            .arg(&arrays.offsets)
+            .arg(&arrays.order)
             .arg(&has_order)
             .arg(&yv)
             .arg(&gv)
