@@ -140,7 +140,7 @@ pub fn select_device(request: DeviceRequest) -> SelectedDevice {
 }
 
 /// Peak bytes in use on `device` since [`reset_peak_device_bytes`]: the default memory pool's
-/// high watermark on a GPU (see [`crate::cuda::peak_pool_bytes`]); `None` on the CPU, in a
+/// high watermark on a GPU (`cuda::peak_pool_bytes` in a `cuda` build); `None` on the CPU, in a
 /// build without the `cuda` feature, or if the driver cannot say. Synchronise first.
 pub fn peak_device_bytes(device: &Device) -> Option<u64> {
     #[cfg(feature = "cuda")]

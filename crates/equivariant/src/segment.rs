@@ -20,6 +20,11 @@
 //! of these ops, so gradients of gradients work too.
 //! `Tensor::scatter_add` is never used (its backward is wrong in candle 0.11).
 //!
+//! A grouping made from a device tensor ([`Segments::new`]) copies the index to the host,
+//! which on a GPU waits for every queued kernel: build groupings once per graph from host
+//! data ([`Segments::from_indices`], [`Segments::from_offsets`]) and pair them with their
+//! device index as a [`RowIndex`] where layers gather by the same index again and again.
+//!
 //! # Example
 //!
 //! ```

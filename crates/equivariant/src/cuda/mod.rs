@@ -6,8 +6,9 @@
 //! `get_or_load_custom_func` and runs on candle's stream, on memory candle allocated
 //! (`CudaStorage::as_cuda_slice` in, `CudaStorage::wrap_cuda_slice` out), so the ops mix
 //! freely with candle's own CUDA ops. Dense products (the SO(2) maps, the S2 grid transforms)
-//! go to candle's cuBLAS handle. Index tables (Wigner row maps, segment offsets, grid
-//! matrices) are small host arrays copied to the device on each call.
+//! go to candle's cuBLAS handle. Index tables (Wigner row maps, grid matrices) are small host
+//! arrays copied to the device on each call; a segment grouping's CSR arrays are copied once
+//! and kept with the grouping (`segment::DeviceCsrCache`).
 //!
 //! Device selection and the CPU fallback live in [`crate::device`].
 
