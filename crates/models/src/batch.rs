@@ -7,7 +7,7 @@
 //! inputs from [`Geometry`] gets forces and stress by automatic differentiation for free.
 
 use candle_core::{DType, Device, Tensor, D};
-use matscale_equivariant::segment::Segments;
+use matscale_equivariant::segment::{RowIndex, Segments};
 use matscale_structures::batch::GraphBatch;
 
 use crate::error::{ModelError, Result};
@@ -215,6 +215,32 @@ impl BatchTensors {
         Ok(values.index_select(index, 0)?)
     }
 
+    /// The index tensor of `grouping` (`edge_dst`, `edge_src`, `edge_structure` or
+    /// `node_structure`) as a [`RowIndex`], built from the host grouping: on a GPU nothing is
+    /// copied back from the device (see [`RowIndex`]).
+    ///
+    /// # Errors
+    /// The upload fails.
+    pub fn row_index(&self, grouping: Grouping) -> Result<RowIndex> {
+        let (segments, _) = self.grouping(grouping);
+        Ok(RowIndex::from_segments(segments.clone(), self.device())?)
+    }
+
+    /// A host index (`values` below `rows`) as a [`RowIndex`] on the batch's device, e.g.
+    /// rows of an embedding table: on a GPU an upload, never a copy back.
+    ///
+    /// # Errors
+    /// A value is not below `rows` (named with its position), or the upload fails.
+    pub fn host_row_index<I>(&self, values: &[I], rows: usize) -> Result<RowIndex>
+    where
+        I: Copy + TryInto<u32> + std::fmt::Debug,
+    {
+        Ok(RowIndex::from_segments(
+            Segments::from_indices(values, rows)?,
+            self.device(),
+        )?)
+    }
+
     /// Number of structures `B`.
     pub fn n_structures(&self) -> usize {
         self.shape.n_structures
@@ -403,6 +429,36 @@ mod tests {
             .unwrap()
             .to_scalar::<f64>()
             .unwrap()
+    }
+
+    /// `row_index` holds each grouping's index tensor exactly; `host_row_index` gathers the
+    /// rows of a host index and names an out-of-range entry.
+    #[test]
+    fn row_indices_equal_the_batch_indices() {
+        let b = batch();
+        let t = BatchTensors::new(&b, DType::F32, &Device::Cpu).expect("tensors");
+        for (grouping, index) in [
+            (Grouping::EdgesByTarget, &t.edge_dst),
+            (Grouping::EdgesBySource, &t.edge_src),
+            (Grouping::EdgesByStructure, &t.edge_structure),
+            (Grouping::NodesByStructure, &t.node_structure),
+        ] {
+            let r = t.row_index(grouping).expect("row index");
+            assert_eq!(
+                r.tensor().to_vec1::<u32>().unwrap(),
+                index.to_vec1::<u32>().unwrap(),
+                "{grouping:?}"
+            );
+        }
+        let table = Tensor::arange(0f32, 12.0, &Device::Cpu)
+            .unwrap()
+            .reshape((6, 2))
+            .unwrap();
+        let rows = t.host_row_index(&[5u8, 0, 5, 2], 6).expect("host index");
+        let got: Vec<Vec<f32>> = rows.gather(&table).unwrap().to_vec2().unwrap();
+        assert_eq!(got, [[10.0, 11.0], [0.0, 1.0], [10.0, 11.0], [4.0, 5.0]]);
+        let err = t.host_row_index(&[1u32, 6], 6).unwrap_err().to_string();
+        assert!(err.contains("entry 1 is 6"), "{err}");
     }
 
     /// `sum_over` / `gather_by` equal candle's `index_add` / `index_select` on every grouping,

@@ -79,7 +79,6 @@ use candle_core::{DType, Module, Tensor};
 use candle_nn::init::{FanInOut, NonLinearity, NormalOrUniform};
 use candle_nn::{Init, Linear, VarBuilder};
 use matscale_equivariant::norms::LayerNorm;
-use matscale_equivariant::segment::gather_rows;
 use serde::{Deserialize, Serialize};
 
 use crate::batch::{BatchShape, BatchTensors, Geometry};
@@ -472,14 +471,15 @@ impl Model for Fcn {
                     .map_or(0, |&z| u32::from(z))
             })
             .collect();
-        let numbers = Tensor::from_vec(numbers, rows, device)?;
-        let source = Tensor::from_slice(&layout.source_atom, rows, device)?;
-        let embedded = gather_rows(&self.embedding, &numbers)?;
+        // Host indices (`RowIndex`): on a GPU no copy back from the device.
+        let numbers = batch.host_row_index(&numbers, self.embedding.dim(0)?)?;
+        let source = batch.host_row_index(&layout.source_atom, n + 1)?;
+        let embedded = numbers.gather(&self.embedding)?;
         let positions = geometry.positions.to_dtype(dtype)?;
-        let positions = gather_rows(
-            &Tensor::cat(&[&positions, &Tensor::zeros((1, 3), dtype, device)?], 0)?,
-            &source,
-        )?;
+        let positions = source.gather(&Tensor::cat(
+            &[&positions, &Tensor::zeros((1, 3), dtype, device)?],
+            0,
+        )?)?;
         let x = Tensor::cat(&[&embedded, &positions], 1)?;
 
         let mut x = self.input.forward(&x)?;
@@ -497,8 +497,8 @@ impl Model for Fcn {
 
         let (forces, stress) = match (&self.force_head, &self.stress_head) {
             (Some(force_head), Some(stress_head)) => {
-                let slots = Tensor::from_slice(&layout.slot_of_atom, n, device)?;
-                let forces = gather_rows(&force_head.forward(&x)?, &slots)?;
+                let slots = batch.host_row_index(&layout.slot_of_atom, rows)?;
+                let forces = slots.gather(&force_head.forward(&x)?)?;
                 let inverse_counts: Vec<f64> = batch
                     .node_ptr
                     .windows(2)

@@ -70,7 +70,6 @@
 use candle_core::{Module, Tensor, D};
 use candle_nn::{Init, Linear, VarBuilder};
 use matscale_equivariant::radial::GaussianSmearing;
-use matscale_equivariant::segment::gather_rows;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -714,7 +713,10 @@ impl Model for SchNet {
         _train: bool,
     ) -> Result<RawOutput> {
         let edges = self.edge_features(geometry)?;
-        let mut h = gather_rows(&self.embedding, &batch.numbers)?;
+        // Indices from host data (`RowIndex`): on a GPU no copy back from the device;
+        // on the CPU `index_select`, as before.
+        let numbers = batch.host_row_index(&batch.numbers_host, self.embedding.dim(0)?)?;
+        let mut h = numbers.gather(&self.embedding)?;
         for block in &self.interactions {
             h = (&h + block.forward(&h, &edges, batch)?)?;
         }
@@ -739,12 +741,15 @@ impl Model for SchNet {
             }
             Some(head) => {
                 let a = head.node.forward(&h)?;
-                // `gather_rows`, not `gather_by`: on the CPU candle's `index_select`, whose
-                // backward adds both gathers into one gradient in place, as before (separate
-                // segment sums would change the rounding of SchNet's sweeps).
-                let pre = ((gather_rows(&a, &batch.edge_src)?
-                    + gather_rows(&a, &batch.edge_dst)?)?
-                    + head.radial.forward(&edges.rbf)?)?;
+                // `RowIndex::gather`, not `gather_by`: on the CPU candle's `index_select`,
+                // whose backward adds both gathers into one gradient in place, as before
+                // (separate segment sums would change the rounding of SchNet's sweeps).
+                let (src, dst) = (
+                    batch.row_index(Grouping::EdgesBySource)?,
+                    batch.row_index(Grouping::EdgesByTarget)?,
+                );
+                let pre =
+                    ((src.gather(&a)? + dst.gather(&a)?)? + head.radial.forward(&edges.rbf)?)?;
                 let weights = head
                     .out
                     .forward(&shifted_softplus(&pre)?)?

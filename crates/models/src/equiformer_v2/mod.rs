@@ -104,7 +104,7 @@ use matscale_equivariant::frames::{edge_wigner, Roll};
 use matscale_equivariant::mapping::SphericalLayout;
 use matscale_equivariant::norms::EquivariantNorm;
 use matscale_equivariant::radial::GaussianSmearing;
-use matscale_equivariant::segment::{RowIndex, Segments};
+use matscale_equivariant::segment::RowIndex;
 
 pub use config::{EquiformerV2Config, FrameRoll, ParameterBreakdown, NUM_GAUSSIANS};
 
@@ -372,7 +372,6 @@ impl EquiformerV2 {
             .to_dtype(distance_features.dtype())?;
         let distance_features = (distance_features * keep)?;
         // Indices from the batch's host groupings: nothing is copied back from the device.
-        let device = batch.device();
         let groups = &batch.groups;
         let (src_host, dst_host) = (
             groups.edges_by_source.segment_of(),
@@ -384,18 +383,15 @@ impl EquiformerV2 {
                 .iter()
                 .map(|&i| u32::from(batch.numbers_host[i as usize]))
                 .collect();
-            Ok(RowIndex::from_segments(
-                Segments::from_indices(&z, elements)?,
-                device,
-            )?)
+            batch.host_row_index(&z, elements)
         };
         let graph = EdgeGraph {
             n_nodes: batch.n_nodes(),
             n_edges,
             source_numbers: numbers_of(src_host)?,
             target_numbers: numbers_of(dst_host)?,
-            src: RowIndex::from_segments(groups.edges_by_source.clone(), device)?,
-            dst: RowIndex::from_segments(groups.edges_by_target.clone(), device)?,
+            src: batch.row_index(Grouping::EdgesBySource)?,
+            dst: batch.row_index(Grouping::EdgesByTarget)?,
             distance_features,
             wigner,
             ends: EdgeEnds {
