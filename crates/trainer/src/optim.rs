@@ -55,6 +55,8 @@ pub struct AdamW {
     second: Vec<Tensor>,
     /// Indices into `vars` of each dtype and device, in order.
     groups: Vec<Vec<usize>>,
+    /// The grouped update forced on or off; `None`: off the CPU only.
+    grouped: Option<bool>,
     step: u64,
 }
 
@@ -101,8 +103,15 @@ impl AdamW {
             first,
             second,
             groups,
+            grouped: None,
             step: 0,
         })
+    }
+
+    /// Forces the grouped update on (`Some(true)`) or off (`Some(false)`); `None`, the default,
+    /// groups off the CPU only. The results are the same; only the speed differs.
+    pub fn set_grouped(&mut self, grouped: Option<bool>) {
+        self.grouped = grouped;
     }
 
     /// The variables, sorted by name.
@@ -123,17 +132,6 @@ impl AdamW {
     /// `grads` does not have one entry per variable, or a gradient's shape differs from its
     /// variable's; nothing is updated then.
     pub fn step(&mut self, grads: &[Option<Tensor>], lr: f64) -> Result<()> {
-        self.step_grouped(grads, lr, None)
-    }
-
-    /// [`Self::step`], with the grouped update forced on (`Some(true)`), off, or chosen by
-    /// device (`None`: grouped off the CPU).
-    fn step_grouped(
-        &mut self,
-        grads: &[Option<Tensor>],
-        lr: f64,
-        grouped: Option<bool>,
-    ) -> Result<()> {
         if grads.len() != self.vars.len() {
             return Err(TrainError::Data(format!(
                 "{} gradients for {} variables",
@@ -162,7 +160,7 @@ impl AdamW {
                 .filter_map(|&k| grads[k].as_ref().map(|g| (k, g.detach())))
                 .collect();
             let on_cpu = self.vars[group[0]].1.device().is_cpu();
-            if grouped.unwrap_or(!on_cpu) && present.len() > 1 {
+            if self.grouped.unwrap_or(!on_cpu) && present.len() > 1 {
                 let flat = |ts: Vec<Tensor>| -> Result<Tensor> {
                     let parts = ts
                         .iter()
@@ -384,6 +382,7 @@ mod tests {
         };
         let (vars, reference) = (make(), make());
         let mut opt = AdamW::new(vars.clone(), config).unwrap();
+        opt.set_grouped(Some(grouped));
         let mut moments: Vec<(Tensor, Tensor)> = reference
             .iter()
             .map(|(_, v)| (v.zeros_like().unwrap(), v.zeros_like().unwrap()))
@@ -400,7 +399,7 @@ mod tests {
                 })
                 .collect();
             let lr = 0.01 * step as f64;
-            opt.step_grouped(&grads, lr, Some(grouped)).unwrap();
+            opt.step(&grads, lr).unwrap();
             // The per-variable reference, written out.
             let t = step as f64;
             let (c1, c2) = (1.0 - config.beta1.powf(t), 1.0 - config.beta2.powf(t));
@@ -451,6 +450,7 @@ mod tests {
                 // Resume into a fresh optimiser over the same variables.
                 let mut resumed = AdamW::new(vars.clone(), config).unwrap();
                 resumed.restore(&state, opt.step_count()).unwrap();
+                resumed.set_grouped(Some(grouped));
                 opt = resumed;
             }
         }
