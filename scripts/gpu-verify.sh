@@ -8,7 +8,8 @@
 #   scripts/gpu-verify.sh run [OUTDIR]   # there, from the repository root, with target/gpu-stage
 #                                        # carried: the CUDA kernel tests (every kernel against the
 #                                        # CPU, values and gradients), `bench kernels --device cuda`
-#                                        # with the e3nn/PyTorch reference side by side, a short
+#                                        # with the e3nn/PyTorch reference side by side and the
+#                                        # AdamW step bench (per-variable vs grouped), a short
 #                                        # SchNet training run on the GPU, and EquiformerV2 forward and
 #                                        # forward+backward against fairchem 1.x on the same GPU
 #                                        # (crates/models/benches/equiformer_v2_compare.sh). Logs and
@@ -64,7 +65,7 @@ PY
         [ -d "$d" ] && libs="$libs:$d"
     done
     export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-    for b in xtask cuda-tests equiformer-v2-bench; do
+    for b in xtask cuda-tests equiformer-v2-bench adamw-bench; do
         if ldd "$bin/bin/$b" | grep "not found"; then
             echo "missing libraries for $b (LD_LIBRARY_PATH=$LD_LIBRARY_PATH)" >&2
             exit 1
@@ -128,11 +129,18 @@ build() {
         --target-dir "$td" 2>&1 | tee /dev/stderr \
         | sed -n 's/.*Executable benches\/equiformer_v2.rs (\(.*\))/\1/p')
     [ -x "$eqv2" ] || { echo "could not find the equiformer_v2 bench binary" >&2; exit 1; }
+    local adamw
+    adamw=$(cargo bench --features cuda -p matscale-trainer --bench adamw --no-run \
+        --target-dir "$td" 2>&1 | tee /dev/stderr \
+        | sed -n 's/.*Executable benches\/adamw.rs (\(.*\))/\1/p')
+    [ -x "$adamw" ] || { echo "could not find the adamw bench binary" >&2; exit 1; }
     rm -rf "$STAGE" && mkdir -p "$STAGE/bin"
     cp "$td/release/xtask" "$STAGE/bin/xtask"
     cp "$tests" "$STAGE/bin/cuda-tests"
     cp "$eqv2" "$STAGE/bin/equiformer-v2-bench"
-    strip "$STAGE/bin/xtask" "$STAGE/bin/cuda-tests" "$STAGE/bin/equiformer-v2-bench"
+    cp "$adamw" "$STAGE/bin/adamw-bench"
+    strip "$STAGE/bin/xtask" "$STAGE/bin/cuda-tests" "$STAGE/bin/equiformer-v2-bench" \
+        "$STAGE/bin/adamw-bench"
     ls -l "$STAGE/bin"
     tar -C "$STAGE" -cJf "$STAGE/matscale-gpu.tar.xz" bin
     rm -rf "$STAGE/bin"
@@ -204,6 +212,8 @@ PY
         timeout "${T_BENCH:-180}" "$bin/bin/xtask" bench kernels --device cuda --reference \
             --python python3 --out "$work/bench-kernels-cuda0.json" 2>&1 \
             | tee "$out/bench-kernels.log" || status=1
+        echo "== AdamW step on the GPU: per-variable against grouped (eqV2-S's 383 tensors)"
+        timeout 60 "$bin/bin/adamw-bench" --device cuda 2>&1 | tee "$out/adamw.log" || status=1
     fi
     if ! want eqv2; then
         :
