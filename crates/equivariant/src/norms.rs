@@ -916,12 +916,14 @@ impl So3LinearV2 {
         let (l1, c_in, c_out) = (self.lmax + 1, self.in_features, self.out_features);
         let k = l1 * l1;
         let (dtype, device) = (self.weight.dtype(), self.weight.device());
-        // [K, C_out·C_in] → [K, C_in, C_out]
+        // [K, C_out·C_in] → [K, C_in, C_out], contiguous (small) so that every backend's
+        // batched matmul takes it as it is.
         let w = self
             .degree_of_coefficient
             .matmul(&self.weight.reshape((l1, c_out * c_in))?)?
             .reshape((k, c_out, c_in))?
-            .transpose(1, 2)?;
+            .transpose(1, 2)?
+            .contiguous()?;
         // [K, N, C_in] · [K, C_in, C_out] → [K, N, C_out] → [N, K, C_out]
         let y = x
             .transpose(0, 1)?
