@@ -349,6 +349,29 @@ fn default_pool(
     Ok(pool)
 }
 
+/// Reads (`set == false`) or writes a u64 attribute of `device`'s default memory pool.
+fn pool_attribute(
+    device: &CudaDevice,
+    attribute: candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute,
+    value: &mut u64,
+    set: bool,
+) -> candle_core::Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let pool = default_pool(device)?;
+    let ptr = (value as *mut u64).cast();
+    // SAFETY: the callers pass attributes whose value is a u64 (cuuint64_t); `ptr` points to
+    // one for the duration of the call.
+    unsafe {
+        if set {
+            sys::cuMemPoolSetAttribute(pool, attribute, ptr)
+        } else {
+            sys::cuMemPoolGetAttribute(pool, attribute, ptr)
+        }
+    }
+    .result()
+    .w()
+}
+
 /// The most bytes in use at once in `device`'s default memory pool since
 /// [`reset_peak_pool_bytes`] (or since the pool was created): the peak of candle's tensors
 /// and matscale's kernel buffers, what `torch.cuda.max_memory_allocated` reports for PyTorch.
@@ -357,19 +380,14 @@ fn default_pool(
 /// # Errors
 /// A driver error from querying the pool.
 pub fn peak_pool_bytes(device: &CudaDevice) -> candle_core::Result<u64> {
-    use candle_core::cuda_backend::cudarc::driver::sys;
-    let pool = default_pool(device)?;
+    use candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute;
     let mut value = 0u64;
-    // SAFETY: the used-memory high watermark attribute writes a u64 (cuuint64_t).
-    unsafe {
-        sys::cuMemPoolGetAttribute(
-            pool,
-            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
-            (&mut value as *mut u64).cast(),
-        )
-    }
-    .result()
-    .w()?;
+    pool_attribute(
+        device,
+        CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+        &mut value,
+        false,
+    )?;
     Ok(value)
 }
 
@@ -378,18 +396,13 @@ pub fn peak_pool_bytes(device: &CudaDevice) -> candle_core::Result<u64> {
 /// # Errors
 /// A driver error from setting the pool attribute.
 pub fn reset_peak_pool_bytes(device: &CudaDevice) -> candle_core::Result<()> {
-    use candle_core::cuda_backend::cudarc::driver::sys;
-    let pool = default_pool(device)?;
+    use candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute;
     // The driver accepts only zero here, meaning "the current use".
     let mut zero = 0u64;
-    // SAFETY: the used-memory high watermark attribute takes a pointer to a u64 (cuuint64_t).
-    unsafe {
-        sys::cuMemPoolSetAttribute(
-            pool,
-            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
-            (&mut zero as *mut u64).cast(),
-        )
-    }
-    .result()
-    .w()
+    pool_attribute(
+        device,
+        CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+        &mut zero,
+        true,
+    )
 }
