@@ -307,14 +307,7 @@ impl Segments {
 
     fn check(&self, src: &Tensor, rows: usize, arg: &'static str, what: &str) -> Result<()> {
         check_float(src, arg)?;
-        if src.rank() == 0 || src.dim(0)? != rows {
-            return Err(EquivariantError::ShapeMismatch {
-                arg,
-                expected: format!("[{rows} ({what}), ...]"),
-                found: src.dims().to_vec(),
-            });
-        }
-        Ok(())
+        check_rows(src, rows, arg, what)
     }
 
     /// Sum over the items of each segment: `[E, ...] → [S, ...]` (zeros for empty segments).
@@ -485,13 +478,7 @@ impl RowIndex {
     /// # Errors
     /// `src` does not have [`Self::rows`] rows.
     pub fn gather(&self, src: &Tensor) -> Result<Tensor> {
-        if src.rank() == 0 || src.dim(0)? != self.rows() {
-            return Err(EquivariantError::ShapeMismatch {
-                arg: "src",
-                expected: format!("[{} (rows of the index), ...]", self.rows()),
-                found: src.dims().to_vec(),
-            });
-        }
+        check_rows(src, self.rows(), "src", "rows of the index")?;
         self.segments.select_rows(src, &self.index)
     }
 
@@ -501,15 +488,21 @@ impl RowIndex {
     /// # Errors
     /// `src` does not have [`Self::len`] rows.
     pub fn sum(&self, src: &Tensor) -> Result<Tensor> {
-        if src.rank() == 0 || src.dim(0)? != self.len() {
-            return Err(EquivariantError::ShapeMismatch {
-                arg: "src",
-                expected: format!("[{} (entries of the index), ...]", self.len()),
-                found: src.dims().to_vec(),
-            });
-        }
+        check_rows(src, self.len(), "src", "entries of the index")?;
         self.segments.scatter_sum(src, &self.index)
     }
+}
+
+/// An error naming `arg` unless `src` is `[rows, ...]` (`what` says what the rows are).
+fn check_rows(src: &Tensor, rows: usize, arg: &'static str, what: &str) -> Result<()> {
+    if src.rank() == 0 || src.dim(0)? != rows {
+        return Err(EquivariantError::ShapeMismatch {
+            arg,
+            expected: format!("[{rows} ({what}), ...]"),
+            found: src.dims().to_vec(),
+        });
+    }
+    Ok(())
 }
 
 /// Whether [`gather_rows`] and [`Segments::select_rows`] keep candle's `index_select` for

@@ -95,17 +95,18 @@ pub struct BatchTensors {
     pub groups: BatchGroups,
 }
 
-/// The batch's index tensors as [`Segments`] (host CSR groupings, shared by clones).
+/// The batch's index tensors as [`RowIndex`]es: each holds the very tensor of its
+/// `BatchTensors` field together with its host CSR grouping (shared by clones).
 #[derive(Debug, Clone)]
 pub struct BatchGroups {
     /// Edges grouped by target node (`edge_dst`, sorted).
-    pub edges_by_target: Segments,
+    pub edges_by_target: RowIndex,
     /// Edges grouped by source node (`edge_src`, unsorted).
-    pub edges_by_source: Segments,
+    pub edges_by_source: RowIndex,
     /// Edges grouped by structure (`edge_structure`, sorted).
-    pub edges_by_structure: Segments,
+    pub edges_by_structure: RowIndex,
     /// Nodes grouped by structure (`node_structure`, sorted).
-    pub nodes_by_structure: Segments,
+    pub nodes_by_structure: RowIndex,
 }
 
 /// Which index a sum over rows follows (see [`BatchTensors::sum_over`]).
@@ -137,11 +138,16 @@ impl BatchTensors {
             let len = v.len();
             Ok(Tensor::from_vec(v, len, device)?)
         };
-        let edge_structure: Vec<u32> = batch
-            .edge_dst
-            .iter()
-            .map(|&d| batch.node_structure[d as usize])
-            .collect();
+        // The index tensors are the groupings' own (one upload each): the host groupings are
+        // built first, from the same arrays.
+        let rows =
+            |segments: Segments| Ok::<_, ModelError>(RowIndex::from_segments(segments, device)?);
+        let groups = BatchGroups {
+            edges_by_target: rows(Segments::from_offsets(&batch.dst_ptr)?)?,
+            edges_by_source: rows(Segments::from_indices(&batch.edge_src, n)?)?,
+            edges_by_structure: rows(Segments::from_offsets(&batch.edge_ptr)?)?,
+            nodes_by_structure: rows(Segments::from_offsets(&batch.node_ptr)?)?,
+        };
         let shifts: Vec<f64> = batch.edge_shifts.iter().map(|&s| s as f64).collect();
         let atoms: Vec<f64> = batch
             .atoms_per_structure()
@@ -152,10 +158,10 @@ impl BatchTensors {
             numbers: index(batch.numbers.iter().map(|&z| z as u32).collect())?,
             positions: float(&batch.positions, &[n, 3])?,
             cells: float(&batch.cells, &[b, 3, 3])?,
-            node_structure: index(batch.node_structure.clone())?,
-            edge_src: index(batch.edge_src.clone())?,
-            edge_dst: index(batch.edge_dst.clone())?,
-            edge_structure: index(edge_structure)?,
+            node_structure: groups.nodes_by_structure.tensor().clone(),
+            edge_src: groups.edges_by_source.tensor().clone(),
+            edge_dst: groups.edges_by_target.tensor().clone(),
+            edge_structure: groups.edges_by_structure.tensor().clone(),
             edge_shifts: float(&shifts, &[e, 3])?,
             volumes: float(&batch.volumes, &[b])?,
             n_atoms: float(&atoms, &[b])?,
@@ -166,24 +172,14 @@ impl BatchTensors {
             volumes_host: batch.volumes.clone(),
             pbc: batch.pbc.clone(),
             shape: BatchShape::of(batch),
-            groups: BatchGroups {
-                edges_by_target: Segments::from_offsets(&batch.dst_ptr)?,
-                edges_by_source: Segments::from_indices(&batch.edge_src, n)?,
-                edges_by_structure: Segments::from_offsets(&batch.edge_ptr)?,
-                nodes_by_structure: Segments::from_offsets(&batch.node_ptr)?,
-            },
+            groups,
         })
     }
 
     /// The grouping of `grouping` and its index tensor.
     fn grouping(&self, grouping: Grouping) -> (&Segments, &Tensor) {
-        let g = &self.groups;
-        match grouping {
-            Grouping::EdgesByTarget => (&g.edges_by_target, &self.edge_dst),
-            Grouping::EdgesBySource => (&g.edges_by_source, &self.edge_src),
-            Grouping::EdgesByStructure => (&g.edges_by_structure, &self.edge_structure),
-            Grouping::NodesByStructure => (&g.nodes_by_structure, &self.node_structure),
-        }
+        let rows = self.row_index(grouping);
+        (rows.segments(), rows.tensor())
     }
 
     /// Sums the rows of `values` (`[E, ...]` or `[N, ...]`) that share an index of
@@ -216,14 +212,16 @@ impl BatchTensors {
     }
 
     /// The index tensor of `grouping` (`edge_dst`, `edge_src`, `edge_structure` or
-    /// `node_structure`) as a [`RowIndex`], built from the host grouping: on a GPU nothing is
-    /// copied back from the device (see [`RowIndex`]).
-    ///
-    /// # Errors
-    /// The upload fails.
-    pub fn row_index(&self, grouping: Grouping) -> Result<RowIndex> {
-        let (segments, _) = self.grouping(grouping);
-        Ok(RowIndex::from_segments(segments.clone(), self.device())?)
+    /// `node_structure`, the same tensor) with its host grouping, as a [`RowIndex`]: gathers
+    /// through it copy nothing back from a GPU (see [`RowIndex`]).
+    pub fn row_index(&self, grouping: Grouping) -> &RowIndex {
+        let g = &self.groups;
+        match grouping {
+            Grouping::EdgesByTarget => &g.edges_by_target,
+            Grouping::EdgesBySource => &g.edges_by_source,
+            Grouping::EdgesByStructure => &g.edges_by_structure,
+            Grouping::NodesByStructure => &g.nodes_by_structure,
+        }
     }
 
     /// A host index (`values` below `rows`) as a [`RowIndex`] on the batch's device, e.g.
@@ -443,7 +441,7 @@ mod tests {
             (Grouping::EdgesByStructure, &t.edge_structure),
             (Grouping::NodesByStructure, &t.node_structure),
         ] {
-            let r = t.row_index(grouping).expect("row index");
+            let r = t.row_index(grouping);
             assert_eq!(
                 r.tensor().to_vec1::<u32>().unwrap(),
                 index.to_vec1::<u32>().unwrap(),

@@ -745,8 +745,8 @@ impl Model for SchNet {
                 // whose backward adds both gathers into one gradient in place, as before
                 // (separate segment sums would change the rounding of SchNet's sweeps).
                 let (src, dst) = (
-                    batch.row_index(Grouping::EdgesBySource)?,
-                    batch.row_index(Grouping::EdgesByTarget)?,
+                    batch.row_index(Grouping::EdgesBySource),
+                    batch.row_index(Grouping::EdgesByTarget),
                 );
                 let pre =
                     ((src.gather(&a)? + dst.gather(&a)?)? + head.radial.forward(&edges.rbf)?)?;

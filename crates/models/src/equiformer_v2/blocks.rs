@@ -188,6 +188,14 @@ impl EdgeGraph {
     pub(crate) fn segments(&self) -> &Segments {
         self.dst.segments()
     }
+
+    /// fairchem's message `[x_src ‖ x_dst]` as a gather of node rows.
+    pub(crate) fn message(&self) -> MessageGather {
+        MessageGather::Pair {
+            source: self.src.clone(),
+            target: self.dst.clone(),
+        }
+    }
 }
 
 /// Source and target node of every edge, on the host (cheap to clone into an op).
@@ -576,10 +584,7 @@ impl GraphAttention {
         // node-sized. Differentiable frames rotate a gathered message by matmuls.
         let (hidden, extra) = match wigner {
             EdgeFrames::Detached(blocks) => {
-                let message = MessageGather::Pair {
-                    source: graph.src.clone(),
-                    target: graph.dst.clone(),
-                };
+                let message = graph.message();
                 self.conv_1
                     .forward_gather_rotate_in(x, &message, blocks, Some(&radial))?
             }
@@ -630,10 +635,7 @@ impl GraphAttention {
 fn gather_pair(x: &Tensor, graph: &EdgeGraph) -> Result<Tensor> {
     if !x.device().is_cpu() || !matches!(x.dtype(), DType::F32 | DType::F64) {
         // Segment gathers on a GPU (a CSR segment sum as backward, not candle's index_add).
-        let message = MessageGather::Pair {
-            source: graph.src.clone(),
-            target: graph.dst.clone(),
-        };
+        let message = graph.message();
         return Ok(message.message(x)?);
     }
     let op = GatherPair {

@@ -372,10 +372,9 @@ impl EquiformerV2 {
             .to_dtype(distance_features.dtype())?;
         let distance_features = (distance_features * keep)?;
         // Indices from the batch's host groupings: nothing is copied back from the device.
-        let groups = &batch.groups;
         let (src_host, dst_host) = (
-            groups.edges_by_source.segment_of(),
-            groups.edges_by_target.segment_of(),
+            batch.row_index(Grouping::EdgesBySource).host(),
+            batch.row_index(Grouping::EdgesByTarget).host(),
         );
         let elements = self.config.max_num_elements;
         let numbers_of = |nodes: &[u32]| -> Result<RowIndex> {
@@ -390,8 +389,8 @@ impl EquiformerV2 {
             n_edges,
             source_numbers: numbers_of(src_host)?,
             target_numbers: numbers_of(dst_host)?,
-            src: batch.row_index(Grouping::EdgesBySource)?,
-            dst: batch.row_index(Grouping::EdgesByTarget)?,
+            src: batch.row_index(Grouping::EdgesBySource).clone(),
+            dst: batch.row_index(Grouping::EdgesByTarget).clone(),
             distance_features,
             wigner,
             ends: EdgeEnds {

@@ -370,9 +370,9 @@ impl Transformer {
         let groups = &batch.groups;
         let pair: Vec<u32> = groups
             .edges_by_target
-            .segment_of()
+            .host()
             .iter()
-            .zip(groups.edges_by_source.segment_of())
+            .zip(groups.edges_by_source.host())
             .map(|(&dst, &src)| row[dst as usize] + slot[src as usize])
             .collect();
         let pair_groups = Segments::from_indices(&pair, batch.n_structures() * m * m)?;
