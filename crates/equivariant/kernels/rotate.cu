@@ -2,53 +2,63 @@
 // layout (crates/equivariant/src/so2.rs `RotateOp`), plus the small row kernels that the
 // fused SO(2) layer (so2_fused.rs) runs between its cuBLAS GEMMs.
 //
-// Wigner rows: [E, wlen], block l at block_off[l], row-major (2l+1)². The two rotations run
-// one block per (edge, tile of blockDim.x ≤ 128 channels): the block copies its edge's Wigner
-// blocks into shared memory once, then each thread walks every output row of one channel,
-// reading the Wigner entries as shared-memory broadcasts and its inputs with loads that are
-// contiguous across the warp (re-reads of an input row hit L1), with no index division.
+// Wigner rows: [E, wlen], block l at block_off[l], row-major (2l+1)². `slot` maps the l-major
+// index l² + m + l to the m-major row (−1 where |m| > mmax).
+//
+// to the edge frame: out[e, slot(l, m), ch] = scale[l] Σ_j D^l[m + l][j] x[e, l² + j, ch]
+// back:              out[e, l² + j, ch] = scale[l] Σ_{|m| ≤ min(l, mmax)} D^l[m + l][j] y[e, slot(l, m), ch]
+//
+// Both run one block per (edge, tile of blockDim.x ≤ 128 channels): the block copies its edge's
+// Wigner blocks into shared memory once; each thread then takes one channel degree by degree,
+// loads that degree's inputs into registers (K of them at most: kernels for K = 5, 9, 13, 25,
+// the host picks the smallest that holds 2l + 1, resp. 2·min(l, mmax) + 1), and computes every
+// output row of the degree from them, reading the Wigner entries as shared-memory broadcasts.
+// Loads and stores are contiguous across the warp; every input element is read from device
+// memory once, every output written once, with no index division.
 #include "common.cuh"
 
-// out[e, r, ch] = scale[l] Σ_j D^l[i][j] x[e, l² + j, ch] for the m-major row r = (l, i = m + l).
-template <typename T>
-__device__ void rotate_to_edge_impl(long long edges, int c, int full, int trunc, int wlen,
-                                    const T* __restrict__ x, const T* __restrict__ w,
-                                    const int* __restrict__ row_l, const int* __restrict__ row_i,
-                                    const int* __restrict__ block_off, const T* __restrict__ scale,
-                                    T* __restrict__ out) {
+template <typename T, int K>
+__device__ void rotate_to_edge_tiled(long long edges, int c, int lmax, int trunc, int wlen,
+                                     int mmax, const T* __restrict__ x, const T* __restrict__ w,
+                                     const int* __restrict__ slot, const int* __restrict__ block_off,
+                                     const T* __restrict__ scale, T* __restrict__ out) {
     extern __shared__ unsigned char rotate_shared[];
     T* sw = reinterpret_cast<T*>(rotate_shared);
     const int ch = blockIdx.y * blockDim.x + threadIdx.x;
+    const int full = (lmax + 1) * (lmax + 1);
     for (long long e = blockIdx.x; e < edges; e += gridDim.x) {
-        __syncthreads();  // the previous edge's entries are no longer read
+        __syncthreads();
         for (int q = threadIdx.x; q < wlen; q += blockDim.x) sw[q] = w[e * wlen + q];
         __syncthreads();
         if (ch >= c) continue;
         const T* xe = x + e * full * c + ch;
         T* oe = out + e * trunc * c + ch;
-        for (int r = 0; r < trunc; ++r) {
-            const int l = row_l[r], k = 2 * l + 1;
-            const T* d = sw + block_off[l] + row_i[r] * k;
-            const T* xl = xe + (long long)(l * l) * c;
-            T acc = T(0);
-            for (int j = 0; j < k; ++j) acc += d[j] * xl[(long long)j * c];
-            oe[(long long)r * c] = acc * scale[l];
+        for (int l = 0; l <= lmax; ++l) {
+            const int k = 2 * l + 1, mm = l < mmax ? l : mmax;
+            T xr[K];
+#pragma unroll
+            for (int j = 0; j < K; ++j) xr[j] = j < k ? xe[(long long)(l * l + j) * c] : T(0);
+            const int* sl = slot + l * l + l;
+            const T s = scale[l];
+            for (int m = -mm; m <= mm; ++m) {
+                const T* row = sw + block_off[l] + (m + l) * k;
+                T acc = T(0);
+#pragma unroll
+                for (int j = 0; j < K; ++j) {
+                    if (j < k) acc += row[j] * xr[j];
+                }
+                oe[(long long)sl[m] * c] = acc * s;
+            }
         }
     }
 }
 
-MATSCALE_F32_F64(rotate_to_edge,
-    (long long edges, int c, int full, int trunc, int wlen, const float* x, const float* w, const int* row_l, const int* row_i, const int* block_off, const float* scale, float* out),
-    (long long edges, int c, int full, int trunc, int wlen, const double* x, const double* w, const int* row_l, const int* row_i, const int* block_off, const double* scale, double* out),
-    (edges, c, full, trunc, wlen, x, w, row_l, row_i, block_off, scale, out))
-
-// out[e, l² + j, ch] = scale[l] Σ_{|m| ≤ min(l, mmax)} D^l[m + l][j] y[e, slot(l, m), ch].
-// `slot` maps the l-major index l² + m + l to the m-major row (unused entries are −1).
-template <typename T>
-__device__ void rotate_from_edge_impl(long long edges, int c, int lmax, int trunc, int wlen,
-                                      int mmax, const T* __restrict__ y, const T* __restrict__ w,
-                                      const int* __restrict__ slot, const int* __restrict__ block_off,
-                                      const T* __restrict__ scale, T* __restrict__ out) {
+template <typename T, int K>
+__device__ void rotate_from_edge_tiled(long long edges, int c, int lmax, int trunc, int wlen,
+                                       int mmax, const T* __restrict__ y, const T* __restrict__ w,
+                                       const int* __restrict__ slot,
+                                       const int* __restrict__ block_off,
+                                       const T* __restrict__ scale, T* __restrict__ out) {
     extern __shared__ unsigned char rotate_shared[];
     T* sw = reinterpret_cast<T*>(rotate_shared);
     const int ch = blockIdx.y * blockDim.x + threadIdx.x;
@@ -61,24 +71,52 @@ __device__ void rotate_from_edge_impl(long long edges, int c, int lmax, int trun
         const T* ye = y + e * trunc * c + ch;
         T* oe = out + e * full * c + ch;
         for (int l = 0; l <= lmax; ++l) {
-            const int k = 2 * l + 1, mm = l < mmax ? l : mmax;
-            const T* d = sw + block_off[l];
-            const int* sl = slot + l * l + l;  // sl[m] for −mm ≤ m ≤ mm
+            const int k = 2 * l + 1, mm = l < mmax ? l : mmax, nm = 2 * mm + 1;
+            const int* sl = slot + l * l + l - mm;  // sl[t] is the slot of m = t − mm
+            T yr[K];
+#pragma unroll
+            for (int t = 0; t < K; ++t) yr[t] = t < nm ? ye[(long long)sl[t] * c] : T(0);
+            const T* d = sw + block_off[l] + (l - mm) * k;  // row m + l of m = −mm
+            const T s = scale[l];
             for (int j = 0; j < k; ++j) {
                 T acc = T(0);
-                for (int m = -mm; m <= mm; ++m) {
-                    acc += d[(m + l) * k + j] * ye[(long long)sl[m] * c];
+#pragma unroll
+                for (int t = 0; t < K; ++t) {
+                    if (t < nm) acc += d[t * k + j] * yr[t];
                 }
-                oe[(long long)(l * l + j) * c] = acc * scale[l];
+                oe[(long long)(l * l + j) * c] = acc * s;
             }
         }
     }
 }
 
-MATSCALE_F32_F64(rotate_from_edge,
-    (long long edges, int c, int lmax, int trunc, int wlen, int mmax, const float* y, const float* w, const int* slot, const int* block_off, const float* scale, float* out),
-    (long long edges, int c, int lmax, int trunc, int wlen, int mmax, const double* y, const double* w, const int* slot, const int* block_off, const double* scale, double* out),
-    (edges, c, lmax, trunc, wlen, mmax, y, w, slot, block_off, scale, out))
+#define MATSCALE_ROTATE_PARAMS(T)                                                              \
+    (long long edges, int c, int lmax, int trunc, int wlen, int mmax, const T* in,             \
+     const T* w, const int* slot, const int* block_off, const T* scale, T* out)
+#define MATSCALE_ROTATE_ARGS (edges, c, lmax, trunc, wlen, mmax, in, w, slot, block_off, scale, out)
+#define MATSCALE_ROTATE_TILED(K)                                                               \
+    template <typename T>                                                                      \
+    __device__ void rotate_to_edge_k##K##_impl MATSCALE_ROTATE_PARAMS(T) {                     \
+        rotate_to_edge_tiled<T, K> MATSCALE_ROTATE_ARGS;                                       \
+    }                                                                                          \
+    template <typename T>                                                                      \
+    __device__ void rotate_from_edge_k##K##_impl MATSCALE_ROTATE_PARAMS(T) {                   \
+        rotate_from_edge_tiled<T, K> MATSCALE_ROTATE_ARGS;                                     \
+    }
+
+MATSCALE_ROTATE_TILED(5)
+MATSCALE_ROTATE_TILED(9)
+MATSCALE_ROTATE_TILED(13)
+MATSCALE_ROTATE_TILED(25)
+
+MATSCALE_F32_F64(rotate_to_edge_k5, MATSCALE_ROTATE_PARAMS(float), MATSCALE_ROTATE_PARAMS(double), MATSCALE_ROTATE_ARGS)
+MATSCALE_F32_F64(rotate_to_edge_k9, MATSCALE_ROTATE_PARAMS(float), MATSCALE_ROTATE_PARAMS(double), MATSCALE_ROTATE_ARGS)
+MATSCALE_F32_F64(rotate_to_edge_k13, MATSCALE_ROTATE_PARAMS(float), MATSCALE_ROTATE_PARAMS(double), MATSCALE_ROTATE_ARGS)
+MATSCALE_F32_F64(rotate_to_edge_k25, MATSCALE_ROTATE_PARAMS(float), MATSCALE_ROTATE_PARAMS(double), MATSCALE_ROTATE_ARGS)
+MATSCALE_F32_F64(rotate_from_edge_k5, MATSCALE_ROTATE_PARAMS(float), MATSCALE_ROTATE_PARAMS(double), MATSCALE_ROTATE_ARGS)
+MATSCALE_F32_F64(rotate_from_edge_k9, MATSCALE_ROTATE_PARAMS(float), MATSCALE_ROTATE_PARAMS(double), MATSCALE_ROTATE_ARGS)
+MATSCALE_F32_F64(rotate_from_edge_k13, MATSCALE_ROTATE_PARAMS(float), MATSCALE_ROTATE_PARAMS(double), MATSCALE_ROTATE_ARGS)
+MATSCALE_F32_F64(rotate_from_edge_k25, MATSCALE_ROTATE_PARAMS(float), MATSCALE_ROTATE_PARAMS(double), MATSCALE_ROTATE_ARGS)
 
 // dst[e, s, ch] = src[e, s, ch] · rad[e, rows[s], ch] (dst may be src).
 template <typename T>

@@ -88,7 +88,10 @@ fn open_cuda() -> Result<Device, String> {
     let result = std::panic::catch_unwind(|| Device::new_cuda(0));
     std::panic::set_hook(hook);
     match result {
-        Ok(Ok(device)) => Ok(device),
+        Ok(Ok(device)) => {
+            keep_freed_memory(&device);
+            Ok(device)
+        }
         // The first line only: candle appends a backtrace when RUST_BACKTRACE is set.
         Ok(Err(e)) => Err(format!(
             "CUDA device 0 is unavailable ({})",
@@ -104,6 +107,20 @@ fn open_cuda() -> Result<Device, String> {
         }
     }
 }
+
+/// Keeps freed device memory cached for reuse ([`crate::cuda::cache_freed_memory`]); a failure
+/// only costs speed, so it is reported and the device used as it is.
+#[cfg(feature = "cuda")]
+fn keep_freed_memory(device: &Device) {
+    if let Device::Cuda(dev) = device {
+        if let Err(e) = crate::cuda::cache_freed_memory(dev) {
+            eprintln!("matscale: could not keep freed CUDA memory cached ({e}); continuing");
+        }
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn keep_freed_memory(_device: &Device) {}
 
 /// Resolves `request` to a device without printing anything.
 pub fn resolve_device(request: DeviceRequest) -> SelectedDevice {

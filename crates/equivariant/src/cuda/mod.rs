@@ -406,3 +406,32 @@ pub fn reset_peak_pool_bytes(device: &CudaDevice) -> candle_core::Result<()> {
         true,
     )
 }
+
+/// Keeps the memory that candle frees cached in the device's default stream-ordered pool.
+///
+/// candle allocates through cudarc's `cuMemAllocAsync`, whose default pool has a release
+/// threshold of zero: at every synchronisation the driver unmaps all freed memory, and the next
+/// allocation maps it again. A benchmark or training step synchronises between repetitions,
+/// so its large temporaries may be mapped anew each time: the suspected reason why the
+/// rotations on an H100 took about as long at any kernel design, scaling with the output size
+/// (not yet verified on a GPU). With the threshold at its maximum, freed memory stays in the
+/// pool for reuse, as PyTorch's caching allocator keeps it; it goes back to the system when
+/// the process ends.
+///
+/// # Errors
+/// A driver error from querying or setting the pool.
+pub fn cache_freed_memory(device: &CudaDevice) -> candle_core::Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let pool = default_pool(device)?;
+    let mut threshold = u64::MAX;
+    // SAFETY: the release threshold attribute takes a pointer to a u64 (cuuint64_t).
+    unsafe {
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+    }
+    .result()
+    .w()
+}

@@ -21,9 +21,6 @@ use crate::wigner::block_offset;
 
 /// Device tables of one rotation.
 struct RotateTables<T: CudaFloat> {
-    /// Degree and block row `m + l` of every m-major slot.
-    row_l: CudaSlice<i32>,
-    row_i: CudaSlice<i32>,
     /// m-major slot of every l-major index (−1 where `|m| > mmax`).
     slot: CudaSlice<i32>,
     block_off: CudaSlice<i32>,
@@ -33,8 +30,6 @@ struct RotateTables<T: CudaFloat> {
 impl<T: CudaFloat> RotateTables<T> {
     fn new(dev: &CudaDevice, layout: SphericalLayout, rescale: bool) -> candle_core::Result<Self> {
         let orders = layout.m_major_degrees_orders();
-        let row_l: Vec<i32> = orders.iter().map(|&(l, _)| l as i32).collect();
-        let row_i: Vec<i32> = orders.iter().map(|&(l, m)| l as i32 + m).collect();
         let mut slot = vec![-1i32; layout.num_coefficients()];
         for (i, &(l, m)) in orders.iter().enumerate() {
             slot[l_major_index(l, m)] = i as i32;
@@ -52,13 +47,25 @@ impl<T: CudaFloat> RotateTables<T> {
             })
             .collect();
         Ok(Self {
-            row_l: upload(dev, &row_l)?,
-            row_i: upload(dev, &row_i)?,
             slot: upload(dev, &slot)?,
             block_off: upload(dev, &block_off)?,
             scale: upload(dev, &scale)?,
         })
     }
+}
+
+/// The smallest register tile of the rotation kernels (`rotate.cu`: 5, 9, 13, 25 inputs per
+/// degree) that holds `inputs`; every layout qualifies (`SphericalLayout::MAX_LMAX` = 11
+/// needs 23).
+fn register_tile(inputs: usize) -> candle_core::Result<usize> {
+    [5, 9, 13, 25]
+        .into_iter()
+        .find(|&k| inputs <= k)
+        .ok_or_else(|| {
+            candle_core::Error::Msg(format!(
+                "the CUDA rotation kernels hold at most 25 inputs per degree, not {inputs}"
+            ))
+        })
 }
 
 /// Launch of the rotation kernels: one block per (edge, tile of up to 128 channels), the
@@ -93,26 +100,31 @@ fn to_edge<T: CudaFloat>(
     if edges == 0 || c == 0 {
         return Ok(());
     }
-    let func = kernel::<T>(dev, ROTATE, "rotate_to_edge")?;
     let (e, ci) = (long(edges), int(c, "channels")?);
-    let (full, trunc, wlen) = (
-        layout.num_coefficients() as i32,
+    let (lmax, trunc, wlen, mmax) = (
+        layout.lmax() as i32,
         layout.num_truncated() as i32,
         layout.wigner_len() as i32,
+        layout.mmax() as i32,
     );
+    // The register-tiled kernel whose tile holds a degree's 2·lmax + 1 inputs.
+    let func = match register_tile(2 * layout.lmax() + 1)? {
+        5 => kernel::<T>(dev, ROTATE, "rotate_to_edge_k5")?,
+        9 => kernel::<T>(dev, ROTATE, "rotate_to_edge_k9")?,
+        13 => kernel::<T>(dev, ROTATE, "rotate_to_edge_k13")?,
+        _ => kernel::<T>(dev, ROTATE, "rotate_to_edge_k25")?,
+    };
     let mut b = func.builder();
     b.arg(&e)
         .arg(&ci)
-        .arg(&full)
+        .arg(&lmax)
         .arg(&trunc)
         .arg(&wlen)
+        .arg(&mmax)
         .arg(x)
-        .arg(w);
-    b.arg(&tables.row_l)
-        .arg(&tables.row_i)
-        .arg(&tables.block_off)
-        .arg(&tables.scale)
-        .arg(out);
+        .arg(w)
+        .arg(&tables.slot);
+    b.arg(&tables.block_off).arg(&tables.scale).arg(out);
     // SAFETY: x is [edges, full, c], w [edges, wlen], out [edges, trunc, c]; tables sized by
     // layout; the shared memory holds wlen entries.
     unsafe { b.launch(rotate_cfg::<T>(edges, c, layout.wigner_len())) }.w()?;
@@ -133,7 +145,13 @@ fn from_edge<T: CudaFloat>(
     if edges == 0 || c == 0 {
         return Ok(());
     }
-    let func = kernel::<T>(dev, ROTATE, "rotate_from_edge")?;
+    // The register-tiled kernel whose tile holds a degree's 2·min(lmax, mmax) + 1 inputs.
+    let func = match register_tile(2 * layout.lmax().min(layout.mmax()) + 1)? {
+        5 => kernel::<T>(dev, ROTATE, "rotate_from_edge_k5")?,
+        9 => kernel::<T>(dev, ROTATE, "rotate_from_edge_k9")?,
+        13 => kernel::<T>(dev, ROTATE, "rotate_from_edge_k13")?,
+        _ => kernel::<T>(dev, ROTATE, "rotate_from_edge_k25")?,
+    };
     let (e, ci) = (long(edges), int(c, "channels")?);
     let (lmax, trunc, wlen, mmax) = (
         layout.lmax() as i32,
