@@ -189,6 +189,20 @@ pub(crate) fn zeros<T: CudaFloat>(
     dev.alloc_zeros::<T>(len.max(1))
 }
 
+/// An uninitialised device buffer of `len` elements (at least one), for outputs that are
+/// written in full before anything reads them: it saves `zeros`' memset, a whole extra write
+/// pass over the largest temporaries (the S2 grid values, `G/K` ≈ 6.6 times the coefficients).
+///
+/// # Safety
+/// Every element must be written (a GEMM with β = 0, a kernel covering it) before it is read.
+pub(crate) unsafe fn uninit<T: CudaFloat>(
+    dev: &CudaDevice,
+    len: usize,
+) -> candle_core::Result<CudaSlice<T>> {
+    // SAFETY: forwarded to the caller.
+    unsafe { dev.alloc::<T>(len.max(1)) }
+}
+
 /// Copies a small host table to the device (at least one element).
 pub(crate) fn upload<T: DeviceRepr + Copy + Default + 'static>(
     dev: &CudaDevice,

@@ -8,7 +8,7 @@ use candle_core::cuda_backend::WrapErr;
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Shape};
 
 use super::{
-    gemm_batched, int, kernel, launch_cfg, long, mat, upload, view, zeros, CudaFloat, ELEMENTWISE,
+    gemm_batched, int, kernel, launch_cfg, long, mat, uninit, upload, view, CudaFloat, ELEMENTWISE,
 };
 
 /// The grid of `s2grid.rs` (`GridInner`): `to` and `from` are `[G, K]` row-major, in both
@@ -99,7 +99,8 @@ fn grid_linear_typed<T: GridFloat>(
         GridMap::FromAdjoint => (from, false),
     };
     let m = upload(dev, matrix)?;
-    let mut out = zeros::<T>(dev, n * rows_out * c)?;
+    // SAFETY: the batched GEMM (β = 0) writes all n × rows_out × c elements.
+    let mut out = unsafe { uninit::<T>(dev, n * rows_out * c) }?;
     batched(
         dev,
         &m,
@@ -152,8 +153,10 @@ fn act_forward_typed<T: GridFloat>(
     let xv = view::<T>(x.0, x.1, name)?;
     let (to, from) = T::matrices(grid);
     let (to, from) = (upload(dev, to)?, upload(dev, from)?);
-    let mut values = zeros::<T>(dev, n * g * c)?;
-    let mut out = zeros::<T>(dev, n * k * c)?;
+    // SAFETY: the first GEMM (β = 0) writes every grid value; the second every output row but
+    // the first when there are scalars, which `silu_rows` writes.
+    let mut values = unsafe { uninit::<T>(dev, n * g * c) }?;
+    let mut out = unsafe { uninit::<T>(dev, n * k * c) }?;
     if n * c == 0 {
         return Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()));
     }
@@ -235,9 +238,10 @@ fn act_backward_typed<T: GridFloat>(
     let dyv = view::<T>(dy.0, dy.1, name)?;
     let (to, from) = T::matrices(grid);
     let (to, from) = (upload(dev, to)?, upload(dev, from)?);
-    let mut values = zeros::<T>(dev, n * g * c)?;
-    let mut grads = zeros::<T>(dev, n * g * c)?;
-    let mut dx = zeros::<T>(dev, n * k * c)?;
+    // SAFETY: each of the three GEMMs (β = 0; α = 0 with no input rows) writes its whole output.
+    let mut values = unsafe { uninit::<T>(dev, n * g * c) }?;
+    let mut grads = unsafe { uninit::<T>(dev, n * g * c) }?;
+    let mut dx = unsafe { uninit::<T>(dev, n * k * c) }?;
     if n * c == 0 {
         return Ok(CudaStorage::wrap_cuda_slice(dx, dev.clone()));
     }
