@@ -435,17 +435,12 @@ pub fn reset_peak_pool_bytes(device: &CudaDevice) -> candle_core::Result<()> {
 /// # Errors
 /// A driver error from querying or setting the pool.
 pub fn cache_freed_memory(device: &CudaDevice) -> candle_core::Result<()> {
-    use candle_core::cuda_backend::cudarc::driver::sys;
-    let pool = default_pool(device)?;
+    use candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute;
     let mut threshold = u64::MAX;
-    // SAFETY: the release threshold attribute takes a pointer to a u64 (cuuint64_t).
-    unsafe {
-        sys::cuMemPoolSetAttribute(
-            pool,
-            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-            (&mut threshold as *mut u64).cast(),
-        )
-    }
-    .result()
-    .w()
+    pool_attribute(
+        device,
+        CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+        &mut threshold,
+        true,
+    )
 }
