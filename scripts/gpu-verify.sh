@@ -5,6 +5,8 @@
 #   scripts/gpu-verify.sh build          # here: CUDA 13.0 toolkit (cargo xtask cuda-env), release
 #                                        # builds with --features cuda, stripped binaries packed
 #                                        # into target/gpu-stage/matscale-gpu.tar.xz
+#   scripts/gpu-verify.sh ab [OUTDIR]    # there: matscale's EquiformerV2 step, staged builds
+#                                        # alternately (AB_STAGES; see `ab` below)
 #   scripts/gpu-verify.sh run [OUTDIR]   # there, from the repository root, with target/gpu-stage
 #                                        # carried: the CUDA kernel tests (every kernel against the
 #                                        # CPU, values and gradients), `bench kernels --device cuda`
@@ -97,7 +99,7 @@ profile() {
     fc=$(unpack_fairchem)
     local c p
     for c in ${PROFILE_CONFIGS:-eqv2-s}; do
-        for p in forward forward_backward; do
+        for p in ${PROFILE_PHASES:-forward forward_backward}; do
             echo "== $c $p"
             "$bin/bin/equiformer-v2-bench" compare --config "$c" --phase "$p" --reps 5 \
                 --warmup 2 --device cuda | tee -a "$out/profile-wall.jsonl"
@@ -109,6 +111,42 @@ profile() {
                 --fairchem "$fc" --input "$input" --config "$c" --phase "$p" --reps 5 \
                 --warmup 2 --device cuda --profile "$out/torch-$c-$p.txt" \
                 | tee -a "$out/profile-wall.jsonl" || echo "fairchem profile failed"
+        done
+    done
+}
+
+# A/B of matscale's EquiformerV2 step between staged builds on one GPU: AB_STAGES (a comma
+# list of stage folders; only bin/equiformer-v2-bench is needed in each, so a stage can be cut
+# down to that binary to fit the carry limit) run alternately, AB_ROUNDS rounds (default 2) of
+# `compare` for each of AB_CONFIGS (default eqv2-s) and AB_PHASES (default forward_backward),
+# JSON lines tagged with the stage into OUTDIR/ab.jsonl.
+ab() {
+    local out="${1:-${OUT:-target/gpu-out}}"
+    mkdir -p "$out"
+    out=$(cd "$out" && pwd)
+    local stages
+    IFS=, read -ra stages <<< "${AB_STAGES:?set AB_STAGES to a comma list of stage folders}"
+    local root=/tmp/matscale-ab i
+    rm -rf "$root"
+    for i in "${!stages[@]}"; do
+        mkdir -p "$root/$i"
+        tar -C "$root/$i" -xJf "${stages[$i]}/matscale-gpu.tar.xz" bin/equiformer-v2-bench
+    done
+    # The libraries (and device.txt) as for `run`, from the first stage.
+    STAGE="${stages[0]}"
+    work="$out" setup_bins
+    local round c p
+    for round in $(seq "${AB_ROUNDS:-2}"); do
+        for c in ${AB_CONFIGS:-eqv2-s}; do
+            for p in ${AB_PHASES:-forward_backward}; do
+                for i in "${!stages[@]}"; do
+                    echo "== round $round, $c $p, ${stages[$i]}"
+                    timeout 120 "$root/$i/bin/equiformer-v2-bench" compare --config "$c" \
+                        --phase "$p" --reps "${EQV2_REPS:-5}" --warmup 2 --device cuda \
+                        | sed "s|^{|{\"stage\": \"${stages[$i]}\", \"round\": $round, |" \
+                        | tee -a "$out/ab.jsonl"
+                done
+            done
         done
     done
 }
@@ -250,5 +288,6 @@ case "${1:-}" in
     build) build ;;
     run) shift; run "$@" ;;
     profile) shift; profile "$@" ;;
+    ab) shift; ab "$@" ;;
     *) sed -n '2,20p' "$0"; exit 2 ;;
 esac

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The kernel sources, compiled one PTX module each.
-const KERNELS: [&str; 5] = ["sh", "rotate", "segment", "elementwise", "wigner"];
+const KERNELS: [&str; 6] = ["sh", "rotate", "segment", "elementwise", "wigner", "norm"];
 
 fn nvcc() -> PathBuf {
     for var in ["CUDA_HOME", "CUDA_PATH"] {

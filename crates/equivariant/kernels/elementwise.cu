@@ -4,28 +4,7 @@
 // S2 grid activation (s2grid.rs) that run between its batched GEMMs.
 #include "common.cuh"
 
-// function: 0 SiLU, 1 sigmoid, 2 smooth leaky ReLU with `slope`; order 0, 1 or 2.
-template <typename T> __device__ __forceinline__ T activation(int function, int order, T slope, T x) {
-    const T one = T(1), two = T(2);
-    if (function == 0) {
-        const T s = sigmoid_of(x);
-        if (order == 0) return x * s;
-        if (order == 1) return s * (one + x * (one - s));
-        return s * (one - s) * (two + x * (one - two * s));
-    }
-    if (function == 1) {
-        const T s = sigmoid_of(x);
-        if (order == 0) return s;
-        if (order == 1) return s * (one - s);
-        return s * (one - s) * (one - two * s);
-    }
-    const T a = (one + slope) / two, b = (one - slope) / two;
-    const T t = two * sigmoid_of(x) - one;
-    if (order == 0) return a * x + b * x * t;
-    if (order == 1) return a + b * t + b * x * (one - t * t) / two;
-    return b * (one - t * t) * (one - x * t / two);
-}
-
+// `activation(function, order, slope, x)` is in common.cuh (shared with norm.cu).
 template <typename T>
 __device__ void activation_impl(long long n, int function, int order, T slope, const T* __restrict__ x,
                                 T* __restrict__ out) {

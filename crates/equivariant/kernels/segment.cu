@@ -101,3 +101,76 @@ MATSCALE_F32_F64(segment_softmax_backward,
     (long long total, int cols, const unsigned int* offsets, const unsigned int* order, int has_order, const float* y, const float* g, float* out),
     (long long total, int cols, const unsigned int* offsets, const unsigned int* order, int has_order, const double* y, const double* g, double* out),
     (total, cols, offsets, order, has_order, y, g, out))
+
+// Head-weighted segment sum: x [items, k, heads · v], w [items, heads] →
+// out[s, kk, c] = Σ_{items i of s} w[i, c / v] · x[i, kk, c] (row = k · heads · v values).
+template <typename T>
+__device__ void segment_weighted_sum_impl(long long total, int row, int hv, int v, int heads,
+                                          const unsigned int* __restrict__ offsets,
+                                          const unsigned int* __restrict__ order, int has_order,
+                                          const T* __restrict__ x, const T* __restrict__ w,
+                                          T* __restrict__ out) {
+    MATSCALE_GRID_STRIDE(idx, total) {
+        const long long s = idx / row;
+        const int j = (int)(idx % row);
+        const int h = (j % hv) / v;
+        T acc = T(0);
+        for (long long k = offsets[s]; k < offsets[s + 1]; ++k) {
+            const long long i = item_at(order, has_order, k);
+            acc += w[i * heads + h] * x[i * row + j];
+        }
+        out[idx] = acc;
+    }
+}
+
+MATSCALE_F32_F64(segment_weighted_sum,
+    (long long total, int row, int hv, int v, int heads, const unsigned int* offsets, const unsigned int* order, int has_order, const float* x, const float* w, float* out),
+    (long long total, int row, int hv, int v, int heads, const unsigned int* offsets, const unsigned int* order, int has_order, const double* x, const double* w, double* out),
+    (total, row, hv, v, heads, offsets, order, has_order, x, w, out))
+
+// Its backward, part 1: dx[i, kk, c] = w[i, c / v] · g[index[i], kk, c] (total = items · row).
+template <typename T>
+__device__ void segment_weighted_sum_dx_impl(long long total, int row, int hv, int v, int heads,
+                                             const unsigned int* __restrict__ index,
+                                             const T* __restrict__ w, const T* __restrict__ g,
+                                             T* __restrict__ dx) {
+    MATSCALE_GRID_STRIDE(idx, total) {
+        const long long i = idx / row;
+        const int j = (int)(idx % row);
+        dx[idx] = w[i * heads + (j % hv) / v] * g[(long long)index[i] * row + j];
+    }
+}
+
+MATSCALE_F32_F64(segment_weighted_sum_dx,
+    (long long total, int row, int hv, int v, int heads, const unsigned int* index, const float* w, const float* g, float* dx),
+    (long long total, int row, int hv, int v, int heads, const unsigned int* index, const double* w, const double* g, double* dx),
+    (total, row, hv, v, heads, index, w, g, dx))
+
+// Part 2, one warp per (item i, head h): dw[i, h] = Σ_{kk, vv} x[i, kk, h·v + vv] · g[index[i], kk, h·v + vv].
+template <typename T>
+__device__ void segment_weighted_sum_dw_impl(long long pairs, int k, int hv, int v, int heads,
+                                             const unsigned int* __restrict__ index,
+                                             const T* __restrict__ x, const T* __restrict__ g,
+                                             T* __restrict__ dw) {
+    const int lane = threadIdx.x & 31;
+    const long long row = (long long)k * hv;
+    const int kv = k * v;
+    MATSCALE_WARP_STRIDE(p, pairs) {
+        const long long i = p / heads;
+        const int h = (int)(p % heads);
+        const T* xi = x + i * row + h * v;
+        const T* gi = g + (long long)index[i] * row + h * v;
+        T s = T(0);
+        for (int t = lane; t < kv; t += 32) {
+            const long long at = (long long)(t / v) * hv + t % v;
+            s += xi[at] * gi[at];
+        }
+        s = warp_sum(s);
+        if (lane == 0) dw[p] = s;
+    }
+}
+
+MATSCALE_F32_F64(segment_weighted_sum_dw,
+    (long long pairs, int k, int hv, int v, int heads, const unsigned int* index, const float* x, const float* g, float* dw),
+    (long long pairs, int k, int hv, int v, int heads, const unsigned int* index, const double* x, const double* g, double* dw),
+    (pairs, k, hv, v, heads, index, x, g, dw))

@@ -96,7 +96,7 @@ fn check_affine(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<()> {
 
 /// Whether the fused CPU kernels apply to `x` (see the [module docs](self)).
 fn fused_applies(x: &Tensor) -> bool {
-    x.device().is_cpu()
+    (x.device().is_cpu() || (cfg!(feature = "cuda") && x.device().is_cuda()))
         && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
         && !crate::higher_order_gradients_requested()
 }
@@ -106,6 +106,18 @@ fn fused_applies(x: &Tensor) -> bool {
 struct LayerNormAct {
     eps: f64,
     act: Option<Function>,
+}
+
+impl LayerNormAct {
+    /// The kernels' parameters for rows of `width` values.
+    #[cfg(feature = "cuda")]
+    fn cuda_params(&self, width: usize) -> crate::cuda::norm::NormAct {
+        crate::cuda::norm::NormAct {
+            width,
+            act: self.act,
+            eps: self.eps,
+        }
+    }
 }
 
 /// Independent partial sums in [`lane_sum_by`]: reductions in one chain cannot vectorise
@@ -315,6 +327,21 @@ impl CustomOp3 for LayerNormAct {
         Ok((out, l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let p = self.cuda_params(l2.shape().elem_count());
+        let out = crate::cuda::norm::forward([(s1, l1), (s2, l2), (s3, l3)], p, 0)?;
+        Ok((out, l1.shape().clone()))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -369,6 +396,22 @@ impl CustomOp3 for LayerNormActBackward {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let len = l1.shape().elem_count() + l3.shape().elem_count();
         let out = run_float(self.name(), [(s1, l1), (s2, l2), (s3, l3)], self)?;
+        Ok((out, Shape::from(len)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let len = l1.shape().elem_count() + l3.shape().elem_count();
+        let p = self.op.cuda_params(l3.shape().elem_count() / 2);
+        let out = crate::cuda::norm::backward([(s1, l1), (s2, l2), (s3, l3)], p, 0)?;
         Ok((out, Shape::from(len)))
     }
 }
@@ -547,6 +590,26 @@ impl CustomOp3 for LayerNormActDot {
         Ok((out, Shape::from(&dims[..dims.len() - 1])))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (a, heads) = dot_dims(l1, l2, l3, self.name())?;
+        let out = crate::cuda::norm::forward(
+            [(s1, l1), (s2, l2), (s3, l3)],
+            self.op.cuda_params(a),
+            heads,
+        )?;
+        let dims = l1.shape().dims();
+        Ok((out, Shape::from(&dims[..dims.len() - 1])))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -612,6 +675,32 @@ impl CustomOp3 for LayerNormActDotBackward {
         }
         let len = l1.shape().elem_count() + l3.shape().elem_count();
         let out = run_float(name, [(s1, l1), (s2, l2), (s3, l3)], self)?;
+        Ok((out, Shape::from(len)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let a = l3.shape().elem_count() / (2 + self.heads);
+        let rows = l1.shape().elem_count().checked_div(a).unwrap_or(0);
+        if l2.shape().elem_count() != rows {
+            candle_core::bail!(
+                "{}: gradient {:?} for x {:?}",
+                self.name(),
+                l2.shape(),
+                l1.shape()
+            );
+        }
+        let len = l1.shape().elem_count() + l3.shape().elem_count();
+        let p = self.op.cuda_params(a);
+        let out = crate::cuda::norm::backward([(s1, l1), (s2, l2), (s3, l3)], p, self.heads)?;
         Ok((out, Shape::from(len)))
     }
 }

@@ -56,6 +56,8 @@ use crate::error::{EquivariantError, Result};
 use crate::float_kernel::{run_float, FloatKernel};
 use crate::so2::dispatch_kernel;
 
+mod weighted;
+
 /// Added to the softmax denominator, as `torch_geometric.utils.softmax` does.
 const SOFTMAX_EPS: f64 = 1e-16;
 

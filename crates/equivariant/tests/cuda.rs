@@ -119,6 +119,8 @@ fn every_ptx_module_loads() -> TestResult {
         &w,
         layout,
     )?;
+    let ones = Tensor::ones(3, DType::F32, &dev)?;
+    matscale_equivariant::norm_act::layer_norm_act(&x, &ones, &ones.zeros_like()?, 1e-5, None)?;
     dev.synchronize()?;
     Ok(())
 }
@@ -371,6 +373,89 @@ fn segment_ops_match_cpu_with_gradients() -> TestResult {
             compare_with_grad("gather_rows", &dev, &s, |t| {
                 let i = if t.device().is_cuda() { &idx_gpu } else { &idx };
                 Ok(gather_rows(t, i)?)
+            })?;
+            // The head-weighted sum (values [E, K, H·V], weights [E, H]): both gradients.
+            let values = random(&[500, 3, 2 * 5], 24, dtype)?;
+            let weights = random(&[500, 2], 25, dtype)?;
+            compare_with_grad("head-weighted sum (values)", &dev, &values, |t| {
+                Ok(seg.head_weighted_sum(t, &weights.to_device(t.device())?)?)
+            })?;
+            compare_with_grad("head-weighted sum (weights)", &dev, &weights, |t| {
+                Ok(seg.head_weighted_sum(&values.to_device(t.device())?, t)?)
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// LayerNorm + activation and LayerNorm + activation + dot (`norm_act`), every input's
+/// gradient, with row widths that are not multiples of a warp and more rows than one warp
+/// handles in the backward pass.
+#[test]
+fn norm_act_ops_match_cpu_with_gradients() -> TestResult {
+    use matscale_equivariant::activation::Function;
+    use matscale_equivariant::norm_act::{layer_norm_act, layer_norm_act_dot};
+    let Some(dev) = gpu("norm_act_ops_match_cpu_with_gradients") else {
+        return Ok(());
+    };
+    let acts = [
+        None,
+        Some(Function::Silu),
+        Some(Function::Sigmoid),
+        Some(Function::SmoothLeakyRelu(0.2)),
+    ];
+    for dtype in [DType::F64, DType::F32] {
+        for act in acts {
+            let name = format!("layer_norm_act {act:?} {dtype:?}");
+            let (rows, a) = (300, 70);
+            let x = (random(&[rows, a], 41, dtype)? * 3.0)?;
+            let w = (random(&[a], 42, dtype)? + 1.0)?;
+            let b = random(&[a], 43, dtype)?;
+            let on = |t: &Tensor, u: &Tensor| u.to_device(t.device());
+            compare_with_grad(&format!("{name} (x)"), &dev, &x, |t| {
+                Ok(layer_norm_act(t, &on(t, &w)?, &on(t, &b)?, 1e-5, act)?)
+            })?;
+            compare_with_grad(&format!("{name} (weight)"), &dev, &w, |t| {
+                Ok(layer_norm_act(&on(t, &x)?, t, &on(t, &b)?, 1e-5, act)?)
+            })?;
+            compare_with_grad(&format!("{name} (bias)"), &dev, &b, |t| {
+                Ok(layer_norm_act(&on(t, &x)?, &on(t, &w)?, t, 1e-5, act)?)
+            })?;
+            let (heads, a) = (4, 45);
+            let x = (random(&[150, heads, a], 44, dtype)? * 3.0)?;
+            let w = (random(&[a], 45, dtype)? + 1.0)?;
+            let b = random(&[a], 46, dtype)?;
+            let dot = random(&[heads, a], 47, dtype)?;
+            let name = format!("layer_norm_act_dot {act:?} {dtype:?}");
+            compare_with_grad(&format!("{name} (x)"), &dev, &x, |t| {
+                Ok(layer_norm_act_dot(
+                    t,
+                    &on(t, &w)?,
+                    &on(t, &b)?,
+                    1e-5,
+                    act,
+                    &on(t, &dot)?,
+                )?)
+            })?;
+            compare_with_grad(&format!("{name} (weight)"), &dev, &w, |t| {
+                Ok(layer_norm_act_dot(
+                    &on(t, &x)?,
+                    t,
+                    &on(t, &b)?,
+                    1e-5,
+                    act,
+                    &on(t, &dot)?,
+                )?)
+            })?;
+            compare_with_grad(&format!("{name} (dot)"), &dev, &dot, |t| {
+                Ok(layer_norm_act_dot(
+                    &on(t, &x)?,
+                    &on(t, &w)?,
+                    &on(t, &b)?,
+                    1e-5,
+                    act,
+                    t,
+                )?)
             })?;
         }
     }

@@ -13,12 +13,13 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const MODULES: [(&str, &str); 5] = [
+const MODULES: [(&str, &str); 6] = [
     ("SH", "sh"),
     ("ROTATE", "rotate"),
     ("SEGMENT", "segment"),
     ("ELEMENTWISE", "elementwise"),
     ("WIGNER", "wigner"),
+    ("NORM", "norm"),
 ];
 
 fn crate_dir() -> PathBuf {

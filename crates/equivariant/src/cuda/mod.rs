@@ -13,6 +13,7 @@
 //! Device selection and the CPU fallback live in [`crate::device`].
 
 pub(crate) mod elementwise;
+pub(crate) mod norm;
 pub(crate) mod s2grid;
 pub(crate) mod segment;
 pub(crate) mod sh;
@@ -51,9 +52,10 @@ ptx_module!(ROTATE, "rotate");
 ptx_module!(SEGMENT, "segment");
 ptx_module!(ELEMENTWISE, "elementwise");
 ptx_module!(WIGNER, "wigner");
+ptx_module!(NORM, "norm");
 
 /// Every PTX module (for the load test of `tests/cuda.rs`).
-pub const MODULE_NAMES: [&str; 5] = ["sh", "rotate", "segment", "elementwise", "wigner"];
+pub const MODULE_NAMES: [&str; 6] = ["sh", "rotate", "segment", "elementwise", "wigner", "norm"];
 
 /// Threads per block of the elementwise-style kernels.
 const BLOCK: u32 = 256;

@@ -212,3 +212,149 @@ pub(crate) fn softmax_backward(
     };
     Ok((out, l1.shape().clone()))
 }
+
+fn weighted_sum_typed<T: CudaFloat>(
+    (x, lx): (&CudaStorage, &Layout),
+    (w, lw): (&CudaStorage, &Layout),
+    csr: &Csr<'_>,
+    heads: usize,
+    (k, hv): (usize, usize),
+) -> candle_core::Result<CudaStorage> {
+    const NAME: &str = "segment-weighted-sum";
+    let dev = &x.device;
+    let (xv, wv) = (view::<T>(x, lx, NAME)?, view::<T>(w, lw, NAME)?);
+    let row = k * hv;
+    let total = csr.num_segments * row;
+    // SAFETY: the kernel writes every one of the `total` outputs.
+    let mut out = unsafe { super::uninit::<T>(dev, total) }?;
+    if total > 0 {
+        let arrays = csr.on_device(dev)?;
+        let has_order = i32::from(csr.order.is_some());
+        let t = long(total);
+        let (r, c, v, h) = (
+            int(row, "row")?,
+            int(hv, "channels")?,
+            int(hv / heads, "head channels")?,
+            int(heads, "heads")?,
+        );
+        let func = kernel::<T>(dev, SEGMENT, "segment_weighted_sum")?;
+        let mut b = func.builder();
+        b.arg(&t)
+            .arg(&r)
+            .arg(&c)
+            .arg(&v)
+            .arg(&h)
+            .arg(&arrays.offsets)
+            .arg(&arrays.order)
+            .arg(&has_order)
+            .arg(&xv)
+            .arg(&wv)
+            .arg(&mut out);
+        // SAFETY: offsets bound `order` (items entries); x holds items × row, w items × heads,
+        // out num_segments × row.
+        unsafe { b.launch(launch_cfg(total)) }.w()?;
+    }
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}
+
+/// `cuda_fwd` of the head-weighted segment sum (`segment::weighted`): values `[E, K, H·V]`
+/// and weights `[E, H]` → `[S, K, H·V]`.
+pub(crate) fn weighted_sum(
+    x: (&CudaStorage, &Layout),
+    w: (&CudaStorage, &Layout),
+    csr: &Csr<'_>,
+    heads: usize,
+    k: usize,
+    hv: usize,
+) -> candle_core::Result<CudaStorage> {
+    match (x.0.dtype(), w.0.dtype()) {
+        (DType::F32, DType::F32) => weighted_sum_typed::<f32>(x, w, csr, heads, (k, hv)),
+        (DType::F64, DType::F64) => weighted_sum_typed::<f64>(x, w, csr, heads, (k, hv)),
+        _ => candle_core::bail!("segment-weighted-sum: values and weights must be f32 or f64"),
+    }
+}
+
+fn weighted_sum_backward_typed<T: CudaFloat>(
+    [(x, lx), (w, lw), (g, lg)]: [(&CudaStorage, &Layout); 3],
+    csr: &Csr<'_>,
+    heads: usize,
+    (k, hv): (usize, usize),
+) -> candle_core::Result<CudaStorage> {
+    const NAME: &str = "segment-weighted-sum-backward";
+    let dev = &x.device;
+    let (xv, wv, gv) = (
+        view::<T>(x, lx, NAME)?,
+        view::<T>(w, lw, NAME)?,
+        view::<T>(g, lg, NAME)?,
+    );
+    let items = csr.index.len();
+    let row = k * hv;
+    let (n_dx, n_dw) = (items * row, items * heads);
+    // SAFETY: the two kernels write all of [∂values | ∂weights].
+    let mut out = unsafe { super::uninit::<T>(dev, n_dx + n_dw) }?;
+    if n_dx + n_dw > 0 {
+        let arrays = csr.on_device(dev)?;
+        let (r, kk, c, v, h) = (
+            int(row, "row")?,
+            int(k, "rows")?,
+            int(hv, "channels")?,
+            int(hv / heads, "head channels")?,
+            int(heads, "heads")?,
+        );
+        if n_dx > 0 {
+            let t = long(n_dx);
+            let func = kernel::<T>(dev, SEGMENT, "segment_weighted_sum_dx")?;
+            let mut b = func.builder();
+            b.arg(&t)
+                .arg(&r)
+                .arg(&c)
+                .arg(&v)
+                .arg(&h)
+                .arg(&arrays.index)
+                .arg(&wv)
+                .arg(&gv)
+                .arg(&mut out);
+            // SAFETY: index has `items` entries < num_segments; w items × heads; g
+            // num_segments × row; out starts with items × row.
+            unsafe { b.launch(launch_cfg(n_dx)) }.w()?;
+        }
+        let pairs = long(n_dw);
+        let mut dw = out.slice_mut(n_dx..);
+        let func = kernel::<T>(dev, SEGMENT, "segment_weighted_sum_dw")?;
+        let mut b = func.builder();
+        b.arg(&pairs)
+            .arg(&kk)
+            .arg(&c)
+            .arg(&v)
+            .arg(&h)
+            .arg(&arrays.index)
+            .arg(&xv)
+            .arg(&gv)
+            .arg(&mut dw);
+        // SAFETY: one warp per (item, head) pair; x items × row, g num_segments × row, dw
+        // items × heads.
+        unsafe { b.launch(launch_cfg(n_dw * 32)) }.w()?;
+    }
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}
+
+/// `cuda_fwd` of the head-weighted segment sum's backward: (values, weights, `∂out`) → the
+/// flat `[∂values | ∂weights]`.
+pub(crate) fn weighted_sum_backward(
+    inputs: [(&CudaStorage, &Layout); 3],
+    csr: &Csr<'_>,
+    heads: usize,
+    k: usize,
+    hv: usize,
+) -> candle_core::Result<CudaStorage> {
+    let dtypes = inputs.map(|(s, _)| s.dtype());
+    match dtypes {
+        [DType::F32, DType::F32, DType::F32] => {
+            weighted_sum_backward_typed::<f32>(inputs, csr, heads, (k, hv))
+        }
+        [DType::F64, DType::F64, DType::F64] => {
+            weighted_sum_backward_typed::<f64>(inputs, csr, heads, (k, hv))
+        }
+        _ => candle_core::bail!("segment-weighted-sum-backward: inputs must all be f32 or f64"),
+    }
+}

@@ -714,9 +714,9 @@ impl candle_core::CustomOp1 for GatherPair {
 /// sum of the l-major values over the incoming edges of each node, `[E, K, H·V]` and `[E, H]`
 /// → `[N, K, H·V]`.
 ///
-/// On the CPU with edges sorted by target (as `GraphBatch` builds them) this is one pass
-/// ([`AttentionSum`]) that never materialises the weighted `[E, K, H·V]` tensor; otherwise the
-/// composed `broadcast_mul` + segment sum.
+/// For f32 and f64 one fused op on every device ([`Segments::head_weighted_sum`]) that never
+/// materialises the weighted `[E, K, H·V]` tensor; otherwise the composed `broadcast_mul` +
+/// segment sum.
 fn attention_sum(
     values: &Tensor,
     alpha: &Tensor,
@@ -724,254 +724,14 @@ fn attention_sum(
     heads: usize,
 ) -> Result<Tensor> {
     let (e, k, hv) = values.dims3()?;
-    let fused = values.device().is_cpu()
-        && matches!(values.dtype(), DType::F32 | DType::F64)
-        && alpha.dtype() == values.dtype()
-        && graph.segments().is_sorted();
-    if !fused {
-        let weighted = values
-            .reshape((e, k, heads, hv / heads))?
-            .broadcast_mul(&alpha.reshape((e, 1, heads, 1))?)?
-            .reshape((e, k, hv))?;
-        return Ok(graph.segments().sum(&weighted)?);
+    if matches!(values.dtype(), DType::F32 | DType::F64) && alpha.dtype() == values.dtype() {
+        return Ok(graph.segments().head_weighted_sum(values, alpha)?);
     }
-    let op = AttentionSum {
-        segments: graph.segments().clone(),
-        heads,
-    };
-    Ok(values.contiguous()?.apply_op2(&alpha.contiguous()?, op)?)
-}
-
-/// The CPU op of [`attention_sum`] (args: values `[E, K, H·V]`, alpha `[E, H]`; edges sorted
-/// by target, `segments.offsets()[n]..[n + 1]` the incoming edges of node `n`). Its backward is
-/// composed of differentiable ops (`∂values = alpha · gather(∂out)`, `∂alpha = Σ_{k,v}
-/// values · gather(∂out)`), so gradients of gradients flow through it.
-#[derive(Debug, Clone)]
-struct AttentionSum {
-    segments: Segments,
-    heads: usize,
-}
-
-impl AttentionSum {
-    fn run<T: candle_core::WithDType>(
-        &self,
-        values: &[T],
-        alpha: &[T],
-        (k, hv): (usize, usize),
-    ) -> Vec<T> {
-        use rayon::prelude::*;
-        let offsets = self.segments.offsets();
-        let n = offsets.len() - 1;
-        let (h, v) = (self.heads, hv / self.heads);
-        let row = k * hv;
-        let mut out = zeroed_vec::<T>(n * row);
-        out.par_chunks_mut(row)
-            .enumerate()
-            .for_each(|(node, out_row)| {
-                for edge in offsets[node]..offsets[node + 1] {
-                    let val = &values[edge * row..(edge + 1) * row];
-                    let a = &alpha[edge * h..(edge + 1) * h];
-                    for (out_k, val_k) in out_row.chunks_exact_mut(hv).zip(val.chunks_exact(hv)) {
-                        for ((o, x), &w) in
-                            out_k.chunks_exact_mut(v).zip(val_k.chunks_exact(v)).zip(a)
-                        {
-                            for (o, &x) in o.iter_mut().zip(x) {
-                                *o += w * x;
-                            }
-                        }
-                    }
-                }
-            });
-        out
-    }
-}
-
-impl candle_core::CustomOp2 for AttentionSum {
-    fn name(&self) -> &'static str {
-        "attention-segment-sum"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &candle_core::CpuStorage,
-        l1: &candle_core::Layout,
-        s2: &candle_core::CpuStorage,
-        l2: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use candle_core::CpuStorage as S;
-        let (e, k, hv) = l1.shape().dims3()?;
-        let offsets = self.segments.offsets();
-        let n = offsets.len() - 1;
-        if l2.shape().dims() != [e, self.heads] || hv % self.heads != 0 || offsets[n] != e {
-            candle_core::bail!(
-                "{}: values {:?}, alpha {:?}, {} heads, {} edges in the segments",
-                self.name(),
-                l1.shape(),
-                l2.shape(),
-                self.heads,
-                offsets[n]
-            );
-        }
-        let name = self.name();
-        let out = match (s1, s2) {
-            (S::F32(v), S::F32(a)) => S::F32(self.run(
-                contiguous_input(v, l1, name)?,
-                contiguous_input(a, l2, name)?,
-                (k, hv),
-            )),
-            (S::F64(v), S::F64(a)) => S::F64(self.run(
-                contiguous_input(v, l1, name)?,
-                contiguous_input(a, l2, name)?,
-                (k, hv),
-            )),
-            _ => candle_core::bail!(
-                "{}: values and alpha must be both f32 or both f64",
-                self.name()
-            ),
-        };
-        Ok((out, (n, k, hv).into()))
-    }
-
-    fn bwd(
-        &self,
-        values: &Tensor,
-        alpha: &Tensor,
-        _res: &Tensor,
-        grad_res: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (e, k, hv) = values.dims3()?;
-        let h = self.heads;
-        if !matscale_equivariant::higher_order_gradients_requested() {
-            // One pass: both gradients from each edge's row of `∂out`, no gathered copy.
-            let flat = values.contiguous()?.apply_op3_no_bwd(
-                &alpha.contiguous()?,
-                &grad_res.contiguous()?,
-                &AttentionSumBackward { sum: self.clone() },
-            )?;
-            let d_values = flat.narrow(0, 0, e * k * hv)?.reshape((e, k, hv))?;
-            let d_alpha = flat.narrow(0, e * k * hv, e * h)?.reshape((e, h))?;
-            return Ok((Some(d_values), Some(d_alpha)));
-        }
-        let v = hv / h;
-        let grad = self
-            .segments
-            .gather(grad_res)
-            .map_err(candle_core::Error::wrap)?
-            .reshape((e, k, h, v))?;
-        let d_values = grad
-            .broadcast_mul(&alpha.reshape((e, 1, h, 1))?)?
-            .reshape((e, k, hv))?;
-        let d_alpha = (grad * values.reshape((e, k, h, v))?)?.sum(3)?.sum(1)?;
-        Ok((Some(d_values), Some(d_alpha)))
-    }
-}
-
-/// First-order backward of [`AttentionSum`] (args: values, alpha, `∂out`), the flat
-/// `[∂values (E·K·H·V) | ∂alpha (E·H)]`: `∂values[e] = alpha[e] · ∂out[dst e]` per head and
-/// `∂alpha[e, h] = Σ_{k,v} values[e, k, h, v] · ∂out[dst e, k, h, v]`.
-#[derive(Debug, Clone)]
-struct AttentionSumBackward {
-    sum: AttentionSum,
-}
-
-impl AttentionSumBackward {
-    fn run<T: candle_core::WithDType>(
-        &self,
-        values: &[T],
-        alpha: &[T],
-        grad: &[T],
-        (k, hv): (usize, usize),
-    ) -> Vec<T> {
-        use rayon::prelude::*;
-        let e = self.sum.segments.offsets().last().copied().unwrap_or(0);
-        let (h, v) = (self.sum.heads, hv / self.sum.heads);
-        let row = k * hv;
-        let dst = self.sum.segments.segment_of();
-        let mut out = zeroed_vec::<T>(e * row + e * h);
-        let (d_values, d_alpha) = out.split_at_mut(e * row);
-        d_values
-            .par_chunks_mut(row)
-            .zip(d_alpha.par_chunks_mut(h))
-            .enumerate()
-            .for_each_init(
-                || vec![T::zero(); hv],
-                |dots, (edge, (dv, da))| {
-                    let node = dst[edge] as usize;
-                    let g = &grad[node * row..(node + 1) * row];
-                    let val = &values[edge * row..(edge + 1) * row];
-                    let a = &alpha[edge * h..(edge + 1) * h];
-                    // `g · x` summed over k channel by channel (independent sums that
-                    // vectorise), then over each head's V channels.
-                    dots.iter_mut().for_each(|d| *d = T::zero());
-                    for ((dv_k, g_k), val_k) in dv
-                        .chunks_exact_mut(hv)
-                        .zip(g.chunks_exact(hv))
-                        .zip(val.chunks_exact(hv))
-                    {
-                        for (dot, (&g, &x)) in dots.iter_mut().zip(g_k.iter().zip(val_k)) {
-                            *dot += g * x;
-                        }
-                        for ((dv, g), &w) in
-                            dv_k.chunks_exact_mut(v).zip(g_k.chunks_exact(v)).zip(a)
-                        {
-                            for (d, &g) in dv.iter_mut().zip(g) {
-                                *d = w * g;
-                            }
-                        }
-                    }
-                    for (da, head) in da.iter_mut().zip(dots.chunks_exact(v)) {
-                        *da = head.iter().fold(T::zero(), |s, &d| s + d);
-                    }
-                },
-            );
-        out
-    }
-}
-
-impl candle_core::CustomOp3 for AttentionSumBackward {
-    fn name(&self) -> &'static str {
-        "attention-segment-sum-backward"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &candle_core::CpuStorage,
-        l1: &candle_core::Layout,
-        s2: &candle_core::CpuStorage,
-        l2: &candle_core::Layout,
-        s3: &candle_core::CpuStorage,
-        l3: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use candle_core::CpuStorage as S;
-        let (e, k, hv) = l1.shape().dims3()?;
-        let n = self.sum.segments.offsets().len() - 1;
-        if l3.shape().dims() != [n, k, hv] || l2.shape().dims() != [e, self.sum.heads] {
-            candle_core::bail!(
-                "{}: values {:?}, alpha {:?}, gradient {:?}",
-                self.name(),
-                l1.shape(),
-                l2.shape(),
-                l3.shape()
-            );
-        }
-        let name = self.name();
-        let out = match (s1, s2, s3) {
-            (S::F32(v), S::F32(a), S::F32(g)) => S::F32(self.run(
-                contiguous_input(v, l1, name)?,
-                contiguous_input(a, l2, name)?,
-                contiguous_input(g, l3, name)?,
-                (k, hv),
-            )),
-            (S::F64(v), S::F64(a), S::F64(g)) => S::F64(self.run(
-                contiguous_input(v, l1, name)?,
-                contiguous_input(a, l2, name)?,
-                contiguous_input(g, l3, name)?,
-                (k, hv),
-            )),
-            _ => candle_core::bail!("{name}: all inputs must be f32 or all f64"),
-        };
-        Ok((out, (e * k * hv + e * self.sum.heads).into()))
-    }
+    let weighted = values
+        .reshape((e, k, heads, hv / heads))?
+        .broadcast_mul(&alpha.reshape((e, 1, heads, 1))?)?
+        .reshape((e, k, hv))?;
+    Ok(graph.segments().sum(&weighted)?)
 }
 
 /// The sphere grids, built once per model and shared by every block (`S2Grid` clones share
@@ -1078,11 +838,20 @@ impl FeedForward {
                 },
             )?
         } else {
-            let mut grid = self.grid.to_grid(&hidden)?;
-            grid = silu(&self.grid_mlp[0].forward(&grid)?)?;
-            grid = silu(&self.grid_mlp[1].forward(&grid)?)?;
-            grid = self.grid_mlp[2].forward(&grid)?;
-            self.grid.from_grid(&grid.contiguous()?)?
+            // Composed, with the first and the last linear on the K coefficient rows instead
+            // of the G grid points (they commute with the grid projections, see `grid_mlp`)
+            // and every linear one 2-D matmul: candle_nn's `Linear` on a rank-3 input
+            // broadcasts its weight to a batched matmul and sums an `[N, F, F]` weight
+            // gradient over the nodes.
+            let lin = |t: &Tensor, l: &Linear| -> Result<Tensor> {
+                let (a, b, f) = t.dims3()?;
+                let w = l.weight();
+                let y = t.reshape((a * b, f))?.matmul(&w.t()?)?;
+                Ok(y.reshape((a, b, w.dim(0)?))?)
+            };
+            let grid = silu(&self.grid.to_grid(&lin(&hidden, &self.grid_mlp[0])?)?)?;
+            let grid = silu(&lin(&grid, &self.grid_mlp[1])?)?;
+            lin(&self.grid.from_grid(&grid)?, &self.grid_mlp[2])?
         };
         let hidden = Tensor::cat(&[&gating, &back.narrow(1, 1, k - 1)?], 1)?;
         Ok(self.so3_linear_2.forward(&hidden)?)
@@ -1211,58 +980,6 @@ mod tests {
             g.get(m0.as_tensor()).unwrap().clone()
         };
         assert!(max_abs_diff(&grad(&fused), &grad(&composed)) < 1e-12);
-    }
-
-    #[test]
-    fn fused_attention_sum_matches_the_composed_ops() {
-        let dev = Device::Cpu;
-        let (e, k, heads, v) = (7, 4, 2, 3);
-        let dst = [0u32, 0, 1, 1, 1, 3, 3];
-        let segments = Segments::from_indices(&dst, 4).unwrap();
-        assert!(segments.is_sorted());
-        let values = Var::randn(0f64, 1.0, (e, k, heads * v), &dev).unwrap();
-        let alpha = Var::randn(0f64, 1.0, (e, heads), &dev).unwrap();
-        let probe = Tensor::randn(0f64, 1.0, (4, k, heads * v), &dev).unwrap();
-        let op = AttentionSum {
-            segments: segments.clone(),
-            heads,
-        };
-        let fused = values.as_tensor().apply_op2(alpha.as_tensor(), op).unwrap();
-        let weighted = values
-            .as_tensor()
-            .reshape((e, k, heads, v))
-            .unwrap()
-            .broadcast_mul(&alpha.as_tensor().reshape((e, 1, heads, 1)).unwrap())
-            .unwrap()
-            .reshape((e, k, heads * v))
-            .unwrap();
-        let composed = segments.sum(&weighted).unwrap();
-        assert!(max_abs_diff(&fused, &composed) < 1e-12);
-        // Node 2 has no incoming edge.
-        let empty = fused
-            .narrow(0, 2, 1)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .sum_all()
-            .unwrap();
-        assert_eq!(empty.to_scalar::<f64>().unwrap(), 0.0);
-        let grads = |out: &Tensor| {
-            let g = (out * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            (
-                g.get(values.as_tensor()).unwrap().clone(),
-                g.get(alpha.as_tensor()).unwrap().clone(),
-            )
-        };
-        let (dv_fused, da_fused) = grads(&fused);
-        let (dv_composed, da_composed) = grads(&composed);
-        assert!(max_abs_diff(&dv_fused, &dv_composed) < 1e-12);
-        assert!(max_abs_diff(&da_fused, &da_composed) < 1e-12);
     }
 
     /// The fused message gather against `index_select` + `cat`: values and the input gradient.
