@@ -30,7 +30,8 @@
 # its own time limit (seconds: T_TESTS 150, T_CHECK 90 per model, T_BENCH 180, T_EQV2 200,
 # T_TRAIN 60 per model family) so that one
 # hung or slow step cannot eat the lease: the steps after it still run and report. STEPS (run:
-# a comma list of tests, check, bench, eqv2, train; default all) picks steps. STAGE (default
+# a comma list of tests, check, bench, eqv2, train, and adamw for the AdamW bench alone (bench
+# runs it too); default all but adamw) picks steps. STAGE (default
 # target/gpu-stage) names the staged folder, so two builds can travel together for an A/B in one
 # device call:
 #   git checkout A && STAGE=target/gpu-stage-a scripts/gpu-verify.sh build
@@ -251,6 +252,10 @@ PY
             --python python3 --out "$work/bench-kernels-cuda0.json" 2>&1 \
             | tee "$out/bench-kernels.log" || status=1
         echo "== AdamW step on the GPU: per-variable against grouped (eqV2-S's 383 tensors)"
+        timeout 60 "$bin/bin/adamw-bench" --device cuda 2>&1 | tee "$out/adamw.log" || status=1
+    fi
+    if want adamw && ! want bench; then
+        echo "== AdamW step on the GPU: per-variable, grouped and in-place (eqV2-S's 383 tensors)"
         timeout 60 "$bin/bin/adamw-bench" --device cuda 2>&1 | tee "$out/adamw.log" || status=1
     fi
     if ! want eqv2; then

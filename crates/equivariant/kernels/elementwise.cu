@@ -83,3 +83,38 @@ __device__ void silu_rows_impl(long long total, int c, const T* __restrict__ sca
 
 MATSCALE_F32_F64(silu_rows, (long long total, int c, const float* scalars, float* out, long long rs),
     (long long total, int c, const double* scalars, double* out, long long rs), (total, c, scalars, out, rs))
+
+// AdamW, the parameter half (run before `adamw_moments`): with mv = [m | v] (n each) the moments
+// before this step, m' = β₁ m + (1 − β₁) g, v' = β₂ v + (1 − β₂) g² and
+// θ ← θ · decay − lr · (m' / c₁) / (√(v' / c₂) + eps).
+template <typename T>
+__device__ void adamw_param_impl(long long n, T b1, T om1, T b2, T om2, T lr, T decay, T inv_c1, T inv_c2,
+                                 T eps, T* __restrict__ theta, const T* __restrict__ mv,
+                                 const T* __restrict__ g) {
+    MATSCALE_GRID_STRIDE(i, n) {
+        const T gi = g[i];
+        const T m = mv[i] * b1 + gi * om1;
+        const T v = mv[n + i] * b2 + gi * gi * om2;
+        theta[i] = theta[i] * decay - (m * inv_c1) / (sqrt(v * inv_c2) + eps) * lr;
+    }
+}
+
+MATSCALE_F32_F64(adamw_param,
+    (long long n, float b1, float om1, float b2, float om2, float lr, float decay, float inv_c1, float inv_c2, float eps, float* theta, const float* mv, const float* g),
+    (long long n, double b1, double om1, double b2, double om2, double lr, double decay, double inv_c1, double inv_c2, double eps, double* theta, const double* mv, const double* g),
+    (n, b1, om1, b2, om2, lr, decay, inv_c1, inv_c2, eps, theta, mv, g))
+
+// AdamW, the moments half: mv = [m | v] ← [β₁ m + (1 − β₁) g | β₂ v + (1 − β₂) g²].
+template <typename T>
+__device__ void adamw_moments_impl(long long n, T b1, T om1, T b2, T om2, T* __restrict__ mv, const T* __restrict__ g) {
+    MATSCALE_GRID_STRIDE(i, n) {
+        const T gi = g[i];
+        mv[i] = mv[i] * b1 + gi * om1;
+        mv[n + i] = mv[n + i] * b2 + gi * gi * om2;
+    }
+}
+
+MATSCALE_F32_F64(adamw_moments,
+    (long long n, float b1, float om1, float b2, float om2, float* mv, const float* g),
+    (long long n, double b1, double om1, double b2, double om2, double* mv, const double* g),
+    (n, b1, om1, b2, om2, mv, g))

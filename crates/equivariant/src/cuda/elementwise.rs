@@ -127,3 +127,152 @@ pub(crate) fn gaussian_smearing(
     };
     Ok((out, Shape::from((e, offsets.len()))))
 }
+
+/// The scalars of one AdamW step (see [`adamw_param`]), in f64; each kernel casts them to the
+/// parameters' dtype.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWScalars {
+    /// First-moment decay β₁.
+    pub beta1: f64,
+    /// Second-moment decay β₂.
+    pub beta2: f64,
+    /// Learning rate.
+    pub lr: f64,
+    /// Decoupled weight-decay factor `1 − lr · weight_decay`.
+    pub decay: f64,
+    /// Bias correction `1 − β₁ᵗ`.
+    pub correction1: f64,
+    /// Bias correction `1 − β₂ᵗ`.
+    pub correction2: f64,
+    /// Denominator floor.
+    pub eps: f64,
+}
+
+/// A contiguous float storage's elements as a mutable device slice (its layout's range).
+fn slice_mut<'a, T: CudaFloat>(
+    s: &'a mut CudaStorage,
+    l: &Layout,
+    op: &str,
+) -> candle_core::Result<candle_core::cuda_backend::cudarc::driver::CudaViewMut<'a, T>> {
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(s.as_cuda_slice_mut::<T>()?.slice_mut(start..end)),
+        None => candle_core::bail!("{op}: the updated tensor must be contiguous"),
+    }
+}
+
+fn adamw_param_typed<T: CudaFloat>(
+    (theta, lt): (&mut CudaStorage, &Layout),
+    (mv, lm): (&CudaStorage, &Layout),
+    (g, lg): (&CudaStorage, &Layout),
+    h: AdamWScalars,
+) -> candle_core::Result<()> {
+    const NAME: &str = "adamw-param";
+    let dev = theta.device.clone();
+    let (mvv, gv) = (view::<T>(mv, lm, NAME)?, view::<T>(g, lg, NAME)?);
+    let mut t = slice_mut::<T>(theta, lt, NAME)?;
+    let n = t.len();
+    if mvv.len() != 2 * n || gv.len() != n {
+        candle_core::bail!(
+            "{NAME}: {n} parameters, {} moments, {} gradients",
+            mvv.len(),
+            gv.len()
+        );
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    let s = |v: f64| T::from_f64(v);
+    let scalars = [
+        s(h.beta1),
+        s(1.0 - h.beta1),
+        s(h.beta2),
+        s(1.0 - h.beta2),
+        s(h.lr),
+        s(h.decay),
+        s(1.0 / h.correction1),
+        s(1.0 / h.correction2),
+        s(h.eps),
+    ];
+    let func = kernel::<T>(&dev, ELEMENTWISE, "adamw_param")?;
+    let nn = long(n);
+    let mut b = func.builder();
+    b.arg(&nn);
+    for v in &scalars {
+        b.arg(v);
+    }
+    b.arg(&mut t).arg(&mvv).arg(&gv);
+    // SAFETY: theta and g hold n elements, mv 2n; the scalars match the kernel's parameters.
+    unsafe { b.launch(launch_cfg(n)) }.w()?;
+    Ok(())
+}
+
+/// The parameter half of an in-place AdamW step on the device: `theta` (contiguous, `n`) from
+/// the moments `mv = [m | v]` before this step (`2n`) and the gradient `g` (`n`). Run it
+/// before [`adamw_moments`] on the same `mv`.
+///
+/// # Errors
+/// Mismatched lengths or dtypes (f32 and f64 only), a non-contiguous `theta`, a CUDA error.
+pub fn adamw_param(
+    theta: (&mut CudaStorage, &Layout),
+    mv: (&CudaStorage, &Layout),
+    g: (&CudaStorage, &Layout),
+    h: AdamWScalars,
+) -> candle_core::Result<()> {
+    match (theta.0.dtype(), mv.0.dtype(), g.0.dtype()) {
+        (DType::F32, DType::F32, DType::F32) => adamw_param_typed::<f32>(theta, mv, g, h),
+        (DType::F64, DType::F64, DType::F64) => adamw_param_typed::<f64>(theta, mv, g, h),
+        _ => candle_core::bail!(
+            "adamw-param: parameters, moments and gradient must all be f32 or f64"
+        ),
+    }
+}
+
+fn adamw_moments_typed<T: CudaFloat>(
+    (mv, lm): (&mut CudaStorage, &Layout),
+    (g, lg): (&CudaStorage, &Layout),
+    (beta1, beta2): (f64, f64),
+) -> candle_core::Result<()> {
+    const NAME: &str = "adamw-moments";
+    let dev = mv.device.clone();
+    let gv = view::<T>(g, lg, NAME)?;
+    let mut m = slice_mut::<T>(mv, lm, NAME)?;
+    let n = gv.len();
+    if m.len() != 2 * n {
+        candle_core::bail!("{NAME}: {} moments for {n} gradients", m.len());
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    let s = |v: f64| T::from_f64(v);
+    let (b1, om1, b2, om2) = (s(beta1), s(1.0 - beta1), s(beta2), s(1.0 - beta2));
+    let func = kernel::<T>(&dev, ELEMENTWISE, "adamw_moments")?;
+    let nn = long(n);
+    let mut b = func.builder();
+    b.arg(&nn)
+        .arg(&b1)
+        .arg(&om1)
+        .arg(&b2)
+        .arg(&om2)
+        .arg(&mut m)
+        .arg(&gv);
+    // SAFETY: mv holds 2n elements, g n.
+    unsafe { b.launch(launch_cfg(n)) }.w()?;
+    Ok(())
+}
+
+/// The moments half of an in-place AdamW step on the device: `mv = [m | v]` (contiguous,
+/// `2n`) ← `[β₁ m + (1 − β₁) g | β₂ v + (1 − β₂) g²]`.
+///
+/// # Errors
+/// As [`adamw_param`].
+pub fn adamw_moments(
+    mv: (&mut CudaStorage, &Layout),
+    g: (&CudaStorage, &Layout),
+    betas: (f64, f64),
+) -> candle_core::Result<()> {
+    match (mv.0.dtype(), g.0.dtype()) {
+        (DType::F32, DType::F32) => adamw_moments_typed::<f32>(mv, g, betas),
+        (DType::F64, DType::F64) => adamw_moments_typed::<f64>(mv, g, betas),
+        _ => candle_core::bail!("adamw-moments: moments and gradient must both be f32 or f64"),
+    }
+}

@@ -20,7 +20,7 @@ pub(crate) mod sh;
 pub(crate) mod so2;
 pub mod wigner;
 
-pub use elementwise::shifted_softplus;
+pub use elementwise::{adamw_moments, adamw_param, shifted_softplus, AdamWScalars};
 
 use candle_core::cuda_backend::cudarc::cublas::sys::cublasOperation_t;
 use candle_core::cuda_backend::cudarc::cublas::{CudaBlas, Gemm, GemmConfig, StridedBatchedConfig};
