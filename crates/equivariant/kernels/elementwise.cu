@@ -118,3 +118,30 @@ MATSCALE_F32_F64(adamw_moments,
     (long long n, float b1, float om1, float b2, float om2, float* mv, const float* g),
     (long long n, double b1, double om1, double b2, double om2, double* mv, const double* g),
     (n, b1, om1, b2, om2, mv, g))
+
+// Partial sums of squares in f64 for a gradient-norm: block b of the launch (gridDim.x blocks of
+// 256 threads) sums x[i]² over its fixed strided share of the n elements and writes
+// partial[at + b] (every block writes, so the caller's row of gridDim.x partials is complete;
+// fixed order, deterministic).
+template <typename T>
+__device__ void sum_squares_partials_impl(long long n, long long at, const T* __restrict__ x,
+                                          double* __restrict__ partial) {
+    __shared__ double s[256];
+    double acc = 0.0;
+    MATSCALE_GRID_STRIDE(i, n) {
+        const double v = (double)x[i];
+        acc += v * v;
+    }
+    s[threadIdx.x] = acc;
+    __syncthreads();
+    for (int w = 128; w > 0; w >>= 1) {
+        if (threadIdx.x < w) s[threadIdx.x] += s[threadIdx.x + w];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) partial[at + blockIdx.x] = s[0];
+}
+
+MATSCALE_F32_F64(sum_squares_partials,
+    (long long n, long long at, const float* x, double* partial),
+    (long long n, long long at, const double* x, double* partial),
+    (n, at, x, partial))

@@ -513,27 +513,117 @@ impl AdamW {
 ///
 /// Each tensor's sum of squares is taken in f64 on its device, the sums are read back in one
 /// copy per device and added on the host in order. On a GPU that is one synchronisation per
-/// step, not one per parameter tensor (383 for eqV2-S).
+/// step, not one per parameter tensor (383 for eqV2-S), and on a CUDA device one kernel per
+/// tensor writes its partial sums straight into a shared buffer (instead of a cast, a square,
+/// a sum and a concatenation per tensor).
 pub fn global_norm(grads: &[Option<Tensor>]) -> Result<f64> {
-    let mut sums: Vec<Tensor> = Vec::new();
-    for g in grads.iter().flatten() {
-        sums.push(g.to_dtype(DType::F64)?.sqr()?.sum_all()?.reshape(1)?);
-    }
+    let present: Vec<&Tensor> = grads.iter().flatten().collect();
     let mut total = 0.0;
     let mut k = 0;
-    while k < sums.len() {
-        // One device at a time (a model on one device gives one copy).
-        let device = sums[k].device().clone();
-        let run = sums[k..]
+    while k < present.len() {
+        // One device at a time (a model on one device gives one run).
+        let device = present[k].device().clone();
+        let run = present[k..]
             .iter()
             .take_while(|t| t.device().same_device(&device))
             .count();
-        for v in Tensor::cat(&sums[k..k + run], 0)?.to_vec1::<f64>()? {
-            total += v;
-        }
+        let chunk = &present[k..k + run];
+        let fused = device.is_cuda()
+            && cfg!(feature = "cuda")
+            && chunk
+                .iter()
+                .all(|t| matches!(t.dtype(), DType::F32 | DType::F64));
+        total += if fused {
+            sum_squares_partials(chunk)?
+        } else {
+            sum_squares_composed(chunk)?
+        };
         k += run;
     }
     Ok(total.sqrt())
+}
+
+/// `Σ_k Σ x_k²` of tensors on one device, each sum in f64 by candle ops, read back in one copy.
+fn sum_squares_composed(chunk: &[&Tensor]) -> Result<f64> {
+    let sums = chunk
+        .iter()
+        .map(|g| Ok(g.to_dtype(DType::F64)?.sqr()?.sum_all()?.reshape(1)?))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&sums, 0)?
+        .to_vec1::<f64>()?
+        .iter()
+        .fold(0.0, |t, v| t + v))
+}
+
+/// Partial sums per tensor of [`sum_squares_partials`] (the CUDA kernel's block count).
+const NORM_PARTIALS: usize = 64;
+
+/// `Σ_k Σ x_k²` of f32/f64 tensors on one device: [`NORM_PARTIALS`] f64 partial sums per
+/// tensor written in place into one buffer (one op per tensor), read back in one copy and
+/// added in order.
+fn sum_squares_partials(chunk: &[&Tensor]) -> Result<f64> {
+    let Some(first) = chunk.first() else {
+        return Ok(0.0);
+    };
+    let partials = Tensor::zeros(chunk.len() * NORM_PARTIALS, DType::F64, first.device())?;
+    for (slot, g) in chunk.iter().enumerate() {
+        partials.inplace_op2(&g.contiguous()?, &SumSquaresOp { slot })?;
+    }
+    Ok(partials.to_vec1::<f64>()?.iter().fold(0.0, |t, v| t + v))
+}
+
+/// Writes the partial sums of squares of its source into `dst[slot · NORM_PARTIALS ..]`.
+struct SumSquaresOp {
+    slot: usize,
+}
+
+impl candle_core::InplaceOp2 for SumSquaresOp {
+    fn name(&self) -> &'static str {
+        "sum-squares"
+    }
+
+    /// The CPU side (for tests): partial `b` sums the elements `i` with
+    /// `(i mod (NORM_PARTIALS · 256)) / 256 == b`, the CUDA kernel's blocks.
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dst_l: &Layout,
+        x: &CpuStorage,
+        xl: &Layout,
+    ) -> candle_core::Result<()> {
+        let (a, _) = dst_l.contiguous_offsets().ok_or_else(|| {
+            candle_core::Error::Msg("sum-squares: the partials must be contiguous".into())
+        })?;
+        let CpuStorage::F64(out) = dst else {
+            candle_core::bail!("sum-squares: the partials must be f64");
+        };
+        let values: Vec<f64> = match x {
+            CpuStorage::F32(_) => cpu_slice::<f32>(x, xl, "gradient")?
+                .iter()
+                .map(|&v| f64::from(v))
+                .collect(),
+            CpuStorage::F64(_) => cpu_slice::<f64>(x, xl, "gradient")?.to_vec(),
+            _ => candle_core::bail!("sum-squares: f32 or f64 input"),
+        };
+        let row = &mut out[a + self.slot * NORM_PARTIALS..a + (self.slot + 1) * NORM_PARTIALS];
+        row.iter_mut().for_each(|p| *p = 0.0);
+        for (i, v) in values.iter().enumerate() {
+            row[(i % (NORM_PARTIALS * 256)) / 256] += v * v;
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        dst: &mut candle_core::CudaStorage,
+        dst_l: &Layout,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+    ) -> candle_core::Result<()> {
+        const _: () = assert!(NORM_PARTIALS == matscale_equivariant::cuda::SUM_SQUARES_BLOCKS);
+        matscale_equivariant::cuda::sum_squares_partials((dst, dst_l), (x, xl), self.slot)
+    }
 }
 
 /// Scales `grads` so that their global norm is at most `max_norm`; returns the norm before.
@@ -727,6 +817,26 @@ mod tests {
         let err = opt.step(&bad, 0.1).unwrap_err().to_string();
         assert!(err.contains("`a`"), "{err}");
         assert_eq!(opt.step_count(), before, "a rejected step changes nothing");
+    }
+
+    /// The partial-sum form of the gradient norm (used on CUDA devices) equals the composed
+    /// one (used on the CPU) up to the order of the f64 additions.
+    #[test]
+    fn partial_sums_of_squares_equal_the_composed_sums() {
+        let dev = Device::Cpu;
+        let tensors = [
+            Tensor::randn(0f32, 1.0, (300, 70), &dev).unwrap(),
+            Tensor::randn(0f64, 2.0, 40_000, &dev).unwrap(),
+            Tensor::randn(0f32, 1.0, 3, &dev).unwrap(),
+        ];
+        let chunk: Vec<&Tensor> = tensors.iter().collect();
+        let composed = sum_squares_composed(&chunk).unwrap();
+        let partial = sum_squares_partials(&chunk).unwrap();
+        assert!(composed > 1e3);
+        assert!(
+            (partial - composed).abs() <= 1e-12 * composed,
+            "{partial} vs {composed}"
+        );
     }
 
     #[test]

@@ -276,3 +276,58 @@ pub fn adamw_moments(
         _ => candle_core::bail!("adamw-moments: moments and gradient must both be f32 or f64"),
     }
 }
+
+/// Blocks (partials) per tensor of [`sum_squares_partials`].
+pub const SUM_SQUARES_BLOCKS: usize = 64;
+
+fn sum_squares_typed<T: CudaFloat>(
+    (dst, ld): (&mut CudaStorage, &Layout),
+    (x, lx): (&CudaStorage, &Layout),
+    slot: usize,
+) -> candle_core::Result<()> {
+    const NAME: &str = "sum-squares";
+    let dev = dst.device.clone();
+    let xv = view::<T>(x, lx, NAME)?;
+    let mut out = match ld.contiguous_offsets() {
+        Some((a, b)) => dst.as_cuda_slice_mut::<f64>()?.slice_mut(a..b),
+        None => candle_core::bail!("{NAME}: the partials must be contiguous"),
+    };
+    let at = slot * SUM_SQUARES_BLOCKS;
+    if out.len() < at + SUM_SQUARES_BLOCKS {
+        candle_core::bail!("{NAME}: slot {slot} beyond {} partials", out.len());
+    }
+    let func = kernel::<T>(&dev, ELEMENTWISE, "sum_squares_partials")?;
+    let (n, a) = (long(xv.len()), long(at));
+    let mut b = func.builder();
+    b.arg(&n).arg(&a).arg(&xv).arg(&mut out);
+    let cfg = candle_core::cuda_backend::cudarc::driver::LaunchConfig {
+        grid_dim: (SUM_SQUARES_BLOCKS as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: x holds n elements; out has SUM_SQUARES_BLOCKS entries from `at`; the kernel's
+    // shared reduction assumes 256 threads per block, as launched.
+    unsafe { b.launch(cfg) }.w()?;
+    Ok(())
+}
+
+/// Writes the [`SUM_SQUARES_BLOCKS`] partial sums of `x²` (in f64, deterministic) of the f32 or
+/// f64 tensor `x` into `dst[slot · SUM_SQUARES_BLOCKS ..]` (f64): one launch per tensor of a
+/// gradient norm, read back once for all tensors.
+///
+/// # Errors
+/// `dst` not f64, contiguous and long enough; `x` not f32/f64 or not contiguous; CUDA errors.
+pub fn sum_squares_partials(
+    dst: (&mut CudaStorage, &Layout),
+    x: (&CudaStorage, &Layout),
+    slot: usize,
+) -> candle_core::Result<()> {
+    if dst.0.dtype() != DType::F64 {
+        candle_core::bail!("sum-squares: the partials must be f64");
+    }
+    match x.0.dtype() {
+        DType::F32 => sum_squares_typed::<f32>(dst, x, slot),
+        DType::F64 => sum_squares_typed::<f64>(dst, x, slot),
+        other => candle_core::bail!("sum-squares: f32 or f64 input, got {other:?}"),
+    }
+}

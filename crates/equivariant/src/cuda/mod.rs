@@ -20,7 +20,10 @@ pub(crate) mod sh;
 pub(crate) mod so2;
 pub mod wigner;
 
-pub use elementwise::{adamw_moments, adamw_param, shifted_softplus, AdamWScalars};
+pub use elementwise::{
+    adamw_moments, adamw_param, shifted_softplus, sum_squares_partials, AdamWScalars,
+    SUM_SQUARES_BLOCKS,
+};
 
 use candle_core::cuda_backend::cudarc::cublas::sys::cublasOperation_t;
 use candle_core::cuda_backend::cudarc::cublas::{CudaBlas, Gemm, GemmConfig, StridedBatchedConfig};
