@@ -8,9 +8,9 @@
 //! On the CPU the per-edge and per-grid-point work runs in fused ops that keep their
 //! temporaries in per-task scratch and store only their inputs for the backward pass: the
 //! gathered SO(2) convolutions of `matscale_equivariant::so2`, the separable S2 activation, the
-//! attention-weighted segment sum (`AttentionSum`), the message gather for differentiable
-//! frames (`GatherPair`) and the feed-forward grid MLP ([`grid_mlp`]); each has a composed
-//! fallback and a test against it. See docs/ARCHITECTURE.md ("EquiformerV2 on the CPU: what is fused and why").
+//! attention-weighted segment sum (`Segments::head_weighted_sum`, fused on a GPU too), the
+//! message gather for differentiable frames (`GatherPair`) and the feed-forward grid MLP
+//! ([`grid_mlp`]); each has a composed fallback and a test against it. See docs/ARCHITECTURE.md ("EquiformerV2 on the CPU: what is fused and why").
 
 use std::sync::Arc;
 
