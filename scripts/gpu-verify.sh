@@ -258,6 +258,11 @@ PY
         echo "== AdamW step on the GPU: per-variable, grouped and in-place (eqV2-S's 383 tensors)"
         timeout 60 "$bin/bin/adamw-bench" --device cuda 2>&1 | tee "$out/adamw.log" || status=1
     fi
+    if want adamw || want bench; then
+        echo "== the same step in PyTorch (clip_grad_norm_ + AdamW, foreach and fused)"
+        timeout 60 python3 crates/trainer/benches/adamw_reference.py --device cuda 2>&1 \
+            | tee -a "$out/adamw.log" || status=1
+    fi
     if ! want eqv2; then
         :
     elif [ -f "$STAGE/fairchem-src.tar.xz" ]; then

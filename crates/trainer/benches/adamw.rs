@@ -7,7 +7,8 @@
 //! `clip_by_global_norm` + `AdamW::step`, best and median of R repetitions (default 5) after
 //! one warm-up, one JSON line per mode, with the largest difference of its final weights from the
 //! per-variable mode's relative to their largest magnitude (0 on the CPU, where the modes are
-//! bit-identical; rounding-sized on a GPU).
+//! bit-identical; rounding-sized on a GPU). `adamw_reference.py` beside it runs the same step
+//! in PyTorch (`clip_grad_norm_` + `torch.optim.AdamW`) on the same layout.
 
 use std::time::Instant;
 
