@@ -9,10 +9,9 @@
 //! rotations, three-GEMM complex products). The figure that matters per op is the larger of
 //! the two fractions, which says how far the op is from its roofline.
 //!
-//! Peaks: on CUDA an H100 SXM (3.0 TB/s device-to-device, 60 TFLOP/s f32 without tensor cores;
-//! override with `MATSCALE_PEAK_GBS` / `MATSCALE_PEAK_GFLOPS`, e.g. for an H200); on the CPU
-//! they are measured at the start: a large `memcpy` (bytes read + written per second) and a
-//! candle f32 matmul.
+//! Peaks: measured at the start on either device: a large copy (bytes read + written per
+//! second) and a candle f32 matmul (on a GPU cuBLAS without tensor cores; session 15 measured
+//! about 3.0 TB/s on an H100). `MATSCALE_PEAK_GBS` / `MATSCALE_PEAK_GFLOPS` override on a GPU.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -146,15 +145,61 @@ fn env_f64(name: &str) -> Option<f64> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
 }
 
-fn gpu_peaks() -> Peaks {
-    let bandwidth_gbs = env_f64("MATSCALE_PEAK_GBS").unwrap_or(3000.0);
-    let gflops = env_f64("MATSCALE_PEAK_GFLOPS").unwrap_or(60_000.0);
+/// GPU peaks: `MATSCALE_PEAK_GBS` / `MATSCALE_PEAK_GFLOPS` where set, otherwise measured on
+/// `device` like the CPU's (a 1 GiB device-to-device copy, read + write bytes per second, and
+/// a 8192² f32 matmul through candle's cuBLAS, best of the timed runs), so the fractions hold
+/// on any GPU (an H200 moves about 1.6× an H100's bytes); the nominal H100 SXM figures
+/// (3.0 TB/s, 60 TFLOP/s f32 without tensor cores) if the measurement fails.
+fn gpu_peaks(device: &Device) -> Peaks {
+    let measured = || -> anyhow::Result<(f64, f64)> {
+        let n = 256usize << 20;
+        let src = Tensor::ones(n, DType::F32, device)?;
+        let (_, best_copy, _) = time(device, 1.0, || {
+            std::hint::black_box(src.copy()?);
+            Ok(())
+        })?;
+        let m = 8192usize;
+        let a = Tensor::randn(0f32, 1.0, (m, m), device)?;
+        let b = Tensor::randn(0f32, 1.0, (m, m), device)?;
+        let (_, best_mm, _) = time(device, 2.0, || {
+            std::hint::black_box(a.matmul(&b)?);
+            Ok(())
+        })?;
+        Ok((
+            2.0 * n as f64 * F32 / best_copy / 1e9,
+            2.0 * (m as f64).powi(3) / best_mm / 1e9,
+        ))
+    };
+    let (env_gbs, env_gflops) = (
+        env_f64("MATSCALE_PEAK_GBS"),
+        env_f64("MATSCALE_PEAK_GFLOPS"),
+    );
+    let (bandwidth_gbs, gflops, how) = match (env_gbs, env_gflops) {
+        (Some(b), Some(g)) => (
+            b,
+            g,
+            "set by MATSCALE_PEAK_GBS / MATSCALE_PEAK_GFLOPS".into(),
+        ),
+        _ => match measured() {
+            Ok((b, g)) => (
+                env_gbs.unwrap_or(b),
+                env_gflops.unwrap_or(g),
+                format!(
+                    "measured: 1 GiB device copy ({b:.0} GB/s read+write), f32 matmul 8192² \
+                     ({g:.0} GFLOP/s); MATSCALE_PEAK_GBS / MATSCALE_PEAK_GFLOPS override"
+                ),
+            ),
+            Err(e) => (
+                env_gbs.unwrap_or(3000.0),
+                env_gflops.unwrap_or(60_000.0),
+                format!("nominal H100 SXM figures (measuring failed: {e})"),
+            ),
+        },
+    };
     Peaks {
         bandwidth_gbs,
         gflops,
-        how: format!(
-            "nominal: {bandwidth_gbs} GB/s, {gflops} GFLOP/s f32 (H100 SXM defaults; MATSCALE_PEAK_GBS / MATSCALE_PEAK_GFLOPS override)"
-        ),
+        how: format!("{bandwidth_gbs:.0} GB/s, {gflops:.0} GFLOP/s f32: {how}"),
     }
 }
 
@@ -453,7 +498,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let selected = select_device(request);
     let device = selected.device.clone();
     let peaks = if device.is_cuda() {
-        gpu_peaks()
+        gpu_peaks(&device)
     } else {
         cpu_peaks()?
     };
