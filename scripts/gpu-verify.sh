@@ -14,7 +14,9 @@
 #                                        # AdamW step bench (per-variable vs grouped), a short
 #                                        # SchNet training run on the GPU, and EquiformerV2 forward and
 #                                        # forward+backward against fairchem 1.x on the same GPU
-#                                        # (crates/models/benches/equiformer_v2_compare.sh). Logs and
+#                                        # (crates/models/benches/equiformer_v2_compare.sh), and
+#                                        # with both the whole eqV2-S step with the optimiser on
+#                                        # each side (whole-step.log). Logs and
 #                                        # JSON go to OUTDIR (default $OUT, else target/gpu-out).
 #
 # With the device tool: after `build`, run
@@ -287,6 +289,32 @@ PY
                 --data emt --emt-structures 64 --epochs 2 --device cuda \
                 --out "$work/train-$m" 2>&1 | tail -n 4 | tee -a "$out/train.log" || status=1
         done
+    fi
+    if [ -f "$work/equiformer_v2.jsonl" ] && [ -f "$out/adamw.log" ]; then
+        # The whole eqV2-S training step on each side: forward+backward (median, this run) plus
+        # clip + AdamW on the same parameter count (matscale's in-place update, PyTorch's
+        # default foreach AdamW; synthetic 383-tensor layout, see adamw_reference.py).
+        python3 - "$work/equiformer_v2.jsonl" "$out/adamw.log" <<'PY' | tee "$out/whole-step.log"
+import json, sys
+fb = {}
+for line in open(sys.argv[1]):
+    d = json.loads(line)
+    if d.get("config") == "eqv2-s" and d.get("phase") == "forward_backward":
+        fb[d["impl"]] = d["median_s"]
+opt = {}
+for line in open(sys.argv[2]):
+    if line.startswith("{"):
+        d = json.loads(line)
+        opt[d["mode"]] = d["median_s"]
+if "matscale" in fb and "fairchem" in fb and "in_place" in opt and "torch_default" in opt:
+    m = fb["matscale"] + opt["in_place"]
+    f = fb["fairchem"] + opt["torch_default"]
+    print(f"whole eqV2-S step (median fwd+bwd + clip + AdamW): matscale {m*1e3:.1f} ms "
+          f"({fb['matscale']*1e3:.1f} + {opt['in_place']*1e3:.1f}), fairchem {f*1e3:.1f} ms "
+          f"({fb['fairchem']*1e3:.1f} + {opt['torch_default']*1e3:.1f}): ratio {f/m:.2f}x")
+else:
+    print("whole step: missing figures", sorted(fb), sorted(opt))
+PY
     fi
     cp "$out"/*.log "$out"/preflight.txt "$work"/ 2>/dev/null || true
     tar -C "$(dirname "$work")" -czf "$out/results.tar.gz" "$(basename "$work")"
