@@ -11,8 +11,9 @@
 #                                        # carried: the CUDA kernel tests (every kernel against the
 #                                        # CPU, values and gradients), `bench kernels --device cuda`
 #                                        # with the e3nn/PyTorch reference side by side and the
-#                                        # AdamW step bench (per-variable vs grouped), a short
-#                                        # SchNet training run on the GPU, and EquiformerV2 forward and
+#                                        # AdamW step bench (per variable, grouped, in place; and
+#                                        # PyTorch's), two-epoch training runs of every model
+#                                        # family on the GPU, EquiformerV2 forward and
 #                                        # forward+backward against fairchem 1.x on the same GPU
 #                                        # (crates/models/benches/equiformer_v2_compare.sh), and
 #                                        # with both the whole eqV2-S step with the optimiser on
