@@ -130,6 +130,10 @@ ab() {
     out=$(cd "$out" && pwd)
     local stages
     IFS=, read -ra stages <<< "${AB_STAGES:?set AB_STAGES to a comma list of stage folders}"
+    # AB_ENVS: optional comma list, one `VAR=value` (or empty) per stage, e.g. the same stage
+    # twice with MATSCALE_S2_CHUNK_BYTES=0 and =16777216.
+    local envs=()
+    IFS=, read -ra envs <<< "${AB_ENVS:-}"
     local root=/tmp/matscale-ab i
     rm -rf "$root"
     for i in "${!stages[@]}"; do
@@ -144,10 +148,10 @@ ab() {
         for c in ${AB_CONFIGS:-eqv2-s}; do
             for p in ${AB_PHASES:-forward_backward}; do
                 for i in "${!stages[@]}"; do
-                    echo "== round $round, $c $p, ${stages[$i]}"
-                    timeout 120 "$root/$i/bin/equiformer-v2-bench" compare --config "$c" \
+                    echo "== round $round, $c $p, ${stages[$i]} ${envs[$i]:-}"
+                    timeout 120 env ${envs[$i]:-} "$root/$i/bin/equiformer-v2-bench" compare --config "$c" \
                         --phase "$p" --reps "${EQV2_REPS:-5}" --warmup 2 --device cuda \
-                        | sed "s|^{|{\"stage\": \"${stages[$i]}\", \"round\": $round, |" \
+                        | sed "s|^{|{\"stage\": \"${stages[$i]}\", \"env\": \"${envs[$i]:-}\", \"round\": $round, |" \
                         | tee -a "$out/ab.jsonl"
                 done
             done
@@ -226,6 +230,10 @@ PY
         echo "== CUDA kernel tests (each kernel against the CPU, f32 1e-5, f64 1e-12, with gradients)"
         timeout "${T_TESTS:-150}" "$bin/bin/cuda-tests" --test-threads=1 2>&1 \
             | tee "$out/cuda-tests.log" || status=1
+        # The S2 activations in row chunks (MATSCALE_S2_CHUNK_BYTES, off by default): 64 KiB
+        # chunks split the tests' 37 rows into several.
+        MATSCALE_S2_CHUNK_BYTES=65536 timeout "${T_TESTS:-150}" "$bin/bin/cuda-tests" \
+            --test-threads=1 s2_grid 2>&1 | tee -a "$out/cuda-tests.log" || status=1
         if grep -q "no CUDA device" "$out/cuda-tests.log"; then
             echo "the tests found no CUDA device: nothing was compared" >&2
             status=1

@@ -141,6 +141,22 @@ pub(crate) fn grid_linear(
     Ok((out, Shape::from((n, rows_out, c))))
 }
 
+/// Rows per chunk of the S2 activations: with `MATSCALE_S2_CHUNK_BYTES=B` (B > 0) the rows are
+/// processed in chunks whose grid values (`rows · G · C` elements) take at most `B` bytes, so
+/// that the values stay in the GPU's L2 cache between the GEMM that writes them, the SiLU and
+/// the GEMM that reads them (an eqV2-S attention block's grid values are 431 MB); unset or 0,
+/// all rows at once (the default until an A/B on a GPU says otherwise).
+fn chunk_rows(n: usize, g: usize, c: usize, elem: usize) -> usize {
+    let bytes = std::env::var("MATSCALE_S2_CHUNK_BYTES")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(0);
+    if bytes == 0 {
+        return n.max(1);
+    }
+    (bytes / (g * c * elem).max(1)).clamp(1, n.max(1))
+}
+
 fn act_forward_typed<T: GridFloat>(
     x: (&CudaStorage, &Layout),
     scalars: Option<(&CudaStorage, &Layout)>,
@@ -153,46 +169,52 @@ fn act_forward_typed<T: GridFloat>(
     let xv = view::<T>(x.0, x.1, name)?;
     let (to, from) = T::matrices(grid);
     let (to, from) = (upload(dev, to)?, upload(dev, from)?);
-    // SAFETY: the first GEMM (β = 0) writes every grid value; the second every output row but
-    // the first when there are scalars, which `silu_rows` writes.
-    let mut values = unsafe { uninit::<T>(dev, n * g * c) }?;
+    let rows = chunk_rows(n, g, c, std::mem::size_of::<T>());
+    // SAFETY: the first GEMM (β = 0) writes every grid value of a chunk; the second every
+    // output row but the first when there are scalars, which `silu_rows` writes.
+    let mut values = unsafe { uninit::<T>(dev, rows * g * c) }?;
     let mut out = unsafe { uninit::<T>(dev, n * k * c) }?;
     if n * c == 0 {
         return Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()));
     }
-    batched(
-        dev,
-        &to,
-        (k, 0, false),
-        (g, k),
-        &xv,
-        (0, k * c),
-        &mut values,
-        (0, g * c),
-        n,
-        c,
-    )?;
-    let total = n * g * c;
-    let func = kernel::<T>(dev, ELEMENTWISE, "silu_inplace")?;
-    let t = long(total);
-    let mut b = func.builder();
-    b.arg(&t).arg(&mut values);
-    // SAFETY: values holds n × g × c elements.
-    unsafe { b.launch(launch_cfg(total)) }.w()?;
     let skip = usize::from(scalars.is_some());
-    let vv = values.slice(..);
-    batched(
-        dev,
-        &from,
-        (k, skip, true),
-        (k - skip, g),
-        &vv,
-        (0, g * c),
-        &mut out,
-        (skip * c, k * c),
-        n,
-        c,
-    )?;
+    let func = kernel::<T>(dev, ELEMENTWISE, "silu_inplace")?;
+    let mut r0 = 0;
+    while r0 < n {
+        let m = rows.min(n - r0);
+        batched(
+            dev,
+            &to,
+            (k, 0, false),
+            (g, k),
+            &xv,
+            (r0 * k * c, k * c),
+            &mut values,
+            (0, g * c),
+            m,
+            c,
+        )?;
+        let total = m * g * c;
+        let t = long(total);
+        let mut b = func.builder();
+        b.arg(&t).arg(&mut values);
+        // SAFETY: values holds at least m × g × c elements.
+        unsafe { b.launch(launch_cfg(total)) }.w()?;
+        let vv = values.slice(..);
+        batched(
+            dev,
+            &from,
+            (k, skip, true),
+            (k - skip, g),
+            &vv,
+            (0, g * c),
+            &mut out,
+            ((r0 * k + skip) * c, k * c),
+            m,
+            c,
+        )?;
+        r0 += m;
+    }
     if let Some(sc) = scalars {
         let sv = view::<T>(sc.0, sc.1, name)?;
         let func = kernel::<T>(dev, ELEMENTWISE, "silu_rows")?;
@@ -238,58 +260,65 @@ fn act_backward_typed<T: GridFloat>(
     let dyv = view::<T>(dy.0, dy.1, name)?;
     let (to, from) = T::matrices(grid);
     let (to, from) = (upload(dev, to)?, upload(dev, from)?);
-    // SAFETY: each of the three GEMMs (β = 0; α = 0 with no input rows) writes its whole output.
-    let mut values = unsafe { uninit::<T>(dev, n * g * c) }?;
-    let mut grads = unsafe { uninit::<T>(dev, n * g * c) }?;
+    let rows = chunk_rows(n, g, c, std::mem::size_of::<T>());
+    // SAFETY: each of the three GEMMs (β = 0; α = 0 with no input rows) writes its whole
+    // output (a chunk's grid values and gradients, the chunk's rows of dx).
+    let mut values = unsafe { uninit::<T>(dev, rows * g * c) }?;
+    let mut grads = unsafe { uninit::<T>(dev, rows * g * c) }?;
     let mut dx = unsafe { uninit::<T>(dev, n * k * c) }?;
     if n * c == 0 {
         return Ok(CudaStorage::wrap_cuda_slice(dx, dev.clone()));
     }
     let skip = usize::from(separable);
-    batched(
-        dev,
-        &to,
-        (k, 0, false),
-        (g, k),
-        &xv,
-        (0, k * c),
-        &mut values,
-        (0, g * c),
-        n,
-        c,
-    )?;
-    batched(
-        dev,
-        &from,
-        (k, skip, false),
-        (g, k - skip),
-        &dyv,
-        (skip * c, k * c),
-        &mut grads,
-        (0, g * c),
-        n,
-        c,
-    )?;
-    let total = n * g * c;
     let func = kernel::<T>(dev, ELEMENTWISE, "silu_backward_inplace")?;
-    let (t, zero_grad) = (long(total), i32::from(k == skip));
-    let mut b = func.builder();
-    b.arg(&t).arg(&zero_grad).arg(&mut values).arg(&grads);
-    // SAFETY: values and grads hold n × g × c elements.
-    unsafe { b.launch(launch_cfg(total)) }.w()?;
-    let vv = values.slice(..);
-    batched(
-        dev,
-        &to,
-        (k, 0, true),
-        (k, g),
-        &vv,
-        (0, g * c),
-        &mut dx,
-        (0, k * c),
-        n,
-        c,
-    )?;
+    let mut r0 = 0;
+    while r0 < n {
+        let m = rows.min(n - r0);
+        batched(
+            dev,
+            &to,
+            (k, 0, false),
+            (g, k),
+            &xv,
+            (r0 * k * c, k * c),
+            &mut values,
+            (0, g * c),
+            m,
+            c,
+        )?;
+        batched(
+            dev,
+            &from,
+            (k, skip, false),
+            (g, k - skip),
+            &dyv,
+            ((r0 * k + skip) * c, k * c),
+            &mut grads,
+            (0, g * c),
+            m,
+            c,
+        )?;
+        let total = m * g * c;
+        let (t, zero_grad) = (long(total), i32::from(k == skip));
+        let mut b = func.builder();
+        b.arg(&t).arg(&zero_grad).arg(&mut values).arg(&grads);
+        // SAFETY: values and grads hold at least m × g × c elements.
+        unsafe { b.launch(launch_cfg(total)) }.w()?;
+        let vv = values.slice(..);
+        batched(
+            dev,
+            &to,
+            (k, 0, true),
+            (k, g),
+            &vv,
+            (0, g * c),
+            &mut dx,
+            (r0 * k * c, k * c),
+            m,
+            c,
+        )?;
+        r0 += m;
+    }
     Ok(CudaStorage::wrap_cuda_slice(dx, dev.clone()))
 }
 
