@@ -47,6 +47,9 @@ struct Peaks {
     bandwidth_gbs: f64,
     gflops: f64,
     how: String,
+    /// Median seconds of the smallest op (one element, one kernel) with its synchronisation:
+    /// the time below which no op of this bench can go, whatever its size.
+    launch_floor_s: f64,
 }
 
 #[derive(Serialize)]
@@ -67,6 +70,10 @@ struct Measurement {
     gflops: f64,
     fraction_of_peak_bandwidth: f64,
     fraction_of_peak_flops: f64,
+    /// `max(bytes / peak bandwidth, flops / peak rate, launch floor) / median`: the roofline
+    /// fraction with the launch floor as a third bound, for ops whose data moves in less time
+    /// than one launch takes.
+    fraction_of_bound_with_floor: f64,
     /// Edges (or vectors) per second.
     items_per_s: f64,
 }
@@ -134,11 +141,22 @@ fn cpu_peaks() -> anyhow::Result<Peaks> {
     Ok(Peaks {
         bandwidth_gbs: bandwidth,
         gflops,
+        launch_floor_s: 0.0,
         how: format!(
             "measured: 256 MiB parallel copy ({bandwidth:.1} GB/s read+write), candle f32 matmul 2048² ({gflops:.1} GFLOP/s), {} threads",
             rayon::current_num_threads()
         ),
     })
+}
+
+/// The median time of a one-element op and its synchronisation on `device`.
+fn launch_floor(device: &Device) -> anyhow::Result<f64> {
+    let x = Tensor::ones(1, DType::F32, device)?;
+    let (median, _, _) = time(device, 0.5, || {
+        std::hint::black_box(x.affine(2.0, 1.0)?);
+        Ok(())
+    })?;
+    Ok(median)
 }
 
 fn env_f64(name: &str) -> Option<f64> {
@@ -199,6 +217,7 @@ fn gpu_peaks(device: &Device) -> Peaks {
     Peaks {
         bandwidth_gbs,
         gflops,
+        launch_floor_s: 0.0,
         how: format!("{bandwidth_gbs:.0} GB/s, {gflops:.0} GFLOP/s f32: {how}"),
     }
 }
@@ -258,17 +277,22 @@ impl Bench<'_> {
             gflops,
             fraction_of_peak_bandwidth: gbs / self.peaks.bandwidth_gbs,
             fraction_of_peak_flops: gflops / self.peaks.gflops,
+            fraction_of_bound_with_floor: (bytes / (self.peaks.bandwidth_gbs * 1e9))
+                .max(flops / (self.peaks.gflops * 1e9))
+                .max(self.peaks.launch_floor_s)
+                / median,
             items_per_s: edges as f64 / median,
         };
         println!(
-            "{:<22} {:<3} L{lmax} M{mmax} C{channels:<4} E{edges:<7} {:>10.3} ms {:>9.1} GB/s ({:>5.1}%) {:>9.1} GFLOP/s ({:>5.1}%)",
+            "{:<22} {:<3} L{lmax} M{mmax} C{channels:<4} E{edges:<7} {:>10.3} ms {:>9.1} GB/s ({:>5.1}%) {:>9.1} GFLOP/s ({:>5.1}%) floor-bound {:>5.1}%",
             m.op,
             m.pass,
             median * 1e3,
             gbs,
             100.0 * m.fraction_of_peak_bandwidth,
             gflops,
-            100.0 * m.fraction_of_peak_flops
+            100.0 * m.fraction_of_peak_flops,
+            100.0 * m.fraction_of_bound_with_floor
         );
         self.out.push(m);
         Ok(())
@@ -497,12 +521,18 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let request: DeviceRequest = args.device.parse().map_err(anyhow::Error::msg)?;
     let selected = select_device(request);
     let device = selected.device.clone();
-    let peaks = if device.is_cuda() {
+    let mut peaks = if device.is_cuda() {
         gpu_peaks(&device)
     } else {
         cpu_peaks()?
     };
-    eprintln!("kernels on {}: {}", selected.label(), peaks.how);
+    peaks.launch_floor_s = launch_floor(&device)?;
+    eprintln!(
+        "kernels on {}: {}; launch floor {:.1} µs",
+        selected.label(),
+        peaks.how,
+        peaks.launch_floor_s * 1e6
+    );
     let edges: Vec<usize> = match std::env::var("MATSCALE_BENCH_EDGES") {
         Ok(v) => v
             .split(',')
