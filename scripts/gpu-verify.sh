@@ -32,8 +32,10 @@
 # comparison is skipped), EQV2_REPS (run: timed repetitions, default 5). Each step of `run` has
 # its own time limit (seconds: T_TESTS 150, T_CHECK 90 per model, T_BENCH 180, T_EQV2 200,
 # T_TRAIN 60 per model family) so that one
-# hung or slow step cannot eat the lease: the steps after it still run and report. STEPS (run:
-# a comma list of tests, check, bench, eqv2, train, and adamw for the AdamW bench alone (bench
+# hung or slow step cannot eat the lease: the steps after it still run and report.
+# STAGE_BINS (build: a space list of the binaries to stage, default all four: xtask, cuda-tests,
+# equiformer-v2-bench, adamw-bench; an A/B stage needs only equiformer-v2-bench and
+# cuda-tests). STEPS (run: a comma list of tests, check, bench, eqv2, train, and adamw for the AdamW bench alone (bench
 # runs it too); default all but adamw) picks steps. STAGE (default
 # target/gpu-stage) names the staged folder, so two builds can travel together for an A/B in one
 # device call:
@@ -72,6 +74,8 @@ PY
     done
     export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     for b in xtask cuda-tests equiformer-v2-bench adamw-bench; do
+        # A stage cut down with STAGE_BINS lacks some.
+        [ -e "$bin/bin/$b" ] || continue
         if ldd "$bin/bin/$b" | grep "not found"; then
             echo "missing libraries for $b (LD_LIBRARY_PATH=$LD_LIBRARY_PATH)" >&2
             exit 1
@@ -187,6 +191,16 @@ build() {
     cp "$adamw" "$STAGE/bin/adamw-bench"
     strip "$STAGE/bin/xtask" "$STAGE/bin/cuda-tests" "$STAGE/bin/equiformer-v2-bench" \
         "$STAGE/bin/adamw-bench"
+    if [ -n "${STAGE_BINS:-}" ]; then
+        # Only the named binaries (e.g. "equiformer-v2-bench cuda-tests" for an A/B stage), so
+        # that several stages fit the device tool's 64 MiB carry limit.
+        local b keep
+        for b in xtask cuda-tests equiformer-v2-bench adamw-bench; do
+            keep=0
+            for k in $STAGE_BINS; do [ "$k" = "$b" ] && keep=1; done
+            [ "$keep" = 1 ] || rm -f "$STAGE/bin/$b"
+        done
+    fi
     ls -l "$STAGE/bin"
     tar -C "$STAGE" -cJf "$STAGE/matscale-gpu.tar.xz" bin
     rm -rf "$STAGE/bin"
