@@ -11,7 +11,7 @@
 #                                        # carried: the CUDA kernel tests (every kernel against the
 #                                        # CPU, values and gradients), `bench kernels --device cuda`
 #                                        # with the e3nn/PyTorch reference side by side and the
-#                                        # AdamW step bench (per variable, grouped, in place; and
+#                                        # AdamW step bench (per variable, in place; and
 #                                        # PyTorch's), two-epoch training runs of every model
 #                                        # family on the GPU, EquiformerV2 forward and
 #                                        # forward+backward against fairchem 1.x on the same GPU
@@ -276,11 +276,11 @@ PY
         timeout "${T_BENCH:-180}" "$bin/bin/xtask" bench kernels --device cuda --reference \
             --python python3 --out "$work/bench-kernels-cuda0.json" 2>&1 \
             | tee "$out/bench-kernels.log" || status=1
-        echo "== AdamW step on the GPU: per-variable against grouped (eqV2-S's 383 tensors)"
+        echo "== AdamW step on the GPU: per-variable and in-place (eqV2-S's 383 tensors)"
         timeout 60 "$bin/bin/adamw-bench" --device cuda 2>&1 | tee "$out/adamw.log" || status=1
     fi
     if want adamw && ! want bench; then
-        echo "== AdamW step on the GPU: per-variable, grouped and in-place (eqV2-S's 383 tensors)"
+        echo "== AdamW step on the GPU: per-variable and in-place (eqV2-S's 383 tensors)"
         timeout 60 "$bin/bin/adamw-bench" --device cuda 2>&1 | tee "$out/adamw.log" || status=1
     fi
     if want adamw || want bench; then

@@ -1,4 +1,4 @@
-//! AdamW step time: per-variable, grouped and in-place update (see `matscale_trainer::optim`).
+//! AdamW step time: per-variable and in-place update (see `matscale_trainer::optim`).
 //!
 //! `cargo bench -p matscale-trainer --bench adamw [-- --device cpu|cuda] [--params N]
 //! [--tensors K] [--reps R]`: K variables (default 383, eqV2-S's count) holding N parameters
@@ -58,7 +58,6 @@ fn main() -> BenchResult<()> {
     let mut reference: Option<Vec<f32>> = None;
     for (mode, update) in [
         ("per_variable", UpdateMode::PerVariable),
-        ("grouped", UpdateMode::Grouped),
         ("in_place", UpdateMode::InPlace),
     ] {
         // Fresh variables per mode (the in-place update writes into their storage).

@@ -40,22 +40,16 @@ impl Default for AdamWConfig {
 
 /// The optimiser over a named set of variables.
 ///
-/// On the CPU each variable is updated by its own dozen elementwise ops, which keeps every
-/// pass over a variable in cache. On a GPU that is a dozen kernel launches per variable
-/// (eqV2-S has 383 variables: some 5,700 launches a step), so variables that share a dtype
-/// and device are updated together: their weights, gradients and moments are concatenated,
-/// one set of elementwise ops updates them all, and each variable's slice is copied back
-/// (the moments stay as views of the group's buffers). The arithmetic per element is the same
-/// either way, so both give bit-identical results.
+/// f32 and f64 variables (every model's master weights) are updated in place, two kernels per
+/// variable ([`UpdateMode::InPlace`]); other dtypes by a dozen tensor ops per variable
+/// ([`UpdateMode::PerVariable`]). On the CPU both give bit-identical results.
 #[derive(Debug)]
 pub struct AdamW {
     config: AdamWConfig,
     vars: Vec<(String, Var)>,
     first: Vec<Tensor>,
     second: Vec<Tensor>,
-    /// Indices into `vars` of each dtype and device, in order.
-    groups: Vec<Vec<usize>>,
-    /// The update forced to one form; `None`: [`UpdateMode::default_for`] each group.
+    /// The update forced to one form; `None`: [`UpdateMode::default_for`] each variable.
     mode: Option<UpdateMode>,
     /// `[m | v]` of a variable packed in one tensor, for [`UpdateMode::InPlace`] (built from
     /// `first` and `second` on first use; `first` and `second` are then views of it).
@@ -63,33 +57,29 @@ pub struct AdamW {
     step: u64,
 }
 
-/// How [`AdamW::step`] updates a group of variables (one dtype on one device). All three give
-/// the same numbers on the CPU (bit for bit); they differ in speed.
+/// How [`AdamW::step`] updates a variable. Both give the same numbers on the CPU (bit for
+/// bit); they differ in speed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UpdateMode {
-    /// A dozen tensor ops per variable.
+    /// A dozen tensor ops per variable (any dtype; the written-out reference).
     PerVariable,
-    /// The group's variables concatenated and updated by one set of tensor ops, then split.
-    Grouped,
     /// Two in-place kernels per variable on its storage and its packed `[m | v]`, one pass
-    /// over memory each and no allocation (fastest everywhere: on a GPU 383 tensors of eqV2-S
-    /// are 766 launches instead of a dozen per tensor or the grouped form's concatenations).
+    /// over memory each and no allocation (f32 and f64 on the CPU and on CUDA; on a GPU eqV2-S's
+    /// 383 tensors are 766 launches instead of a dozen per tensor).
     InPlace,
 }
 
 impl UpdateMode {
-    /// The default for variables like `t`: in place for f32 and f64 on the CPU and on a CUDA
-    /// device (on the CPU 3× faster than per variable and bit-identical to it), per variable
-    /// for other dtypes on the CPU, grouped elsewhere.
+    /// The default for a variable like `t`: in place for f32 and f64 on the CPU and on a
+    /// CUDA device (on the CPU 3× faster than per variable and bit-identical to it), per
+    /// variable otherwise.
     pub fn default_for(t: &Tensor) -> Self {
         let float = matches!(t.dtype(), DType::F32 | DType::F64);
         let cuda = cfg!(feature = "cuda") && t.device().is_cuda();
         if float && (t.device().is_cpu() || cuda) {
             UpdateMode::InPlace
-        } else if t.device().is_cpu() {
-            UpdateMode::PerVariable
         } else {
-            UpdateMode::Grouped
+            UpdateMode::PerVariable
         }
     }
 }
@@ -122,16 +112,21 @@ impl From<AdamWScalars> for matscale_equivariant::cuda::AdamWScalars {
     }
 }
 
-/// The typed slices of a contiguous CPU storage (`what` names it in errors).
+/// The element range of a contiguous layout (`what` names the tensor in the error).
+fn contiguous_range(l: &Layout, what: &str) -> candle_core::Result<std::ops::Range<usize>> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(a..b),
+        None => candle_core::bail!("{what} must be contiguous"),
+    }
+}
+
+/// The typed slice of a contiguous CPU storage (`what` names it in errors).
 fn cpu_slice<'a, T: candle_core::WithDType>(
     s: &'a CpuStorage,
     l: &Layout,
     what: &str,
 ) -> candle_core::Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&T::cpu_storage_as_slice(s)?[a..b]),
-        None => candle_core::bail!("adamw: {what} must be contiguous"),
-    }
+    Ok(&T::cpu_storage_as_slice(s)?[contiguous_range(l, what)?])
 }
 
 /// The parameter half of the in-place update (dst θ; sources `[m | v]` before the step, `g`):
@@ -189,20 +184,18 @@ impl candle_core::InplaceOp3 for AdamWParamOp {
         g: &CpuStorage,
         gl: &Layout,
     ) -> candle_core::Result<()> {
-        let (a, b) = dst_l.contiguous_offsets().ok_or_else(|| {
-            candle_core::Error::Msg("adamw: the variable must be contiguous".into())
-        })?;
+        let range = contiguous_range(dst_l, "adamw: the variable")?;
         match dst {
             CpuStorage::F32(t) => param_cpu(
-                &mut t[a..b],
-                cpu_slice(mv, ml, "moments")?,
-                cpu_slice(g, gl, "gradient")?,
+                &mut t[range],
+                cpu_slice(mv, ml, "adamw: the moments")?,
+                cpu_slice(g, gl, "adamw: the gradient")?,
                 self.0,
             ),
             CpuStorage::F64(t) => param_cpu(
-                &mut t[a..b],
-                cpu_slice(mv, ml, "moments")?,
-                cpu_slice(g, gl, "gradient")?,
+                &mut t[range],
+                cpu_slice(mv, ml, "adamw: the moments")?,
+                cpu_slice(g, gl, "adamw: the gradient")?,
                 self.0,
             ),
             _ => candle_core::bail!("adamw: in-place update of f32 and f64 only"),
@@ -249,12 +242,11 @@ impl candle_core::InplaceOp2 for AdamWMomentsOp {
         g: &CpuStorage,
         gl: &Layout,
     ) -> candle_core::Result<()> {
-        let (a, b) = dst_l.contiguous_offsets().ok_or_else(|| {
-            candle_core::Error::Msg("adamw: the moments must be contiguous".into())
-        })?;
+        let range = contiguous_range(dst_l, "adamw: the moments")?;
+        let g_of = "adamw: the gradient";
         match dst {
-            CpuStorage::F32(t) => moments_cpu(&mut t[a..b], cpu_slice(g, gl, "gradient")?, self.0),
-            CpuStorage::F64(t) => moments_cpu(&mut t[a..b], cpu_slice(g, gl, "gradient")?, self.0),
+            CpuStorage::F32(t) => moments_cpu(&mut t[range], cpu_slice(g, gl, g_of)?, self.0),
+            CpuStorage::F64(t) => moments_cpu(&mut t[range], cpu_slice(g, gl, g_of)?, self.0),
             _ => candle_core::bail!("adamw: in-place update of f32 and f64 only"),
         }
         Ok(())
@@ -301,25 +293,12 @@ impl AdamW {
             .map(|(_, v)| v.zeros_like())
             .collect::<candle_core::Result<Vec<_>>>()?;
         let second = first.clone();
-        let mut groups: Vec<Vec<usize>> = Vec::new();
-        for (k, (_, var)) in vars.iter().enumerate() {
-            let t = var.as_tensor();
-            let same = |g: &&mut Vec<usize>| {
-                let first = vars[g[0]].1.as_tensor();
-                first.dtype() == t.dtype() && first.device().same_device(t.device())
-            };
-            match groups.iter_mut().find(same) {
-                Some(g) => g.push(k),
-                None => groups.push(vec![k]),
-            }
-        }
         let packed = vec![None; vars.len()];
         Ok(Self {
             config,
             vars,
             first,
             second,
-            groups,
             mode: None,
             packed,
             step: 0,
@@ -327,8 +306,8 @@ impl AdamW {
     }
 
     /// Forces one form of the update (`None`, the default: [`UpdateMode::default_for`] each
-    /// group of variables). The results are the same up to rounding (on the CPU, exactly);
-    /// only the speed differs.
+    /// variable). The results are the same up to rounding (on the CPU, exactly); only the
+    /// speed differs.
     pub fn set_update_mode(&mut self, mode: Option<UpdateMode>) {
         self.mode = mode;
     }
@@ -371,78 +350,37 @@ impl AdamW {
         self.step += 1;
         let t = self.step as f64;
         let corrections = (1.0 - c.beta1.powf(t), 1.0 - c.beta2.powf(t));
-        let groups = self.groups.clone();
-        for group in &groups {
+        let scalars = AdamWScalars {
+            beta1: c.beta1,
+            beta2: c.beta2,
+            lr,
+            decay: 1.0 - lr * c.weight_decay,
+            correction1: corrections.0,
+            correction2: corrections.1,
+            eps: c.eps,
+        };
+        for (k, grad) in grads.iter().enumerate() {
             // A gradient that still carries its graph would chain every step's graph into
             // the moments: detached.
-            let present: Vec<(usize, Tensor)> = group
-                .iter()
-                .filter_map(|&k| grads[k].as_ref().map(|g| (k, g.detach())))
-                .collect();
-            let first_var = self.vars[group[0]].1.as_tensor();
+            let Some(grad) = grad.as_ref().map(Tensor::detach) else {
+                continue;
+            };
+            let var = self.vars[k].1.clone();
             let mode = self
                 .mode
-                .unwrap_or_else(|| UpdateMode::default_for(first_var));
+                .unwrap_or_else(|| UpdateMode::default_for(var.as_tensor()));
             if mode == UpdateMode::InPlace {
-                let scalars = AdamWScalars {
-                    beta1: c.beta1,
-                    beta2: c.beta2,
-                    lr,
-                    decay: 1.0 - lr * c.weight_decay,
-                    correction1: corrections.0,
-                    correction2: corrections.1,
-                    eps: c.eps,
-                };
-                for (k, grad) in &present {
-                    self.update_in_place(*k, &grad.contiguous()?, scalars)?;
-                }
-            } else if mode == UpdateMode::Grouped && present.len() > 1 {
-                let flat = |ts: Vec<Tensor>| -> Result<Tensor> {
-                    let parts = ts
-                        .iter()
-                        .map(Tensor::flatten_all)
-                        .collect::<candle_core::Result<Vec<_>>>()?;
-                    Ok(Tensor::cat(&parts, 0)?)
-                };
-                let pick =
-                    |from: &[Tensor]| present.iter().map(|(k, _)| from[*k].clone()).collect();
-                let thetas = present
-                    .iter()
-                    .map(|(k, _)| self.vars[*k].1.as_tensor().clone())
-                    .collect();
+                self.update_in_place(k, &grad.contiguous()?, scalars)?;
+            } else {
                 let (theta, m, v) = adamw_update(
                     &c,
-                    (
-                        &flat(thetas)?,
-                        &flat(pick(&self.first))?,
-                        &flat(pick(&self.second))?,
-                        &flat(present.iter().map(|(_, g)| g.clone()).collect())?,
-                    ),
+                    (var.as_tensor(), &self.first[k], &self.second[k], &grad),
                     lr,
                     corrections,
                 )?;
-                let mut at = 0;
-                for (k, _) in &present {
-                    let var = &self.vars[*k].1;
-                    let (len, shape) = (var.elem_count(), var.shape());
-                    var.set(&theta.narrow(0, at, len)?.reshape(shape)?)?;
-                    self.first[*k] = m.narrow(0, at, len)?.reshape(shape)?;
-                    self.second[*k] = v.narrow(0, at, len)?.reshape(shape)?;
-                    at += len;
-                }
-            } else {
-                for (k, grad) in &present {
-                    let var = &self.vars[*k].1;
-                    let (theta, m, v) = adamw_update(
-                        &c,
-                        (var.as_tensor(), &self.first[*k], &self.second[*k], grad),
-                        lr,
-                        corrections,
-                    )?;
-                    var.set(&theta)?;
-                    self.first[*k] = m;
-                    self.second[*k] = v;
-                }
+                var.set(&theta)?;
+                self.first[k] = m;
+                self.second[k] = v;
             }
         }
         Ok(())
@@ -593,18 +531,16 @@ impl candle_core::InplaceOp2 for SumSquaresOp {
         x: &CpuStorage,
         xl: &Layout,
     ) -> candle_core::Result<()> {
-        let (a, _) = dst_l.contiguous_offsets().ok_or_else(|| {
-            candle_core::Error::Msg("sum-squares: the partials must be contiguous".into())
-        })?;
+        let a = contiguous_range(dst_l, "sum-squares: the partials")?.start;
         let CpuStorage::F64(out) = dst else {
             candle_core::bail!("sum-squares: the partials must be f64");
         };
         let values: Vec<f64> = match x {
-            CpuStorage::F32(_) => cpu_slice::<f32>(x, xl, "gradient")?
+            CpuStorage::F32(_) => cpu_slice::<f32>(x, xl, "sum-squares: the gradient")?
                 .iter()
                 .map(|&v| f64::from(v))
                 .collect(),
-            CpuStorage::F64(_) => cpu_slice::<f64>(x, xl, "gradient")?.to_vec(),
+            CpuStorage::F64(_) => cpu_slice::<f64>(x, xl, "sum-squares: the gradient")?.to_vec(),
             _ => candle_core::bail!("sum-squares: f32 or f64 input"),
         };
         let row = &mut out[a + self.slot * NORM_PARTIALS..a + (self.slot + 1) * NORM_PARTIALS];
@@ -696,17 +632,13 @@ mod tests {
         assert!((w[1] - expect(-2.0, -0.25)).abs() < 1e-15);
     }
 
-    /// Every update mode (per variable, grouped, in place) equals a hand-written per-variable
-    /// AdamW bit for bit over several steps, with two groups (f32 and f64 variables), a
+    /// Both update modes (per variable, in place) equal a hand-written per-variable AdamW bit
+    /// for bit over several steps, with f32 and f64 variables, a
     /// variable without a gradient in some steps (its weights and moments stay), and a
     /// checkpoint round trip in the middle.
     #[test]
     fn every_update_mode_equals_the_written_out_update() {
-        for mode in [
-            UpdateMode::PerVariable,
-            UpdateMode::Grouped,
-            UpdateMode::InPlace,
-        ] {
+        for mode in [UpdateMode::PerVariable, UpdateMode::InPlace] {
             update_case(mode);
         }
     }

@@ -156,7 +156,7 @@ fn slice_mut<'a, T: CudaFloat>(
 ) -> candle_core::Result<candle_core::cuda_backend::cudarc::driver::CudaViewMut<'a, T>> {
     match l.contiguous_offsets() {
         Some((start, end)) => Ok(s.as_cuda_slice_mut::<T>()?.slice_mut(start..end)),
-        None => candle_core::bail!("{op}: the updated tensor must be contiguous"),
+        None => candle_core::bail!("{op}: the tensor written in place must be contiguous"),
     }
 }
 
@@ -288,10 +288,7 @@ fn sum_squares_typed<T: CudaFloat>(
     const NAME: &str = "sum-squares";
     let dev = dst.device.clone();
     let xv = view::<T>(x, lx, NAME)?;
-    let mut out = match ld.contiguous_offsets() {
-        Some((a, b)) => dst.as_cuda_slice_mut::<f64>()?.slice_mut(a..b),
-        None => candle_core::bail!("{NAME}: the partials must be contiguous"),
-    };
+    let mut out = slice_mut::<f64>(dst, ld, NAME)?;
     let at = slot * SUM_SQUARES_BLOCKS;
     if out.len() < at + SUM_SQUARES_BLOCKS {
         candle_core::bail!("{NAME}: slot {slot} beyond {} partials", out.len());

@@ -49,12 +49,15 @@ impl Segments {
     pub fn head_weighted_sum(&self, values: &Tensor, weights: &Tensor) -> Result<Tensor> {
         check_float(values, "values")?;
         let e = self.num_items();
-        let &[ev, _, c] = values.dims() else {
-            return Err(EquivariantError::ShapeMismatch {
-                arg: "values",
-                expected: format!("[num_items = {e}, K, H·V]"),
-                found: values.dims().to_vec(),
-            });
+        let c = match values.dims() {
+            &[ev, _, c] if ev == e => c,
+            _ => {
+                return Err(EquivariantError::ShapeMismatch {
+                    arg: "values",
+                    expected: format!("[num_items = {e}, K, H·V]"),
+                    found: values.dims().to_vec(),
+                })
+            }
         };
         let heads = match weights.dims() {
             &[ew, h] if ew == e && h > 0 && c.is_multiple_of(h) => h,
@@ -66,13 +69,6 @@ impl Segments {
                 })
             }
         };
-        if ev != e {
-            return Err(EquivariantError::ShapeMismatch {
-                arg: "values",
-                expected: format!("[num_items = {e}, K, H·V]"),
-                found: values.dims().to_vec(),
-            });
-        }
         if weights.dtype() != values.dtype() {
             return Err(EquivariantError::UnsupportedDType {
                 arg: "weights",
