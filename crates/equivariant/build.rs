@@ -10,7 +10,15 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The kernel sources, compiled one PTX module each.
-const KERNELS: [&str; 6] = ["sh", "rotate", "segment", "elementwise", "wigner", "norm"];
+const KERNELS: [&str; 7] = [
+    "sh",
+    "rotate",
+    "segment",
+    "elementwise",
+    "wigner",
+    "norm",
+    "s2fused",
+];
 
 fn nvcc() -> PathBuf {
     for var in ["CUDA_HOME", "CUDA_PATH"] {

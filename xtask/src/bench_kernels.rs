@@ -240,6 +240,9 @@ fn so2_flops(layout: SphericalLayout, c: usize) -> f64 {
     f
 }
 
+/// A cell of the table: `(lmax, mmax, channels, edges)`.
+type CellKey = (usize, usize, usize, usize);
+
 struct Bench<'a> {
     device: &'a Device,
     budget_s: f64,
@@ -253,7 +256,7 @@ impl Bench<'_> {
         &mut self,
         op: &str,
         pass: &'static str,
-        (lmax, mmax, channels, edges): (usize, usize, usize, usize),
+        (lmax, mmax, channels, edges): CellKey,
         bytes: f64,
         flops: f64,
         f: impl FnMut() -> anyhow::Result<()>,
@@ -471,32 +474,89 @@ fn bench_config(
 
     // Separable S2 activation on the edge messages (the attention's nonlinearity).
     let grid = S2Grid::equiformer_v2(lmax, mmax, Some(18))?;
-    let (k, g) = (grid.num_coefficients(), grid.num_points());
-    let xs = Var::from_tensor(&Tensor::randn(0f32, 1.0, (edges, k, c), &dev)?)?;
+    let xs = Var::from_tensor(&Tensor::randn(
+        0f32,
+        1.0,
+        (edges, grid.num_coefficients(), c),
+        &dev,
+    )?)?;
     let scalars = Var::from_tensor(&Tensor::randn(0f32, 1.0, (edges, c), &dev)?)?;
-    let (kf, gf) = (k as f64, g as f64);
-    // Two grid transforms (to, from) per channel as the kernels run them (factored over β and
-    // α on the CPU, dense on CUDA), and SiLU at every grid point.
-    let transform_macs = if dev.is_cuda() {
-        gf * kf
-    } else {
-        grid.cpu_transform_macs() as f64
+    let act = S2Inputs {
+        grid: &grid,
+        xs: &xs,
+        scalars: &scalars,
     };
+    if dev.is_cuda() {
+        // Both CUDA paths side by side: the batched GEMMs with the dense matrices
+        // ("s2_activation") and the fused kernels on the factored ones ("s2_activation_fused").
+        #[cfg(feature = "cuda")]
+        {
+            use matscale_equivariant::cuda::set_fused_s2_activation;
+            set_fused_s2_activation(Some(false));
+            let dense = (grid.num_points() * grid.num_coefficients()) as f64;
+            let gemm = bench_s2_activation(b, key, "s2_activation", &act, dense);
+            set_fused_s2_activation(Some(true));
+            let factored = grid.cpu_transform_macs() as f64;
+            let fused = bench_s2_activation(b, key, "s2_activation_fused", &act, factored);
+            set_fused_s2_activation(None);
+            gemm?;
+            fused?;
+        }
+    } else {
+        bench_s2_activation(
+            b,
+            key,
+            "s2_activation",
+            &act,
+            grid.cpu_transform_macs() as f64,
+        )?;
+    }
+    Ok(())
+}
+
+/// The inputs of the S2 activation cells.
+struct S2Inputs<'a> {
+    grid: &'a S2Grid,
+    xs: &'a Var,
+    scalars: &'a Var,
+}
+
+/// The separable S2 activation forward and backward as `op`, counting `transform_macs`
+/// multiply-adds per channel for one grid transform (the kernels' own count: factored over β
+/// and α on the CPU and in the fused CUDA kernels, dense in the GEMM path) and SiLU at every
+/// grid point.
+fn bench_s2_activation(
+    b: &mut Bench<'_>,
+    key: CellKey,
+    op: &'static str,
+    act: &S2Inputs<'_>,
+    transform_macs: f64,
+) -> anyhow::Result<()> {
+    let (e, c, k) = (
+        act.xs.dims()[0],
+        act.xs.dims()[2],
+        act.grid.num_coefficients(),
+    );
+    let (e, cf, kf, gf) = (e as f64, c as f64, k as f64, act.grid.num_points() as f64);
     let act_flops = e * cf * (2.0 * 2.0 * transform_macs + 4.0 * gf);
+    let run = || {
+        act.grid
+            .separable_s2_activation(act.scalars.as_tensor(), act.xs.as_tensor())
+    };
     b.record(
-        "s2_activation",
+        op,
         "fwd",
         key,
         e * cf * (2.0 * kf + 1.0) * F32,
         act_flops,
         || {
-            grid.separable_s2_activation(scalars.as_tensor(), xs.as_tensor())?;
+            run()?;
             Ok(())
         },
     )?;
-    let l = loss(&grid.separable_s2_activation(scalars.as_tensor(), xs.as_tensor())?)?;
+    let l = loss(&run()?)?;
     b.record(
-        "s2_activation",
+        op,
         "bwd",
         key,
         e * cf * (3.0 * kf + 2.0) * F32,

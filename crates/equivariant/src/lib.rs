@@ -12,6 +12,8 @@ pub mod error;
 mod float_kernel;
 pub mod frames;
 pub mod frames_diff;
+#[cfg(test)]
+mod host_kernels;
 pub mod linalg;
 pub mod mapping;
 pub mod norm_act;

@@ -9,6 +9,7 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
+use matscale_equivariant::cuda::set_fused_s2_activation;
 use matscale_equivariant::frames::{edge_wigner, Roll};
 use matscale_equivariant::mapping::SphericalLayout;
 use matscale_equivariant::radial::GaussianSmearing;
@@ -475,15 +476,45 @@ fn s2_grid_ops_match_cpu_with_gradients() -> TestResult {
             compare_with_grad("to_grid", &dev, &x, |t| Ok(grid.to_grid(t)?))?;
             let sig = random(&[37, g, 6], 32, dtype)?;
             compare_with_grad("from_grid", &dev, &sig, |t| Ok(grid.from_grid(t)?))?;
-            compare_with_grad("s2 activation", &dev, &x, |t| Ok(grid.s2_activation(t)?))?;
             let scalars = random(&[37, 6], 33, dtype)?;
-            compare_with_grad("separable s2 activation (x)", &dev, &x, |t| {
-                Ok(grid.separable_s2_activation(&scalars.to_device(t.device())?, t)?)
-            })?;
-            compare_with_grad("separable s2 activation (scalars)", &dev, &scalars, |t| {
-                Ok(grid.separable_s2_activation(t, &x.to_device(t.device())?)?)
-            })?;
+            // Both CUDA paths of the activations: the batched GEMMs and the fused kernels
+            // (the only test of this binary that runs S2 activations, so the process-wide
+            // switch is this test's alone).
+            for fused in [false, true] {
+                set_fused_s2_activation(Some(fused));
+                let path = if fused { "fused" } else { "gemm" };
+                compare_with_grad(&format!("s2 activation ({path})"), &dev, &x, |t| {
+                    Ok(grid.s2_activation(t)?)
+                })?;
+                compare_with_grad(
+                    &format!("separable s2 activation (x, {path})"),
+                    &dev,
+                    &x,
+                    |t| Ok(grid.separable_s2_activation(&scalars.to_device(t.device())?, t)?),
+                )?;
+                compare_with_grad(
+                    &format!("separable s2 activation (scalars, {path})"),
+                    &dev,
+                    &scalars,
+                    |t| Ok(grid.separable_s2_activation(t, &x.to_device(t.device())?)?),
+                )?;
+            }
+            set_fused_s2_activation(None);
         }
+    }
+    // EquiformerV2's attention grid as the model uses it: 18 × 18 points, coefficients in
+    // m-major order, 37 rows of 130 channels (more than one block of threads per row).
+    let grid =
+        S2Grid::equiformer_v2(4, 2, Some(18))?.permuted(&SphericalLayout::new(4, 2)?.to_m())?;
+    for dtype in [DType::F64, DType::F32] {
+        let x = random(&[37, grid.num_coefficients(), 130], 34, dtype)?;
+        let scalars = random(&[37, 130], 35, dtype)?;
+        set_fused_s2_activation(Some(true));
+        let result = compare_with_grad("separable s2 activation (m-major, fused)", &dev, &x, |t| {
+            Ok(grid.separable_s2_activation(&scalars.to_device(t.device())?, t)?)
+        });
+        set_fused_s2_activation(None);
+        result?;
     }
     Ok(())
 }

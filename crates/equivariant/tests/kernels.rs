@@ -13,13 +13,14 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const MODULES: [(&str, &str); 6] = [
+const MODULES: [(&str, &str); 7] = [
     ("SH", "sh"),
     ("ROTATE", "rotate"),
     ("SEGMENT", "segment"),
     ("ELEMENTWISE", "elementwise"),
     ("WIGNER", "wigner"),
     ("NORM", "norm"),
+    ("S2FUSED", "s2fused"),
 ];
 
 fn crate_dir() -> PathBuf {
@@ -115,6 +116,29 @@ fn every_loaded_kernel_is_defined_in_its_module() {
             "src/cuda loads {name:?} from {file}.cu, which defines {:?}",
             defined(&source)
         );
+    }
+}
+
+/// `src/cuda/s2grid.rs` loads `s2_fused_{forward,backward}_j{J}` by a formatted name for every
+/// odd `J` up to its `FUSED_MAX_GROUPS`: all of them must be defined.
+#[test]
+fn fused_s2_kernels_exist_for_every_group_count_the_host_launches() {
+    let launch = std::fs::read_to_string(crate_dir().join("src/cuda/s2grid.rs")).expect("source");
+    let max: usize = launch
+        .split("const FUSED_MAX_GROUPS: usize = ")
+        .nth(1)
+        .and_then(|rest| rest.split(';').next())
+        .and_then(|v| v.trim().parse().ok())
+        .expect("FUSED_MAX_GROUPS in src/cuda/s2grid.rs");
+    assert!(launch.contains("format!(\"s2_fused_forward_j{}\""));
+    assert!(launch.contains("format!(\"s2_fused_backward_j{}\""));
+    let source = std::fs::read_to_string(crate_dir().join("kernels/s2fused.cu")).expect("source");
+    let names = defined(&source);
+    for j in (1..=max).step_by(2) {
+        for pass in ["forward", "backward"] {
+            let name = format!("s2_fused_{pass}_j{j}");
+            assert!(names.contains(&name), "s2fused.cu lacks {name}: {names:?}");
+        }
     }
 }
 

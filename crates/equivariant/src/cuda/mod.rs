@@ -20,6 +20,8 @@ pub(crate) mod sh;
 pub(crate) mod so2;
 pub mod wigner;
 
+pub use s2grid::set_fused_s2_activation;
+
 pub use elementwise::{
     adamw_moments, adamw_param, shifted_softplus, sum_squares_partials, AdamWScalars,
     SUM_SQUARES_BLOCKS,
@@ -56,9 +58,18 @@ ptx_module!(SEGMENT, "segment");
 ptx_module!(ELEMENTWISE, "elementwise");
 ptx_module!(WIGNER, "wigner");
 ptx_module!(NORM, "norm");
+ptx_module!(S2FUSED, "s2fused");
 
 /// Every PTX module (for the load test of `tests/cuda.rs`).
-pub const MODULE_NAMES: [&str; 6] = ["sh", "rotate", "segment", "elementwise", "wigner", "norm"];
+pub const MODULE_NAMES: [&str; 7] = [
+    "sh",
+    "rotate",
+    "segment",
+    "elementwise",
+    "wigner",
+    "norm",
+    "s2fused",
+];
 
 /// Threads per block of the elementwise-style kernels.
 const BLOCK: u32 = 256;

@@ -1,15 +1,29 @@
 //! S2 grid transforms and activations on the device: the per-row products with the grid
 //! matrices run as strided-batched cuBLAS GEMMs (the matrix shared by all rows, stride 0),
 //! SiLU and its derivative as elementwise kernels in between (`kernels/elementwise.cu`).
+//!
+//! With `MATSCALE_S2_FUSED=1` (or [`set_fused_s2_activation`]) the S2 activations and their backward run instead as one
+//! kernel each on the grid matrices factored over β and α (`kernels/s2fused.cu`): one thread
+//! per (row, channel), the grid values kept in registers. Off by default until it has been
+//! measured against the GEMM path on a GPU; its arithmetic is tested on the host
+//! (`s2grid::tests::fused_cuda_s2_kernels_match_the_cpu_on_the_host`) and on the GPU by
+//! `tests/cuda.rs`.
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, PushKernelArg};
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Shape};
 
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::OnceLock;
+
+use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchConfig};
+
 use super::{
     gemm_batched, int, kernel, launch_cfg, long, mat, uninit, upload, view, CudaFloat, ELEMENTWISE,
+    MAX_BLOCKS, S2FUSED,
 };
+use crate::s2grid::factored::Factored;
 
 /// The grid of `s2grid.rs` (`GridInner`): `to` and `from` are `[G, K]` row-major, in both
 /// float types.
@@ -20,6 +34,9 @@ pub(crate) struct Grid<'a> {
     pub(crate) from_f32: &'a [f32],
     pub(crate) to_f64: &'a [f64],
     pub(crate) from_f64: &'a [f64],
+    /// The matrices factored over β and α, when they are separable (the fused kernels).
+    pub(crate) factored_f32: Option<&'a Factored<f32>>,
+    pub(crate) factored_f64: Option<&'a Factored<f64>>,
 }
 
 /// Which grid transform (`s2grid.rs` `LinearKind`).
@@ -37,11 +54,15 @@ pub(crate) enum GridMap {
 
 trait GridFloat: CudaFloat {
     fn matrices<'a>(grid: &Grid<'a>) -> (&'a [Self], &'a [Self]);
+    fn factored<'a>(grid: &Grid<'a>) -> Option<&'a Factored<Self>>;
 }
 
 impl GridFloat for f32 {
     fn matrices<'a>(grid: &Grid<'a>) -> (&'a [f32], &'a [f32]) {
         (grid.to_f32, grid.from_f32)
+    }
+    fn factored<'a>(grid: &Grid<'a>) -> Option<&'a Factored<f32>> {
+        grid.factored_f32
     }
 }
 
@@ -49,6 +70,180 @@ impl GridFloat for f64 {
     fn matrices<'a>(grid: &Grid<'a>) -> (&'a [f64], &'a [f64]) {
         (grid.to_f64, grid.from_f64)
     }
+    fn factored<'a>(grid: &Grid<'a>) -> Option<&'a Factored<f64>> {
+        grid.factored_f64
+    }
+}
+
+/// Most α profiles the fused kernels take: they exist for odd `J = 2 · mmax + 1` up to this.
+const FUSED_MAX_GROUPS: usize = 13;
+
+/// Shared memory a fused launch may use without opting in to more (48 KiB).
+const FUSED_SHARED_BYTES: usize = 48 * 1024;
+
+/// The S2 activation path chosen by [`set_fused_s2_activation`]: 0 unset (the environment
+/// decides), 1 the GEMM path, 2 the fused kernels.
+static FUSED_CHOICE: AtomicU8 = AtomicU8::new(0);
+
+/// Chooses the CUDA S2 activation path for this process: `Some(true)` the fused kernels
+/// (`kernels/s2fused.cu`) wherever they apply, `Some(false)` the batched GEMMs, `None` what
+/// `MATSCALE_S2_FUSED` says (`1`: fused; anything else or unset: GEMMs). Benchmarks and tests
+/// use it to run both paths in one process.
+pub fn set_fused_s2_activation(choice: Option<bool>) {
+    let v = match choice {
+        None => 0,
+        Some(false) => 1,
+        Some(true) => 2,
+    };
+    FUSED_CHOICE.store(v, Ordering::Relaxed);
+}
+
+/// Whether the fused S2 activation kernels are asked for ([`set_fused_s2_activation`]).
+fn fused_requested() -> bool {
+    static FROM_ENV: OnceLock<bool> = OnceLock::new();
+    match FUSED_CHOICE.load(Ordering::Relaxed) {
+        1 => false,
+        2 => true,
+        _ => *FROM_ENV
+            .get_or_init(|| std::env::var("MATSCALE_S2_FUSED").is_ok_and(|v| v.trim() == "1")),
+    }
+}
+
+/// A fused launch: its factors and threads per block (each thread keeps `columns` columns of
+/// `K` values in shared memory), or `None` when the fused kernels are off or do not apply
+/// (grid not separable, more than [`FUSED_MAX_GROUPS`] α profiles, columns too long).
+fn fused_plan<'a, T: GridFloat>(grid: &Grid<'a>, columns: usize) -> Option<(&'a Factored<T>, u32)> {
+    if !fused_requested() {
+        return None;
+    }
+    let f = T::factored(grid)?;
+    if f.groups() % 2 == 0 || f.groups() > FUSED_MAX_GROUPS {
+        return None;
+    }
+    let per_thread = columns * grid.k * std::mem::size_of::<T>();
+    let threads = [128u32, 64, 32]
+        .into_iter()
+        .find(|&t| t as usize * per_thread <= FUSED_SHARED_BYTES)?;
+    Some((f, threads))
+}
+
+/// The device copies of a [`Factored`]'s grouped tables (`kernels/s2fused.cu`'s layout).
+struct FusedTables<T> {
+    b: i32,
+    a: i32,
+    u_to: CudaSlice<T>,
+    u_from: CudaSlice<T>,
+    v: CudaSlice<T>,
+    order: CudaSlice<i32>,
+    offsets: CudaSlice<i32>,
+}
+
+fn fused_tables<T: GridFloat>(
+    dev: &CudaDevice,
+    f: &Factored<T>,
+) -> candle_core::Result<FusedTables<T>> {
+    let t = f.grouped();
+    Ok(FusedTables {
+        b: int(t.b, "grid rings")?,
+        a: int(t.a, "ring points")?,
+        u_to: upload(dev, &t.u_to)?,
+        u_from: upload(dev, &t.u_from)?,
+        v: upload(dev, &t.v)?,
+        order: upload(dev, &t.order)?,
+        offsets: upload(dev, &t.offsets)?,
+    })
+}
+
+/// A fused launch over `items` (row, channel) pairs with `threads` per block and `columns`
+/// shared-memory columns of `k` values per thread.
+fn fused_cfg<T>(items: usize, threads: u32, columns: usize, k: usize) -> LaunchConfig {
+    let blocks = items.div_ceil(threads as usize).clamp(1, MAX_BLOCKS);
+    let shared = columns * k * threads as usize * std::mem::size_of::<T>();
+    LaunchConfig {
+        grid_dim: (u32::try_from(blocks).expect("at most MAX_BLOCKS"), 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: u32::try_from(shared).expect("at most FUSED_SHARED_BYTES"),
+    }
+}
+
+/// The fused forward (`s2_fused_forward`): `out[n, c ≥ skip] = fromᵀ · SiLU(to · x[n])` and,
+/// with scalars, `out[n, 0] = SiLU(scalars[n])`.
+fn fused_forward<T: GridFloat>(
+    dev: &CudaDevice,
+    x: &CudaView<'_, T>,
+    scalars: Option<&CudaView<'_, T>>,
+    (f, threads): (&Factored<T>, u32),
+    (n, k, c): (usize, usize, usize),
+) -> candle_core::Result<CudaSlice<T>> {
+    // SAFETY: the kernel writes every row c ≥ skip of every (row, channel) and, with
+    // scalars (skip = 1), row 0 as well.
+    let mut out = unsafe { uninit::<T>(dev, n * k * c) }?;
+    if n * c == 0 {
+        return Ok(out);
+    }
+    let t = fused_tables(dev, f)?;
+    let name = format!("s2_fused_forward_j{}", f.groups());
+    let func = kernel::<T>(dev, S2FUSED, &name)?;
+    let (items, ci, ki) = (long(n * c), int(c, "channels")?, int(k, "coefficients")?);
+    let skip = i32::from(scalars.is_some());
+    let mut b = func.builder();
+    b.arg(&items)
+        .arg(&ci)
+        .arg(&ki)
+        .arg(&t.b)
+        .arg(&t.a)
+        .arg(&skip);
+    b.arg(x).arg(scalars.unwrap_or(x));
+    b.arg(&t.u_to)
+        .arg(&t.u_from)
+        .arg(&t.v)
+        .arg(&t.order)
+        .arg(&t.offsets);
+    b.arg(&mut out);
+    // SAFETY: x holds n × k × c elements, scalars (read only when skip = 1) n × c, the
+    // tables the grouped factors' sizes, out n × k × c; shared memory two columns per thread.
+    unsafe { b.launch(fused_cfg::<T>(n * c, threads, 2, k)) }.w()?;
+    Ok(out)
+}
+
+/// The fused backward (`s2_fused_backward`):
+/// `dx[n] = toᵀ · (SiLU'(to · x[n]) ⊙ (from_{≥skip} · dy[n, ≥skip]))`.
+fn fused_backward<T: GridFloat>(
+    dev: &CudaDevice,
+    x: &CudaView<'_, T>,
+    dy: &CudaView<'_, T>,
+    skip: bool,
+    (f, threads): (&Factored<T>, u32),
+    (n, k, c): (usize, usize, usize),
+) -> candle_core::Result<CudaSlice<T>> {
+    // SAFETY: the kernel writes all k rows of every (row, channel).
+    let mut dx = unsafe { uninit::<T>(dev, n * k * c) }?;
+    if n * c == 0 {
+        return Ok(dx);
+    }
+    let t = fused_tables(dev, f)?;
+    let name = format!("s2_fused_backward_j{}", f.groups());
+    let func = kernel::<T>(dev, S2FUSED, &name)?;
+    let (items, ci, ki) = (long(n * c), int(c, "channels")?, int(k, "coefficients")?);
+    let skip = i32::from(skip);
+    let mut b = func.builder();
+    b.arg(&items)
+        .arg(&ci)
+        .arg(&ki)
+        .arg(&t.b)
+        .arg(&t.a)
+        .arg(&skip);
+    b.arg(x).arg(dy);
+    b.arg(&t.u_to)
+        .arg(&t.u_from)
+        .arg(&t.v)
+        .arg(&t.order)
+        .arg(&t.offsets);
+    b.arg(&mut dx);
+    // SAFETY: x, dy and dx hold n × k × c elements, the tables the grouped factors' sizes;
+    // shared memory three columns per thread.
+    unsafe { b.launch(fused_cfg::<T>(n * c, threads, 3, k)) }.w()?;
+    Ok(dx)
 }
 
 /// `out[n] = op(M)[rows_out × rows_in] · x[n][rows_in × c]` for all rows `n`, where `M` is a
@@ -167,6 +362,11 @@ fn act_forward_typed<T: GridFloat>(
     let dev = &x.0.device;
     let (g, k) = (grid.g, grid.k);
     let xv = view::<T>(x.0, x.1, name)?;
+    if let Some(plan) = fused_plan::<T>(grid, 2) {
+        let sv = scalars.map(|s| view::<T>(s.0, s.1, name)).transpose()?;
+        let out = fused_forward(dev, &xv, sv.as_ref(), plan, (n, k, c))?;
+        return Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()));
+    }
     let (to, from) = T::matrices(grid);
     let (to, from) = (upload(dev, to)?, upload(dev, from)?);
     let rows = chunk_rows(n, g, c, std::mem::size_of::<T>());
@@ -258,6 +458,10 @@ fn act_backward_typed<T: GridFloat>(
     let (g, k) = (grid.g, grid.k);
     let xv = view::<T>(x.0, x.1, name)?;
     let dyv = view::<T>(dy.0, dy.1, name)?;
+    if let Some(plan) = fused_plan::<T>(grid, 3) {
+        let dx = fused_backward(dev, &xv, &dyv, separable, plan, (n, k, c))?;
+        return Ok(CudaStorage::wrap_cuda_slice(dx, dev.clone()));
+    }
     let (to, from) = T::matrices(grid);
     let (to, from) = (upload(dev, to)?, upload(dev, from)?);
     let rows = chunk_rows(n, g, c, std::mem::size_of::<T>());

@@ -22,7 +22,7 @@ use crate::activation::{dispatch_float, Float};
 
 /// The grid matrices of one float type as β factors, α factors and the coefficient groups.
 #[derive(Debug)]
-pub(super) struct Factored<T> {
+pub(crate) struct Factored<T> {
     /// Number of β rings B.
     b: usize,
     /// Points per ring A.
@@ -146,6 +146,60 @@ impl Factored<f64> {
     }
 }
 
+/// The factors in the layout of the fused CUDA kernels (`kernels/s2fused.cu`): the
+/// coefficients grouped by α profile, and the β factors' columns in that order.
+#[cfg(any(test, feature = "cuda"))]
+#[derive(Debug, Clone)]
+pub(crate) struct Grouped<T> {
+    /// Number of β rings B.
+    pub(crate) b: usize,
+    /// Points per ring A.
+    pub(crate) a: usize,
+    /// `[B, K]`: the to-grid β factor of coefficient `order[q]` at `β·K + q`.
+    pub(crate) u_to: Vec<T>,
+    /// `[B, K]`: the from-grid β factor of coefficient `order[q]` at `β·K + q`.
+    pub(crate) u_from: Vec<T>,
+    /// `[A, J]`: the α profiles (as [`Factored`]'s).
+    pub(crate) v: Vec<T>,
+    /// The coefficients, profile by profile, ascending within a profile.
+    pub(crate) order: Vec<i32>,
+    /// Profile `j` holds `order[offsets[j]..offsets[j + 1]]` (`J + 1` entries).
+    pub(crate) offsets: Vec<i32>,
+}
+
+#[cfg(any(test, feature = "cuda"))]
+impl<T: Copy> Factored<T> {
+    /// Number of distinct α profiles J.
+    pub(crate) fn groups(&self) -> usize {
+        self.j
+    }
+
+    /// The factors in the fused CUDA kernels' layout ([`Grouped`]).
+    pub(crate) fn grouped(&self) -> Grouped<T> {
+        let order: Vec<usize> = self.members.iter().flatten().copied().collect();
+        let mut offsets = Vec::with_capacity(self.j + 1);
+        offsets.push(0);
+        for m in &self.members {
+            offsets.push(offsets.last().copied().unwrap_or(0) + m.len());
+        }
+        let permute = |u: &[T]| -> Vec<T> {
+            (0..self.b)
+                .flat_map(|bi| order.iter().map(move |&c| u[bi * self.k + c]))
+                .collect()
+        };
+        let as_i32 = |v: usize| i32::try_from(v).expect("at most (SH_LMAX + 1)² coefficients");
+        Grouped {
+            b: self.b,
+            a: self.a,
+            u_to: permute(&self.u_to),
+            u_from: permute(&self.u_from),
+            v: self.v.clone(),
+            order: order.iter().map(|&c| as_i32(c)).collect(),
+            offsets: offsets.into_iter().map(as_i32).collect(),
+        }
+    }
+}
+
 /// Task-local buffers of the factored kernels for `C` channels.
 pub(super) struct Scratch<T> {
     /// `[B, J, C]`: the β-projected input.
@@ -164,12 +218,6 @@ impl<T: Float> Factored<T> {
     /// Multiply-adds per channel of one grid transform of one row: `B·K` (β) + `B·A·J` (α).
     pub(super) fn transform_macs(&self) -> usize {
         self.b * self.k + self.b * self.a * self.j
-    }
-
-    /// Number of distinct α profiles J.
-    #[cfg(test)]
-    pub(super) fn groups(&self) -> usize {
-        self.j
     }
 
     /// Zeroed buffers for rows of `c` channels.
