@@ -5,8 +5,6 @@
 // stores are coalesced; the backward works in double for both storage types, as the CPU.
 #include "common.cuh"
 
-#define SH_MAX_DEGREES 12  // SH_LMAX + 1
-
 template <typename T>
 __device__ void sh_forward_impl(long long n, int lmax, int normalize, const T* __restrict__ xyz,
                                 const T* __restrict__ start, const T* __restrict__ alpha,
@@ -65,7 +63,12 @@ MATSCALE_F32_F64(sh_forward,
     (n, lmax, normalize, xyz, start, alpha, beta, out))
 
 // Gradient of Σ_lm g_lm Y_lm(v) with respect to v; `k` holds the normalisation constants
-// K_lm at l * (lmax + 1) + m (unnormalised Q_l^m are used here, as on the CPU).
+// K_lm at l * (lmax + 1) + m (unnormalised Q_l^m are used here, as on the CPU). Forward-mode:
+// each Q_l^m is carried with its three partial derivatives through the recurrence
+// (l − m) Q_l^m = (2l − 1) y Q_{l−1}^m − (l + m − 1) r² Q_{l−2}^m (r² = x² + y² + z²), and
+// c_m + i s_m = (z + i x)^m has ∂_x = m (−s_{m−1}, c_{m−1}), ∂_z = m (c_{m−1}, s_{m−1}), so a
+// thread keeps a handful of scalars and no table (the previous version zeroed and indexed a
+// 12 × 13 table of doubles per vector in local memory).
 template <typename T>
 __device__ void sh_backward_impl(long long n, int lmax, int normalize, const T* __restrict__ xyz,
                                  const T* __restrict__ grad, const double* __restrict__ k,
@@ -83,47 +86,54 @@ __device__ void sh_backward_impl(long long n, int lmax, int normalize, const T* 
             z /= scale;
         }
         const double r2 = x * x + y * y + z * z;
-        double q[SH_MAX_DEGREES][SH_MAX_DEGREES + 1];
-        double c[SH_MAX_DEGREES], s[SH_MAX_DEGREES];
-        for (int a = 0; a < SH_MAX_DEGREES; ++a)
-            for (int b = 0; b <= SH_MAX_DEGREES; ++b) q[a][b] = 0.0;
-        c[0] = 1.0;
-        s[0] = 0.0;
-        double dfact = 1.0;
+        double gx = 0.0, gy = 0.0, gz = 0.0;
+        double c = 1.0, s = 0.0, cp = 0.0, sp = 0.0;  // c_m, s_m and c_{m−1}, s_{m−1}
+        double dfact = 1.0;                           // (2m − 1)!! = Q_m^m
         for (int m = 0; m <= lmax; ++m) {
             if (m > 0) {
                 dfact *= (double)(2 * m - 1);
-                c[m] = z * c[m - 1] - x * s[m - 1];
-                s[m] = x * c[m - 1] + z * s[m - 1];
+                cp = c;
+                sp = s;
+                c = z * cp - x * sp;
+                s = x * cp + z * sp;
             }
-            q[m][m] = dfact;
-            for (int l = m + 1; l <= lmax; ++l) {
-                const double prev2 = l >= m + 2 ? q[l - 2][m] : 0.0;
-                q[l][m] = ((double)(2 * l - 1) * y * q[l - 1][m] - (double)(l + m - 1) * r2 * prev2) /
-                          (double)(l - m);
-            }
-        }
-        double gx = 0.0, gy = 0.0, gz = 0.0;
-        for (int l = 1; l <= lmax; ++l) {
-            const int centre = l * l + l;
-            for (int m = 0; m <= l; ++m) {
+            const double mf = (double)m;
+            // ∂c_m, ∂s_m along x and z (neither depends on y).
+            const double dcx = -mf * sp, dsx = mf * cp, dcz = mf * cp, dsz = mf * sp;
+            // Q_l^m and its gradient (q1) and Q_{l−1}^m with its gradient (q2).
+            double q1 = dfact, q1x = 0.0, q1y = 0.0, q1z = 0.0;
+            double q2 = 0.0, q2x = 0.0, q2y = 0.0, q2z = 0.0;
+            for (int l = m; l <= lmax; ++l) {
+                if (l > m) {
+                    const double a = (double)(2 * l - 1), b = (double)(l + m - 1);
+                    const double inv = 1.0 / (double)(l - m);
+                    const double nq = (a * y * q1 - b * r2 * q2) * inv;
+                    const double nqx = (a * y * q1x - b * (2.0 * x * q2 + r2 * q2x)) * inv;
+                    const double nqy = (a * (q1 + y * q1y) - b * (2.0 * y * q2 + r2 * q2y)) * inv;
+                    const double nqz = (a * y * q1z - b * (2.0 * z * q2 + r2 * q2z)) * inv;
+                    q2 = q1;
+                    q2x = q1x;
+                    q2y = q1y;
+                    q2z = q1z;
+                    q1 = nq;
+                    q1x = nqx;
+                    q1y = nqy;
+                    q1z = nqz;
+                }
+                if (l == 0) continue;  // Y_0^0 is constant
+                const int centre = l * l + l;
                 const double kk = k[l * nl + m];
-                const double q_lm = q[l][m];
-                const double q_up = q[l - 1][m + 1];
-                const double q_down = q[l - 1][m];
-                const double dq0 = -x * q_up, dq1 = (double)(l + m) * q_down, dq2 = -z * q_up;
                 if (m == 0) {
                     const double w = (double)g[centre] * kk;
-                    gx += w * dq0;
-                    gy += w * dq1;
-                    gz += w * dq2;
+                    gx += w * q1x;
+                    gy += w * q1y;
+                    gz += w * q1z;
                 } else {
-                    const double mf = (double)m;
                     const double wc = (double)g[centre + m] * kk;
                     const double ws = (double)g[centre - m] * kk;
-                    gx += wc * (dq0 * c[m] - mf * q_lm * s[m - 1]) + ws * (dq0 * s[m] + mf * q_lm * c[m - 1]);
-                    gy += (wc * c[m] + ws * s[m]) * dq1;
-                    gz += wc * (dq2 * c[m] + mf * q_lm * c[m - 1]) + ws * (dq2 * s[m] + mf * q_lm * s[m - 1]);
+                    gx += wc * (q1x * c + q1 * dcx) + ws * (q1x * s + q1 * dsx);
+                    gy += (wc * c + ws * s) * q1y;
+                    gz += wc * (q1z * c + q1 * dcz) + ws * (q1z * s + q1 * dsz);
                 }
             }
         }

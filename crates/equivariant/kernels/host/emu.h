@@ -3,14 +3,16 @@
 // system C++ compiler).
 //
 // Threads run one after another: block 0 thread 0, block 0 thread 1, … This is exact for the
-// kernels where no thread reads what another thread of its block wrote (every kernel this
-// header is used for; `__syncthreads` and the warp intrinsics are deliberately left undefined
-// so that a kernel needing them fails to compile here). It checks the arithmetic, the
-// indexing and the grid-stride loops, not races, occupancy or anything about speed.
+// kernels where no thread reads what another thread of its block wrote; a kernel that needs
+// a barrier cannot run here: `__syncthreads` aborts (so a source file may hold such kernels
+// as long as the driver does not launch them), and the warp intrinsics are left undefined.
+// It checks the arithmetic, the indexing and the grid-stride loops, not races, occupancy or
+// anything about speed.
 #pragma once
 
 #include <cmath>
 #include <cstddef>
+#include <cstdio>
 #include <cstdlib>
 
 struct EmuDim3 {
@@ -28,6 +30,12 @@ alignas(16) inline unsigned char smem_raw[1 << 20];
 #define __host__
 #define __forceinline__ inline
 #define __shared__
+
+// A barrier cannot be emulated with threads run one after another.
+inline void __syncthreads() {
+    std::fprintf(stderr, "emu.h: this kernel needs __syncthreads, which the host emulation lacks\n");
+    std::abort();
+}
 
 using std::exp;
 using std::fabs;

@@ -1,0 +1,68 @@
+// Driver of the host test of the spherical-harmonics backward in ../sh.cu (src/sh.rs): reads
+// one launch from argv[1], runs `sh_backward` under emu.h, writes the output to argv[2].
+//
+// Input, little-endian: four i64 — bytes per float (4 or 8), n, lmax, normalize — then
+// xyz [n·3] and grad [n·(lmax+1)²] as floats and K [(lmax+1)²] as f64. Output: [n·3] floats.
+#include "emu.h"
+#include "../sh.cu"
+
+#include <cstdint>
+#include <cstdio>
+#include <vector>
+
+static std::FILE* in_file;
+
+template <typename T> static std::vector<T> read(std::size_t n) {
+    std::vector<T> v(n ? n : 1);
+    if (n && std::fread(v.data(), sizeof(T), n, in_file) != n) {
+        std::fprintf(stderr, "short input\n");
+        std::exit(2);
+    }
+    return v;
+}
+
+template <typename T> static int run(const std::int64_t* h, const char* out_path) {
+    const long long n = h[1], lmax = h[2], normalize = h[3];
+    const std::size_t dim = (std::size_t)((lmax + 1) * (lmax + 1));
+    auto xyz = read<T>((std::size_t)(3 * n));
+    auto grad = read<T>((std::size_t)n * dim);
+    auto k = read<double>(dim);
+    std::vector<T> out((std::size_t)(3 * n) + 1, T(-12345));
+    // 16 threads per block and at most three blocks: the grid-stride loop runs several rounds.
+    unsigned grid = (unsigned)((n + 15) / 16);
+    if (grid > 3) grid = 3;
+    if (grid == 0) grid = 1;
+    if constexpr (sizeof(T) == 4) {
+        emu_launch(grid, 16, sh_backward_f32, n, (int)lmax, (int)normalize, (const float*)xyz.data(),
+                   (const float*)grad.data(), (const double*)k.data(), out.data());
+    } else {
+        emu_launch(grid, 16, sh_backward_f64, n, (int)lmax, (int)normalize,
+                   (const double*)xyz.data(), (const double*)grad.data(), (const double*)k.data(),
+                   out.data());
+    }
+    std::FILE* f = std::fopen(out_path, "wb");
+    const std::size_t count = (std::size_t)(3 * n);
+    if (!f || std::fwrite(out.data(), sizeof(T), count, f) != count || std::fclose(f) != 0) {
+        std::fprintf(stderr, "cannot write %s\n", out_path);
+        return 2;
+    }
+    return 0;
+}
+
+int main(int argc, char** argv) {
+    if (argc != 3) {
+        std::fprintf(stderr, "usage: %s INPUT OUTPUT\n", argv[0]);
+        return 2;
+    }
+    in_file = std::fopen(argv[1], "rb");
+    if (!in_file) {
+        std::fprintf(stderr, "cannot read %s\n", argv[1]);
+        return 2;
+    }
+    std::int64_t h[4];
+    if (std::fread(h, sizeof(h[0]), 4, in_file) != 4) {
+        std::fprintf(stderr, "short header\n");
+        return 2;
+    }
+    return h[0] == 4 ? run<float>(h, argv[2]) : run<double>(h, argv[2]);
+}
