@@ -2,9 +2,10 @@
 //! C++ compiler against `kernels/host/emu.h`, so that their arithmetic and indexing are
 //! checked against the CPU ops on every test run, GPU or not.
 //!
-//! The emulation runs the threads one after another; it is exact for kernels in which no
-//! thread reads what another thread of its block wrote (see `emu.h`), and says nothing about
-//! races or speed: the GPU tests of `tests/cuda.rs` stay the check of the real thing.
+//! The emulation runs the blocks one after another and the threads of a block concurrently
+//! (barriers, warp shuffles and shared memory as on the device, see `emu.h`); it checks
+//! results, not speed, and finds a race only if the race changes a result: the GPU tests of
+//! `tests/cuda.rs` stay the check of the real thing.
 //!
 //! The compiler is `$CXX`, else the first of `c++`, `g++`, `clang++` that runs. Without one
 //! the tests print why and pass, except under CI (`CI` set), where they fail.
@@ -62,10 +63,19 @@ pub(crate) fn driver(name: &'static str) -> Option<&'static Driver> {
         std::process::id()
     ));
     std::fs::create_dir_all(&scratch).expect("scratch folder for the host kernels");
+    stage_sources(&scratch);
     let exe = scratch.join(name);
     let src = kernels_dir().join("host").join(format!("{name}.cpp"));
     let out = Command::new(&cxx)
-        .args(["-std=c++17", "-O2", "-Wall", "-Wno-unknown-pragmas", "-o"])
+        .args([
+            "-std=c++20",
+            "-O2",
+            "-pthread",
+            "-Wall",
+            "-Wno-unknown-pragmas",
+        ])
+        .arg(format!("-I{}", scratch.display()))
+        .arg("-o")
         .arg(&exe)
         .arg(&src)
         .output()
@@ -79,6 +89,53 @@ pub(crate) fn driver(name: &'static str) -> Option<&'static Driver> {
     let d: &'static Driver = Box::leak(Box::new(Driver { exe, scratch }));
     held.push((name, d));
     Some(d)
+}
+
+/// Copies `kernels/host/emu.h` and every kernel source (`kernels/*.cu`, `*.cuh`), rewritten by
+/// [`emulable`], into `dir`, where the drivers include them by name.
+fn stage_sources(dir: &Path) {
+    let emu = kernels_dir().join("host").join("emu.h");
+    std::fs::copy(&emu, dir.join("emu.h")).expect("emu.h");
+    let entries = std::fs::read_dir(kernels_dir()).expect("kernels folder");
+    for path in entries.flatten().map(|e| e.path()) {
+        let is_source = path
+            .extension()
+            .is_some_and(|ext| ext == "cu" || ext == "cuh");
+        if is_source {
+            let text = std::fs::read_to_string(&path).expect("kernel source");
+            let name = path.file_name().expect("file name");
+            std::fs::write(dir.join(name), emulable(&text)).expect("staged kernel source");
+        }
+    }
+}
+
+/// A kernel source rewritten for `emu.h`: each `extern __shared__ TYPE NAME[];` becomes
+/// `EMU_DYNAMIC_SHARED(TYPE, NAME);` (a pointer to the block's dynamic shared buffer), and
+/// every other `__shared__` becomes `static` (one copy, used by one block at a time).
+pub(crate) fn emulable(source: &str) -> String {
+    const EXTERN: &str = "extern __shared__";
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    while let Some(at) = rest.find(EXTERN) {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + EXTERN.len()..];
+        let end = after
+            .find(';')
+            .expect("an extern __shared__ declaration ends with ';'");
+        let decl = after[..end].trim();
+        let decl = decl
+            .strip_suffix("[]")
+            .expect("extern __shared__ declares an unsized array")
+            .trim();
+        let split = decl
+            .rfind(char::is_whitespace)
+            .expect("extern __shared__ TYPE NAME[]");
+        let (ty, name) = (decl[..split].trim(), decl[split..].trim());
+        out.push_str(&format!("EMU_DYNAMIC_SHARED({ty}, {name})"));
+        rest = &after[end..];
+    }
+    out.push_str(rest);
+    out.replace("__shared__", "static")
 }
 
 impl Driver {
@@ -142,5 +199,22 @@ pub(crate) fn floats_from(bytes: &[u8], width: usize) -> Vec<f64> {
             .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")))
             .collect(),
         _ => panic!("floats are 4 or 8 bytes"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_declarations_are_rewritten_for_the_host() {
+        let src = "extern __shared__ unsigned char smem_raw[];\n  __shared__ double s[256];\n\
+                   extern __shared__ float  tile [] ;";
+        let out = emulable(src);
+        assert_eq!(
+            out,
+            "EMU_DYNAMIC_SHARED(unsigned char, smem_raw);\n  static double s[256];\n\
+             EMU_DYNAMIC_SHARED(float, tile);"
+        );
     }
 }

@@ -1,4 +1,4 @@
-// Driver of the host test of ../s2fused.cu (src/host_kernels.rs): reads one launch from the
+// Driver of the host test of s2fused.cu (src/host_kernels.rs): reads one launch from the
 // file argv[1], runs it under emu.h, writes the output to argv[2].
 //
 // Input, little-endian: ten i64 — mode (0 forward, 1 backward), bytes per float (4 or 8),
@@ -7,7 +7,7 @@
 // [b·k], u_from [b·k], v [a·j] as floats, order [k] and offsets [j + 1] as i32.
 // Output: [n·k·c] floats.
 #include "emu.h"
-#include "../s2fused.cu"
+#include "s2fused.cu"
 
 #include <cstdint>
 #include <cstdio>

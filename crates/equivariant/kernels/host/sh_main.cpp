@@ -1,10 +1,14 @@
-// Driver of the host test of the spherical-harmonics backward in ../sh.cu (src/sh.rs): reads
-// one launch from argv[1], runs `sh_backward` under emu.h, writes the output to argv[2].
+// Driver of the host test of the spherical-harmonics kernels of sh.cu (src/sh.rs): reads
+// one launch from argv[1], runs it under emu.h as src/cuda/sh.rs launches it, writes the
+// output to argv[2].
 //
-// Input, little-endian: four i64 — bytes per float (4 or 8), n, lmax, normalize — then
-// xyz [n·3] and grad [n·(lmax+1)²] as floats and K [(lmax+1)²] as f64. Output: [n·3] floats.
+// Input, little-endian: five i64 — bytes per float (4 or 8), n, lmax, normalize, mode — then
+// - mode 0 (`sh_backward`): xyz [n·3] and grad [n·(lmax+1)²] as floats, K [(lmax+1)²] as f64;
+//   output [n·3] floats;
+// - mode 1 (`sh_forward`): xyz [n·3], start [lmax+1], alpha and beta [(lmax+1)²] as floats;
+//   output [n·(lmax+1)²] floats.
 #include "emu.h"
-#include "../sh.cu"
+#include "sh.cu"
 
 #include <cstdint>
 #include <cstdio>
@@ -21,7 +25,40 @@ template <typename T> static std::vector<T> read(std::size_t n) {
     return v;
 }
 
+static int write_out(const char* out_path, const void* data, std::size_t size, std::size_t count) {
+    std::FILE* f = std::fopen(out_path, "wb");
+    if (!f || std::fwrite(data, size, count, f) != count || std::fclose(f) != 0) {
+        std::fprintf(stderr, "cannot write %s\n", out_path);
+        return 2;
+    }
+    return 0;
+}
+
+template <typename T> static int forward(const std::int64_t* h, const char* out_path) {
+    const long long n = h[1], lmax = h[2], normalize = h[3];
+    const std::size_t nl = (std::size_t)(lmax + 1), dim = nl * nl;
+    auto xyz = read<T>((std::size_t)(3 * n));
+    auto start = read<T>(nl);
+    auto alpha = read<T>(dim);
+    auto beta = read<T>(dim);
+    std::vector<T> out((std::size_t)n * dim + 1, T(-12345));
+    // As cuda/sh.rs `vectors_per_block`: 64 rows per block, 32 past 48 KiB of shared memory.
+    const unsigned per_block = 64 * dim * sizeof(T) <= 48 * 1024 ? 64 : 32;
+    const unsigned grid = (unsigned)((n + per_block - 1) / per_block);
+    if constexpr (sizeof(T) == 4) {
+        emu_launch(grid, per_block, sh_forward_f32, n, (int)lmax, (int)normalize,
+                   (const float*)xyz.data(), (const float*)start.data(),
+                   (const float*)alpha.data(), (const float*)beta.data(), out.data());
+    } else {
+        emu_launch(grid, per_block, sh_forward_f64, n, (int)lmax, (int)normalize,
+                   (const double*)xyz.data(), (const double*)start.data(),
+                   (const double*)alpha.data(), (const double*)beta.data(), out.data());
+    }
+    return write_out(out_path, out.data(), sizeof(T), (std::size_t)n * dim);
+}
+
 template <typename T> static int run(const std::int64_t* h, const char* out_path) {
+    if (h[4] == 1) return forward<T>(h, out_path);
     const long long n = h[1], lmax = h[2], normalize = h[3];
     const std::size_t dim = (std::size_t)((lmax + 1) * (lmax + 1));
     auto xyz = read<T>((std::size_t)(3 * n));
@@ -40,13 +77,7 @@ template <typename T> static int run(const std::int64_t* h, const char* out_path
                    (const double*)xyz.data(), (const double*)grad.data(), (const double*)k.data(),
                    out.data());
     }
-    std::FILE* f = std::fopen(out_path, "wb");
-    const std::size_t count = (std::size_t)(3 * n);
-    if (!f || std::fwrite(out.data(), sizeof(T), count, f) != count || std::fclose(f) != 0) {
-        std::fprintf(stderr, "cannot write %s\n", out_path);
-        return 2;
-    }
-    return 0;
+    return write_out(out_path, out.data(), sizeof(T), (std::size_t)(3 * n));
 }
 
 int main(int argc, char** argv) {
@@ -59,8 +90,8 @@ int main(int argc, char** argv) {
         std::fprintf(stderr, "cannot read %s\n", argv[1]);
         return 2;
     }
-    std::int64_t h[4];
-    if (std::fread(h, sizeof(h[0]), 4, in_file) != 4) {
+    std::int64_t h[5];
+    if (std::fread(h, sizeof(h[0]), 5, in_file) != 5) {
         std::fprintf(stderr, "short header\n");
         return 2;
     }
