@@ -83,6 +83,9 @@ __device__ void ln_act_backward_rows_impl(long long rows, int a, int heads, int 
     MATSCALE_WARP_STRIDE(wp, warps) {
         T* acc = partial + wp * width;
         for (long long j = lane; j < width; j += 32) acc[j] = T(0);
+        // Lanes add into entries other lanes zeroed (width is not a multiple of 32 in
+        // general): the warp barrier orders the zeroing before every addition.
+        __syncwarp();
         const long long r0 = wp * rpw;
         const long long r1 = r0 + rpw < rows ? r0 + rpw : rows;
         for (long long row = r0; row < r1; ++row) {

@@ -5,12 +5,13 @@
 // s2fused_main.cpp with the system C++ compiler.
 //
 // Blocks run one after another; the threads of a block run concurrently, one std::thread
-// each, so `__syncthreads` (a barrier over the block) and `__shfl_xor_sync` (an exchange over
-// the warp's 32 lanes, or fewer in a partial last warp) behave as on the device, and so does
-// shared memory (one buffer and one copy of every `static` shared array, used by one block at
-// a time). A thread that returns leaves both barriers, as exited threads do on the GPU. This
-// checks the arithmetic, the indexing, the grid-stride loops and the barrier logic of a
-// kernel, not its speed, and it finds a data race only if the race changes a result here.
+// each, so `__syncthreads` (a barrier over the block), `__syncwarp` and `__shfl_xor_sync` (an
+// exchange over the warp's 32 lanes, or fewer in a partial last warp) behave as on the
+// device, and so does shared memory (one buffer and one copy of every `static` shared array,
+// used by one block at a time). A thread that returns leaves both barriers, as exited threads
+// do on the GPU. This checks the arithmetic, the indexing, the grid-stride loops and the
+// barrier logic of a kernel, not its speed, and it finds a data race only if the race changes
+// a result here.
 #pragma once
 
 #include <barrier>
@@ -51,6 +52,9 @@ inline thread_local std::barrier<>* emu_block_barrier = nullptr;
 inline thread_local EmuWarp* emu_warp = nullptr;
 
 inline void __syncthreads() { emu_block_barrier->arrive_and_wait(); }
+
+// A barrier over the warp (all lanes; the kernels call it with the full mask).
+inline void __syncwarp(unsigned = 0xffffffffu) { emu_warp->bar.arrive_and_wait(); }
 
 // Lane l receives the value of lane l ^ mask (every lane of the warp must call it).
 template <typename T> T __shfl_xor_sync(unsigned, T value, int lane_mask) {

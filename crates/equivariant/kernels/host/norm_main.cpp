@@ -1,0 +1,92 @@
+// Driver of the host test of norm.cu (src/norm_act.rs): reads one launch from argv[1], runs
+// it under emu.h, writes the output to argv[2].
+//
+// Input, little-endian: seven i64 — bytes per float (4 or 8), mode, rows, a (row width),
+// heads, act (-1 none, else `activation`'s function code), rows per warp — then slope and eps
+// and x [rows·a] as floats, then
+// - mode 0 (`ln_act_forward`): w [a], b [a]; output [rows·a];
+// - mode 1 (`ln_act_dot_forward`): wb [2a], dot [heads·a]; output [rows];
+// - mode 2 (`ln_act_backward_rows` then `ln_act_reduce`): g ([rows·a] when heads = 0, else
+//   [rows]) and packed [(2 + heads)·a]; output [rows·a + (2 + heads)·a].
+// Launches use 64 threads per block and at most two blocks, so the warp-stride loops run
+// several rounds.
+#include "emu.h"
+#include "norm.cu"
+
+#include <cstdint>
+#include <cstdio>
+#include <vector>
+
+static std::FILE* in_file;
+
+template <typename T> static std::vector<T> read(std::size_t n) {
+    std::vector<T> v(n ? n : 1);
+    if (n && std::fread(v.data(), sizeof(T), n, in_file) != n) {
+        std::fprintf(stderr, "short input\n");
+        std::exit(2);
+    }
+    return v;
+}
+
+static unsigned blocks_for(long long threads) {
+    long long b = (threads + 63) / 64;
+    return (unsigned)(b > 2 ? 2 : (b < 1 ? 1 : b));
+}
+
+template <typename T> static int run(const std::int64_t* h, const char* out_path) {
+    const long long mode = h[1], rows = h[2], a = h[3], heads = h[4], act = h[5], rpw = h[6];
+    auto consts = read<T>(2);
+    const T slope = consts[0], eps = consts[1];
+    auto x = read<T>((std::size_t)(rows * a));
+    std::vector<T> out;
+    if (mode == 0) {
+        auto w = read<T>((std::size_t)a);
+        auto b = read<T>((std::size_t)a);
+        out.assign((std::size_t)(rows * a), T(-12345));
+        emu_launch(blocks_for(rows * 32), 64, ln_act_forward_impl<T>, rows, (int)a, (int)act, slope,
+                   eps, (const T*)x.data(), (const T*)w.data(), (const T*)b.data(), out.data());
+    } else if (mode == 1) {
+        auto wb = read<T>((std::size_t)(2 * a));
+        auto dot = read<T>((std::size_t)(heads * a));
+        out.assign((std::size_t)rows, T(-12345));
+        emu_launch(blocks_for(rows * 32), 64, ln_act_dot_forward_impl<T>, rows, (int)a, (int)heads,
+                   (int)act, slope, eps, (const T*)x.data(), (const T*)wb.data(),
+                   (const T*)dot.data(), out.data());
+    } else {
+        const long long width = (2 + heads) * a;
+        auto g = read<T>((std::size_t)(heads > 0 ? rows : rows * a));
+        auto packed = read<T>((std::size_t)width);
+        const long long warps = (rows + rpw - 1) / rpw;
+        std::vector<T> partial((std::size_t)(warps * width), T(-777));
+        out.assign((std::size_t)(rows * a + width), T(-12345));
+        emu_launch(blocks_for(warps * 32), 64, ln_act_backward_rows_impl<T>, rows, (int)a,
+                   (int)heads, (int)rpw, (int)act, slope, eps, (const T*)x.data(),
+                   (const T*)g.data(), (const T*)packed.data(), out.data(), partial.data());
+        emu_launch(blocks_for(width), 64, ln_act_reduce_impl<T>, width, warps,
+                   (const T*)partial.data(), out.data() + rows * a);
+    }
+    std::FILE* f = std::fopen(out_path, "wb");
+    if (!f || std::fwrite(out.data(), sizeof(T), out.size(), f) != out.size() || std::fclose(f) != 0) {
+        std::fprintf(stderr, "cannot write %s\n", out_path);
+        return 2;
+    }
+    return 0;
+}
+
+int main(int argc, char** argv) {
+    if (argc != 3) {
+        std::fprintf(stderr, "usage: %s INPUT OUTPUT\n", argv[0]);
+        return 2;
+    }
+    in_file = std::fopen(argv[1], "rb");
+    if (!in_file) {
+        std::fprintf(stderr, "cannot read %s\n", argv[1]);
+        return 2;
+    }
+    std::int64_t h[7];
+    if (std::fread(h, sizeof(h[0]), 7, in_file) != 7) {
+        std::fprintf(stderr, "short header\n");
+        return 2;
+    }
+    return h[0] == 4 ? run<float>(h, argv[2]) : run<double>(h, argv[2]);
+}
