@@ -86,31 +86,41 @@ using std::isfinite;
 using std::log1p;
 using std::sqrt;
 
+// Runs `kernel(args...)` for every thread of a `(grid_x, grid_y) × block` launch.
+template <typename F, typename... Args>
+void emu_launch_2d(unsigned grid_x, unsigned grid_y, unsigned block, F kernel, Args... args) {
+    gridDim.x = grid_x;
+    gridDim.y = grid_y;
+    blockDim.x = block;
+    for (unsigned by = 0; by < grid_y; ++by) {
+        for (unsigned bx = 0; bx < grid_x; ++bx) {
+            std::barrier<> block_bar((std::ptrdiff_t)block);
+            std::vector<std::unique_ptr<EmuWarp>> warps;
+            for (unsigned w = 0; w * 32 < block; ++w) {
+                const unsigned lanes = block - w * 32 < 32 ? block - w * 32 : 32;
+                warps.push_back(std::make_unique<EmuWarp>((std::ptrdiff_t)lanes));
+            }
+            std::vector<std::thread> threads;
+            threads.reserve(block);
+            for (unsigned t = 0; t < block; ++t) {
+                threads.emplace_back([&, t] {
+                    threadIdx.x = t;
+                    blockIdx.x = bx;
+                    blockIdx.y = by;
+                    emu_block_barrier = &block_bar;
+                    emu_warp = warps[t / 32].get();
+                    kernel(args...);
+                    block_bar.arrive_and_drop();
+                    emu_warp->bar.arrive_and_drop();
+                });
+            }
+            for (auto& th : threads) th.join();
+        }
+    }
+}
+
 // Runs `kernel(args...)` for every thread of a `grid × block` launch (x dimension only).
 template <typename F, typename... Args>
 void emu_launch(unsigned grid, unsigned block, F kernel, Args... args) {
-    gridDim.x = grid;
-    blockDim.x = block;
-    for (unsigned b = 0; b < grid; ++b) {
-        std::barrier<> block_bar((std::ptrdiff_t)block);
-        std::vector<std::unique_ptr<EmuWarp>> warps;
-        for (unsigned w = 0; w * 32 < block; ++w) {
-            const unsigned lanes = block - w * 32 < 32 ? block - w * 32 : 32;
-            warps.push_back(std::make_unique<EmuWarp>((std::ptrdiff_t)lanes));
-        }
-        std::vector<std::thread> threads;
-        threads.reserve(block);
-        for (unsigned t = 0; t < block; ++t) {
-            threads.emplace_back([&, t] {
-                threadIdx.x = t;
-                blockIdx.x = b;
-                emu_block_barrier = &block_bar;
-                emu_warp = warps[t / 32].get();
-                kernel(args...);
-                block_bar.arrive_and_drop();
-                emu_warp->bar.arrive_and_drop();
-            });
-        }
-        for (auto& th : threads) th.join();
-    }
+    emu_launch_2d(grid, 1, block, kernel, args...);
 }
