@@ -80,6 +80,12 @@ inline int atomicMin(int* address, int value) {
     return old;
 }
 
+// The fast single-precision intrinsics as the hardware computes them, up to the last ulp of
+// ex2.approx: e^x as 2^(x·log₂e) with the product rounded to float first (the main error
+// for large |x|), a correctly rounded reciprocal.
+inline float __expf(float x) { return std::exp2(x * 1.44269504088896341f); }
+inline float __frcp_rn(float x) { return 1.0f / x; }
+
 using std::exp;
 using std::fabs;
 using std::isfinite;
