@@ -847,6 +847,139 @@ mod tests {
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
+    /// One launch of the CUDA segment kernels (`kernels/segment.cu`) on the host
+    /// (`crate::host_kernels`) for `seg`, mode as in `kernels/host/segment_main.cpp`, with the
+    /// float inputs `floats` (already in the driver's order); the output as f64.
+    fn host_segment<T: crate::activation::Float + crate::host_kernels::ToLe>(
+        driver: &crate::host_kernels::Driver,
+        seg: &Segments,
+        mode: i64,
+        (cols, k, hv, heads): (usize, usize, usize, usize),
+        floats: &[&[f64]],
+    ) -> Vec<f64> {
+        use crate::host_kernels::{bytes_of, floats_from};
+        let header = [
+            std::mem::size_of::<T>() as i64,
+            mode,
+            seg.num_segments() as i64,
+            seg.num_items() as i64,
+            cols as i64,
+            i64::from(!seg.is_sorted()),
+            k as i64,
+            hv as i64,
+            (hv / heads.max(1)) as i64,
+            heads as i64,
+        ];
+        let order: Vec<u32> = (0..seg.num_items())
+            .map(|p| seg.csr.item(p) as u32)
+            .collect();
+        let offsets: Vec<u32> = seg.offsets().iter().map(|&o| o as u32).collect();
+        let mut input = bytes_of(&header);
+        for ints in [&offsets, &order, &seg.segment_of().to_vec()] {
+            input.extend(ints.iter().flat_map(|v| v.to_le_bytes()));
+        }
+        for f in floats {
+            let t: Vec<T> = f.iter().map(|&v| T::from_f64(v)).collect();
+            input.extend(bytes_of(&t));
+        }
+        let tag = format!(
+            "{}-{mode}-{}-{}",
+            T::DTYPE.as_str(),
+            seg.num_items(),
+            seg.is_sorted()
+        );
+        floats_from(&driver.run(&tag, &input), std::mem::size_of::<T>())
+    }
+
+    /// A host-kernel case: driver mode, float inputs, the CPU result.
+    type HostCase<'a> = (i64, Vec<&'a [f64]>, &'a [f64]);
+
+    /// `max |a − b| / max |b|`.
+    fn rel_err(a: &[f64], b: &[f64]) -> f64 {
+        assert_eq!(a.len(), b.len(), "lengths");
+        let scale = b.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs() / scale)
+            .fold(0.0, f64::max)
+    }
+
+    fn values(t: &Tensor) -> Vec<f64> {
+        t.to_dtype(DType::F64)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1())
+            .expect("values")
+    }
+
+    /// The CUDA segment kernels, run on the host, agree with the CPU ops: sum, gather, softmax
+    /// and its backward, the head-weighted sum and its two backward kernels, for sorted and
+    /// unsorted groupings with empty segments; f64 to 1e-12 and f32 to 1e-5 of the largest value.
+    #[test]
+    fn cuda_segment_kernels_match_the_cpu_on_the_host() -> Result<()> {
+        let Some(driver) = crate::host_kernels::driver("segment_main") else {
+            return Ok(());
+        };
+        let dev = Device::Cpu;
+        let (items, segments, cols) = (53, 9, 5);
+        let (k, heads, v) = (3, 2, 4);
+        let hv = heads * v;
+        for sorted in [true, false] {
+            let index = random_index(items, segments, sorted, 61);
+            // Segment 3 empty: no item points to it.
+            let index: Vec<u32> = index
+                .into_iter()
+                .map(|s| if s == 3 { 4 } else { s })
+                .collect();
+            let seg = Segments::from_indices(&index, segments)?;
+            assert_eq!(seg.is_sorted(), sorted);
+            let src = crate::testing::random_normals(items * cols, 62);
+            let node = crate::testing::random_normals(segments * cols, 63);
+            let g = crate::testing::random_normals(items * cols, 64);
+            let x = crate::testing::random_normals(items * k * hv, 65);
+            let w = crate::testing::random_normals(items * heads, 66);
+            let gs = crate::testing::random_normals(segments * k * hv, 67);
+            let t = |d: &[f64], shape: &[usize]| Tensor::from_slice(d, shape, &dev);
+            // The CPU results (f64).
+            let sum = values(&seg.sum(&t(&src, &[items, cols])?)?);
+            let gather = values(&seg.gather(&t(&node, &[segments, cols])?)?);
+            let xs = candle_core::Var::from_tensor(&t(&src, &[items, cols])?)?;
+            let y = seg.softmax(xs.as_tensor())?;
+            let dsoft = (&y * t(&g, &[items, cols])?)?.sum_all()?.backward()?;
+            let dsoft = values(dsoft.get(xs.as_tensor()).expect("softmax gradient"));
+            let soft = values(&y);
+            let xv = candle_core::Var::from_tensor(&t(&x, &[items, k, hv])?)?;
+            let wv = candle_core::Var::from_tensor(&t(&w, &[items, heads])?)?;
+            let ws = seg.head_weighted_sum(xv.as_tensor(), wv.as_tensor())?;
+            let grads = (&ws * t(&gs, &[segments, k, hv])?)?.sum_all()?.backward()?;
+            let mut dws = values(grads.get(xv.as_tensor()).expect("values gradient"));
+            dws.extend(values(grads.get(wv.as_tensor()).expect("weights gradient")));
+            let ws = values(&ws);
+            let shape = (cols, k, hv, heads);
+            let cases: [HostCase<'_>; 6] = [
+                (0, vec![&src], &sum),
+                (1, vec![&node], &gather),
+                (2, vec![&src], &soft),
+                (3, vec![&soft, &g], &dsoft),
+                (4, vec![&x, &w], &ws),
+                (5, vec![&x, &w, &gs], &dws),
+            ];
+            for (mode, inputs, want) in cases {
+                let e64 = rel_err(
+                    &host_segment::<f64>(driver, &seg, mode, shape, &inputs),
+                    want,
+                );
+                let e32 = rel_err(
+                    &host_segment::<f32>(driver, &seg, mode, shape, &inputs),
+                    want,
+                );
+                let what = format!("mode {mode} sorted {sorted}");
+                assert!(e64 < 1e-12, "{what}: f64 error {e64:e}");
+                assert!(e32 < 1e-5, "{what}: f32 error {e32:e}");
+            }
+        }
+        Ok(())
+    }
+
     fn random_index(n: usize, segments: usize, sorted: bool, seed: u64) -> Vec<u32> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut v: Vec<u32> = (0..n).map(|_| rng.gen_range(0..segments as u32)).collect();
