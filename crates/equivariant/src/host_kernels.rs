@@ -187,6 +187,19 @@ macro_rules! to_le {
 
 to_le!(f32, f64, i32, i64);
 
+/// `max |got − want| / max |want|`: the error of a kernel's output relative to the largest
+/// value of the CPU result (panics on a length mismatch or an all-zero reference, which
+/// would make the comparison meaningless).
+pub(crate) fn max_relative_error(what: &str, got: &[f64], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len(), "{what}: output length");
+    let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    assert!(scale > 0.0, "{what}: the CPU result is all zero");
+    got.iter()
+        .zip(want)
+        .map(|(g, w)| (g - w).abs() / scale)
+        .fold(0.0, f64::max)
+}
+
 /// Floats from little-endian bytes, as f64.
 pub(crate) fn floats_from(bytes: &[u8], width: usize) -> Vec<f64> {
     match width {

@@ -783,12 +783,8 @@ mod tests {
         };
         let tag = format!("{}-{mode}-{rows}-{a}-{heads}-{code}", T::DTYPE.as_str());
         let got = floats_from(&driver.run(&tag, &input), std::mem::size_of::<T>());
-        assert_eq!(got.len(), want.len(), "{tag}: output length");
-        let scale = want.iter().fold(0.0f64, |m, v| m.max(v.to_f64().abs()));
-        got.iter()
-            .zip(&want)
-            .map(|(g, w)| (g - w.to_f64()).abs() / scale)
-            .fold(0.0, f64::max)
+        let want: Vec<f64> = want.iter().map(|v| v.to_f64()).collect();
+        crate::host_kernels::max_relative_error(&tag, &got, &want)
     }
 
     /// The CUDA LayerNorm-activation kernels, run on the host, agree with the CPU kernels:

@@ -894,16 +894,6 @@ mod tests {
     /// A host-kernel case: driver mode, float inputs, the CPU result.
     type HostCase<'a> = (i64, Vec<&'a [f64]>, &'a [f64]);
 
-    /// `max |a − b| / max |b|`.
-    fn rel_err(a: &[f64], b: &[f64]) -> f64 {
-        assert_eq!(a.len(), b.len(), "lengths");
-        let scale = b.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-        a.iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs() / scale)
-            .fold(0.0, f64::max)
-    }
-
     fn values(t: &Tensor) -> Vec<f64> {
         t.to_dtype(DType::F64)
             .and_then(|t| t.flatten_all())
@@ -964,15 +954,12 @@ mod tests {
                 (5, vec![&x, &w, &gs], &dws),
             ];
             for (mode, inputs, want) in cases {
-                let e64 = rel_err(
-                    &host_segment::<f64>(driver, &seg, mode, shape, &inputs),
-                    want,
-                );
-                let e32 = rel_err(
-                    &host_segment::<f32>(driver, &seg, mode, shape, &inputs),
-                    want,
-                );
+                use crate::host_kernels::max_relative_error;
                 let what = format!("mode {mode} sorted {sorted}");
+                let got64 = host_segment::<f64>(driver, &seg, mode, shape, &inputs);
+                let got32 = host_segment::<f32>(driver, &seg, mode, shape, &inputs);
+                let e64 = max_relative_error(&what, &got64, want);
+                let e32 = max_relative_error(&what, &got32, want);
                 assert!(e64 < 1e-12, "{what}: f64 error {e64:e}");
                 assert!(e32 < 1e-5, "{what}: f32 error {e32:e}");
             }

@@ -968,13 +968,8 @@ mod tests {
         input.extend(bytes_of(&normalisation_constants(lmax, normalization)));
         let tag = format!("{}-{lmax}-{normalize}-{normalization:?}", T::DTYPE.as_str());
         let got = floats_from(&driver.run(&tag, &input), width);
-        assert_eq!(got.len(), want.len(), "{tag}: output length");
-        let scale = want.iter().fold(0.0f64, |m, v| m.max(v.to_f64().abs()));
-        assert!(scale > 0.0, "{tag}: the CPU gradient is all zero");
-        got.iter()
-            .zip(&want)
-            .map(|(g, w)| (g - w.to_f64()).abs() / scale)
-            .fold(0.0, f64::max)
+        let want: Vec<f64> = want.iter().map(|v| v.to_f64()).collect();
+        crate::host_kernels::max_relative_error(&tag, &got, &want)
     }
 
     /// The CUDA forward kernel (`sh_forward`: rows staged in shared memory, a barrier, then
@@ -1010,12 +1005,8 @@ mod tests {
             T::DTYPE.as_str()
         );
         let got = floats_from(&driver.run(&tag, &input), width);
-        assert_eq!(got.len(), want.len(), "{tag}: output length");
-        let scale = want.iter().fold(0.0f64, |m, v| m.max(v.to_f64().abs()));
-        got.iter()
-            .zip(&want)
-            .map(|(g, w)| (g - w.to_f64()).abs() / scale)
-            .fold(0.0, f64::max)
+        let want: Vec<f64> = want.iter().map(|v| v.to_f64()).collect();
+        crate::host_kernels::max_relative_error(&tag, &got, &want)
     }
 
     /// The CUDA forward kernel, run on the host (150 vectors: three blocks, the last one

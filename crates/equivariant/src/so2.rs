@@ -1645,13 +1645,7 @@ mod tests {
         input.extend(bytes_of(&cast(&scale)));
         let tag = format!("{}-{lmax}-{mmax}-{c}-{to_edge}", T::DTYPE.as_str());
         let got = floats_from(&driver.run(&tag, &input), std::mem::size_of::<T>());
-        assert_eq!(got.len(), want.len(), "{tag}: output length");
-        let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-        Ok(got
-            .iter()
-            .zip(&want)
-            .map(|(g, w)| (g - w).abs() / scale)
-            .fold(0.0, f64::max))
+        Ok(crate::host_kernels::max_relative_error(&tag, &got, &want))
     }
 
     /// The CUDA rotation kernels, run on the host, agree with the CPU rotations both ways for

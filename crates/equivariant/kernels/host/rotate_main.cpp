@@ -8,22 +8,10 @@
 // [edges·wlen] as floats, slot [(lmax+1)²] and block_off [lmax + 2] as i32, scale [lmax + 1]
 // as floats. Output: [edges·rows_out·c] floats (zeros where the kernel writes nothing).
 #include "emu.h"
+#include "driver.h"
 #include "rotate.cu"
 
-#include <cstdint>
-#include <cstdio>
 #include <vector>
-
-static std::FILE* in_file;
-
-template <typename T> static std::vector<T> read(std::size_t n) {
-    std::vector<T> v(n ? n : 1);
-    if (n && std::fread(v.data(), sizeof(T), n, in_file) != n) {
-        std::fprintf(stderr, "short input\n");
-        std::exit(2);
-    }
-    return v;
-}
 
 template <typename T> static int run(const std::int64_t* h, const char* out_path) {
     const long long dir = h[1], edges = h[2], c = h[3], lmax = h[4], mmax = h[5], trunc = h[6],
@@ -62,29 +50,9 @@ template <typename T> static int run(const std::int64_t* h, const char* out_path
                   (int)wlen, (int)mmax, (const T*)in.data(), (const T*)w.data(),
                   (const int*)slot.data(), (const int*)block_off.data(), (const T*)scale.data(),
                   out.data());
-    std::FILE* f = std::fopen(out_path, "wb");
-    const std::size_t count = (std::size_t)(edges * rows_out * c);
-    if (!f || std::fwrite(out.data(), sizeof(T), count, f) != count || std::fclose(f) != 0) {
-        std::fprintf(stderr, "cannot write %s\n", out_path);
-        return 2;
-    }
-    return 0;
+    return write_output(out_path, out.data(), (std::size_t)(edges * rows_out * c));
 }
 
 int main(int argc, char** argv) {
-    if (argc != 3) {
-        std::fprintf(stderr, "usage: %s INPUT OUTPUT\n", argv[0]);
-        return 2;
-    }
-    in_file = std::fopen(argv[1], "rb");
-    if (!in_file) {
-        std::fprintf(stderr, "cannot read %s\n", argv[1]);
-        return 2;
-    }
-    std::int64_t h[9];
-    if (std::fread(h, sizeof(h[0]), 9, in_file) != 9) {
-        std::fprintf(stderr, "short header\n");
-        return 2;
-    }
-    return h[0] == 4 ? run<float>(h, argv[2]) : run<double>(h, argv[2]);
+    return driver_main<9>(argc, argv, run<float>, run<double>);
 }

@@ -1,28 +1,16 @@
-// Driver of the host test of s2fused.cu (src/host_kernels.rs): reads one launch from the
+// Driver of the host test of s2fused.cu (src/s2grid.rs): reads one launch from the
 // file argv[1], runs it under emu.h, writes the output to argv[2].
 //
-// Input, little-endian: ten i64 — mode (0 forward, 1 backward), bytes per float (4 or 8),
+// Input, little-endian: ten i64 — bytes per float (4 or 8), mode (0 forward, 1 backward),
 // n, c, k, b, a, j, skip, threads per block — then x [n·k·c], the second operand (scalars
 // [n·c] for a forward with skip = 1, dy [n·k·c] for a backward, nothing otherwise), u_to
 // [b·k], u_from [b·k], v [a·j] as floats, order [k] and offsets [j + 1] as i32.
 // Output: [n·k·c] floats.
 #include "emu.h"
+#include "driver.h"
 #include "s2fused.cu"
 
-#include <cstdint>
-#include <cstdio>
 #include <vector>
-
-static std::FILE* in_file;
-
-template <typename T> static std::vector<T> read(std::size_t n) {
-    std::vector<T> v(n ? n : 1);
-    if (n && std::fread(v.data(), sizeof(T), n, in_file) != n) {
-        std::fprintf(stderr, "short input\n");
-        std::exit(2);
-    }
-    return v;
-}
 
 // The kernel of `mode` (0 forward, 1 backward) for J = j α profiles, or null.
 #define S2_SELECT(NJ, SUFFIX)                                                                 \
@@ -43,7 +31,7 @@ static auto select(long long mode, long long j) -> void (*)(long long, int, int,
 }
 
 template <typename T> static int run(const std::int64_t* h, const char* out_path) {
-    const long long mode = h[0], n = h[2], c = h[3], k = h[4], b = h[5], a = h[6], j = h[7],
+    const long long mode = h[1], n = h[2], c = h[3], k = h[4], b = h[5], a = h[6], j = h[7],
                     skip = h[8], block = h[9];
     const std::size_t rows = (std::size_t)(n * k * c);
     auto x = read<T>(rows);
@@ -71,28 +59,9 @@ template <typename T> static int run(const std::int64_t* h, const char* out_path
                (const T*)x.data(), (const T*)aux.data(), (const T*)u_to.data(),
                (const T*)u_from.data(), (const T*)v.data(), (const int*)order.data(),
                (const int*)offsets.data(), out.data());
-    std::FILE* f = std::fopen(out_path, "wb");
-    if (!f || std::fwrite(out.data(), sizeof(T), rows, f) != rows || std::fclose(f) != 0) {
-        std::fprintf(stderr, "cannot write %s\n", out_path);
-        return 2;
-    }
-    return 0;
+    return write_output(out_path, out.data(), rows);
 }
 
 int main(int argc, char** argv) {
-    if (argc != 3) {
-        std::fprintf(stderr, "usage: %s INPUT OUTPUT\n", argv[0]);
-        return 2;
-    }
-    in_file = std::fopen(argv[1], "rb");
-    if (!in_file) {
-        std::fprintf(stderr, "cannot read %s\n", argv[1]);
-        return 2;
-    }
-    std::int64_t h[10];
-    if (std::fread(h, sizeof(h[0]), 10, in_file) != 10) {
-        std::fprintf(stderr, "short header\n");
-        return 2;
-    }
-    return h[1] == 4 ? run<float>(h, argv[2]) : run<double>(h, argv[2]);
+    return driver_main<10>(argc, argv, run<float>, run<double>);
 }

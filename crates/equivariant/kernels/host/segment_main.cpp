@@ -13,22 +13,10 @@
 // - 5 `segment_weighted_sum_dx` then `_dw`: x [E·k·hv], w [E·heads], g [S·k·hv]; output
 //   [E·k·hv + E·heads].
 #include "emu.h"
+#include "driver.h"
 #include "segment.cu"
 
-#include <cstdint>
-#include <cstdio>
 #include <vector>
-
-static std::FILE* in_file;
-
-template <typename T> static std::vector<T> read(std::size_t n) {
-    std::vector<T> v(n ? n : 1);
-    if (n && std::fread(v.data(), sizeof(T), n, in_file) != n) {
-        std::fprintf(stderr, "short input\n");
-        std::exit(2);
-    }
-    return v;
-}
 
 static unsigned blocks_for(long long threads) {
     long long b = (threads + 63) / 64;
@@ -87,28 +75,9 @@ template <typename T> static int run(const std::int64_t* h, const char* out_path
                        (const T*)g.data(), out.data() + e * row);
         }
     }
-    std::FILE* f = std::fopen(out_path, "wb");
-    if (!f || std::fwrite(out.data(), sizeof(T), out.size(), f) != out.size() || std::fclose(f) != 0) {
-        std::fprintf(stderr, "cannot write %s\n", out_path);
-        return 2;
-    }
-    return 0;
+    return write_output(out_path, out.data(), out.size());
 }
 
 int main(int argc, char** argv) {
-    if (argc != 3) {
-        std::fprintf(stderr, "usage: %s INPUT OUTPUT\n", argv[0]);
-        return 2;
-    }
-    in_file = std::fopen(argv[1], "rb");
-    if (!in_file) {
-        std::fprintf(stderr, "cannot read %s\n", argv[1]);
-        return 2;
-    }
-    std::int64_t h[10];
-    if (std::fread(h, sizeof(h[0]), 10, in_file) != 10) {
-        std::fprintf(stderr, "short header\n");
-        return 2;
-    }
-    return h[0] == 4 ? run<float>(h, argv[2]) : run<double>(h, argv[2]);
+    return driver_main<10>(argc, argv, run<float>, run<double>);
 }

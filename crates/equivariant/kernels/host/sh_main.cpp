@@ -8,31 +8,10 @@
 // - mode 1 (`sh_forward`): xyz [n·3], start [lmax+1], alpha and beta [(lmax+1)²] as floats;
 //   output [n·(lmax+1)²] floats.
 #include "emu.h"
+#include "driver.h"
 #include "sh.cu"
 
-#include <cstdint>
-#include <cstdio>
 #include <vector>
-
-static std::FILE* in_file;
-
-template <typename T> static std::vector<T> read(std::size_t n) {
-    std::vector<T> v(n ? n : 1);
-    if (n && std::fread(v.data(), sizeof(T), n, in_file) != n) {
-        std::fprintf(stderr, "short input\n");
-        std::exit(2);
-    }
-    return v;
-}
-
-static int write_out(const char* out_path, const void* data, std::size_t size, std::size_t count) {
-    std::FILE* f = std::fopen(out_path, "wb");
-    if (!f || std::fwrite(data, size, count, f) != count || std::fclose(f) != 0) {
-        std::fprintf(stderr, "cannot write %s\n", out_path);
-        return 2;
-    }
-    return 0;
-}
 
 template <typename T> static int forward(const std::int64_t* h, const char* out_path) {
     const long long n = h[1], lmax = h[2], normalize = h[3];
@@ -54,7 +33,7 @@ template <typename T> static int forward(const std::int64_t* h, const char* out_
                    (const double*)xyz.data(), (const double*)start.data(),
                    (const double*)alpha.data(), (const double*)beta.data(), out.data());
     }
-    return write_out(out_path, out.data(), sizeof(T), (std::size_t)n * dim);
+    return write_output(out_path, out.data(), (std::size_t)n * dim);
 }
 
 template <typename T> static int run(const std::int64_t* h, const char* out_path) {
@@ -77,23 +56,9 @@ template <typename T> static int run(const std::int64_t* h, const char* out_path
                    (const double*)xyz.data(), (const double*)grad.data(), (const double*)k.data(),
                    out.data());
     }
-    return write_out(out_path, out.data(), sizeof(T), (std::size_t)(3 * n));
+    return write_output(out_path, out.data(), (std::size_t)(3 * n));
 }
 
 int main(int argc, char** argv) {
-    if (argc != 3) {
-        std::fprintf(stderr, "usage: %s INPUT OUTPUT\n", argv[0]);
-        return 2;
-    }
-    in_file = std::fopen(argv[1], "rb");
-    if (!in_file) {
-        std::fprintf(stderr, "cannot read %s\n", argv[1]);
-        return 2;
-    }
-    std::int64_t h[5];
-    if (std::fread(h, sizeof(h[0]), 5, in_file) != 5) {
-        std::fprintf(stderr, "short header\n");
-        return 2;
-    }
-    return h[0] == 4 ? run<float>(h, argv[2]) : run<double>(h, argv[2]);
+    return driver_main<5>(argc, argv, run<float>, run<double>);
 }
