@@ -276,12 +276,14 @@ PY
         timeout "${T_BENCH:-180}" "$bin/bin/xtask" bench kernels --device cuda --reference \
             --python python3 --out "$work/bench-kernels-cuda0.json" 2>&1 \
             | tee "$out/bench-kernels.log" || status=1
-        echo "== AdamW step on the GPU: per-variable and in-place (eqV2-S's 383 tensors)"
-        timeout 60 "$bin/bin/adamw-bench" --device cuda 2>&1 | tee "$out/adamw.log" || status=1
     fi
-    if want adamw && ! want bench; then
-        echo "== AdamW step on the GPU: per-variable and in-place (eqV2-S's 383 tensors)"
+    if want adamw || want bench; then
+        echo "== AdamW step on the GPU: per-variable, in-place and multi-tensor (eqV2-S's 383 tensors)"
         timeout 60 "$bin/bin/adamw-bench" --device cuda 2>&1 | tee "$out/adamw.log" || status=1
+        echo "== the same with the gradient norm as one launch too (MATSCALE_MULTI_TENSOR=1)"
+        MATSCALE_MULTI_TENSOR=1 timeout 60 "$bin/bin/adamw-bench" --device cuda 2>&1 \
+            | sed 's/"mode": "\([a-z_]*\)"/"mode": "\1+multi_norm"/' \
+            | tee -a "$out/adamw.log" || status=1
     fi
     if want adamw || want bench; then
         echo "== the same step in PyTorch (clip_grad_norm_ + AdamW, foreach and fused)"
@@ -330,11 +332,15 @@ for line in open(sys.argv[2]):
         d = json.loads(line)
         opt[d["mode"]] = d["median_s"]
 if "matscale" in fb and "fairchem" in fb and "in_place" in opt and "torch_default" in opt:
-    m = fb["matscale"] + opt["in_place"]
     f = fb["fairchem"] + opt["torch_default"]
-    print(f"whole eqV2-S step (median fwd+bwd + clip + AdamW): matscale {m*1e3:.1f} ms "
-          f"({fb['matscale']*1e3:.1f} + {opt['in_place']*1e3:.1f}), fairchem {f*1e3:.1f} ms "
-          f"({fb['fairchem']*1e3:.1f} + {opt['torch_default']*1e3:.1f}): ratio {f/m:.2f}x")
+    for mode in ("in_place", "multi_tensor+multi_norm"):
+        if mode not in opt:
+            continue
+        m = fb["matscale"] + opt[mode]
+        print(f"whole eqV2-S step (median fwd+bwd + clip + AdamW, {mode}): matscale "
+              f"{m*1e3:.1f} ms ({fb['matscale']*1e3:.1f} + {opt[mode]*1e3:.1f}), fairchem "
+              f"{f*1e3:.1f} ms ({fb['fairchem']*1e3:.1f} + {opt['torch_default']*1e3:.1f}): "
+              f"ratio {f/m:.2f}x")
 else:
     print("whole step: missing figures", sorted(fb), sorted(opt))
 PY

@@ -145,3 +145,72 @@ MATSCALE_F32_F64(sum_squares_partials,
     (long long n, long long at, const float* x, double* partial),
     (long long n, long long at, const double* x, double* partial),
     (n, at, x, partial))
+
+// Multi-tensor launches over the variables of a model (crates/trainer optim.rs): tensor t
+// holds starts[t + 1] − starts[t] elements (`starts`: exclusive prefix sums, tensors + 1
+// entries) at device addresses taken from `ptrs`. Element i of the flattened range belongs to
+// the last tensor whose start is ≤ i (binary search over the starts, which stay in cache).
+__device__ __forceinline__ int multi_tensor_of(long long i, int tensors, const long long* __restrict__ starts) {
+    int lo = 0, hi = tensors - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) >> 1;
+        if (starts[mid] <= i) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
+
+// AdamW over every variable in one launch, parameter and moments in one pass: with g scaled
+// by `gscale` (the clipping factor, 1 without), m' = β₁ m + (1 − β₁) g, v' = β₂ v + (1 − β₂) g²,
+// θ ← θ · decay − lr · (m' / c₁) / (√(v' / c₂) + eps) — the arithmetic of `adamw_param` and
+// `adamw_moments`. ptrs[3t .. 3t + 3] = (θ, [m | v], g) of tensor t.
+template <typename T>
+__device__ void adamw_multi_impl(long long total, int tensors, const long long* __restrict__ starts,
+                                 const unsigned long long* __restrict__ ptrs, T gscale, T b1, T om1,
+                                 T b2, T om2, T lr, T decay, T inv_c1, T inv_c2, T eps) {
+    MATSCALE_GRID_STRIDE(i, total) {
+        const int t = multi_tensor_of(i, tensors, starts);
+        const long long n = starts[t + 1] - starts[t], j = i - starts[t];
+        T* theta = reinterpret_cast<T*>(ptrs[3 * t]);
+        T* mv = reinterpret_cast<T*>(ptrs[3 * t + 1]);
+        const T* g = reinterpret_cast<const T*>(ptrs[3 * t + 2]);
+        const T gi = g[j] * gscale;
+        const T m = mv[j] * b1 + gi * om1;
+        const T v = mv[n + j] * b2 + gi * gi * om2;
+        mv[j] = m;
+        mv[n + j] = v;
+        theta[j] = theta[j] * decay - (m * inv_c1) / (sqrt(v * inv_c2) + eps) * lr;
+    }
+}
+
+MATSCALE_F32_F64(adamw_multi,
+    (long long total, int tensors, const long long* starts, const unsigned long long* ptrs, float gscale, float b1, float om1, float b2, float om2, float lr, float decay, float inv_c1, float inv_c2, float eps),
+    (long long total, int tensors, const long long* starts, const unsigned long long* ptrs, double gscale, double b1, double om1, double b2, double om2, double lr, double decay, double inv_c1, double inv_c2, double eps),
+    (total, tensors, starts, ptrs, gscale, b1, om1, b2, om2, lr, decay, inv_c1, inv_c2, eps))
+
+// Partial sums of squares in f64 over every tensor in one launch: block b (of gridDim.x, 256
+// threads each) sums x² over its fixed strided share of the flattened elements into
+// partial[b]. ptrs[t] is tensor t. Fixed order: deterministic.
+template <typename T>
+__device__ void sum_squares_multi_impl(long long total, int tensors, const long long* __restrict__ starts,
+                                       const unsigned long long* __restrict__ ptrs,
+                                       double* __restrict__ partial) {
+    __shared__ double s[256];
+    double acc = 0.0;
+    MATSCALE_GRID_STRIDE(i, total) {
+        const int t = multi_tensor_of(i, tensors, starts);
+        const double v = (double)reinterpret_cast<const T*>(ptrs[t])[i - starts[t]];
+        acc += v * v;
+    }
+    s[threadIdx.x] = acc;
+    __syncthreads();
+    for (int w = 128; w > 0; w >>= 1) {
+        if (threadIdx.x < w) s[threadIdx.x] += s[threadIdx.x + w];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) partial[blockIdx.x] = s[0];
+}
+
+MATSCALE_F32_F64(sum_squares_multi,
+    (long long total, int tensors, const long long* starts, const unsigned long long* ptrs, double* partial),
+    (long long total, int tensors, const long long* starts, const unsigned long long* ptrs, double* partial),
+    (total, tensors, starts, ptrs, partial))

@@ -1,4 +1,6 @@
-//! AdamW step time: per-variable and in-place update (see `matscale_trainer::optim`).
+//! AdamW step time: per-variable, in-place and multi-tensor update (see
+//! `matscale_trainer::optim`; the multi-tensor one is the in-place one on the CPU, and with
+//! `MATSCALE_MULTI_TENSOR=1` every mode's gradient norm runs as one launch on a GPU).
 //!
 //! `cargo bench -p matscale-trainer --bench adamw [-- --device cpu|cuda] [--params N]
 //! [--tensors K] [--reps R]`: K variables (default 383, eqV2-S's count) holding N parameters
@@ -59,6 +61,7 @@ fn main() -> BenchResult<()> {
     for (mode, update) in [
         ("per_variable", UpdateMode::PerVariable),
         ("in_place", UpdateMode::InPlace),
+        ("multi_tensor", UpdateMode::MultiTensor),
     ] {
         // Fresh variables per mode (the in-place update writes into their storage).
         let vars: Vec<(String, Var)> = vars

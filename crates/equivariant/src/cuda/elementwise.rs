@@ -2,9 +2,11 @@
 //! derivatives, SchNet's shifted softplus, the Gaussian smearing.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
+};
 use candle_core::cuda_backend::WrapErr;
-use candle_core::{CudaStorage, DType, Layout, Shape};
+use candle_core::{CudaDevice, CudaStorage, DType, Device, Layout, Shape, Storage, Tensor};
 
 use super::{cast, int, kernel, launch_cfg, long, upload, view, zeros, CudaFloat, ELEMENTWISE};
 
@@ -326,5 +328,205 @@ pub fn sum_squares_partials(
         DType::F32 => sum_squares_typed::<f32>(dst, x, slot),
         DType::F64 => sum_squares_typed::<f64>(dst, x, slot),
         other => candle_core::bail!("sum-squares: f32 or f64 input, got {other:?}"),
+    }
+}
+
+/// The device address of the first element of a contiguous `T` tensor on `dev`'s stream.
+///
+/// The address outlives the storage guard taken here: the multi-tensor kernels read and write
+/// through it on candle's stream, where every later use or free of the storage is ordered after
+/// them (the callers hold the tensors for the call; candle frees device memory stream-ordered).
+fn device_address<T: CudaFloat>(
+    t: &Tensor,
+    stream: &CudaStream,
+    what: &str,
+) -> candle_core::Result<u64> {
+    let (storage, layout) = t.storage_and_layout();
+    let Some((start, _)) = layout.contiguous_offsets() else {
+        candle_core::bail!("{what}: every tensor must be contiguous");
+    };
+    let Storage::Cuda(cs) = &*storage else {
+        candle_core::bail!("{what}: every tensor must be on the CUDA device");
+    };
+    let slice = cs.as_cuda_slice::<T>()?;
+    let (ptr, _read) = slice.device_ptr(stream);
+    Ok(ptr + (start * std::mem::size_of::<T>()) as u64)
+}
+
+/// The CUDA device of the first tensor, checked against all the others.
+fn common_device(tensors: &[&Tensor], what: &str) -> candle_core::Result<CudaDevice> {
+    let Some(Device::Cuda(dev)) = tensors.first().map(|t| t.device().clone()) else {
+        candle_core::bail!("{what}: the tensors must be on a CUDA device");
+    };
+    let all_there = tensors
+        .iter()
+        .all(|t| t.device().same_device(&Device::Cuda(dev.clone())));
+    if !all_there {
+        candle_core::bail!("{what}: the tensors must all be on one CUDA device");
+    }
+    Ok(dev)
+}
+
+fn adamw_multi_typed<T: CudaFloat>(
+    dev: &CudaDevice,
+    (params, moments, grads): (&[&Tensor], &[&Tensor], &[&Tensor]),
+    grad_scale: f64,
+    h: AdamWScalars,
+) -> candle_core::Result<()> {
+    const NAME: &str = "adamw-multi";
+    let stream = dev.cuda_stream();
+    let mut starts = vec![0i64];
+    let mut ptrs = Vec::with_capacity(3 * params.len());
+    for ((p, mv), g) in params.iter().zip(moments).zip(grads) {
+        let n = p.elem_count();
+        if mv.elem_count() != 2 * n || g.elem_count() != n {
+            candle_core::bail!(
+                "{NAME}: {n} parameters with {} moments and {} gradients",
+                mv.elem_count(),
+                g.elem_count()
+            );
+        }
+        for t in [p, mv, g] {
+            ptrs.push(device_address::<T>(t, &stream, NAME)?);
+        }
+        starts.push(starts[starts.len() - 1] + long(n));
+    }
+    let total = starts[starts.len() - 1];
+    if total == 0 {
+        return Ok(());
+    }
+    let (starts_d, ptrs_d) = (upload(dev, &starts)?, upload(dev, &ptrs)?);
+    let func = kernel::<T>(dev, ELEMENTWISE, "adamw_multi")?;
+    let tensors = int(params.len(), "tensors")?;
+    let t = |v: f64| T::from_f64(v);
+    let s = [
+        t(grad_scale),
+        t(h.beta1),
+        t(1.0 - h.beta1),
+        t(h.beta2),
+        t(1.0 - h.beta2),
+        t(h.lr),
+        t(h.decay),
+        t(1.0 / h.correction1),
+        t(1.0 / h.correction2),
+        t(h.eps),
+    ];
+    let mut b = func.builder();
+    b.arg(&total).arg(&tensors).arg(&starts_d).arg(&ptrs_d);
+    for v in &s {
+        b.arg(v);
+    }
+    // SAFETY: the tables describe `tensors` contiguous device tensors of the checked sizes
+    // (θ n, [m | v] 2n, g n elements at the uploaded addresses), alive for the launch.
+    unsafe { b.launch(launch_cfg(total as usize)) }.w()?;
+    Ok(())
+}
+
+/// AdamW on many variables in one launch (`adamw_multi` of `kernels/elementwise.cu`): for
+/// every `k`, the parameter `params[k]` and its packed moments `moments[k]` (`[m | v]`, twice
+/// its size) are updated in place from `grads[k] · grad_scale`, with the arithmetic of
+/// [`adamw_param`] + [`adamw_moments`]. All contiguous, f32 or f64 alike, on one CUDA device.
+///
+/// Writes through the tensors' device addresses (as PyTorch's multi-tensor apply does): the
+/// caller must own the parameters and moments (no other tensor may be reading them in a way
+/// that expects them unchanged).
+///
+/// # Errors
+/// Mismatched lengths, sizes, dtypes or devices, a non-contiguous tensor, or a launch failure.
+pub fn adamw_multi(
+    params: &[&Tensor],
+    moments: &[&Tensor],
+    grads: &[&Tensor],
+    grad_scale: f64,
+    h: AdamWScalars,
+) -> candle_core::Result<()> {
+    const NAME: &str = "adamw-multi";
+    if moments.len() != params.len() || grads.len() != params.len() {
+        candle_core::bail!(
+            "{NAME}: {} parameters, {} moments, {} gradients",
+            params.len(),
+            moments.len(),
+            grads.len()
+        );
+    }
+    if params.is_empty() {
+        return Ok(());
+    }
+    let all: Vec<&Tensor> = params.iter().chain(moments).chain(grads).copied().collect();
+    let dev = common_device(&all, NAME)?;
+    let dtype = params[0].dtype();
+    if all.iter().any(|t| t.dtype() != dtype) {
+        candle_core::bail!("{NAME}: parameters, moments and gradients must share one dtype");
+    }
+    match dtype {
+        DType::F32 => adamw_multi_typed::<f32>(&dev, (params, moments, grads), grad_scale, h),
+        DType::F64 => adamw_multi_typed::<f64>(&dev, (params, moments, grads), grad_scale, h),
+        other => candle_core::bail!("{NAME}: f32 or f64, not {other:?}"),
+    }
+}
+
+/// Blocks (partials) of [`sum_squares_multi`] at most.
+const SUM_SQUARES_MULTI_BLOCKS: usize = 1024;
+
+fn sum_squares_multi_typed<T: CudaFloat>(
+    dev: &CudaDevice,
+    xs: &[&Tensor],
+) -> candle_core::Result<f64> {
+    const NAME: &str = "sum-squares-multi";
+    let stream = dev.cuda_stream();
+    let mut starts = vec![0i64];
+    let mut ptrs = Vec::with_capacity(xs.len());
+    for x in xs {
+        ptrs.push(device_address::<T>(x, &stream, NAME)?);
+        starts.push(starts[starts.len() - 1] + long(x.elem_count()));
+    }
+    let total = starts[starts.len() - 1] as usize;
+    if total == 0 {
+        return Ok(0.0);
+    }
+    let blocks = total.div_ceil(256).clamp(1, SUM_SQUARES_MULTI_BLOCKS);
+    let (starts_d, ptrs_d) = (upload(dev, &starts)?, upload(dev, &ptrs)?);
+    // SAFETY: every one of the `blocks` partials is written by its block.
+    let mut partial = unsafe { super::uninit::<f64>(dev, blocks) }?;
+    let func = kernel::<T>(dev, ELEMENTWISE, "sum_squares_multi")?;
+    let (tl, tensors) = (long(total), int(xs.len(), "tensors")?);
+    let mut b = func.builder();
+    b.arg(&tl)
+        .arg(&tensors)
+        .arg(&starts_d)
+        .arg(&ptrs_d)
+        .arg(&mut partial);
+    let cfg = LaunchConfig {
+        grid_dim: (u32::try_from(blocks).expect("at most 1024 blocks"), 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: the tables describe contiguous device tensors alive for the launch; the kernel
+    // reduces over 256 threads per block and writes `blocks` partials.
+    unsafe { b.launch(cfg) }.w()?;
+    let host = dev.clone_dtoh(&partial)?;
+    Ok(host[..blocks].iter().sum())
+}
+
+/// `Σ_k Σ x_k²` in f64 over many tensors in one launch (`sum_squares_multi`): per-block partial
+/// sums over the flattened elements, read back in one copy and added in order (deterministic).
+/// All contiguous, f32 or f64 alike, on one CUDA device.
+///
+/// # Errors
+/// Mixed dtypes or devices, a non-contiguous tensor, or a launch failure.
+pub fn sum_squares_multi(xs: &[&Tensor]) -> candle_core::Result<f64> {
+    const NAME: &str = "sum-squares-multi";
+    if xs.is_empty() {
+        return Ok(0.0);
+    }
+    let dev = common_device(xs, NAME)?;
+    let dtype = xs[0].dtype();
+    if xs.iter().any(|t| t.dtype() != dtype) {
+        candle_core::bail!("{NAME}: the tensors must share one dtype");
+    }
+    match dtype {
+        DType::F32 => sum_squares_multi_typed::<f32>(&dev, xs),
+        DType::F64 => sum_squares_multi_typed::<f64>(&dev, xs),
+        other => candle_core::bail!("{NAME}: f32 or f64, not {other:?}"),
     }
 }

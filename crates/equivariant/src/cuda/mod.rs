@@ -23,8 +23,8 @@ pub mod wigner;
 pub use s2grid::set_fused_s2_activation;
 
 pub use elementwise::{
-    adamw_moments, adamw_param, shifted_softplus, sum_squares_partials, AdamWScalars,
-    SUM_SQUARES_BLOCKS,
+    adamw_moments, adamw_multi, adamw_param, shifted_softplus, sum_squares_multi,
+    sum_squares_partials, AdamWScalars, SUM_SQUARES_BLOCKS,
 };
 
 use candle_core::cuda_backend::cudarc::cublas::sys::cublasOperation_t;
