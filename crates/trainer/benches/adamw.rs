@@ -6,7 +6,8 @@
 //! [--tensors K] [--reps R]`: K variables (default 383, eqV2-S's count) holding N parameters
 //! in all (default 31.2M) in eqV2-S-like proportions (a third large matrices, a third
 //! medium, a third small vectors), random gradients; per mode the seconds of
-//! `clip_by_global_norm` + `AdamW::step`, best and median of R repetitions (default 5) after
+//! `global_norm` + `AdamW::step_scaled` with the clipping factor (`clip_by_global_norm` +
+//! `AdamW::step` in one), best and median of R repetitions (default 5) after
 //! one warm-up, one JSON line per mode, with the largest difference of its final weights from the
 //! per-variable mode's relative to their largest magnitude (0 on the CPU, where the modes are
 //! bit-identical; rounding-sized on a GPU). `adamw_reference.py` beside it runs the same step
@@ -16,7 +17,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Tensor, Var};
 use matscale_equivariant::device::{select_device, DeviceRequest};
-use matscale_trainer::optim::{clip_by_global_norm, AdamW, AdamWConfig, UpdateMode};
+use matscale_trainer::optim::{clip_factor, global_norm, AdamW, AdamWConfig, UpdateMode};
 
 type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -72,11 +73,11 @@ fn main() -> BenchResult<()> {
         opt.set_update_mode(Some(update));
         let mut seconds = Vec::with_capacity(reps);
         for rep in 0..=reps {
-            let mut g = grads.clone();
             device.synchronize()?;
             let start = Instant::now();
-            clip_by_global_norm(&mut g, 1.0)?;
-            opt.step(&g, 1e-3)?;
+            // clip_by_global_norm + step, with the clipping factor applied inside the update.
+            let norm = global_norm(&grads)?;
+            opt.step_scaled(&grads, 1e-3, clip_factor(norm, 1.0))?;
             device.synchronize()?;
             if rep > 0 {
                 seconds.push(start.elapsed().as_secs_f64());

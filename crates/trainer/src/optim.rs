@@ -345,6 +345,22 @@ impl AdamW {
     /// `grads` does not have one entry per variable, or a gradient's shape differs from its
     /// variable's; nothing is updated then.
     pub fn step(&mut self, grads: &[Option<Tensor>], lr: f64) -> Result<()> {
+        self.step_scaled(grads, lr, 1.0)
+    }
+
+    /// [`Self::step`] with every gradient multiplied by `grad_scale` first (the clipping
+    /// factor of [`clip_factor`]): the same numbers as scaling the gradients and then
+    /// stepping, but the multi-tensor update ([`UpdateMode::MultiTensor`]) applies the factor
+    /// inside its one launch instead of in one op per gradient.
+    ///
+    /// # Errors
+    /// As [`Self::step`].
+    pub fn step_scaled(
+        &mut self,
+        grads: &[Option<Tensor>],
+        lr: f64,
+        grad_scale: f64,
+    ) -> Result<()> {
         if grads.len() != self.vars.len() {
             return Err(TrainError::Data(format!(
                 "{} gradients for {} variables",
@@ -392,7 +408,14 @@ impl AdamW {
                 && matches!(var.dtype(), DType::F32 | DType::F64);
             if multi {
                 together.push((k, grad.contiguous()?));
-            } else if matches!(mode, UpdateMode::InPlace | UpdateMode::MultiTensor) {
+                continue;
+            }
+            let grad = if grad_scale == 1.0 {
+                grad
+            } else {
+                (&grad * grad_scale)?
+            };
+            if matches!(mode, UpdateMode::InPlace | UpdateMode::MultiTensor) {
                 self.update_in_place(k, &grad.contiguous()?, scalars)?;
             } else {
                 let (theta, m, v) = adamw_update(
@@ -407,7 +430,7 @@ impl AdamW {
             }
         }
         if !together.is_empty() {
-            self.update_together(&together, scalars)?;
+            self.update_together(&together, scalars, grad_scale)?;
         }
         Ok(())
     }
@@ -432,9 +455,14 @@ impl AdamW {
     }
 
     /// The multi-tensor update ([`UpdateMode::MultiTensor`]) of the variables `k` with their
-    /// contiguous gradients: one launch per dtype.
+    /// contiguous gradients times `grad_scale`: one launch per dtype.
     #[cfg(feature = "cuda")]
-    fn update_together(&mut self, items: &[(usize, Tensor)], scalars: AdamWScalars) -> Result<()> {
+    fn update_together(
+        &mut self,
+        items: &[(usize, Tensor)],
+        scalars: AdamWScalars,
+        grad_scale: f64,
+    ) -> Result<()> {
         for dtype in [DType::F32, DType::F64] {
             let (mut params, mut moments, mut grads) = (Vec::new(), Vec::new(), Vec::new());
             for (k, grad) in items {
@@ -450,16 +478,21 @@ impl AdamW {
                 moments.iter().collect(),
                 grads.iter().collect(),
             );
-            matscale_equivariant::cuda::adamw_multi(&p, &m, &g, 1.0, scalars.into())?;
+            matscale_equivariant::cuda::adamw_multi(&p, &m, &g, grad_scale, scalars.into())?;
         }
         Ok(())
     }
 
     /// Without the `cuda` feature no variable takes the multi-tensor path.
     #[cfg(not(feature = "cuda"))]
-    fn update_together(&mut self, items: &[(usize, Tensor)], scalars: AdamWScalars) -> Result<()> {
+    fn update_together(
+        &mut self,
+        items: &[(usize, Tensor)],
+        scalars: AdamWScalars,
+        grad_scale: f64,
+    ) -> Result<()> {
         for (k, grad) in items {
-            self.update_in_place(*k, grad, scalars)?;
+            self.update_in_place(*k, &(grad * grad_scale)?, scalars)?;
         }
         Ok(())
     }
@@ -650,11 +683,22 @@ impl candle_core::InplaceOp2 for SumSquaresOp {
     }
 }
 
+/// The factor [`clip_by_global_norm`] scales gradients of global norm `norm` by: 1 unless
+/// the norm is finite and above a positive `max_norm`.
+pub fn clip_factor(norm: f64, max_norm: f64) -> f64 {
+    if norm.is_finite() && norm > max_norm && max_norm > 0.0 {
+        max_norm / (norm + 1e-6)
+    } else {
+        1.0
+    }
+}
+
 /// Scales `grads` so that their global norm is at most `max_norm`; returns the norm before.
+/// ([`AdamW::step_scaled`] with [`clip_factor`] does the same inside the update.)
 pub fn clip_by_global_norm(grads: &mut [Option<Tensor>], max_norm: f64) -> Result<f64> {
     let norm = global_norm(grads)?;
-    if norm.is_finite() && norm > max_norm && max_norm > 0.0 {
-        let scale = max_norm / (norm + 1e-6);
+    let scale = clip_factor(norm, max_norm);
+    if scale != 1.0 {
         for g in grads.iter_mut().flatten() {
             *g = (&*g * scale)?;
         }
@@ -879,6 +923,78 @@ mod tests {
         }
         let w = var.as_tensor().to_vec1::<f64>().unwrap();
         assert!(w.iter().all(|x| x.abs() < 1e-2), "{w:?}");
+    }
+
+    /// `step_scaled` with the clipping factor gives bit for bit what clipping the gradients
+    /// and then stepping gives, in every update mode (the trainer's path since session 18).
+    #[test]
+    fn step_scaled_equals_clip_then_step() {
+        let dev = Device::Cpu;
+        for mode in [
+            UpdateMode::PerVariable,
+            UpdateMode::InPlace,
+            UpdateMode::MultiTensor,
+        ] {
+            let make = || {
+                let vars = (0..3)
+                    .map(|i| {
+                        let v = Tensor::randn(0f32, 1.0, (4 + i, 3), &dev).unwrap();
+                        (format!("w{i}"), Var::from_tensor(&v).unwrap())
+                    })
+                    .collect::<Vec<_>>();
+                let mut opt = AdamW::new(vars, AdamWConfig::default()).unwrap();
+                opt.set_update_mode(Some(mode));
+                opt
+            };
+            let mut a = make();
+            let mut b = AdamW::new(
+                a.vars()
+                    .iter()
+                    .map(|(n, v)| {
+                        (
+                            n.clone(),
+                            Var::from_tensor(&v.as_tensor().copy().unwrap()).unwrap(),
+                        )
+                    })
+                    .collect(),
+                AdamWConfig::default(),
+            )
+            .unwrap();
+            b.set_update_mode(Some(mode));
+            for step in 0..3 {
+                let grads: Vec<Option<Tensor>> = a
+                    .vars()
+                    .iter()
+                    .map(|(_, v)| {
+                        Some(
+                            (Tensor::randn(0f32, 1.0, v.shape(), &dev).unwrap()
+                                * (step + 2) as f64)
+                                .unwrap(),
+                        )
+                    })
+                    .collect();
+                let mut clipped = grads.clone();
+                let norm = clip_by_global_norm(&mut clipped, 1.5).unwrap();
+                assert!(norm > 1.5, "the case must clip");
+                a.step(&clipped, 0.01).unwrap();
+                b.step_scaled(&grads, 0.01, clip_factor(norm, 1.5)).unwrap();
+            }
+            for ((_, va), (_, vb)) in a.vars().iter().zip(b.vars()) {
+                let (x, y) = (
+                    va.as_tensor()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap(),
+                    vb.as_tensor()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap(),
+                );
+                assert_eq!(x, y, "{mode:?}");
+            }
+        }
     }
 
     #[test]

@@ -28,7 +28,7 @@ use crate::data::{augment_rotations, epoch_order, Dataset, DeviceBatch};
 use crate::error::{Result, TrainError};
 use crate::eval::{evaluate, EvalMetrics};
 use crate::loss::{loss, LossValues, LossWeights};
-use crate::optim::{clip_by_global_norm, AdamW, AdamWConfig, Ema};
+use crate::optim::{clip_factor, AdamW, AdamWConfig, Ema};
 use crate::precision::Precision;
 use crate::schedule::Schedule;
 
@@ -724,11 +724,10 @@ impl Trainer {
                 }
             }
         }
-        let norm = if self.config.grad_clip > 0.0 {
-            clip_by_global_norm(&mut grad_list, self.config.grad_clip)?
-        } else {
-            crate::optim::global_norm(&grad_list)?
-        };
+        let norm = crate::optim::global_norm(&grad_list)?;
+        // The clipping factor is applied inside the update (`step_scaled`): the same numbers
+        // as `clip_by_global_norm` before the step.
+        let grad_scale = clip_factor(norm, self.config.grad_clip);
         let finite = norm.is_finite();
         if precision.uses_loss_scaling() && !state.loss_scaler.update(finite) {
             return Ok(StepOutcome::Skipped {
@@ -742,7 +741,7 @@ impl Trainer {
                 count_failure: true,
             });
         }
-        optimizer.step(&grad_list, lr)?;
+        optimizer.step_scaled(&grad_list, lr, grad_scale)?;
         state.step = optimizer.step_count();
         Ok(StepOutcome::Applied {
             loss: values,
