@@ -58,10 +58,9 @@ pub(crate) fn driver(name: &'static str) -> Option<&'static Driver> {
         eprintln!("host kernel test of {name} skipped: no C++ compiler ($CXX, c++, g++, clang++)");
         return None;
     };
-    let scratch = std::env::temp_dir().join(format!(
-        "matscale-host-kernels-{}-{name}",
-        std::process::id()
-    ));
+    remove_stale_scratch();
+    let scratch =
+        std::env::temp_dir().join(format!("{SCRATCH_PREFIX}{}-{name}", std::process::id()));
     std::fs::create_dir_all(&scratch).expect("scratch folder for the host kernels");
     stage_sources(&scratch);
     let exe = scratch.join(name);
@@ -89,6 +88,33 @@ pub(crate) fn driver(name: &'static str) -> Option<&'static Driver> {
     let d: &'static Driver = Box::leak(Box::new(Driver { exe, scratch }));
     held.push((name, d));
     Some(d)
+}
+
+/// Prefix of the per-process scratch folders in the temporary directory.
+const SCRATCH_PREFIX: &str = "matscale-host-kernels-";
+
+/// Removes scratch folders of earlier test runs (older than an hour; a test process lives
+/// seconds), so that the temporary directory does not fill up run by run.
+fn remove_stale_scratch() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    let hour = std::time::Duration::from_secs(3600);
+    for entry in entries.flatten() {
+        let stale = entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(SCRATCH_PREFIX)
+            && entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > hour);
+        if stale {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// Copies `kernels/host/emu.h` and every kernel source (`kernels/*.cu`, `*.cuh`), rewritten by
