@@ -339,6 +339,104 @@ mod tests {
         assert!((got - want).abs() <= 1e-12 * want, "{tag}: {got} vs {want}");
     }
 
+    /// One single-tensor launch of `elementwise_main` (modes 2–4): header, extra i64, floats.
+    fn elementwise_run<T: crate::activation::Float + ToLe>(
+        driver: &Driver,
+        mode: i64,
+        ints: &[i64],
+        floats: &[&[f64]],
+    ) -> Vec<u8> {
+        let n = floats.last().map_or(0, |f| f.len());
+        let mut input = bytes_of(&[std::mem::size_of::<T>() as i64, mode, 1, n as i64]);
+        input.extend(bytes_of(ints));
+        for f in floats {
+            let t: Vec<T> = f.iter().map(|&v| T::from_f64(v)).collect();
+            input.extend(bytes_of(&t));
+        }
+        let tag = format!("elementwise-{mode}-{}-{ints:?}", T::DTYPE.as_str());
+        driver.run(&tag, &input)
+    }
+
+    fn activation_cases<T: crate::activation::Float + ToLe>(driver: &Driver) {
+        use crate::activation::Function;
+        let n = 203;
+        let x: Vec<f64> = crate::testing::random_normals(n, 5)
+            .iter()
+            .map(|v| 4.0 * v)
+            .collect();
+        let x: Vec<f64> = x.iter().map(|&v| T::from_f64(v).to_f64()).collect();
+        let tol = if std::mem::size_of::<T>() == 4 {
+            1e-5
+        } else {
+            1e-14
+        };
+        let functions = [
+            (0, 0.0, Function::Silu),
+            (1, 0.0, Function::Sigmoid),
+            (2, 0.2, Function::SmoothLeakyRelu(0.2)),
+        ];
+        for (code, slope, function) in functions {
+            for order in 0u8..3 {
+                let bytes =
+                    elementwise_run::<T>(driver, 2, &[code, i64::from(order)], &[&[slope], &x]);
+                let got = floats_from(&bytes, std::mem::size_of::<T>());
+                let want: Vec<f64> = x.iter().map(|&v| function.eval(order, v)).collect();
+                let what = format!("{function:?} order {order} ({})", T::DTYPE.as_str());
+                let err = max_relative_error(&what, &got, &want);
+                assert!(err < tol, "{what}: error {err:e}");
+            }
+        }
+        let g: Vec<f64> = crate::testing::random_normals(n, 6);
+        let g: Vec<f64> = g.iter().map(|&v| T::from_f64(v).to_f64()).collect();
+        for zero in [0, 1] {
+            let bytes = elementwise_run::<T>(driver, 3, &[zero], &[&x, &g]);
+            let got = floats_from(&bytes, std::mem::size_of::<T>());
+            let what = format!("silu backward zero_grad {zero} ({})", T::DTYPE.as_str());
+            if zero == 1 {
+                assert!(got.iter().all(|&v| v == 0.0), "{what}: not all zero");
+                continue;
+            }
+            let want: Vec<f64> = x
+                .iter()
+                .zip(&g)
+                .map(|(&v, &gi)| gi * Function::Silu.eval(1, v))
+                .collect();
+            let err = max_relative_error(&what, &got, &want);
+            assert!(err < tol, "{what}: error {err:e}");
+        }
+    }
+
+    /// The per-tensor sum of squares writes partial `b` = Σ x_i² over the elements with
+    /// `(i mod (64·256)) / 256 == b` (the partition the trainer's CPU side mirrors).
+    fn sum_squares_partials_case<T: crate::activation::Float + ToLe>(driver: &Driver) {
+        let n = 40_000;
+        let x: Vec<f64> = crate::testing::random_normals(n, 8)
+            .iter()
+            .map(|&v| T::from_f64(v).to_f64())
+            .collect();
+        let got = floats_from(&elementwise_run::<T>(driver, 4, &[], &[&x]), 8);
+        let mut want = vec![0.0; 64];
+        for (i, v) in x.iter().enumerate() {
+            want[(i % (64 * 256)) / 256] += v * v;
+        }
+        let what = format!("sum_squares_partials ({})", T::DTYPE.as_str());
+        let err = max_relative_error(&what, &got, &want);
+        assert!(err < 1e-13, "{what}: error {err:e}");
+    }
+
+    /// The activation kernel (SiLU, sigmoid, smooth leaky ReLU, orders 0–2), the S2 SiLU
+    /// backward step and the per-tensor sums of squares agree with the CPU functions.
+    #[test]
+    fn elementwise_kernels_match_the_cpu_on_the_host() {
+        let Some(driver) = driver("elementwise_main") else {
+            return;
+        };
+        activation_cases::<f64>(driver);
+        activation_cases::<f32>(driver);
+        sum_squares_partials_case::<f64>(driver);
+        sum_squares_partials_case::<f32>(driver);
+    }
+
     /// The multi-tensor AdamW kernel gives exactly what the per-tensor `adamw_param` +
     /// `adamw_moments` give (and the f64 update to rounding), across tensor boundaries, empty
     /// tensors and grid-stride rounds; the multi-tensor sum of squares gives the f64 sum.

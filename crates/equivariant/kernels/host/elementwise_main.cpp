@@ -9,6 +9,11 @@
 //   launch, then the same after the per-tensor launches (g pre-scaled by gscale there).
 // - 1 (`sum_squares_multi`): per tensor x [n] as floats. Output: the 5 f64 partials of a
 //   5-block launch.
+// - 2 (`activation`, one tensor of n): function, order as i64, slope and x [n] as floats;
+//   output [n].
+// - 3 (`silu_backward_inplace`, one tensor): zero_grad as i64, x [n] and g [n]; output [n].
+// - 4 (`sum_squares_partials`, one tensor, 64 blocks of 256 as cuda/elementwise.rs launches
+//   it): x [n]; output the 64 f64 partials.
 // Launches use 64 threads per block (256 for the sums, which reduce over 256 shared slots)
 // and at most three blocks, so the grid-stride loops run several rounds and cross tensors.
 #include "emu.h"
@@ -23,6 +28,34 @@ template <typename T> static int run(const std::int64_t* h, const char* out_path
     std::vector<long long> starts((std::size_t)tensors + 1, 0);
     for (long long t = 0; t < tensors; ++t) starts[t + 1] = starts[t] + sizes[t];
     const long long total = starts[tensors];
+    if (mode >= 2) {
+        const long long n = sizes[0];
+        unsigned grid = (unsigned)((n + 63) / 64);
+        if (grid > 3) grid = 3;
+        if (grid == 0) grid = 1;
+        if (mode == 2) {
+            auto ints = read<long long>(2);
+            auto slope = read<T>(1);
+            auto x = read<T>((std::size_t)n);
+            std::vector<T> out((std::size_t)n + 1, T(-12345));
+            emu_launch(grid, 64, activation_impl<T>, n, (int)ints[0], (int)ints[1], slope[0],
+                       (const T*)x.data(), out.data());
+            return write_output(out_path, out.data(), (std::size_t)n);
+        }
+        if (mode == 3) {
+            auto zero = read<long long>(1);
+            auto x = read<T>((std::size_t)n);
+            auto g = read<T>((std::size_t)n);
+            emu_launch(grid, 64, silu_backward_inplace_impl<T>, n, (int)zero[0], x.data(),
+                       (const T*)g.data());
+            return write_output(out_path, x.data(), (std::size_t)n);
+        }
+        auto x = read<T>((std::size_t)n);
+        std::vector<double> partial(64, -1.0);
+        emu_launch(64, 256, sum_squares_partials_impl<T>, n, 0LL, (const T*)x.data(),
+                   partial.data());
+        return write_output(out_path, partial.data(), partial.size());
+    }
     if (mode == 1) {
         std::vector<std::vector<T>> xs;
         std::vector<unsigned long long> ptrs;
