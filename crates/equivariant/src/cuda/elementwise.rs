@@ -1,5 +1,7 @@
 //! Elementwise ops on the device (`kernels/elementwise.cu`): activations and their
-//! derivatives, SchNet's shifted softplus, the Gaussian smearing.
+//! derivatives, SchNet's shifted softplus, the Gaussian smearing, and the optimiser's kernels
+//! (the in-place AdamW halves and partial sums of squares per tensor, and their multi-tensor
+//! forms over every variable in one launch).
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{

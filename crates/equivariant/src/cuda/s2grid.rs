@@ -2,22 +2,20 @@
 //! matrices run as strided-batched cuBLAS GEMMs (the matrix shared by all rows, stride 0),
 //! SiLU and its derivative as elementwise kernels in between (`kernels/elementwise.cu`).
 //!
-//! With `MATSCALE_S2_FUSED=1` (or [`set_fused_s2_activation`]) the S2 activations and their backward run instead as one
-//! kernel each on the grid matrices factored over β and α (`kernels/s2fused.cu`): one thread
-//! per (row, channel), the grid values kept in registers. Off by default until it has been
-//! measured against the GEMM path on a GPU; its arithmetic is tested on the host
-//! (`s2grid::tests::fused_cuda_s2_kernels_match_the_cpu_on_the_host`) and on the GPU by
-//! `tests/cuda.rs`.
-
-use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, PushKernelArg};
-use candle_core::cuda_backend::WrapErr;
-use candle_core::{CudaDevice, CudaStorage, DType, Layout, Shape};
+//! With `MATSCALE_S2_FUSED=1` (or [`set_fused_s2_activation`]) the S2 activations and their
+//! backward run instead as one kernel each on the grid matrices factored over β and α
+//! (`kernels/s2fused.cu`): one thread per (row, channel), the grid values kept in registers.
+//! Off by default until it has been measured against the GEMM path on a GPU; its arithmetic
+//! is tested on the host (`s2grid::tests::fused_cuda_s2_kernels_match_the_cpu_on_the_host`)
+//! and on the GPU by `tests/cuda.rs`.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::OnceLock;
 
-use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchConfig};
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::WrapErr;
+use candle_core::{CudaDevice, CudaStorage, DType, Layout, Shape};
 
 use super::{
     gemm_batched, int, kernel, launch_cfg, long, mat, uninit, upload, view, CudaFloat, ELEMENTWISE,
