@@ -119,6 +119,19 @@ MATSCALE_F32_F64(adamw_moments,
     (long long n, double b1, double om1, double b2, double om2, double* mv, const double* g),
     (n, b1, om1, b2, om2, mv, g))
 
+// Sum of `v` over the 256 threads of a block (a tree in shared memory, fixed order: the same
+// bits every run), returned to thread 0. Every thread of the block must call it.
+__device__ __forceinline__ double block_sum_256(double v) {
+    __shared__ double s[256];
+    s[threadIdx.x] = v;
+    __syncthreads();
+    for (int w = 128; w > 0; w >>= 1) {
+        if (threadIdx.x < w) s[threadIdx.x] += s[threadIdx.x + w];
+        __syncthreads();
+    }
+    return s[0];
+}
+
 // Partial sums of squares in f64 for a gradient-norm: block b of the launch (gridDim.x blocks of
 // 256 threads) sums x[i]² over its fixed strided share of the n elements and writes
 // partial[at + b] (every block writes, so the caller's row of gridDim.x partials is complete;
@@ -126,19 +139,13 @@ MATSCALE_F32_F64(adamw_moments,
 template <typename T>
 __device__ void sum_squares_partials_impl(long long n, long long at, const T* __restrict__ x,
                                           double* __restrict__ partial) {
-    __shared__ double s[256];
     double acc = 0.0;
     MATSCALE_GRID_STRIDE(i, n) {
         const double v = (double)x[i];
         acc += v * v;
     }
-    s[threadIdx.x] = acc;
-    __syncthreads();
-    for (int w = 128; w > 0; w >>= 1) {
-        if (threadIdx.x < w) s[threadIdx.x] += s[threadIdx.x + w];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) partial[at + blockIdx.x] = s[0];
+    const double total = block_sum_256(acc);
+    if (threadIdx.x == 0) partial[at + blockIdx.x] = total;
 }
 
 MATSCALE_F32_F64(sum_squares_partials,
@@ -194,20 +201,14 @@ template <typename T>
 __device__ void sum_squares_multi_impl(long long total, int tensors, const long long* __restrict__ starts,
                                        const unsigned long long* __restrict__ ptrs,
                                        double* __restrict__ partial) {
-    __shared__ double s[256];
     double acc = 0.0;
     MATSCALE_GRID_STRIDE(i, total) {
         const int t = multi_tensor_of(i, tensors, starts);
         const double v = (double)reinterpret_cast<const T*>(ptrs[t])[i - starts[t]];
         acc += v * v;
     }
-    s[threadIdx.x] = acc;
-    __syncthreads();
-    for (int w = 128; w > 0; w >>= 1) {
-        if (threadIdx.x < w) s[threadIdx.x] += s[threadIdx.x + w];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) partial[blockIdx.x] = s[0];
+    const double sum = block_sum_256(acc);
+    if (threadIdx.x == 0) partial[blockIdx.x] = sum;
 }
 
 MATSCALE_F32_F64(sum_squares_multi,

@@ -130,8 +130,8 @@ fn fused_s2_kernels_exist_for_every_group_count_the_host_launches() {
         .and_then(|rest| rest.split(';').next())
         .and_then(|v| v.trim().parse().ok())
         .expect("FUSED_MAX_GROUPS in src/cuda/s2grid.rs");
-    assert!(launch.contains("format!(\"s2_fused_forward_j{}\""));
-    assert!(launch.contains("format!(\"s2_fused_backward_j{}\""));
+    assert!(launch.contains("\"s2_fused_{pass}_j{}\""));
+    assert!(launch.contains("if backward { \"backward\" } else { \"forward\" }"));
     let source = std::fs::read_to_string(crate_dir().join("kernels/s2fused.cu")).expect("source");
     let names = defined(&source);
     for j in (1..=max).step_by(2) {

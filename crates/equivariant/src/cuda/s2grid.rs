@@ -164,64 +164,27 @@ fn fused_cfg<T>(items: usize, threads: u32, columns: usize, k: usize) -> LaunchC
     }
 }
 
-/// The fused forward (`s2_fused_forward`): `out[n, c ≥ skip] = fromᵀ · SiLU(to · x[n])` and,
-/// with scalars, `out[n, 0] = SiLU(scalars[n])`.
-fn fused_forward<T: GridFloat>(
+/// One fused launch (`s2_fused_{forward,backward}_j{J}`): the forward writes
+/// `out[n, c ≥ skip] = fromᵀ · SiLU(to · x[n])` and, with scalars (`second`, skip = 1),
+/// `out[n, 0] = SiLU(scalars[n])`; the backward (`second` = dy) writes
+/// `dx[n] = toᵀ · (SiLU'(to · x[n]) ⊙ (from_{≥skip} · dy[n, ≥skip]))`.
+fn fused_launch<T: GridFloat>(
     dev: &CudaDevice,
-    x: &CudaView<'_, T>,
-    scalars: Option<&CudaView<'_, T>>,
+    backward: bool,
+    (x, second): (&CudaView<'_, T>, Option<&CudaView<'_, T>>),
+    skip: bool,
     (f, threads): (&Factored<T>, u32),
     (n, k, c): (usize, usize, usize),
 ) -> candle_core::Result<CudaSlice<T>> {
-    // SAFETY: the kernel writes every row c ≥ skip of every (row, channel) and, with
-    // scalars (skip = 1), row 0 as well.
+    // SAFETY: the kernel writes every output of every (row, channel): the forward the rows
+    // c ≥ skip and, when skip = 1, row 0 from the scalars; the backward all k rows.
     let mut out = unsafe { uninit::<T>(dev, n * k * c) }?;
     if n * c == 0 {
         return Ok(out);
     }
     let t = fused_tables(dev, f)?;
-    let name = format!("s2_fused_forward_j{}", f.groups());
-    let func = kernel::<T>(dev, S2FUSED, &name)?;
-    let (items, ci, ki) = (long(n * c), int(c, "channels")?, int(k, "coefficients")?);
-    let skip = i32::from(scalars.is_some());
-    let mut b = func.builder();
-    b.arg(&items)
-        .arg(&ci)
-        .arg(&ki)
-        .arg(&t.b)
-        .arg(&t.a)
-        .arg(&skip);
-    b.arg(x).arg(scalars.unwrap_or(x));
-    b.arg(&t.u_to)
-        .arg(&t.u_from)
-        .arg(&t.v)
-        .arg(&t.order)
-        .arg(&t.offsets);
-    b.arg(&mut out);
-    // SAFETY: x holds n × k × c elements, scalars (read only when skip = 1) n × c, the
-    // tables the grouped factors' sizes, out n × k × c; shared memory two columns per thread.
-    unsafe { b.launch(fused_cfg::<T>(n * c, threads, 2, k)) }.w()?;
-    Ok(out)
-}
-
-/// The fused backward (`s2_fused_backward`):
-/// `dx[n] = toᵀ · (SiLU'(to · x[n]) ⊙ (from_{≥skip} · dy[n, ≥skip]))`.
-fn fused_backward<T: GridFloat>(
-    dev: &CudaDevice,
-    x: &CudaView<'_, T>,
-    dy: &CudaView<'_, T>,
-    skip: bool,
-    (f, threads): (&Factored<T>, u32),
-    (n, k, c): (usize, usize, usize),
-) -> candle_core::Result<CudaSlice<T>> {
-    // SAFETY: the kernel writes all k rows of every (row, channel).
-    let mut dx = unsafe { uninit::<T>(dev, n * k * c) }?;
-    if n * c == 0 {
-        return Ok(dx);
-    }
-    let t = fused_tables(dev, f)?;
-    let name = format!("s2_fused_backward_j{}", f.groups());
-    let func = kernel::<T>(dev, S2FUSED, &name)?;
+    let pass = if backward { "backward" } else { "forward" };
+    let func = kernel::<T>(dev, S2FUSED, &format!("s2_fused_{pass}_j{}", f.groups()))?;
     let (items, ci, ki) = (long(n * c), int(c, "channels")?, int(k, "coefficients")?);
     let skip = i32::from(skip);
     let mut b = func.builder();
@@ -231,17 +194,19 @@ fn fused_backward<T: GridFloat>(
         .arg(&t.b)
         .arg(&t.a)
         .arg(&skip);
-    b.arg(x).arg(dy);
+    b.arg(x).arg(second.unwrap_or(x));
     b.arg(&t.u_to)
         .arg(&t.u_from)
         .arg(&t.v)
         .arg(&t.order)
         .arg(&t.offsets);
-    b.arg(&mut dx);
-    // SAFETY: x, dy and dx hold n × k × c elements, the tables the grouped factors' sizes;
-    // shared memory three columns per thread.
-    unsafe { b.launch(fused_cfg::<T>(n * c, threads, 3, k)) }.w()?;
-    Ok(dx)
+    b.arg(&mut out);
+    // SAFETY: x and out hold n × k × c elements, the second operand n × k × c (dy) or n × c
+    // (scalars, read only when skip = 1), the tables the grouped factors' sizes; shared memory
+    // two (forward) or three (backward) columns of k values per thread.
+    let columns = if backward { 3 } else { 2 };
+    unsafe { b.launch(fused_cfg::<T>(n * c, threads, columns, k)) }.w()?;
+    Ok(out)
 }
 
 /// `out[n] = op(M)[rows_out × rows_in] · x[n][rows_in × c]` for all rows `n`, where `M` is a
@@ -362,7 +327,8 @@ fn act_forward_typed<T: GridFloat>(
     let xv = view::<T>(x.0, x.1, name)?;
     if let Some(plan) = fused_plan::<T>(grid, 2) {
         let sv = scalars.map(|s| view::<T>(s.0, s.1, name)).transpose()?;
-        let out = fused_forward(dev, &xv, sv.as_ref(), plan, (n, k, c))?;
+        let skip = sv.is_some();
+        let out = fused_launch(dev, false, (&xv, sv.as_ref()), skip, plan, (n, k, c))?;
         return Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()));
     }
     let (to, from) = T::matrices(grid);
@@ -457,7 +423,7 @@ fn act_backward_typed<T: GridFloat>(
     let xv = view::<T>(x.0, x.1, name)?;
     let dyv = view::<T>(dy.0, dy.1, name)?;
     if let Some(plan) = fused_plan::<T>(grid, 3) {
-        let dx = fused_backward(dev, &xv, &dyv, separable, plan, (n, k, c))?;
+        let dx = fused_launch(dev, true, (&xv, Some(&dyv)), separable, plan, (n, k, c))?;
         return Ok(CudaStorage::wrap_cuda_slice(dx, dev.clone()));
     }
     let (to, from) = T::matrices(grid);
