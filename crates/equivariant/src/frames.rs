@@ -254,6 +254,96 @@ mod tests {
         Tensor::from_vec(flat, (e.len(), 3), &Device::Cpu).expect("tensor")
     }
 
+    /// The CUDA edge Wigner-D kernel(s) of `kernels/wigner.cu` run on the host
+    /// (`crate::host_kernels`), as `src/cuda/wigner.rs` launches them, on `edges`; returns the
+    /// blocks as f64 and the first degenerate edge index the kernels report (`edges.len()` if
+    /// none).
+    fn host_wigner<T: crate::activation::Float + crate::host_kernels::ToLe>(
+        driver: &crate::host_kernels::Driver,
+        edges: &[[f64; 3]],
+        helpers: Option<&[f64]>,
+        lmax: usize,
+    ) -> (Vec<f64>, usize) {
+        use crate::host_kernels::{bytes_of, floats_from};
+        let ev: Vec<T> = edges.iter().flatten().map(|&v| T::from_f64(v)).collect();
+        let mut j = Vec::new();
+        for l in 0..=lmax {
+            j.extend_from_slice(crate::wigner::j_matrix(l).expect("degree"));
+        }
+        let width = std::mem::size_of::<T>();
+        let header = [
+            width as i64,
+            edges.len() as i64,
+            lmax as i64,
+            i64::from(helpers.is_some()),
+        ];
+        let mut input = bytes_of(&header);
+        input.extend(bytes_of(&ev));
+        if let Some(h) = helpers {
+            input.extend(bytes_of(h));
+        }
+        input.extend(bytes_of(&j));
+        let tag = format!("{}-{lmax}-{}", T::DTYPE.as_str(), helpers.is_some());
+        let bytes = driver.run(&tag, &input);
+        let (blocks, bad) = bytes.split_at(bytes.len() - 4);
+        let bad = i32::from_le_bytes(bad.try_into().expect("4 bytes"));
+        (
+            floats_from(blocks, width),
+            usize::try_from(bad).expect("index"),
+        )
+    }
+
+    /// The CUDA edge Wigner-D kernels, run on the host, give the CPU's blocks for zero-roll and
+    /// helper frames, awkward edges included (f64 to 1e-12, f32 inputs to 1e-5 of the largest
+    /// entry), and report the first degenerate edge as the CPU does.
+    #[test]
+    fn cuda_wigner_kernels_match_the_cpu_on_the_host() -> Result<()> {
+        let Some(driver) = crate::host_kernels::driver("wigner_main") else {
+            return Ok(());
+        };
+        let edges = test_edges();
+        let n = edges.len();
+        let helpers = random_normals(3 * n, 17);
+        let h = Tensor::from_vec(helpers.clone(), (n, 3), &Device::Cpu)?;
+        for lmax in [0, 1, 4, 6] {
+            for with_helpers in [false, true] {
+                let roll = if with_helpers {
+                    Roll::Helpers(&h)
+                } else {
+                    Roll::Zero
+                };
+                let hv = with_helpers.then_some(&helpers[..]);
+                let want64: Vec<f64> = edge_wigner(&edges_tensor(&edges), lmax, &roll)?
+                    .blocks()
+                    .flatten_all()?
+                    .to_vec1()?;
+                let (got64, bad64) = host_wigner::<f64>(driver, &edges, hv, lmax);
+                assert_eq!(
+                    bad64, n,
+                    "lmax {lmax} helpers {with_helpers}: no degenerate edge"
+                );
+                assert_close_slice(&got64, &want64, 1e-12);
+                let e32: Vec<[f64; 3]> = edges
+                    .iter()
+                    .map(|e| e.map(|v| f64::from(v as f32)))
+                    .collect();
+                let want32: Vec<f64> = edge_wigner(&edges_tensor(&e32), lmax, &roll)?
+                    .blocks()
+                    .flatten_all()?
+                    .to_vec1()?;
+                let (got32, _) = host_wigner::<f32>(driver, &edges, hv, lmax);
+                assert_close_slice(&got32, &want32, 1e-5);
+            }
+        }
+        // A zero edge at 5 and a non-finite one at 9: the kernels report 5.
+        let mut broken = edges.clone();
+        broken[9] = [f64::NAN, 0.0, 1.0];
+        broken[5] = [0.0; 3];
+        let (_, bad) = host_wigner::<f64>(driver, &broken, None, 2);
+        assert_eq!(bad, 5);
+        Ok(())
+    }
+
     /// A mix of random edges and awkward ones: along ±x, ±y, ±z and the cube diagonals.
     fn test_edges() -> Vec<[f64; 3]> {
         let mut e: Vec<[f64; 3]> = random_normals(3 * 40, 9)
