@@ -339,14 +339,14 @@ mod tests {
         assert!((got - want).abs() <= 1e-12 * want, "{tag}: {got} vs {want}");
     }
 
-    /// One single-tensor launch of `elementwise_main` (modes 2–4): header, extra i64, floats.
+    /// One single-tensor launch of `elementwise_main` (modes 2–7) over `n` elements: header,
+    /// extra i64, floats.
     fn elementwise_run<T: crate::activation::Float + ToLe>(
         driver: &Driver,
-        mode: i64,
+        (mode, n): (i64, usize),
         ints: &[i64],
         floats: &[&[f64]],
     ) -> Vec<u8> {
-        let n = floats.last().map_or(0, |f| f.len());
         let mut input = bytes_of(&[std::mem::size_of::<T>() as i64, mode, 1, n as i64]);
         input.extend(bytes_of(ints));
         for f in floats {
@@ -377,8 +377,12 @@ mod tests {
         ];
         for (code, slope, function) in functions {
             for order in 0u8..3 {
-                let bytes =
-                    elementwise_run::<T>(driver, 2, &[code, i64::from(order)], &[&[slope], &x]);
+                let bytes = elementwise_run::<T>(
+                    driver,
+                    (2, x.len()),
+                    &[code, i64::from(order)],
+                    &[&[slope], &x],
+                );
                 let got = floats_from(&bytes, std::mem::size_of::<T>());
                 let want: Vec<f64> = x.iter().map(|&v| function.eval(order, v)).collect();
                 let what = format!("{function:?} order {order} ({})", T::DTYPE.as_str());
@@ -389,7 +393,7 @@ mod tests {
         let g: Vec<f64> = crate::testing::random_normals(n, 6);
         let g: Vec<f64> = g.iter().map(|&v| T::from_f64(v).to_f64()).collect();
         for zero in [0, 1] {
-            let bytes = elementwise_run::<T>(driver, 3, &[zero], &[&x, &g]);
+            let bytes = elementwise_run::<T>(driver, (3, x.len()), &[zero], &[&x, &g]);
             let got = floats_from(&bytes, std::mem::size_of::<T>());
             let what = format!("silu backward zero_grad {zero} ({})", T::DTYPE.as_str());
             if zero == 1 {
@@ -414,7 +418,7 @@ mod tests {
             .iter()
             .map(|&v| T::from_f64(v).to_f64())
             .collect();
-        let got = floats_from(&elementwise_run::<T>(driver, 4, &[], &[&x]), 8);
+        let got = floats_from(&elementwise_run::<T>(driver, (4, x.len()), &[], &[&x]), 8);
         let mut want = vec![0.0; 64];
         for (i, v) in x.iter().enumerate() {
             want[(i % (64 * 256)) / 256] += v * v;
@@ -424,8 +428,71 @@ mod tests {
         assert!(err < 1e-13, "{what}: error {err:e}");
     }
 
+    /// Shifted softplus (orders 0–2), the Gaussian smearing (against
+    /// `radial::GaussianSmearing`) and `silu_rows` (row 0 of the separable S2 activation).
+    fn remaining_cases<T: crate::activation::Float + ToLe>(driver: &Driver) {
+        use crate::activation::Function;
+        let width = std::mem::size_of::<T>();
+        let tol = if width == 4 { 1e-5 } else { 1e-14 };
+        let round =
+            |v: Vec<f64>| -> Vec<f64> { v.iter().map(|&x| T::from_f64(x).to_f64()).collect() };
+        let x = round(
+            crate::testing::random_normals(150, 31)
+                .iter()
+                .map(|v| 6.0 * v)
+                .collect(),
+        );
+        for order in 0u8..3 {
+            let got = floats_from(
+                &elementwise_run::<T>(driver, (5, x.len()), &[i64::from(order)], &[&x]),
+                width,
+            );
+            let sig = |v: f64| 1.0 / (1.0 + (-v).exp());
+            let want: Vec<f64> = x
+                .iter()
+                .map(|&v| match order {
+                    0 => v.max(0.0) + (-v.abs()).exp().ln_1p() - std::f64::consts::LN_2,
+                    1 => sig(v),
+                    _ => sig(v) * (1.0 - sig(v)),
+                })
+                .collect();
+            let what = format!("shifted softplus order {order} ({})", T::DTYPE.as_str());
+            let err = max_relative_error(&what, &got, &want);
+            assert!(err < tol, "{what}: error {err:e}");
+        }
+        let smearing = crate::radial::GaussianSmearing::new(0.0, 6.0, 9, 2.0).expect("smearing");
+        let d: Vec<f64> = round((0..13).map(|e| 0.47 * e as f64).collect());
+        let k = smearing.num_output();
+        let want: Vec<f64> = smearing
+            .forward(
+                &candle_core::Tensor::from_slice(&d, d.len(), &candle_core::Device::Cpu)
+                    .expect("d"),
+            )
+            .and_then(|t| Ok(t.flatten_all()?.to_vec1::<f64>()?))
+            .expect("CPU smearing");
+        let mu = round(smearing.offsets().to_vec());
+        let coeff = round(vec![smearing.coeff()]);
+        let bytes = elementwise_run::<T>(driver, (6, d.len() * k), &[k as i64], &[&coeff, &d, &mu]);
+        let what = format!("gaussian smearing ({})", T::DTYPE.as_str());
+        let err = max_relative_error(&what, &floats_from(&bytes, width), &want);
+        assert!(err < tol, "{what}: error {err:e}");
+        let (rows, c, stride) = (7, 5, 12);
+        let sc = round(crate::testing::random_normals(rows * c, 33));
+        let bytes = elementwise_run::<T>(driver, (7, sc.len()), &[c as i64, stride as i64], &[&sc]);
+        let mut want = vec![0.0; rows * stride];
+        for r in 0..rows {
+            for j in 0..c {
+                want[r * stride + j] = Function::Silu.eval(0, sc[r * c + j]);
+            }
+        }
+        let what = format!("silu_rows ({})", T::DTYPE.as_str());
+        let err = max_relative_error(&what, &floats_from(&bytes, width), &want);
+        assert!(err < tol, "{what}: error {err:e}");
+    }
+
     /// The activation kernel (SiLU, sigmoid, smooth leaky ReLU, orders 0–2), the S2 SiLU
-    /// backward step and the per-tensor sums of squares agree with the CPU functions.
+    /// backward step, the per-tensor sums of squares, shifted softplus, the Gaussian smearing
+    /// and `silu_rows` agree with the CPU functions.
     #[test]
     fn elementwise_kernels_match_the_cpu_on_the_host() {
         let Some(driver) = driver("elementwise_main") else {
@@ -435,6 +502,8 @@ mod tests {
         activation_cases::<f32>(driver);
         sum_squares_partials_case::<f64>(driver);
         sum_squares_partials_case::<f32>(driver);
+        remaining_cases::<f64>(driver);
+        remaining_cases::<f32>(driver);
     }
 
     /// The multi-tensor AdamW kernel gives exactly what the per-tensor `adamw_param` +

@@ -14,6 +14,10 @@
 // - 3 (`silu_backward_inplace`, one tensor): zero_grad as i64, x [n] and g [n]; output [n].
 // - 4 (`sum_squares_partials`, one tensor, 64 blocks of 256 as cuda/elementwise.rs launches
 //   it): x [n]; output the 64 f64 partials.
+// - 5 (`shifted_softplus`, one tensor): order as i64, x [n]; output [n].
+// - 6 (`gaussian_smearing`, n = edges · K): K as i64, coeff, d [edges], μ [K]; output [n].
+// - 7 (`silu_rows`, n = rows · c): c and the row stride rs as i64, scalars [n]; output
+//   [rows · rs], the untouched entries 0.
 // Launches use 64 threads per block (256 for the sums, which reduce over 256 shared slots)
 // and at most three blocks, so the grid-stride loops run several rounds and cross tensors.
 #include "emu.h"
@@ -49,6 +53,33 @@ template <typename T> static int run(const std::int64_t* h, const char* out_path
             emu_launch(grid, 64, silu_backward_inplace_impl<T>, n, (int)zero[0], x.data(),
                        (const T*)g.data());
             return write_output(out_path, x.data(), (std::size_t)n);
+        }
+        if (mode == 5) {
+            auto order = read<long long>(1);
+            auto x = read<T>((std::size_t)n);
+            std::vector<T> out((std::size_t)n + 1, T(-12345));
+            emu_launch(grid, 64, shifted_softplus_impl<T>, n, (int)order[0], (const T*)x.data(),
+                       out.data());
+            return write_output(out_path, out.data(), (std::size_t)n);
+        }
+        if (mode == 6) {
+            auto k = read<long long>(1);
+            auto coeff = read<T>(1);
+            auto d = read<T>((std::size_t)(n / k[0]));
+            auto mu = read<T>((std::size_t)k[0]);
+            std::vector<T> out((std::size_t)n + 1, T(-12345));
+            emu_launch(grid, 64, gaussian_smearing_impl<T>, n, (int)k[0], coeff[0],
+                       (const T*)d.data(), (const T*)mu.data(), out.data());
+            return write_output(out_path, out.data(), (std::size_t)n);
+        }
+        if (mode == 7) {
+            auto cr = read<long long>(2);
+            auto sc = read<T>((std::size_t)n);
+            const long long rows = n / cr[0];
+            std::vector<T> out((std::size_t)(rows * cr[1]) + 1, T(0));
+            emu_launch(grid, 64, silu_rows_impl<T>, n, (int)cr[0], (const T*)sc.data(), out.data(),
+                       cr[1]);
+            return write_output(out_path, out.data(), (std::size_t)(rows * cr[1]));
         }
         auto x = read<T>((std::size_t)n);
         std::vector<double> partial(64, -1.0);
