@@ -12,7 +12,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 /// The kernel sources' folder.
 fn kernels_dir() -> PathBuf {
@@ -42,14 +42,28 @@ pub(crate) struct Driver {
 /// Compiles `kernels/host/{name}.cpp` once per test process (`None`, with the reason printed,
 /// when there is no C++ compiler and `CI` is unset; a panic under CI or when it fails to
 /// compile).
+///
+/// Only the lookup of the driver's cell holds the registry lock: drivers of different tests
+/// compile in parallel, and tests sharing one driver wait for its single compilation.
 pub(crate) fn driver(name: &'static str) -> Option<&'static Driver> {
-    static DRIVERS: OnceLock<std::sync::Mutex<Vec<(&'static str, &'static Driver)>>> =
-        OnceLock::new();
-    let drivers = DRIVERS.get_or_init(Default::default);
-    let mut held = drivers.lock().expect("driver registry");
-    if let Some((_, d)) = held.iter().find(|(n, _)| *n == name) {
-        return Some(d);
-    }
+    type Cell = OnceLock<Option<Driver>>;
+    static CELLS: Mutex<Vec<(&'static str, &'static Cell)>> = Mutex::new(Vec::new());
+    let cell: &'static Cell = {
+        let mut cells = CELLS.lock().expect("driver registry");
+        match cells.iter().find(|(n, _)| *n == name) {
+            Some(&(_, cell)) => cell,
+            None => {
+                let cell: &'static Cell = Box::leak(Box::default());
+                cells.push((name, cell));
+                cell
+            }
+        }
+    };
+    cell.get_or_init(|| compile(name)).as_ref()
+}
+
+/// Stages the kernel sources and compiles the driver `name` (see [`driver`]).
+fn compile(name: &str) -> Option<Driver> {
     let Some(cxx) = compiler() else {
         assert!(
             std::env::var_os("CI").is_none(),
@@ -85,9 +99,7 @@ pub(crate) fn driver(name: &'static str) -> Option<&'static Driver> {
         src.display(),
         String::from_utf8_lossy(&out.stderr)
     );
-    let d: &'static Driver = Box::leak(Box::new(Driver { exe, scratch }));
-    held.push((name, d));
-    Some(d)
+    Some(Driver { exe, scratch })
 }
 
 /// Prefix of the per-process scratch folders in the temporary directory.

@@ -357,16 +357,16 @@ fn device_address<T: CudaFloat>(
 
 /// The CUDA device of the first tensor, checked against all the others.
 fn common_device(tensors: &[&Tensor], what: &str) -> candle_core::Result<CudaDevice> {
-    let Some(Device::Cuda(dev)) = tensors.first().map(|t| t.device().clone()) else {
+    let Some(first) = tensors.first().map(|t| t.device()) else {
+        candle_core::bail!("{what}: no tensors");
+    };
+    let Device::Cuda(dev) = first else {
         candle_core::bail!("{what}: the tensors must be on a CUDA device");
     };
-    let all_there = tensors
-        .iter()
-        .all(|t| t.device().same_device(&Device::Cuda(dev.clone())));
-    if !all_there {
+    if !tensors.iter().all(|t| t.device().same_device(first)) {
         candle_core::bail!("{what}: the tensors must all be on one CUDA device");
     }
-    Ok(dev)
+    Ok(dev.clone())
 }
 
 fn adamw_multi_typed<T: CudaFloat>(
