@@ -152,6 +152,25 @@ pub struct AdamWScalars {
     pub eps: f64,
 }
 
+impl AdamWScalars {
+    /// The AdamW kernels' trailing arguments in the kernel type: β₁, 1 − β₁, β₂, 1 − β₂, lr,
+    /// decay, 1/c₁, 1/c₂, eps.
+    fn kernel_args<T: CudaFloat>(&self) -> [T; 9] {
+        [
+            self.beta1,
+            1.0 - self.beta1,
+            self.beta2,
+            1.0 - self.beta2,
+            self.lr,
+            self.decay,
+            1.0 / self.correction1,
+            1.0 / self.correction2,
+            self.eps,
+        ]
+        .map(T::from_f64)
+    }
+}
+
 /// A contiguous float storage's elements as a mutable device slice (its layout's range).
 fn slice_mut<'a, T: CudaFloat>(
     s: &'a mut CudaStorage,
@@ -185,18 +204,7 @@ fn adamw_param_typed<T: CudaFloat>(
     if n == 0 {
         return Ok(());
     }
-    let s = |v: f64| T::from_f64(v);
-    let scalars = [
-        s(h.beta1),
-        s(1.0 - h.beta1),
-        s(h.beta2),
-        s(1.0 - h.beta2),
-        s(h.lr),
-        s(h.decay),
-        s(1.0 / h.correction1),
-        s(1.0 / h.correction2),
-        s(h.eps),
-    ];
+    let scalars = h.kernel_args::<T>();
     let func = kernel::<T>(&dev, ELEMENTWISE, "adamw_param")?;
     let nn = long(n);
     let mut b = func.builder();
@@ -400,22 +408,14 @@ fn adamw_multi_typed<T: CudaFloat>(
     let (starts_d, ptrs_d) = (upload(dev, &starts)?, upload(dev, &ptrs)?);
     let func = kernel::<T>(dev, ELEMENTWISE, "adamw_multi")?;
     let tensors = int(params.len(), "tensors")?;
-    let t = |v: f64| T::from_f64(v);
-    let s = [
-        t(grad_scale),
-        t(h.beta1),
-        t(1.0 - h.beta1),
-        t(h.beta2),
-        t(1.0 - h.beta2),
-        t(h.lr),
-        t(h.decay),
-        t(1.0 / h.correction1),
-        t(1.0 / h.correction2),
-        t(h.eps),
-    ];
+    let (scale, scalars) = (T::from_f64(grad_scale), h.kernel_args::<T>());
     let mut b = func.builder();
-    b.arg(&total).arg(&tensors).arg(&starts_d).arg(&ptrs_d);
-    for v in &s {
+    b.arg(&total)
+        .arg(&tensors)
+        .arg(&starts_d)
+        .arg(&ptrs_d)
+        .arg(&scale);
+    for v in &scalars {
         b.arg(v);
     }
     // SAFETY: the tables describe `tensors` contiguous device tensors of the checked sizes
