@@ -390,7 +390,8 @@ impl EquivariantLayerNormArraySphericalHarmonics {
         let (LayerNormL0::Affine(ln), Some(w)) = (&self.norm_l0, &self.weight) else {
             return Ok(None);
         };
-        if !x.device().is_cpu()
+        let device_ok = x.device().is_cpu() || (cfg!(feature = "cuda") && x.device().is_cuda());
+        if !device_ok
             || !matches!(x.dtype(), DType::F32 | DType::F64)
             || crate::higher_order_gradients_requested()
         {
@@ -458,6 +459,18 @@ impl LayerNormShOp {
             );
         }
         Ok((k, c))
+    }
+
+    /// The CUDA kernels' view of this op for rows of `k` × `c`.
+    #[cfg(feature = "cuda")]
+    fn cuda_shape(&self, k: usize, c: usize) -> crate::cuda::norm::NormSh<'_> {
+        crate::cuda::norm::NormSh {
+            k,
+            c,
+            eps: self.eps,
+            row_coef: &self.row_coef,
+            weight_row: &self.weight_row,
+        }
     }
 
     /// The scale `s` of one node from its rows `1..K`.
@@ -598,6 +611,19 @@ impl candle_core::CustomOp2 for LayerNormShOp {
         Ok((out, l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        let (k, c) = self.dims(l1, l2)?;
+        let out = crate::cuda::norm::sh_forward((s1, l1), (s2, l2), self.cuda_shape(k, c))?;
+        Ok((out, l1.shape().clone()))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -652,6 +678,32 @@ impl candle_core::CustomOp3 for LayerNormShBackward {
         l3: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
         let out = run_float(self.name(), [(s1, l1), (s2, l2), (s3, l3)], self)?;
+        let len = l1.shape().elem_count() + l3.shape().elem_count();
+        Ok((out, candle_core::Shape::from(len)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &candle_core::Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        let (k, c) = self.op.dims(l1, l3)?;
+        if l2.shape() != l1.shape() {
+            candle_core::bail!(
+                "layer-norm-sh-backward: gradient {:?} for x {:?}",
+                l2.shape(),
+                l1.shape()
+            );
+        }
+        let out = crate::cuda::norm::sh_backward(
+            [(s1, l1), (s2, l2), (s3, l3)],
+            self.op.cuda_shape(k, c),
+        )?;
         let len = l1.shape().elem_count() + l3.shape().elem_count();
         Ok((out, candle_core::Shape::from(len)))
     }
