@@ -201,6 +201,7 @@ __device__ void ln_sh_backward_rows_impl(long long nodes, int k, int c, int npw,
     MATSCALE_WARP_STRIDE(wp, warps) {
         T* acc = partial + wp * width;
         for (int j = lane; j < width; j += 32) acc[j] = T(0);
+        __syncwarp();  // lanes add into entries other lanes zeroed
         const long long n0 = wp * npw;
         const long long n1 = n0 + npw < nodes ? n0 + npw : nodes;
         for (long long node = n0; node < n1; ++node) {
