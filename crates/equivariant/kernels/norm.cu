@@ -145,3 +145,121 @@ MATSCALE_F32_F64(ln_act_reduce,
     (long long width, long long warps, const float* partial, float* out),
     (long long width, long long warps, const double* partial, double* out),
     (width, warps, partial, out))
+
+// EquiformerV2's layer_norm_sh (norms.rs `LayerNormShOp`), one warp per node of K rows of C:
+// the l = 0 row LayerNorm'd over channels (γ₀, β₀), the rows 1..K scaled by
+// s = 1/√(m + eps), m = Σ_r a_r Σ_c x[r, c]² / C, and by w[wrow(r), c]. p = [γ₀ | β₀ | w].
+template <typename T>
+__device__ void ln_sh_forward_impl(long long nodes, int k, int c, T eps, const T* __restrict__ x,
+                                   const T* __restrict__ p, const double* __restrict__ row_coef,
+                                   const int* __restrict__ wrow, T* __restrict__ out) {
+    const int lane = threadIdx.x & 31;
+    const T* g0 = p;
+    const T* b0 = p + c;
+    const T* w = p + 2 * c;
+    MATSCALE_WARP_STRIDE(node, nodes) {
+        const T* xn = x + node * k * c;
+        T* on = out + node * k * c;
+        T mean, r;
+        row_stats(xn, c, eps, lane, mean, r);
+        for (int j = lane; j < c; j += 32) on[j] = (xn[j] - mean) * r * g0[j] + b0[j];
+        T m = T(0);
+        for (int row = 1; row < k; ++row) {
+            T acc = T(0);
+            for (int j = lane; j < c; j += 32) acc += xn[row * c + j] * xn[row * c + j];
+            m += T(row_coef[row - 1]) * acc;
+        }
+        m = warp_sum(m) / T(c);
+        const T s = T(1) / sqrt(m + eps);
+        for (int row = 1; row < k; ++row) {
+            const T* wl = w + wrow[row - 1] * c;
+            for (int j = lane; j < c; j += 32) on[row * c + j] = xn[row * c + j] * s * wl[j];
+        }
+    }
+}
+
+MATSCALE_F32_F64(ln_sh_forward,
+    (long long nodes, int k, int c, float eps, const float* x, const float* p, const double* row_coef, const int* wrow, float* out),
+    (long long nodes, int k, int c, double eps, const double* x, const double* p, const double* row_coef, const int* wrow, double* out),
+    (nodes, k, c, eps, x, p, row_coef, wrow, out))
+
+// Its backward over nodes [warp · npw, (warp + 1) · npw): dx, and the warp's
+// [dγ₀ | dβ₀ | dw] sums into partial[warp · width ..] (width = p's length), summed across
+// warps by `ln_act_reduce`. Per node: the l = 0 row as LayerNorm's backward; the other rows
+// ∂x[r, c] = s w g − (Σ x w g) s³ / C · a_r x[r, c], ∂w[wrow(r), c] += x s g.
+template <typename T>
+__device__ void ln_sh_backward_rows_impl(long long nodes, int k, int c, int npw, T eps,
+                                         const T* __restrict__ x, const T* __restrict__ g,
+                                         const T* __restrict__ p, const double* __restrict__ row_coef,
+                                         const int* __restrict__ wrow, int width, T* __restrict__ dx,
+                                         T* __restrict__ partial) {
+    const int lane = threadIdx.x & 31;
+    const T* g0 = p;
+    const T* w = p + 2 * c;
+    const long long warps = (nodes + npw - 1) / npw;
+    const T inv_c = T(1) / T(c);
+    MATSCALE_WARP_STRIDE(wp, warps) {
+        T* acc = partial + wp * width;
+        for (int j = lane; j < width; j += 32) acc[j] = T(0);
+        __syncwarp();  // lanes add into entries other lanes zeroed
+        const long long n0 = wp * npw;
+        const long long n1 = n0 + npw < nodes ? n0 + npw : nodes;
+        for (long long node = n0; node < n1; ++node) {
+            const T* xn = x + node * k * c;
+            const T* gn = g + node * k * c;
+            T* dxn = dx + node * k * c;
+            // l = 0: LayerNorm backward (no activation).
+            T mean, r;
+            row_stats(xn, c, eps, lane, mean, r);
+            T s1 = T(0), s2 = T(0);
+            for (int j = lane; j < c; j += 32) {
+                const T n = (xn[j] - mean) * r;
+                const T dn = gn[j];
+                acc[j] += dn * n;
+                acc[c + j] += dn;
+                const T dnw = dn * g0[j];
+                dxn[j] = dnw;
+                s1 += dnw;
+                s2 += dnw * n;
+            }
+            const T mean_dn = warp_sum(s1) * inv_c;
+            const T mean_dn_n = warp_sum(s2) * inv_c;
+            for (int j = lane; j < c; j += 32) {
+                const T n = (xn[j] - mean) * r;
+                dxn[j] = r * (dxn[j] - mean_dn - n * mean_dn_n);
+            }
+            // Rows 1..K.
+            T m = T(0), ds = T(0);
+            for (int row = 1; row < k; ++row) {
+                const T* wl = w + wrow[row - 1] * c;
+                T a2 = T(0);
+                for (int j = lane; j < c; j += 32) {
+                    const T v = xn[row * c + j];
+                    a2 += v * v;
+                    ds += v * wl[j] * gn[row * c + j];
+                }
+                m += T(row_coef[row - 1]) * a2;
+            }
+            m = warp_sum(m) * inv_c;
+            ds = warp_sum(ds);
+            const T s = T(1) / sqrt(m + eps);
+            const T coef = ds * s * s * s * inv_c;
+            for (int row = 1; row < k; ++row) {
+                const int wr = wrow[row - 1];
+                const T* wl = w + wr * c;
+                T* dw = acc + 2 * c + wr * c;
+                const T a = coef * T(row_coef[row - 1]);
+                for (int j = lane; j < c; j += 32) {
+                    const T v = xn[row * c + j], gv = gn[row * c + j];
+                    dw[j] += v * s * gv;
+                    dxn[row * c + j] = s * wl[j] * gv - a * v;
+                }
+            }
+        }
+    }
+}
+
+MATSCALE_F32_F64(ln_sh_backward_rows,
+    (long long nodes, int k, int c, int npw, float eps, const float* x, const float* g, const float* p, const double* row_coef, const int* wrow, int width, float* dx, float* partial),
+    (long long nodes, int k, int c, int npw, double eps, const double* x, const double* g, const double* p, const double* row_coef, const int* wrow, int width, double* dx, double* partial),
+    (nodes, k, c, npw, eps, x, g, p, row_coef, wrow, width, dx, partial))

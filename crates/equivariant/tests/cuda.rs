@@ -463,6 +463,74 @@ fn norm_act_ops_match_cpu_with_gradients() -> TestResult {
     Ok(())
 }
 
+/// EquiformerV2's `layer_norm_sh` (fused on both devices): values, the input gradient and
+/// every parameter gradient, for each normalisation, over more nodes than one warp handles in
+/// the backward pass and channels that are not a multiple of a warp.
+#[test]
+fn layer_norm_sh_matches_cpu_with_gradients() -> TestResult {
+    use matscale_equivariant::norms::{
+        EquivariantLayerNormArraySphericalHarmonics, FeatureNormalization, NormConfig,
+    };
+    let Some(dev) = gpu("layer_norm_sh_matches_cpu_with_gradients") else {
+        return Ok(());
+    };
+    let (n, lmax, c) = (23, 3, 40);
+    let k = (lmax + 1) * (lmax + 1);
+    for (normalization, balanced) in [
+        (FeatureNormalization::Component, true),
+        (FeatureNormalization::Component, false),
+        (FeatureNormalization::Norm, false),
+    ] {
+        for dtype in [DType::F64, DType::F32] {
+            let config = NormConfig {
+                normalization,
+                std_balance_degrees: balanced,
+                ..NormConfig::default()
+            };
+            let x = random(&[n, k, c], 61, dtype)?;
+            let probe = random(&[n, k, c], 62, dtype)?;
+            let mut results = Vec::new();
+            for device in [Device::Cpu, dev.clone()] {
+                let build = |vb: VarBuilder| -> Result<(), Box<dyn std::error::Error>> {
+                    EquivariantLayerNormArraySphericalHarmonics::new(lmax, c, config, vb)?;
+                    Ok(())
+                };
+                let varmap = seeded_varmap(dtype, &device, build)?;
+                let vb = VarBuilder::from_varmap(&varmap, dtype, &device);
+                let norm = EquivariantLayerNormArraySphericalHarmonics::new(lmax, c, config, vb)?;
+                let xv = Var::from_tensor(&x.to_device(&device)?)?;
+                let out = norm.forward(xv.as_tensor())?;
+                let grads = (&out * &probe.to_device(&device)?)?.sum_all()?.backward()?;
+                let mut named = vec![
+                    ("out".to_string(), out.clone()),
+                    (
+                        "x".to_string(),
+                        grads.get(xv.as_tensor()).ok_or("no x gradient")?.clone(),
+                    ),
+                ];
+                let mut vars: Vec<(String, Var)> = varmap
+                    .data()
+                    .lock()
+                    .map_err(|e| e.to_string())?
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                vars.sort_by(|a, b| a.0.cmp(&b.0));
+                for (name, var) in vars {
+                    let g = grads.get(var.as_tensor()).ok_or("no parameter gradient")?;
+                    named.push((name, g.clone()));
+                }
+                results.push(named);
+            }
+            for ((name, cpu), (_, gpu)) in results[0].iter().zip(&results[1]) {
+                let what = format!("layer_norm_sh {normalization:?} {balanced} {dtype:?} {name}");
+                assert_close(&what, gpu, cpu)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 #[test]
 fn s2_grid_ops_match_cpu_with_gradients() -> TestResult {
     let Some(dev) = gpu("s2_grid_ops_match_cpu_with_gradients") else {

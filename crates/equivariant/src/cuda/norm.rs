@@ -185,3 +185,163 @@ pub(crate) fn backward(
         _ => candle_core::bail!("layer-norm-act-backward: inputs must all be f32 or all f64"),
     }
 }
+
+/// The shape and constants of EquiformerV2's `layer_norm_sh` (norms.rs `LayerNormShOp`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct NormSh<'a> {
+    /// Rows per node, `(lmax + 1)²`.
+    pub(crate) k: usize,
+    /// Channels.
+    pub(crate) c: usize,
+    /// Variance epsilon.
+    pub(crate) eps: f64,
+    /// `a_r` of rows `1..K`.
+    pub(crate) row_coef: &'a [f64],
+    /// Row of the per-degree weight for rows `1..K`.
+    pub(crate) weight_row: &'a [usize],
+}
+
+/// Nodes per warp of the `layer_norm_sh` backward.
+const NODES_PER_WARP: usize = 4;
+
+fn sh_tables(
+    dev: &candle_core::CudaDevice,
+    sh: NormSh<'_>,
+) -> candle_core::Result<(
+    candle_core::cuda_backend::cudarc::driver::CudaSlice<f64>,
+    candle_core::cuda_backend::cudarc::driver::CudaSlice<i32>,
+)> {
+    let rows = sh
+        .weight_row
+        .iter()
+        .map(|&r| int(r, "weight row"))
+        .collect::<candle_core::Result<Vec<i32>>>()?;
+    Ok((super::upload(dev, sh.row_coef)?, super::upload(dev, &rows)?))
+}
+
+fn sh_forward_typed<T: CudaFloat>(
+    (x, lx): (&CudaStorage, &Layout),
+    (p, lp): (&CudaStorage, &Layout),
+    sh: NormSh<'_>,
+) -> candle_core::Result<CudaStorage> {
+    const NAME: &str = "layer-norm-sh";
+    let dev = &x.device;
+    let (xv, pv) = (view::<T>(x, lx, NAME)?, view::<T>(p, lp, NAME)?);
+    let nodes = xv.len().checked_div(sh.k * sh.c).unwrap_or(0);
+    // SAFETY: one warp per node writes all of its K × C outputs.
+    let mut out = unsafe { uninit::<T>(dev, xv.len()) }?;
+    if nodes > 0 {
+        let (coef, rows) = sh_tables(dev, sh)?;
+        let func = kernel::<T>(dev, NORM, "ln_sh_forward")?;
+        let (n, k, c, e) = (
+            long(nodes),
+            int(sh.k, "rows")?,
+            int(sh.c, "channels")?,
+            T::from_f64(sh.eps),
+        );
+        let mut l = func.builder();
+        l.arg(&n)
+            .arg(&k)
+            .arg(&c)
+            .arg(&e)
+            .arg(&xv)
+            .arg(&pv)
+            .arg(&coef)
+            .arg(&rows)
+            .arg(&mut out);
+        // SAFETY: x and out hold nodes × K × C, p (2 + lmax) × C, the tables K − 1 entries.
+        unsafe { l.launch(launch_cfg(nodes * 32)) }.w()?;
+    }
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}
+
+/// `cuda_fwd` of `LayerNormShOp`: `(x [N, K, C], [γ₀ | β₀ | w])` → `[N, K, C]`.
+pub(crate) fn sh_forward(
+    x: (&CudaStorage, &Layout),
+    p: (&CudaStorage, &Layout),
+    sh: NormSh<'_>,
+) -> candle_core::Result<CudaStorage> {
+    match (x.0.dtype(), p.0.dtype()) {
+        (DType::F32, DType::F32) => sh_forward_typed::<f32>(x, p, sh),
+        (DType::F64, DType::F64) => sh_forward_typed::<f64>(x, p, sh),
+        _ => candle_core::bail!("layer-norm-sh: x and parameters must both be f32 or f64"),
+    }
+}
+
+fn sh_backward_typed<T: CudaFloat>(
+    [(x, lx), (g, lg), (p, lp)]: [(&CudaStorage, &Layout); 3],
+    sh: NormSh<'_>,
+) -> candle_core::Result<CudaStorage> {
+    const NAME: &str = "layer-norm-sh-backward";
+    let dev = &x.device;
+    let (xv, gv, pv) = (
+        view::<T>(x, lx, NAME)?,
+        view::<T>(g, lg, NAME)?,
+        view::<T>(p, lp, NAME)?,
+    );
+    let n = xv.len();
+    let width = pv.len();
+    let nodes = n.checked_div(sh.k * sh.c).unwrap_or(0);
+    if nodes == 0 {
+        // No nodes: the parameter gradients are zero.
+        return Ok(CudaStorage::wrap_cuda_slice(
+            super::zeros::<T>(dev, n + width)?,
+            dev.clone(),
+        ));
+    }
+    // SAFETY: the row kernel writes dx, the reduction every parameter-gradient entry.
+    let mut out = unsafe { uninit::<T>(dev, n + width) }?;
+    let warps = nodes.div_ceil(NODES_PER_WARP);
+    // SAFETY: every warp zeroes its own partial row before adding to it.
+    let mut partial = unsafe { uninit::<T>(dev, warps * width) }?;
+    let (coef, rows) = sh_tables(dev, sh)?;
+    {
+        let func = kernel::<T>(dev, NORM, "ln_sh_backward_rows")?;
+        let (nn, k, c, npw, e, w) = (
+            long(nodes),
+            int(sh.k, "rows")?,
+            int(sh.c, "channels")?,
+            int(NODES_PER_WARP, "nodes per warp")?,
+            T::from_f64(sh.eps),
+            int(width, "parameters")?,
+        );
+        let mut dx = out.slice_mut(..n);
+        let mut l = func.builder();
+        l.arg(&nn)
+            .arg(&k)
+            .arg(&c)
+            .arg(&npw)
+            .arg(&e)
+            .arg(&xv)
+            .arg(&gv)
+            .arg(&pv)
+            .arg(&coef)
+            .arg(&rows)
+            .arg(&w)
+            .arg(&mut dx)
+            .arg(&mut partial);
+        // SAFETY: x, g and dx hold nodes × K × C, p and each partial row `width`, the tables
+        // K − 1 entries; one warp per `npw` nodes.
+        unsafe { l.launch(launch_cfg(warps * 32)) }.w()?;
+    }
+    let func = kernel::<T>(dev, NORM, "ln_act_reduce")?;
+    let (wd, wp) = (long(width), long(warps));
+    let mut tail = out.slice_mut(n..);
+    let mut l = func.builder();
+    l.arg(&wd).arg(&wp).arg(&partial).arg(&mut tail);
+    // SAFETY: partial holds warps × width, tail width values.
+    unsafe { l.launch(launch_cfg(width)) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}
+
+/// `cuda_fwd` of `LayerNormShBackward`: `(x, ∂out, [γ₀ | β₀ | w])` → `[∂x | ∂γ₀ | ∂β₀ | ∂w]`.
+pub(crate) fn sh_backward(
+    inputs: [(&CudaStorage, &Layout); 3],
+    sh: NormSh<'_>,
+) -> candle_core::Result<CudaStorage> {
+    match inputs.map(|(s, _)| s.dtype()) {
+        [DType::F32, DType::F32, DType::F32] => sh_backward_typed::<f32>(inputs, sh),
+        [DType::F64, DType::F64, DType::F64] => sh_backward_typed::<f64>(inputs, sh),
+        _ => candle_core::bail!("layer-norm-sh-backward: inputs must all be f32 or all f64"),
+    }
+}
