@@ -7,6 +7,8 @@
 #                                        # into target/gpu-stage/matscale-gpu.tar.xz
 #   scripts/gpu-verify.sh ab [OUTDIR]    # there: matscale's EquiformerV2 step, staged builds
 #                                        # alternately (AB_STAGES; see `ab` below)
+#   scripts/gpu-verify.sh ab-switches [OUTDIR]  # there: the same for one stage with each
+#                                        # off-by-default kernel path turned on (`ab_switches`)
 #   scripts/gpu-verify.sh run [OUTDIR]   # there, from the repository root, with target/gpu-stage
 #                                        # carried: the CUDA kernel tests (every kernel against the
 #                                        # CPU, values and gradients), `bench kernels --device cuda`
@@ -161,6 +163,21 @@ ab() {
             done
         done
     done
+}
+
+# The kernel-path switches (crates/equivariant/src/cuda/switch.rs, each off by default until
+# timed) A/B'd on one stage: the defaults, each switch alone, then all of them together,
+# through `ab` (AB_ROUNDS, AB_CONFIGS, AB_PHASES as there; AB_CONFIGS defaults to
+# "small eqv2-s" here). Keep SWITCHES in step with switch.rs `ALL`.
+SWITCHES="MATSCALE_S2_FUSED MATSCALE_WIGNER_TWO_PASS MATSCALE_LN_SH_CUDA"
+ab_switches() {
+    local stages="$STAGE" envs="" all="" v
+    for v in $SWITCHES; do
+        stages="$stages,$STAGE"
+        envs="$envs,$v=1"
+        all="${all:+$all }$v=1"
+    done
+    AB_STAGES="$stages,$STAGE" AB_ENVS="$envs,$all" AB_CONFIGS="${AB_CONFIGS:-small eqv2-s}" ab "$@"
 }
 
 build() {
@@ -356,5 +373,6 @@ case "${1:-}" in
     run) shift; run "$@" ;;
     profile) shift; profile "$@" ;;
     ab) shift; ab "$@" ;;
-    *) sed -n '2,20p' "$0"; exit 2 ;;
+    ab-switches) shift; ab_switches "$@" ;;
+    *) sed -n '2,22p' "$0"; exit 2 ;;
 esac

@@ -365,17 +365,36 @@ fn bench_config(
     let wigner_flops: f64 = (0..=lmax)
         .map(|l| ((2 * l + 1) as f64).powi(3) * 16.0)
         .sum();
-    b.record(
-        "edge_wigner",
-        "fwd",
-        key,
-        e * (3.0 + wl) * F32,
-        e * wigner_flops,
-        || {
-            edge_wigner(xyz.as_tensor(), lmax, &Roll::Zero)?;
-            Ok(())
-        },
-    )?;
+    let wigner_row = |b: &mut Bench<'_>, op: &'static str| {
+        b.record(
+            op,
+            "fwd",
+            key,
+            e * (3.0 + wl) * F32,
+            e * wigner_flops,
+            || {
+                edge_wigner(xyz.as_tensor(), lmax, &Roll::Zero)?;
+                Ok(())
+            },
+        )
+    };
+    if dev.is_cuda() {
+        // Both CUDA launch shapes side by side: one thread block per edge ("edge_wigner") and
+        // two passes, tables then entries ("edge_wigner_two_pass").
+        #[cfg(feature = "cuda")]
+        {
+            use matscale_equivariant::cuda::WIGNER_TWO_PASS;
+            WIGNER_TWO_PASS.set(Some(false));
+            let one = wigner_row(b, "edge_wigner");
+            WIGNER_TWO_PASS.set(Some(true));
+            let two = wigner_row(b, "edge_wigner_two_pass");
+            WIGNER_TWO_PASS.set(None);
+            one?;
+            two?;
+        }
+    } else {
+        wigner_row(b, "edge_wigner")?;
+    }
     // `edge_wigner` builds the blocks from detached values (as fairchem, and the reference):
     // the "bwd" rows below are gradients of the features only.
     let wigner = edge_wigner(xyz.as_tensor(), lmax, &Roll::Random { seed: 1 })?;
@@ -491,14 +510,14 @@ fn bench_config(
         // ("s2_activation") and the fused kernels on the factored ones ("s2_activation_fused").
         #[cfg(feature = "cuda")]
         {
-            use matscale_equivariant::cuda::set_fused_s2_activation;
-            set_fused_s2_activation(Some(false));
+            use matscale_equivariant::cuda::FUSED_S2_ACTIVATION;
+            FUSED_S2_ACTIVATION.set(Some(false));
             let dense = (grid.num_points() * grid.num_coefficients()) as f64;
             let gemm = bench_s2_activation(b, key, "s2_activation", &act, dense);
-            set_fused_s2_activation(Some(true));
+            FUSED_S2_ACTIVATION.set(Some(true));
             let factored = grid.cpu_transform_macs() as f64;
             let fused = bench_s2_activation(b, key, "s2_activation_fused", &act, factored);
-            set_fused_s2_activation(None);
+            FUSED_S2_ACTIVATION.set(None);
             gemm?;
             fused?;
         }

@@ -263,6 +263,7 @@ mod tests {
         edges: &[[f64; 3]],
         helpers: Option<&[f64]>,
         lmax: usize,
+        two_pass: bool,
     ) -> (Vec<f64>, usize) {
         use crate::host_kernels::{bytes_of, floats_from};
         let ev: Vec<T> = edges.iter().flatten().map(|&v| T::from_f64(v)).collect();
@@ -276,6 +277,7 @@ mod tests {
             edges.len() as i64,
             lmax as i64,
             i64::from(helpers.is_some()),
+            i64::from(two_pass),
         ];
         let mut input = bytes_of(&header);
         input.extend(bytes_of(&ev));
@@ -283,7 +285,11 @@ mod tests {
             input.extend(bytes_of(h));
         }
         input.extend(bytes_of(&j));
-        let tag = format!("{}-{lmax}-{}", T::DTYPE.as_str(), helpers.is_some());
+        let tag = format!(
+            "{}-{lmax}-{}-{two_pass}",
+            T::DTYPE.as_str(),
+            helpers.is_some()
+        );
         let bytes = driver.run(&tag, &input);
         let (blocks, bad) = bytes.split_at(bytes.len() - 4);
         let bad = i32::from_le_bytes(bad.try_into().expect("4 bytes"));
@@ -293,9 +299,10 @@ mod tests {
         )
     }
 
-    /// The CUDA edge Wigner-D kernels, run on the host, give the CPU's blocks for zero-roll and
-    /// helper frames, awkward edges included (f64 to 1e-12, f32 inputs to 1e-5 of the largest
-    /// entry), and report the first degenerate edge as the CPU does.
+    /// The CUDA edge Wigner-D kernels, run on the host in both launch shapes (one block per
+    /// edge; two passes), give the CPU's blocks for zero-roll and helper frames, awkward edges
+    /// included (f64 to 1e-12, f32 inputs to 1e-5 of the largest entry), and report the first
+    /// degenerate edge as the CPU does.
     #[test]
     fn cuda_wigner_kernels_match_the_cpu_on_the_host() -> Result<()> {
         let Some(driver) = crate::host_kernels::driver("wigner_main") else {
@@ -305,42 +312,49 @@ mod tests {
         let n = edges.len();
         let helpers = random_normals(3 * n, 17);
         let h = Tensor::from_vec(helpers.clone(), (n, 3), &Device::Cpu)?;
-        for lmax in [0, 1, 4, 6] {
-            for with_helpers in [false, true] {
-                let roll = if with_helpers {
-                    Roll::Helpers(&h)
-                } else {
-                    Roll::Zero
-                };
-                let hv = with_helpers.then_some(&helpers[..]);
-                let want64: Vec<f64> = edge_wigner(&edges_tensor(&edges), lmax, &roll)?
-                    .blocks()
-                    .flatten_all()?
-                    .to_vec1()?;
-                let (got64, bad64) = host_wigner::<f64>(driver, &edges, hv, lmax);
-                assert_eq!(
-                    bad64, n,
-                    "lmax {lmax} helpers {with_helpers}: no degenerate edge"
-                );
-                assert_close_slice(&got64, &want64, 1e-12);
-                let e32: Vec<[f64; 3]> = edges
-                    .iter()
-                    .map(|e| e.map(|v| f64::from(v as f32)))
-                    .collect();
-                let want32: Vec<f64> = edge_wigner(&edges_tensor(&e32), lmax, &roll)?
-                    .blocks()
-                    .flatten_all()?
-                    .to_vec1()?;
-                let (got32, _) = host_wigner::<f32>(driver, &edges, hv, lmax);
-                assert_close_slice(&got32, &want32, 1e-5);
+        for two_pass in [false, true] {
+            for lmax in [0, 1, 4, 6] {
+                for with_helpers in [false, true] {
+                    let roll = if with_helpers {
+                        Roll::Helpers(&h)
+                    } else {
+                        Roll::Zero
+                    };
+                    let hv = with_helpers.then_some(&helpers[..]);
+                    let want64: Vec<f64> = edge_wigner(&edges_tensor(&edges), lmax, &roll)?
+                        .blocks()
+                        .flatten_all()?
+                        .to_vec1()?;
+                    let (got64, bad64) = host_wigner::<f64>(driver, &edges, hv, lmax, two_pass);
+                    assert_eq!(
+                        bad64, n,
+                        "lmax {lmax} helpers {with_helpers} two-pass {two_pass}: no degenerate edge"
+                    );
+                    assert_close_slice(&got64, &want64, 1e-12);
+                    let e32: Vec<[f64; 3]> = edges
+                        .iter()
+                        .map(|e| e.map(|v| f64::from(v as f32)))
+                        .collect();
+                    let want32: Vec<f64> = edge_wigner(&edges_tensor(&e32), lmax, &roll)?
+                        .blocks()
+                        .flatten_all()?
+                        .to_vec1()?;
+                    let (got32, _) = host_wigner::<f32>(driver, &edges, hv, lmax, two_pass);
+                    assert_close_slice(&got32, &want32, 1e-5);
+                }
+            }
+            // A zero edge at 5 and a non-finite one at 9: the kernels report 5 and write zero
+            // blocks for both.
+            let mut broken = edges.clone();
+            broken[9] = [f64::NAN, 0.0, 1.0];
+            broken[5] = [0.0; 3];
+            let wlen = crate::wigner::blocks_len(2);
+            let (blocks, bad) = host_wigner::<f64>(driver, &broken, None, 2, two_pass);
+            assert_eq!(bad, 5, "two-pass {two_pass}");
+            for e in [5, 9] {
+                assert!(blocks[e * wlen..(e + 1) * wlen].iter().all(|&v| v == 0.0));
             }
         }
-        // A zero edge at 5 and a non-finite one at 9: the kernels report 5.
-        let mut broken = edges.clone();
-        broken[9] = [f64::NAN, 0.0, 1.0];
-        broken[5] = [0.0; 3];
-        let (_, bad) = host_wigner::<f64>(driver, &broken, None, 2);
-        assert_eq!(bad, 5);
         Ok(())
     }
 

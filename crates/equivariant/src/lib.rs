@@ -25,6 +25,7 @@ pub mod segment;
 pub mod sh;
 pub mod so2;
 mod so2_fused;
+pub mod switch;
 #[cfg(test)]
 pub(crate) mod testing;
 pub mod wigner;

@@ -390,7 +390,7 @@ impl EquivariantLayerNormArraySphericalHarmonics {
         let (LayerNormL0::Affine(ln), Some(w)) = (&self.norm_l0, &self.weight) else {
             return Ok(None);
         };
-        let device_ok = x.device().is_cpu() || (cfg!(feature = "cuda") && x.device().is_cuda());
+        let device_ok = x.device().is_cpu() || (x.device().is_cuda() && cuda_op_enabled());
         if !device_ok
             || !matches!(x.dtype(), DType::F32 | DType::F64)
             || crate::higher_order_gradients_requested()
@@ -992,6 +992,13 @@ impl So3LinearV2 {
         // The broadcast add also makes the output contiguous in `[N, K, C_out]` order.
         Ok(y.broadcast_add(&bias)?)
     }
+}
+
+/// Whether `layer_norm_sh` runs as one op on a CUDA device ([`crate::switch::LAYER_NORM_SH`],
+/// off by default until timed against the composed ops); always false without the `cuda`
+/// feature.
+fn cuda_op_enabled() -> bool {
+    cfg!(feature = "cuda") && crate::switch::LAYER_NORM_SH.enabled()
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
-use matscale_equivariant::cuda::set_fused_s2_activation;
+use matscale_equivariant::cuda::{FUSED_S2_ACTIVATION, LAYER_NORM_SH, WIGNER_TWO_PASS};
 use matscale_equivariant::frames::{edge_wigner, Roll};
 use matscale_equivariant::mapping::SphericalLayout;
 use matscale_equivariant::radial::GaussianSmearing;
@@ -165,40 +165,53 @@ fn edges(dtype: DType) -> candle_core::Result<Tensor> {
     Tensor::from_vec(v, (69, 3), &Device::Cpu)?.to_dtype(dtype)
 }
 
+/// Both launch shapes of the edge Wigner-D kernels (`cuda::WIGNER_TWO_PASS` off and on) give
+/// the CPU's blocks. Other tests of this binary build blocks while the switch flips; both paths
+/// agree with the CPU to the same tolerance, so they pass on either.
 #[test]
 fn wigner_blocks_match_cpu_for_every_roll() -> TestResult {
     let Some(dev) = gpu("wigner_blocks_match_cpu_for_every_roll") else {
         return Ok(());
     };
-    for dtype in [DType::F64, DType::F32] {
-        let e = edges(dtype)?;
-        let helpers = (random(&[69, 3], 8, DType::F64)? * 0.5)?;
-        for lmax in [0, 2, 6, 11] {
-            for (name, roll_cpu, roll_gpu) in [
-                ("zero", Roll::Zero, Roll::Zero),
-                ("random", Roll::Random { seed: 4 }, Roll::Random { seed: 4 }),
-                ("helpers", Roll::Helpers(&helpers), Roll::Helpers(&helpers)),
-            ] {
-                let cpu = edge_wigner(&e, lmax, &roll_cpu)?;
-                let gpu = edge_wigner(&e.to_device(&dev)?, lmax, &roll_gpu)?;
-                assert!(gpu.blocks().device().is_cuda());
-                assert_close(
-                    &format!("wigner lmax {lmax} roll {name}"),
-                    gpu.blocks(),
-                    cpu.blocks(),
-                )?;
+    let result = (|| -> TestResult {
+        for two_pass in [false, true] {
+            WIGNER_TWO_PASS.set(Some(two_pass));
+            for dtype in [DType::F64, DType::F32] {
+                let e = edges(dtype)?;
+                let helpers = (random(&[69, 3], 8, DType::F64)? * 0.5)?;
+                for lmax in [0, 2, 6, 11] {
+                    for (name, roll_cpu, roll_gpu) in [
+                        ("zero", Roll::Zero, Roll::Zero),
+                        ("random", Roll::Random { seed: 4 }, Roll::Random { seed: 4 }),
+                        ("helpers", Roll::Helpers(&helpers), Roll::Helpers(&helpers)),
+                    ] {
+                        let cpu = edge_wigner(&e, lmax, &roll_cpu)?;
+                        let gpu = edge_wigner(&e.to_device(&dev)?, lmax, &roll_gpu)?;
+                        assert!(gpu.blocks().device().is_cuda());
+                        assert_close(
+                            &format!("wigner lmax {lmax} roll {name} two-pass {two_pass}"),
+                            gpu.blocks(),
+                            cpu.blocks(),
+                        )?;
+                    }
+                }
+            }
+            // A zero edge is reported with its index, as on the CPU.
+            let mut v = values(&edges(DType::F64)?)?;
+            v[3 * 5..3 * 6].fill(0.0);
+            let bad = Tensor::from_vec(v, (69, 3), &dev)?;
+            match edge_wigner(&bad, 2, &Roll::Zero) {
+                Err(matscale_equivariant::error::EquivariantError::DegenerateEdge {
+                    index: 5,
+                    ..
+                }) => {}
+                other => panic!("two-pass {two_pass}: expected DegenerateEdge at 5, got {other:?}"),
             }
         }
-    }
-    // A zero edge is reported with its index, as on the CPU.
-    let mut v = values(&edges(DType::F64)?)?;
-    v[3 * 5..3 * 6].fill(0.0);
-    let bad = Tensor::from_vec(v, (69, 3), &dev)?;
-    match edge_wigner(&bad, 2, &Roll::Zero) {
-        Err(matscale_equivariant::error::EquivariantError::DegenerateEdge { index: 5, .. }) => {}
-        other => panic!("expected DegenerateEdge at 5, got {other:?}"),
-    }
-    Ok(())
+        Ok(())
+    })();
+    WIGNER_TWO_PASS.set(None);
+    result
 }
 
 #[test]
@@ -463,9 +476,11 @@ fn norm_act_ops_match_cpu_with_gradients() -> TestResult {
     Ok(())
 }
 
-/// EquiformerV2's `layer_norm_sh` (fused on both devices): values, the input gradient and
-/// every parameter gradient, for each normalisation, over more nodes than one warp handles in
-/// the backward pass and channels that are not a multiple of a warp.
+/// EquiformerV2's `layer_norm_sh` on the GPU, as one op (`cuda::LAYER_NORM_SH` on) and as
+/// composed candle ops (off), against the CPU's op: values, the input gradient and every
+/// parameter gradient, for each normalisation, over more nodes than one warp handles in the
+/// backward pass and channels that are not a multiple of a warp. (The only test of this binary
+/// that runs `layer_norm_sh`, so the process-wide switch is this test's alone.)
 #[test]
 fn layer_norm_sh_matches_cpu_with_gradients() -> TestResult {
     use matscale_equivariant::norms::{
@@ -489,42 +504,49 @@ fn layer_norm_sh_matches_cpu_with_gradients() -> TestResult {
             };
             let x = random(&[n, k, c], 61, dtype)?;
             let probe = random(&[n, k, c], 62, dtype)?;
-            let mut results = Vec::new();
-            for device in [Device::Cpu, dev.clone()] {
-                let build = |vb: VarBuilder| -> Result<(), Box<dyn std::error::Error>> {
-                    EquivariantLayerNormArraySphericalHarmonics::new(lmax, c, config, vb)?;
-                    Ok(())
-                };
-                let varmap = seeded_varmap(dtype, &device, build)?;
-                let vb = VarBuilder::from_varmap(&varmap, dtype, &device);
-                let norm = EquivariantLayerNormArraySphericalHarmonics::new(lmax, c, config, vb)?;
-                let xv = Var::from_tensor(&x.to_device(&device)?)?;
-                let out = norm.forward(xv.as_tensor())?;
-                let grads = (&out * &probe.to_device(&device)?)?.sum_all()?.backward()?;
-                let mut named = vec![
-                    ("out".to_string(), out.clone()),
-                    (
-                        "x".to_string(),
-                        grads.get(xv.as_tensor()).ok_or("no x gradient")?.clone(),
-                    ),
-                ];
-                let mut vars: Vec<(String, Var)> = varmap
-                    .data()
-                    .lock()
-                    .map_err(|e| e.to_string())?
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect();
-                vars.sort_by(|a, b| a.0.cmp(&b.0));
-                for (name, var) in vars {
-                    let g = grads.get(var.as_tensor()).ok_or("no parameter gradient")?;
-                    named.push((name, g.clone()));
+            for fused in [true, false] {
+                LAYER_NORM_SH.set(Some(fused));
+                let mut results = Vec::new();
+                for device in [Device::Cpu, dev.clone()] {
+                    let build = |vb: VarBuilder| -> Result<(), Box<dyn std::error::Error>> {
+                        EquivariantLayerNormArraySphericalHarmonics::new(lmax, c, config, vb)?;
+                        Ok(())
+                    };
+                    let varmap = seeded_varmap(dtype, &device, build)?;
+                    let vb = VarBuilder::from_varmap(&varmap, dtype, &device);
+                    let norm =
+                        EquivariantLayerNormArraySphericalHarmonics::new(lmax, c, config, vb)?;
+                    let xv = Var::from_tensor(&x.to_device(&device)?)?;
+                    let out = norm.forward(xv.as_tensor())?;
+                    let grads = (&out * &probe.to_device(&device)?)?.sum_all()?.backward()?;
+                    let mut named = vec![
+                        ("out".to_string(), out.clone()),
+                        (
+                            "x".to_string(),
+                            grads.get(xv.as_tensor()).ok_or("no x gradient")?.clone(),
+                        ),
+                    ];
+                    let mut vars: Vec<(String, Var)> = varmap
+                        .data()
+                        .lock()
+                        .map_err(|e| e.to_string())?
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect();
+                    vars.sort_by(|a, b| a.0.cmp(&b.0));
+                    for (name, var) in vars {
+                        let g = grads.get(var.as_tensor()).ok_or("no parameter gradient")?;
+                        named.push((name, g.clone()));
+                    }
+                    results.push(named);
                 }
-                results.push(named);
-            }
-            for ((name, cpu), (_, gpu)) in results[0].iter().zip(&results[1]) {
-                let what = format!("layer_norm_sh {normalization:?} {balanced} {dtype:?} {name}");
-                assert_close(&what, gpu, cpu)?;
+                LAYER_NORM_SH.set(None);
+                for ((name, cpu), (_, gpu)) in results[0].iter().zip(&results[1]) {
+                    let what = format!(
+                    "layer_norm_sh {normalization:?} {balanced} {dtype:?} {name} (CUDA op {fused})"
+                );
+                    assert_close(&what, gpu, cpu)?;
+                }
             }
         }
     }
@@ -549,7 +571,7 @@ fn s2_grid_ops_match_cpu_with_gradients() -> TestResult {
             // (the only test of this binary that runs S2 activations, so the process-wide
             // switch is this test's alone).
             for fused in [false, true] {
-                set_fused_s2_activation(Some(fused));
+                FUSED_S2_ACTIVATION.set(Some(fused));
                 let path = if fused { "fused" } else { "gemm" };
                 compare_with_grad(&format!("s2 activation ({path})"), &dev, &x, |t| {
                     Ok(grid.s2_activation(t)?)
@@ -567,7 +589,7 @@ fn s2_grid_ops_match_cpu_with_gradients() -> TestResult {
                     |t| Ok(grid.separable_s2_activation(t, &x.to_device(t.device())?)?),
                 )?;
             }
-            set_fused_s2_activation(None);
+            FUSED_S2_ACTIVATION.set(None);
         }
     }
     // EquiformerV2's attention grid as the model uses it: 18 × 18 points, coefficients in
@@ -577,11 +599,11 @@ fn s2_grid_ops_match_cpu_with_gradients() -> TestResult {
     for dtype in [DType::F64, DType::F32] {
         let x = random(&[37, grid.num_coefficients(), 130], 34, dtype)?;
         let scalars = random(&[37, 130], 35, dtype)?;
-        set_fused_s2_activation(Some(true));
+        FUSED_S2_ACTIVATION.set(Some(true));
         let result = compare_with_grad("separable s2 activation (m-major, fused)", &dev, &x, |t| {
             Ok(grid.separable_s2_activation(&scalars.to_device(t.device())?, t)?)
         });
-        set_fused_s2_activation(None);
+        FUSED_S2_ACTIVATION.set(None);
         result?;
     }
     Ok(())

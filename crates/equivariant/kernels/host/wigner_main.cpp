@@ -1,8 +1,10 @@
 // Driver of the host test of wigner.cu (src/frames.rs): reads one launch from argv[1], runs
-// `edge_wigner_tables` then `edge_wigner_entries` under emu.h, as src/cuda/wigner.rs launches
-// them, and writes the blocks and the first degenerate edge to argv[2].
+// it under emu.h as src/cuda/wigner.rs launches it — mode 0: `edge_wigner`, one block of 128
+// threads per edge (here at most three blocks, so that the edge-stride loop runs several
+// rounds); mode 1: `edge_wigner_tables` then `edge_wigner_entries` — and writes the blocks and
+// the first degenerate edge to argv[2].
 //
-// Input, little-endian: four i64 — bytes per float (4 or 8), edges, lmax, has_helpers — then
+// Input, little-endian: five i64 — bytes per float (4 or 8), edges, lmax, has_helpers, mode — then
 // edge_vec [E·3] as floats, helpers [E·3] as f64 (when has_helpers) and the J blocks
 // [wlen] as f64, wlen = Σ_{l ≤ lmax} (2l + 1)². Output: [E·wlen] floats, then one i32 (the
 // smallest degenerate edge index, E if none).
@@ -19,7 +21,7 @@ static unsigned blocks_for(long long total) {
 }
 
 template <typename T> static int run(const std::int64_t* h, const char* out_path) {
-    const long long edges = h[1], lmax = h[2], has = h[3];
+    const long long edges = h[1], lmax = h[2], has = h[3], mode = h[4];
     long long wlen = 0;
     for (long long l = 0; l <= lmax; ++l) wlen += (2 * l + 1) * (2 * l + 1);
     auto ev = read<T>((std::size_t)(3 * edges));
@@ -30,7 +32,13 @@ template <typename T> static int run(const std::int64_t* h, const char* out_path
     int bad = (int)edges;
     std::vector<T> out((std::size_t)(edges * wlen) + 1, T(-12345));
     const long long total = edges * wlen;
-    if constexpr (sizeof(T) == 4) {
+    if (mode == 0) {
+        // src/cuda/wigner.rs THREADS_PER_EDGE.
+        const unsigned grid = (unsigned)(edges < 3 ? (edges < 1 ? 1 : edges) : 3);
+        emu_launch(grid, 128, edge_wigner_impl<T>, edges, (int)lmax, (int)wlen,
+                   (const T*)ev.data(), (const double*)helpers.data(), (int)has,
+                   (const double*)j.data(), out.data(), &bad);
+    } else if constexpr (sizeof(T) == 4) {
         emu_launch(blocks_for(edges), 16, edge_wigner_tables_f32, edges, (int)lmax,
                    (const float*)ev.data(), (const double*)helpers.data(), (int)has, tables.data(),
                    ok.data(), &bad);
@@ -56,5 +64,5 @@ template <typename T> static int run(const std::int64_t* h, const char* out_path
 }
 
 int main(int argc, char** argv) {
-    return driver_main<4>(argc, argv, run<float>, run<double>);
+    return driver_main<5>(argc, argv, run<float>, run<double>);
 }

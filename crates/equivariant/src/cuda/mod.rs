@@ -20,7 +20,7 @@ pub(crate) mod sh;
 pub(crate) mod so2;
 pub mod wigner;
 
-pub use s2grid::set_fused_s2_activation;
+pub use crate::switch::{PathSwitch, FUSED_S2_ACTIVATION, LAYER_NORM_SH, WIGNER_TWO_PASS};
 
 pub use elementwise::{
     adamw_moments, adamw_multi, adamw_param, shifted_softplus, sum_squares_multi,

@@ -2,15 +2,12 @@
 //! matrices run as strided-batched cuBLAS GEMMs (the matrix shared by all rows, stride 0),
 //! SiLU and its derivative as elementwise kernels in between (`kernels/elementwise.cu`).
 //!
-//! With `MATSCALE_S2_FUSED=1` (or [`set_fused_s2_activation`]) the S2 activations and their
+//! With `MATSCALE_S2_FUSED=1` (or [`crate::switch::FUSED_S2_ACTIVATION`]) the S2 activations and their
 //! backward run instead as one kernel each on the grid matrices factored over β and α
 //! (`kernels/s2fused.cu`): one thread per (row, channel), the grid values kept in registers.
 //! Off by default until it has been measured against the GEMM path on a GPU; its arithmetic
 //! is tested on the host (`s2grid::tests::fused_cuda_s2_kernels_match_the_cpu_on_the_host`)
 //! and on the GPU by `tests/cuda.rs`.
-
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::OnceLock;
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
@@ -79,39 +76,11 @@ const FUSED_MAX_GROUPS: usize = 13;
 /// Shared memory a fused launch may use without opting in to more (48 KiB).
 const FUSED_SHARED_BYTES: usize = 48 * 1024;
 
-/// The S2 activation path chosen by [`set_fused_s2_activation`]: 0 unset (the environment
-/// decides), 1 the GEMM path, 2 the fused kernels.
-static FUSED_CHOICE: AtomicU8 = AtomicU8::new(0);
-
-/// Chooses the CUDA S2 activation path for this process: `Some(true)` the fused kernels
-/// (`kernels/s2fused.cu`) wherever they apply, `Some(false)` the batched GEMMs, `None` what
-/// `MATSCALE_S2_FUSED` says (`1`: fused; anything else or unset: GEMMs). Benchmarks and tests
-/// use it to run both paths in one process.
-pub fn set_fused_s2_activation(choice: Option<bool>) {
-    let v = match choice {
-        None => 0,
-        Some(false) => 1,
-        Some(true) => 2,
-    };
-    FUSED_CHOICE.store(v, Ordering::Relaxed);
-}
-
-/// Whether the fused S2 activation kernels are asked for ([`set_fused_s2_activation`]).
-fn fused_requested() -> bool {
-    static FROM_ENV: OnceLock<bool> = OnceLock::new();
-    match FUSED_CHOICE.load(Ordering::Relaxed) {
-        1 => false,
-        2 => true,
-        _ => *FROM_ENV
-            .get_or_init(|| std::env::var("MATSCALE_S2_FUSED").is_ok_and(|v| v.trim() == "1")),
-    }
-}
-
 /// A fused launch: its factors and threads per block (each thread keeps `columns` columns of
 /// `K` values in shared memory), or `None` when the fused kernels are off or do not apply
 /// (grid not separable, more than [`FUSED_MAX_GROUPS`] α profiles, columns too long).
 fn fused_plan<'a, T: GridFloat>(grid: &Grid<'a>, columns: usize) -> Option<(&'a Factored<T>, u32)> {
-    if !fused_requested() {
+    if !crate::switch::FUSED_S2_ACTIVATION.enabled() {
         return None;
     }
     let f = T::factored(grid)?;

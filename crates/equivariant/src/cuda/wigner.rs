@@ -7,16 +7,19 @@
 //! generator as the CPU path (three f64 per edge), so both paths give the same frames.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{CudaStorage, DType, Device, Layout, Shape, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::{kernel, launch_cfg, long, upload, view, CudaFloat, WIGNER};
+use super::{kernel, launch_cfg, long, upload, view, zeros, CudaFloat, WIGNER};
 use crate::error::{EquivariantError, Result};
 use crate::frames::Roll;
 use crate::wigner::{blocks_len, j_matrix, WignerBlocks, WIGNER_LMAX};
+
+/// Threads per edge of the one-block-per-edge kernel (`edge_wigner`).
+const THREADS_PER_EDGE: u32 = 128;
 
 /// The concatenated `J_l` blocks for `l ≤ lmax`, laid out like a Wigner row.
 fn j_blocks(lmax: usize) -> Result<Vec<f64>> {
@@ -37,48 +40,72 @@ fn launch<T: CudaFloat>(
     let dev = &edge.0.device;
     let ev = view::<T>(edge.0, edge.1, NAME)?;
     let wlen = blocks_len(lmax);
-    // SAFETY: the entries kernel writes every output (zeros for a degenerate edge).
-    let mut out = unsafe { super::uninit::<T>(dev, edges * wlen) }?;
+    let two_pass = crate::switch::WIGNER_TWO_PASS.enabled();
+    let mut out = if two_pass {
+        // SAFETY: the entries kernel writes every output (zeros for a degenerate edge).
+        unsafe { super::uninit::<T>(dev, edges * wlen) }?
+    } else {
+        zeros::<T>(dev, edges * wlen)?
+    };
     let sentinel = i32::try_from(edges).map_err(candle_core::Error::wrap)?;
     let mut bad = upload(dev, &[sentinel])?;
     if edges > 0 {
         let j = upload(dev, &j_blocks(lmax).map_err(candle_core::Error::wrap)?)?;
         let dummy = upload(dev, &[0.0f64])?;
         let hv = helpers.map(|h| view::<f64>(h.0, h.1, NAME)).transpose()?;
-        // SAFETY: the tables kernel writes every edge's flag, and the tables of every edge
-        // whose flag is set (the only ones the entries kernel reads).
-        let mut tables = unsafe { dev.alloc::<f64>(edges * 3 * (lmax + 1) * 2) }?;
-        let mut ok = unsafe { dev.alloc::<i32>(edges) }?;
         let (e, l, w, has) = (
             long(edges),
             lmax as i32,
             wlen as i32,
             i32::from(hv.is_some()),
         );
-        let func = kernel::<T>(dev, WIGNER, "edge_wigner_tables")?;
-        let mut b = func.builder();
-        b.arg(&e).arg(&l).arg(&ev);
-        match &hv {
-            Some(h) => b.arg(h),
-            None => b.arg(&dummy),
-        };
-        b.arg(&has).arg(&mut tables).arg(&mut ok).arg(&mut bad);
-        // SAFETY: edge_vec [edges, 3], helpers [edges, 3] f64 when present, tables
-        // [edges, 3, lmax + 1, 2], ok [edges], bad one int.
-        unsafe { b.launch(launch_cfg(edges)) }.w()?;
-        let total = edges * wlen;
-        let t = long(total);
-        let func = kernel::<T>(dev, WIGNER, "edge_wigner_entries")?;
-        let mut b = func.builder();
-        b.arg(&t)
-            .arg(&l)
-            .arg(&w)
-            .arg(&tables)
-            .arg(&ok)
-            .arg(&j)
-            .arg(&mut out);
-        // SAFETY: tables and ok as written above, J blocks_len(lmax), out [edges, wlen].
-        unsafe { b.launch(launch_cfg(total)) }.w()?;
+        if two_pass {
+            // SAFETY: the tables kernel writes every edge's flag, and the tables of every edge
+            // whose flag is set (the only ones the entries kernel reads).
+            let mut tables = unsafe { dev.alloc::<f64>(edges * 3 * (lmax + 1) * 2) }?;
+            let mut ok = unsafe { dev.alloc::<i32>(edges) }?;
+            let func = kernel::<T>(dev, WIGNER, "edge_wigner_tables")?;
+            let mut b = func.builder();
+            b.arg(&e).arg(&l).arg(&ev);
+            match &hv {
+                Some(h) => b.arg(h),
+                None => b.arg(&dummy),
+            };
+            b.arg(&has).arg(&mut tables).arg(&mut ok).arg(&mut bad);
+            // SAFETY: edge_vec [edges, 3], helpers [edges, 3] f64 when present, tables
+            // [edges, 3, lmax + 1, 2], ok [edges], bad one int.
+            unsafe { b.launch(launch_cfg(edges)) }.w()?;
+            let total = edges * wlen;
+            let t = long(total);
+            let func = kernel::<T>(dev, WIGNER, "edge_wigner_entries")?;
+            let mut b = func.builder();
+            b.arg(&t)
+                .arg(&l)
+                .arg(&w)
+                .arg(&tables)
+                .arg(&ok)
+                .arg(&j)
+                .arg(&mut out);
+            // SAFETY: tables and ok as written above, J blocks_len(lmax), out [edges, wlen].
+            unsafe { b.launch(launch_cfg(total)) }.w()?;
+        } else {
+            let func = kernel::<T>(dev, WIGNER, "edge_wigner")?;
+            let mut b = func.builder();
+            b.arg(&e).arg(&l).arg(&w).arg(&ev);
+            match &hv {
+                Some(h) => b.arg(h),
+                None => b.arg(&dummy),
+            };
+            b.arg(&has).arg(&j).arg(&mut out).arg(&mut bad);
+            let cfg = LaunchConfig {
+                grid_dim: (u32::try_from(edges.min(1 << 20)).expect("capped"), 1, 1),
+                block_dim: (THREADS_PER_EDGE, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: edge_vec [edges, 3], helpers [edges, 3] f64 when present, J
+            // blocks_len(lmax), out [edges, wlen], bad one int.
+            unsafe { b.launch(cfg) }.w()?;
+        }
     }
     let first_bad = dev.clone_dtoh(&bad)?[0];
     Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), first_bad))
