@@ -163,6 +163,28 @@ ab() {
             done
         done
     done
+    ab_summary "$out/ab.jsonl" | tee "$out/ab-summary.txt"
+}
+
+# One line per (config, phase, build): its best and median step over all rounds, and the
+# ratio of the first build's median to its own (> 1: faster than the first).
+ab_summary() {
+    python3 - "$1" <<'PY'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+groups = {}
+for r in rows:
+    key = (r["config"], r["phase"])
+    build = (r.get("stage", "") + " " + r.get("env", "")).strip()
+    groups.setdefault(key, {}).setdefault(build, []).extend(r["seconds"])
+for (config, phase), builds in groups.items():
+    first = None
+    for build, secs in builds.items():
+        med = statistics.median(secs)
+        first = first or med
+        print(f"{config:8} {phase:17} best {min(secs)*1e3:8.2f} ms  median {med*1e3:8.2f} ms"
+              f"  x{first/med:5.3f}  {build}")
+PY
 }
 
 # The kernel-path switches (crates/equivariant/src/cuda/switch.rs, each off by default until
