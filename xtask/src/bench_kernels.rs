@@ -425,6 +425,16 @@ fn bench_config(
         drop(Tensor::zeros((edges, trunc, c), DType::F32, &dev)?);
         Ok(())
     })?;
+    // The backward of the bench's loss `Σ y` alone, y of the rotation's output size: candle's
+    // bookkeeping (a zeroed gradient, the broadcast of the scalar's gradient added into it)
+    // that every "bwd" row above and below pays before the op's own backward runs. Modelled
+    // traffic: the zeroed tensor written, then read and the sum written.
+    let z = Var::from_tensor(&Tensor::zeros((edges, trunc, c), DType::F32, &dev)?)?;
+    let lz = loss(z.as_tensor())?;
+    b.record("loss_backward", "bwd", key, 3.0 * e * tr * cf * F32, 0.0, || {
+        lz.backward()?;
+        Ok(())
+    })?;
 
     // The fused rotate → SO(2) convolution → rotate back layer.
     let varmap = VarMap::new();
