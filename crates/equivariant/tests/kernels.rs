@@ -13,15 +13,22 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const MODULES: [(&str, &str); 7] = [
-    ("SH", "sh"),
-    ("ROTATE", "rotate"),
-    ("SEGMENT", "segment"),
-    ("ELEMENTWISE", "elementwise"),
-    ("WIGNER", "wigner"),
-    ("NORM", "norm"),
-    ("S2FUSED", "s2fused"),
-];
+/// `(module constant, file stem)` of every `kernels/*.cu`, as build.rs declares them.
+fn modules() -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = std::fs::read_dir(crate_dir().join("kernels"))
+        .expect("kernels folder")
+        .filter_map(|entry| {
+            let path = entry.expect("entry").path();
+            if path.extension()? != "cu" {
+                return None;
+            }
+            let stem = path.file_stem()?.to_str()?.to_string();
+            Some((stem.to_uppercase(), stem))
+        })
+        .collect();
+    out.sort();
+    out
+}
 
 fn crate_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -106,7 +113,8 @@ fn every_loaded_kernel_is_defined_in_its_module() {
     let loaded = loaded();
     assert!(loaded.len() >= 15, "found only {loaded:?} in src/cuda");
     for (module, name) in loaded {
-        let Some((_, file)) = MODULES.iter().find(|(c, _)| *c == module) else {
+        let modules = modules();
+        let Some((_, file)) = modules.iter().find(|(c, _)| *c == module) else {
             panic!("kernel {name:?} is loaded from unknown module {module:?}");
         };
         let source = std::fs::read_to_string(crate_dir().join(format!("kernels/{file}.cu")))
@@ -154,7 +162,9 @@ fn every_kernel_source_compiles_where_nvcc_exists() {
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into());
     let out_dir = std::env::temp_dir().join(format!("matscale-ptx-{}", std::process::id()));
     std::fs::create_dir_all(&out_dir).expect("temp dir");
-    for (_, file) in MODULES {
+    let modules = modules();
+    assert!(modules.len() >= 7, "found only {modules:?} in kernels/");
+    for (_, file) in modules {
         let src = crate_dir().join(format!("kernels/{file}.cu"));
         let ptx = out_dir.join(format!("{file}.ptx"));
         let output = Command::new(&nvcc)
