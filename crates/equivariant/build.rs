@@ -22,7 +22,8 @@ fn kernel_names() -> Vec<String> {
     names.sort();
     for name in &names {
         assert!(
-            name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
+            name.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
             "kernels/{name}.cu: kernel file names are lower case, digits and _"
         );
     }

@@ -431,10 +431,17 @@ fn bench_config(
     // traffic: the zeroed tensor written, then read and the sum written.
     let z = Var::from_tensor(&Tensor::zeros((edges, trunc, c), DType::F32, &dev)?)?;
     let lz = loss(z.as_tensor())?;
-    b.record("loss_backward", "bwd", key, 3.0 * e * tr * cf * F32, 0.0, || {
-        lz.backward()?;
-        Ok(())
-    })?;
+    b.record(
+        "loss_backward",
+        "bwd",
+        key,
+        3.0 * e * tr * cf * F32,
+        0.0,
+        || {
+            lz.backward()?;
+            Ok(())
+        },
+    )?;
 
     // The fused rotate → SO(2) convolution → rotate back layer.
     let varmap = VarMap::new();

@@ -284,6 +284,13 @@ fn chunk_rows(n: usize, g: usize, c: usize, elem: usize) -> usize {
     (bytes / (g * c * elem).max(1)).clamp(1, n.max(1))
 }
 
+/// `(first row, rows)` of each chunk of `rows` (the last one shorter) over `n` rows.
+fn row_chunks(n: usize, rows: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..n)
+        .step_by(rows.max(1))
+        .map(move |r0| (r0, rows.min(n - r0)))
+}
+
 fn act_forward_typed<T: GridFloat>(
     x: (&CudaStorage, &Layout),
     scalars: Option<(&CudaStorage, &Layout)>,
@@ -312,9 +319,7 @@ fn act_forward_typed<T: GridFloat>(
     }
     let skip = usize::from(scalars.is_some());
     let func = kernel::<T>(dev, ELEMENTWISE, "silu_inplace")?;
-    let mut r0 = 0;
-    while r0 < n {
-        let m = rows.min(n - r0);
+    for (r0, m) in row_chunks(n, rows) {
         batched(
             dev,
             &to,
@@ -346,7 +351,6 @@ fn act_forward_typed<T: GridFloat>(
             m,
             c,
         )?;
-        r0 += m;
     }
     if let Some(sc) = scalars {
         let sv = view::<T>(sc.0, sc.1, name)?;
@@ -408,9 +412,7 @@ fn act_backward_typed<T: GridFloat>(
     }
     let skip = usize::from(separable);
     let func = kernel::<T>(dev, ELEMENTWISE, "silu_backward_inplace")?;
-    let mut r0 = 0;
-    while r0 < n {
-        let m = rows.min(n - r0);
+    for (r0, m) in row_chunks(n, rows) {
         batched(
             dev,
             &to,
@@ -454,7 +456,6 @@ fn act_backward_typed<T: GridFloat>(
             m,
             c,
         )?;
-        r0 += m;
     }
     Ok(CudaStorage::wrap_cuda_slice(dx, dev.clone()))
 }
