@@ -351,7 +351,7 @@ mod tests {
         assert!((got - want).abs() <= 1e-12 * want, "{tag}: {got} vs {want}");
     }
 
-    /// One single-tensor launch of `elementwise_main` (modes 2–7) over `n` elements: header,
+    /// One single-tensor launch of `elementwise_main` (modes 2–8) over `n` elements: header,
     /// extra i64, floats.
     fn elementwise_run<T: crate::activation::Float + ToLe>(
         driver: &Driver,
@@ -472,6 +472,14 @@ mod tests {
             let err = max_relative_error(&what, &got, &want);
             assert!(err < tol, "{what}: error {err:e}");
         }
+        let got = floats_from(
+            &elementwise_run::<T>(driver, (8, x.len()), &[], &[&x]),
+            width,
+        );
+        let want: Vec<f64> = x.iter().map(|&v| Function::Silu.eval(0, v)).collect();
+        let what = format!("silu_inplace ({})", T::DTYPE.as_str());
+        let err = max_relative_error(&what, &got, &want);
+        assert!(err < tol, "{what}: error {err:e}");
         let smearing = crate::radial::GaussianSmearing::new(0.0, 6.0, 9, 2.0).expect("smearing");
         let d: Vec<f64> = round((0..13).map(|e| 0.47 * e as f64).collect());
         let k = smearing.num_output();
@@ -503,8 +511,8 @@ mod tests {
     }
 
     /// The activation kernel (SiLU, sigmoid, smooth leaky ReLU, orders 0–2), the S2 SiLU
-    /// backward step, the per-tensor sums of squares, shifted softplus, the Gaussian smearing
-    /// and `silu_rows` agree with the CPU functions.
+    /// forward and backward steps, the per-tensor sums of squares, shifted softplus, the
+    /// Gaussian smearing and `silu_rows` agree with the CPU functions.
     #[test]
     fn elementwise_kernels_match_the_cpu_on_the_host() {
         let Some(driver) = driver("elementwise_main") else {
@@ -530,5 +538,142 @@ mod tests {
         adamw_case::<f32>(driver, 11);
         sum_squares_case::<f64>(driver, 21);
         sum_squares_case::<f32>(driver, 21);
+    }
+
+    /// One launch of `rows_main` (header `[width, mode, edges]`, then i64 parameters, floats
+    /// and i32 tables in the order the driver reads them); its output as f64.
+    fn rows_run<T: crate::activation::Float + ToLe>(
+        driver: &Driver,
+        (mode, edges): (i64, usize),
+        ints: &[i64],
+        floats: &[&[f64]],
+        tables: &[&[i32]],
+    ) -> Vec<f64> {
+        let width = std::mem::size_of::<T>();
+        let mut input = bytes_of(&[width as i64, mode, edges as i64]);
+        input.extend(bytes_of(ints));
+        for f in floats {
+            let t: Vec<T> = f.iter().map(|&v| T::from_f64(v)).collect();
+            input.extend(bytes_of(&t));
+        }
+        for t in tables {
+            input.extend(bytes_of(t));
+        }
+        let tag = format!("rows-{mode}-{}-{ints:?}", T::DTYPE.as_str());
+        floats_from(&driver.run(&tag, &input), width)
+    }
+
+    fn row_kernel_cases<T: crate::activation::Float + ToLe>(driver: &Driver) {
+        let what = |k: &str| format!("{k} ({})", T::DTYPE.as_str());
+        let round =
+            |v: Vec<f64>| -> Vec<f64> { v.iter().map(|&x| T::from_f64(x).to_f64()).collect() };
+        let tol = if std::mem::size_of::<T>() == 4 {
+            1e-6
+        } else {
+            1e-15
+        };
+        let (e, c, trunc, nr) = (5usize, 7usize, 6usize, 4usize);
+        // The m-major slots of each radial row (as so2_fused.rs pairs ±m): rows 0 and 1 one
+        // slot, rows 2 and 3 two.
+        let rows: [i32; 6] = [0, 1, 2, 3, 2, 3];
+        let slots: [i32; 8] = [0, -1, 1, -1, 2, 4, 3, 5];
+        let src = round(crate::testing::random_normals(e * trunc * c, 41));
+        let g = round(crate::testing::random_normals(e * trunc * c, 42));
+        let rad = round(crate::testing::random_normals(e * nr * c, 43));
+        let dims = [c as i64, trunc as i64, nr as i64];
+
+        // radial_scale: dst[e, s, ch] = src[e, s, ch] · rad[e, rows[s], ch].
+        let got = rows_run::<T>(driver, (0, e), &dims, &[&src, &rad], &[&rows]);
+        let mut want = vec![0.0; e * trunc * c];
+        for ei in 0..e {
+            for (s, &r) in rows.iter().enumerate() {
+                for ch in 0..c {
+                    want[(ei * trunc + s) * c + ch] =
+                        src[(ei * trunc + s) * c + ch] * rad[(ei * nr + r as usize) * c + ch];
+                }
+            }
+        }
+        let err = max_relative_error(&what("radial_scale"), &got, &want);
+        assert!(err < tol, "radial_scale: error {err:e}");
+
+        // radial_backward: grad_rad[e, q, ch] = Σ_{s ∈ slots(q)} g x; gx = g · rad[e, q].
+        let got = rows_run::<T>(driver, (1, e), &dims, &[&g, &src, &rad], &[&slots]);
+        let mut want = vec![0.0; e * nr * c + e * trunc * c];
+        let (grad_rad, gx) = want.split_at_mut(e * nr * c);
+        for ei in 0..e {
+            for q in 0..nr {
+                for &s in slots[2 * q..2 * q + 2].iter().filter(|&&s| s >= 0) {
+                    for ch in 0..c {
+                        let at = (ei * trunc + s as usize) * c + ch;
+                        grad_rad[(ei * nr + q) * c + ch] += g[at] * src[at];
+                        gx[at] = g[at] * rad[(ei * nr + q) * c + ch];
+                    }
+                }
+            }
+        }
+        let err = max_relative_error(&what("radial_backward"), &got, &want);
+        assert!(err < 4.0 * tol, "radial_backward: error {err:e}");
+
+        // add_rows: dst[e, j] = a[e·rs + off1 + j] + a[e·rs + off2 + j].
+        let (n, off1, off2, rs) = (9usize, 3usize, 14usize, 25usize);
+        let a = round(crate::testing::random_normals(e * rs, 44));
+        let got = rows_run::<T>(
+            driver,
+            (2, e),
+            &[n as i64, off1 as i64, off2 as i64, rs as i64],
+            &[&a],
+            &[],
+        );
+        let want: Vec<f64> = (0..e)
+            .flat_map(|ei| (0..n).map(move |j| (ei, j)))
+            .map(|(ei, j)| a[ei * rs + off1 + j] + a[ei * rs + off2 + j])
+            .collect();
+        let err = max_relative_error(&what("add_rows"), &got, &want);
+        assert!(err < tol, "add_rows: error {err:e}");
+
+        // copy_rows and broadcast_rows write n values into each row of drs at doff, nothing
+        // else (the driver marks unwritten entries −12345).
+        let (soff, srs, doff, drs) = (2usize, 13usize, 5usize, 17usize);
+        let srcs = round(crate::testing::random_normals(e * srs, 45));
+        let bias = round(crate::testing::random_normals(n, 46));
+        let ints = [n, soff, srs, doff, drs].map(|v| v as i64);
+        for (mode, name) in [(3, "copy_rows"), (4, "broadcast_rows")] {
+            let got = if mode == 3 {
+                rows_run::<T>(driver, (3, e), &ints, &[&srcs], &[])
+            } else {
+                rows_run::<T>(driver, (4, e), &[ints[0], ints[3], ints[4]], &[&bias], &[])
+            };
+            let mut want = vec![-12345.0; e * drs];
+            for ei in 0..e {
+                for j in 0..n {
+                    want[ei * drs + doff + j] = if mode == 3 {
+                        srcs[ei * srs + soff + j]
+                    } else {
+                        bias[j]
+                    };
+                }
+            }
+            assert_eq!(got, want, "{}", what(name));
+        }
+
+        // fill.
+        let got = rows_run::<T>(driver, (5, 0), &[211], &[&[0.625]], &[]);
+        assert!(
+            got.len() == 211 && got.iter().all(|&v| v == 0.625),
+            "{}",
+            what("fill")
+        );
+    }
+
+    /// The small row kernels of `rotate.cu` that the fused SO(2) layer runs between its GEMMs
+    /// (radial scale and its backward, row sums, copies, bias broadcast, fill) do what their
+    /// comments say, written here as plain loops over (edge, row, channel).
+    #[test]
+    fn row_kernels_match_their_definitions_on_the_host() {
+        let Some(driver) = driver("rows_main") else {
+            return;
+        };
+        row_kernel_cases::<f64>(driver);
+        row_kernel_cases::<f32>(driver);
     }
 }

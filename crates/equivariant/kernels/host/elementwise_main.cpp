@@ -18,6 +18,7 @@
 // - 6 (`gaussian_smearing`, n = edges · K): K as i64, coeff, d [edges], μ [K]; output [n].
 // - 7 (`silu_rows`, n = rows · c): c and the row stride rs as i64, scalars [n]; output
 //   [rows · rs], the untouched entries 0.
+// - 8 (`silu_inplace`, one tensor): x [n]; output [n].
 // Launches use 64 threads per block (256 for the sums, which reduce over 256 shared slots)
 // and at most three blocks, so the grid-stride loops run several rounds and cross tensors.
 #include "emu.h"
@@ -80,6 +81,11 @@ template <typename T> static int run(const std::int64_t* h, const char* out_path
             emu_launch(grid, 64, silu_rows_impl<T>, n, (int)cr[0], (const T*)sc.data(), out.data(),
                        cr[1]);
             return write_output(out_path, out.data(), (std::size_t)(rows * cr[1]));
+        }
+        if (mode == 8) {
+            auto x = read<T>((std::size_t)n);
+            emu_launch(grid, 64, silu_inplace_impl<T>, n, x.data());
+            return write_output(out_path, x.data(), (std::size_t)n);
         }
         auto x = read<T>((std::size_t)n);
         std::vector<double> partial(64, -1.0);
