@@ -1091,8 +1091,9 @@ mod tests {
 
     /// The fused CUDA S2 activation kernels, run on the host, agree with the CPU activations
     /// (forward with and without the separable scalars, backward): EquiformerV2's attention
-    /// grid in the m-major order the model uses, and two more shapes; f64 to 1e-12 and f32 to
-    /// 1e-5 of the largest value.
+    /// grid in the m-major order the model uses, two more shapes, and one grid for each other
+    /// `J` the kernels are instantiated for (every odd J ≤ 13); f64 to 1e-12 and f32 to 1e-5
+    /// of the largest value.
     #[test]
     fn fused_cuda_s2_kernels_match_the_cpu_on_the_host() -> Result<()> {
         let Some(driver) = crate::host_kernels::driver("s2fused_main") else {
@@ -1103,10 +1104,16 @@ mod tests {
                 .permuted(&crate::mapping::SphericalLayout::new(4, 2)?.to_m())?,
             S2Grid::equiformer_v2(3, 3, Some(8))?,
             S2Grid::equiformer_v2(6, 4, Some(14))?,
+            // The other J = 2·mmax + 1 kernels, one small shape each.
+            S2Grid::equiformer_v2(2, 0, Some(6))?,
+            S2Grid::equiformer_v2(3, 1, Some(8))?,
+            S2Grid::equiformer_v2(6, 5, Some(14))?,
+            S2Grid::equiformer_v2(6, 6, Some(14))?,
         ];
         let mut seed = 40;
-        for grid in &grids {
-            for (n, c) in [(5, 7), (2, 33)] {
+        for (i, grid) in grids.iter().enumerate() {
+            let shapes: &[(usize, usize)] = if i < 3 { &[(5, 7), (2, 33)] } else { &[(3, 5)] };
+            for &(n, c) in shapes {
                 for backward in [false, true] {
                     for skip in [false, true] {
                         seed += 3;
