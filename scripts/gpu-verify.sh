@@ -309,6 +309,12 @@ PY
         timeout "${T_CHECK:-90}" "$bin/bin/equiformer-v2-bench" check --config tiny \
             --forces conservative --structures 2 --device cuda 2>&1 \
             | tee -a "$out/eqv2-check.log" || status=1
+        # The whole model again with every off-by-default kernel path on (SWITCHES).
+        echo "== eqV2-S on the GPU with $SWITCHES on" | tee -a "$out/eqv2-check.log"
+        local v all=()
+        for v in $SWITCHES; do all+=("$v=1"); done
+        env "${all[@]}" timeout "${T_CHECK:-90}" "$bin/bin/equiformer-v2-bench" check \
+            --config eqv2-s --device cuda 2>&1 | tee -a "$out/eqv2-check.log" || status=1
     fi
     if want bench; then
         echo "== bench kernels --device cuda, with the e3nn / PyTorch reference"
