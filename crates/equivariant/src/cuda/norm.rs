@@ -3,9 +3,9 @@
 //! then across warps in a fixed order (deterministic).
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaViewMut, PushKernelArg};
 use candle_core::cuda_backend::WrapErr;
-use candle_core::{CudaStorage, DType, Layout};
+use candle_core::{CudaDevice, CudaStorage, DType, Layout};
 
 use super::{int, kernel, launch_cfg, long, uninit, view, CudaFloat, NORM};
 use crate::activation::Function;
@@ -161,14 +161,26 @@ fn backward_typed<T: CudaFloat>(
         // partial warps × width; one warp per `rpw` rows.
         unsafe { l.launch(launch_cfg(warps * 32)) }.w()?;
     }
+    reduce_partials(dev, &partial, warps, &mut out.slice_mut(n..))?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}
+
+/// `ln_act_reduce`: `tail[j] = Σ_w partial[w · width + j]` in warp order (deterministic), the
+/// parameter gradients of both backward kernels; `width` is `tail`'s length.
+fn reduce_partials<T: CudaFloat>(
+    dev: &CudaDevice,
+    partial: &CudaSlice<T>,
+    warps: usize,
+    tail: &mut CudaViewMut<'_, T>,
+) -> candle_core::Result<()> {
+    let width = tail.len();
     let func = kernel::<T>(dev, NORM, "ln_act_reduce")?;
     let (wd, wp) = (long(width), long(warps));
-    let mut tail = out.slice_mut(n..);
     let mut l = func.builder();
-    l.arg(&wd).arg(&wp).arg(&partial).arg(&mut tail);
-    // SAFETY: partial holds warps × width, tail width values.
+    l.arg(&wd).arg(&wp).arg(partial).arg(tail);
+    // SAFETY: partial holds warps × width values, tail width.
     unsafe { l.launch(launch_cfg(width)) }.w()?;
-    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    Ok(())
 }
 
 /// `cuda_fwd` of the backward ops: (x, `∂out`, `[weight ‖ bias (‖ dot)]`) → the flat
@@ -204,13 +216,11 @@ pub(crate) struct NormSh<'a> {
 /// Nodes per warp of the `layer_norm_sh` backward.
 const NODES_PER_WARP: usize = 4;
 
+/// The device copies of `row_coef` and `weight_row`.
 fn sh_tables(
-    dev: &candle_core::CudaDevice,
+    dev: &CudaDevice,
     sh: NormSh<'_>,
-) -> candle_core::Result<(
-    candle_core::cuda_backend::cudarc::driver::CudaSlice<f64>,
-    candle_core::cuda_backend::cudarc::driver::CudaSlice<i32>,
-)> {
+) -> candle_core::Result<(CudaSlice<f64>, CudaSlice<i32>)> {
     let rows = sh
         .weight_row
         .iter()
@@ -324,13 +334,7 @@ fn sh_backward_typed<T: CudaFloat>(
         // K − 1 entries; one warp per `npw` nodes.
         unsafe { l.launch(launch_cfg(warps * 32)) }.w()?;
     }
-    let func = kernel::<T>(dev, NORM, "ln_act_reduce")?;
-    let (wd, wp) = (long(width), long(warps));
-    let mut tail = out.slice_mut(n..);
-    let mut l = func.builder();
-    l.arg(&wd).arg(&wp).arg(&partial).arg(&mut tail);
-    // SAFETY: partial holds warps × width, tail width values.
-    unsafe { l.launch(launch_cfg(width)) }.w()?;
+    reduce_partials(dev, &partial, warps, &mut out.slice_mut(n..))?;
     Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
 }
 
