@@ -651,7 +651,14 @@ impl FloatKernel<3> for LayerNormShBackward {
         &self,
         [(x, lx), (g, lg), (p, lp)]: [(&[T], &Layout); 3],
     ) -> candle_core::Result<Vec<T>> {
-        let dims = self.op.dims(lx, lp)?;
+        let dims = self.dims(lx, lg, lp)?;
+        Ok(self.op.backward(x, g, p, dims))
+    }
+}
+
+impl LayerNormShBackward {
+    /// `(K, C)` of the inputs, checking that `∂out` has `x`'s shape.
+    fn dims(&self, lx: &Layout, lg: &Layout, lp: &Layout) -> candle_core::Result<(usize, usize)> {
         if lg.shape() != lx.shape() {
             candle_core::bail!(
                 "layer-norm-sh-backward: gradient {:?} for x {:?}",
@@ -659,7 +666,7 @@ impl FloatKernel<3> for LayerNormShBackward {
                 lx.shape()
             );
         }
-        Ok(self.op.backward(x, g, p, dims))
+        self.op.dims(lx, lp)
     }
 }
 
@@ -692,14 +699,7 @@ impl candle_core::CustomOp3 for LayerNormShBackward {
         s3: &candle_core::CudaStorage,
         l3: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        let (k, c) = self.op.dims(l1, l3)?;
-        if l2.shape() != l1.shape() {
-            candle_core::bail!(
-                "layer-norm-sh-backward: gradient {:?} for x {:?}",
-                l2.shape(),
-                l1.shape()
-            );
-        }
+        let (k, c) = self.dims(l1, l2, l3)?;
         let out = crate::cuda::norm::sh_backward(
             [(s1, l1), (s2, l2), (s3, l3)],
             self.op.cuda_shape(k, c),
