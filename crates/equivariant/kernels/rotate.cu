@@ -118,6 +118,41 @@ MATSCALE_F32_F64(rotate_from_edge_k9, MATSCALE_ROTATE_PARAMS(float), MATSCALE_RO
 MATSCALE_F32_F64(rotate_from_edge_k13, MATSCALE_ROTATE_PARAMS(float), MATSCALE_ROTATE_PARAMS(double), MATSCALE_ROTATE_ARGS)
 MATSCALE_F32_F64(rotate_from_edge_k25, MATSCALE_ROTATE_PARAMS(float), MATSCALE_ROTATE_PARAMS(double), MATSCALE_ROTATE_ARGS)
 
+// The gradient of a rotation with respect to its blocks (so2.rs `BlockOuterOp`), one warp per
+// (edge e, block entry t): for entry (i, j) of block l,
+// out[e, t] = scale[l] Σ_ch a[e, slot(l² + i), ch] · b[e, l² + j, ch], 0 where the slot is −1
+// (|i − l| > mmax); a is m-major [E, trunc, c], b l-major [E, full, c].
+template <typename T>
+__device__ void block_outer_impl(long long total, int c, int trunc, int full, int wlen,
+                                 const T* __restrict__ a, const T* __restrict__ b,
+                                 const int* __restrict__ slot, const T* __restrict__ scale,
+                                 T* __restrict__ out) {
+    const int lane = threadIdx.x & 31;
+    MATSCALE_WARP_STRIDE(idx, total) {
+        const long long e = idx / wlen;
+        const int t = (int)(idx % wlen);
+        int l = 0;
+        while ((l + 1) * (2 * l + 1) * (2 * l + 3) / 3 <= t) ++l;
+        const int n = 2 * l + 1;
+        const int off = l * (2 * l - 1) * (2 * l + 1) / 3;
+        const int i = (t - off) / n, j = (t - off) % n;
+        const int s = slot[l * l + i];  // the same for the whole warp
+        T acc = T(0);
+        if (s >= 0) {
+            const T* ar = a + (e * trunc + s) * c;
+            const T* br = b + (e * full + l * l + j) * c;
+            for (int ch = lane; ch < c; ch += 32) acc += ar[ch] * br[ch];
+        }
+        acc = warp_sum(acc);
+        if (lane == 0) out[idx] = s >= 0 ? scale[l] * acc : T(0);
+    }
+}
+
+MATSCALE_F32_F64(block_outer,
+    (long long total, int c, int trunc, int full, int wlen, const float* a, const float* b, const int* slot, const float* scale, float* out),
+    (long long total, int c, int trunc, int full, int wlen, const double* a, const double* b, const int* slot, const double* scale, double* out),
+    (total, c, trunc, full, wlen, a, b, slot, scale, out))
+
 // dst[e, s, ch] = src[e, s, ch] · rad[e, rows[s], ch] (dst may be src).
 template <typename T>
 __device__ void radial_scale_impl(long long total, int c, int trunc, int num_rows, const T* src,

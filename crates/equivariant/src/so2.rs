@@ -257,12 +257,15 @@ impl Direction {
 
 /// Block-diagonal rotation between the l-major layout and the truncated m-major edge-frame
 /// layout. `rescale` multiplies block `l` by [`SphericalLayout::rotate_inv_rescale`].
-/// The adjoint of `(direction, rescale)` is `(direction.adjoint(), rescale)`.
+/// The adjoint of `(direction, rescale)` is `(direction.adjoint(), rescale)`. With
+/// `wigner_grad` the backward also returns the blocks' gradient ([`BlockOuterOp`]), and every
+/// op of the backward is itself differentiable in all its inputs, to any order.
 #[derive(Debug, Clone)]
 struct RotateOp {
     layout: SphericalLayout,
     direction: Direction,
     rescale: bool,
+    wigner_grad: bool,
 }
 
 /// Precomputed per-call tables of a [`RotateOp`].
@@ -803,7 +806,7 @@ impl CustomOp2 for RotateOp {
 
     fn bwd(
         &self,
-        _x: &Tensor,
+        x: &Tensor,
         wigner: &Tensor,
         _res: &Tensor,
         grad_res: &Tensor,
@@ -811,13 +814,162 @@ impl CustomOp2 for RotateOp {
         let adjoint = RotateOp {
             layout: self.layout,
             direction: self.direction.adjoint(),
+            ..*self
+        };
+        let g = grad_res.contiguous()?;
+        if !self.wigner_grad {
+            // With its own backward (the adjoint's adjoint), so gradients of gradients flow.
+            return Ok((Some(g.apply_op2(&wigner.detach(), adjoint)?), None));
+        }
+        let grad_x = g.apply_op2(wigner, adjoint)?;
+        // ∂L/∂D^l[i][j] = s_l Σ_c (m-major row of i)·(l-major row l² + j): the output
+        // gradient and the input to the edge frame, the input and the output gradient back.
+        let x = x.contiguous()?;
+        let (m_major, l_major) = match self.direction {
+            Direction::ToEdge => (&g, &x),
+            Direction::FromEdge => (&x, &g),
+        };
+        let outer = BlockOuterOp {
+            layout: self.layout,
             rescale: self.rescale,
         };
-        // With its own backward (the adjoint's adjoint), so gradients of gradients flow.
-        let grad = grad_res
+        Ok((Some(grad_x), Some(m_major.apply_op2(l_major, outer)?)))
+    }
+}
+
+/// `(a [E, n_trunc, C] m-major, b [E, (lmax+1)², C] l-major)` → `[E, wigner_len]`, block `l`
+/// entry `(i, j)` = `s_l Σ_c a[e, slot(l, i − l), c] · b[e, l² + j, c]` where `|i − l| ≤ mmax`,
+/// else 0 (`s_l` the rotate-inverse rescale when `rescale`): the gradient of a [`RotateOp`]
+/// with respect to its blocks. Bilinear, so its backward is two rotations by the cotangent
+/// blocks (`a`: to the edge frame of `b`; `b`: back from the edge frame of `a`), which are
+/// differentiable again.
+#[derive(Debug, Clone, Copy)]
+struct BlockOuterOp {
+    layout: SphericalLayout,
+    rescale: bool,
+}
+
+impl BlockOuterOp {
+    fn run<T: Float>(&self, a: &[T], b: &[T], edges: usize, c: usize) -> Vec<T> {
+        let plan = RotatePlan::<T>::new(self.layout, self.rescale);
+        let (full, trunc, wlen) = (plan.full, plan.trunc, plan.wigner_len);
+        let mut out = vec![T::ZERO; edges * wlen];
+        let per_task = edges_per_task(wlen * c, 1 << 14);
+        out.par_chunks_mut(per_task * wlen)
+            .enumerate()
+            .for_each(|(task, chunk)| {
+                for (k, row) in chunk.chunks_exact_mut(wlen).enumerate() {
+                    let e = task * per_task + k;
+                    let (ae, be) = (
+                        &a[e * trunc * c..(e + 1) * trunc * c],
+                        &b[e * full * c..(e + 1) * full * c],
+                    );
+                    for l in 0..=plan.lmax {
+                        let n = 2 * l + 1;
+                        let block = &mut row[block_offset(l)..block_offset(l) + n * n];
+                        let mm = l.min(plan.mmax);
+                        for i in l - mm..=l + mm {
+                            let s = plan.slot[l * l + i];
+                            let ar = &ae[s * c..(s + 1) * c];
+                            for (j, d) in block[i * n..(i + 1) * n].iter_mut().enumerate() {
+                                let br = &be[(l * l + j) * c..(l * l + j + 1) * c];
+                                let dot = ar
+                                    .iter()
+                                    .zip(br)
+                                    .fold(T::ZERO, |acc, (&p, &q)| p.mul_add(q, acc));
+                                *d = plan.scale[l] * dot;
+                            }
+                        }
+                    }
+                }
+            });
+        out
+    }
+}
+
+/// Inputs `(a, b)` of a [`BlockOuterOp`].
+impl FloatKernel<2> for BlockOuterOp {
+    fn run<T: Float>(
+        &self,
+        [(a, la), (b, _)]: [(&[T], &Layout); 2],
+    ) -> candle_core::Result<Vec<T>> {
+        let (edges, _, c) = la.shape().dims3()?;
+        Ok(self.run(a, b, edges, c))
+    }
+}
+
+impl CustomOp2 for BlockOuterOp {
+    fn name(&self) -> &'static str {
+        "matscale-rotate-block-outer"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let edges = self.check(l1, l2)?;
+        let out = run_float(self.name(), [(s1, l1), (s2, l2)], self)?;
+        Ok((out, Shape::from((edges, self.layout.wigner_len()))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let edges = self.check(l1, l2)?;
+        let out = crate::cuda::so2::block_outer(s1, l1, s2, l2, self.layout, self.rescale)?;
+        Ok((out, Shape::from((edges, self.layout.wigner_len()))))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let cot = grad_res.contiguous()?;
+        let rotation = |direction| RotateOp {
+            layout: self.layout,
+            direction,
+            rescale: self.rescale,
+            wigner_grad: true,
+        };
+        let grad_a = b
             .contiguous()?
-            .apply_op2(&wigner.detach(), adjoint)?;
-        Ok((Some(grad), None))
+            .apply_op2(&cot, rotation(Direction::ToEdge))?;
+        let grad_b = a
+            .contiguous()?
+            .apply_op2(&cot, rotation(Direction::FromEdge))?;
+        Ok((Some(grad_a), Some(grad_b)))
+    }
+}
+
+impl BlockOuterOp {
+    /// The number of edges, checking `a` is `[E, n_trunc, C]` and `b` `[E, (lmax+1)², C]`.
+    fn check(&self, la: &Layout, lb: &Layout) -> candle_core::Result<usize> {
+        let (ea, ta, ca) = la.shape().dims3()?;
+        let (eb, fb, cb) = lb.shape().dims3()?;
+        if ea != eb
+            || ca != cb
+            || ta != self.layout.num_truncated()
+            || fb != self.layout.num_coefficients()
+        {
+            candle_core::bail!(
+                "{}: inconsistent shapes {:?} and {:?}",
+                self.name(),
+                la.shape(),
+                lb.shape()
+            );
+        }
+        Ok(ea)
     }
 }
 
@@ -847,6 +999,7 @@ pub fn rotate(x: &Tensor, wigner: &WignerBlocks, layout: SphericalLayout) -> Res
         layout,
         direction: Direction::ToEdge,
         rescale: false,
+        wigner_grad: false,
     };
     Ok(x.contiguous()?
         .apply_op2(&wigner.blocks().detach().contiguous()?, op)?)
@@ -877,9 +1030,65 @@ pub fn rotate_inv(y: &Tensor, wigner: &WignerBlocks, layout: SphericalLayout) ->
         layout,
         direction: Direction::FromEdge,
         rescale: true,
+        wigner_grad: false,
     };
     Ok(y.contiguous()?
         .apply_op2(&wigner.blocks().detach().contiguous()?, op)?)
+}
+
+/// [`rotate`] differentiable with respect to the blocks too: `blocks` is `[E,
+/// layout.wigner_len()]` in [`WignerBlocks`]' layout, with its graph, and the gradient reaches
+/// that graph (e.g. [`crate::frames_diff::zero_roll_wigner`] of the edge vectors, for conservative
+/// forces), still block-diagonal (no dense per-edge matrices). Every op of its backward is
+/// differentiable again, in all its inputs, so gradients of gradients (training on
+/// `F = −∂E/∂r`) flow through it.
+///
+/// # Errors
+/// As [`rotate`].
+pub fn rotate_differentiable(
+    x: &Tensor,
+    blocks: &Tensor,
+    layout: SphericalLayout,
+) -> Result<Tensor> {
+    // The checks on a detached view; the op takes `blocks` with its graph.
+    let view = WignerBlocks::new(blocks.clone(), layout.lmax())?;
+    check_rotate_args(
+        x,
+        "x",
+        layout.num_coefficients(),
+        "(lmax+1)^2",
+        &view,
+        layout,
+    )?;
+    let op = RotateOp {
+        layout,
+        direction: Direction::ToEdge,
+        rescale: false,
+        wigner_grad: true,
+    };
+    Ok(x.contiguous()?.apply_op2(&blocks.contiguous()?, op)?)
+}
+
+/// [`rotate_inv`] differentiable with respect to the blocks too (see
+/// [`rotate_differentiable`]).
+///
+/// # Errors
+/// As [`rotate`].
+pub fn rotate_inv_differentiable(
+    y: &Tensor,
+    blocks: &Tensor,
+    layout: SphericalLayout,
+) -> Result<Tensor> {
+    // The checks on a detached view; the op takes `blocks` with its graph.
+    let view = WignerBlocks::new(blocks.clone(), layout.lmax())?;
+    check_rotate_args(y, "y", layout.num_truncated(), "n_truncated", &view, layout)?;
+    let op = RotateOp {
+        layout,
+        direction: Direction::FromEdge,
+        rescale: true,
+        wigner_grad: true,
+    };
+    Ok(y.contiguous()?.apply_op2(&blocks.contiguous()?, op)?)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1648,6 +1857,75 @@ mod tests {
         Ok(crate::host_kernels::max_relative_error(&tag, &got, &want))
     }
 
+    /// The CUDA `block_outer` kernel (a rotation's gradient with respect to its blocks), run on
+    /// the host, agrees with the CPU op with and without m truncation and the rescale, channel
+    /// counts below and above a warp; f64 to 1e-12 and f32 to 1e-5 of the largest value.
+    #[test]
+    fn cuda_block_outer_kernel_matches_the_cpu_on_the_host() -> TestResult {
+        use crate::host_kernels::{bytes_of, floats_from};
+        let Some(driver) = crate::host_kernels::driver("rotate_main") else {
+            return Ok(());
+        };
+        fn case<T: crate::activation::Float + crate::host_kernels::ToLe>(
+            driver: &crate::host_kernels::Driver,
+            layout: SphericalLayout,
+            (edges, c, rescale): (usize, usize, bool),
+        ) -> std::result::Result<f64, Box<dyn std::error::Error>> {
+            let (full, trunc) = (layout.num_coefficients(), layout.num_truncated());
+            let cast = |v: Vec<f64>| v.into_iter().map(T::from_f64).collect::<Vec<T>>();
+            let a = cast(random_normals(edges * trunc * c, 91));
+            let b = cast(random_normals(edges * full * c, 92));
+            let op = BlockOuterOp { layout, rescale };
+            let want: Vec<f64> = op
+                .run(&a, &b, edges, c)
+                .iter()
+                .map(|v| v.to_f64())
+                .collect();
+            let plan = RotatePlan::<T>::new(layout, rescale);
+            // `cuda/so2.rs` `RotateTables`: the m-major slot of each l-major index, −1 where
+            // the order is truncated.
+            let mut slot = vec![-1i32; full];
+            for (i, &(l, m)) in layout.m_major_degrees_orders().iter().enumerate() {
+                slot[l_major_index(l, m)] = i as i32;
+            }
+            let header = [
+                std::mem::size_of::<T>() as i64,
+                2,
+                edges as i64,
+                c as i64,
+                layout.lmax() as i64,
+                layout.mmax() as i64,
+                trunc as i64,
+                layout.wigner_len() as i64,
+                0,
+            ];
+            let mut input = bytes_of(&header);
+            input.extend(bytes_of(&a));
+            input.extend(bytes_of(&b));
+            input.extend(bytes_of(&slot));
+            input.extend(bytes_of(&plan.scale));
+            let tag = format!("outer-{}-{layout:?}-{c}-{rescale}", T::DTYPE.as_str());
+            let got = floats_from(&driver.run(&tag, &input), std::mem::size_of::<T>());
+            Ok(crate::host_kernels::max_relative_error(&tag, &got, &want))
+        }
+        for (lmax, mmax) in [(3, 1), (4, 4)] {
+            let layout = SphericalLayout::new(lmax, mmax)?;
+            for (c, rescale) in [(5, false), (40, true)] {
+                let e64 = case::<f64>(driver, layout, (3, c, rescale))?;
+                let e32 = case::<f32>(driver, layout, (3, c, rescale))?;
+                assert!(
+                    e64 < 1e-12,
+                    "lmax {lmax} mmax {mmax} c {c}: f64 error {e64:e}"
+                );
+                assert!(
+                    e32 < 1e-5,
+                    "lmax {lmax} mmax {mmax} c {c}: f32 error {e32:e}"
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// The CUDA rotation kernels, run on the host, agree with the CPU rotations both ways for
     /// every register tile (lmax 1 … 11) with and without m truncation, one and two channel
     /// tiles; f64 to 1e-12 and f32 to 1e-5 of the largest value.
@@ -2046,6 +2324,122 @@ mod tests {
         check_gradient(
             |y| rotate_inv(y, &wigner, layout).map_err(candle_core::Error::wrap),
             &y,
+            1e-6,
+        )?
+        .assert_within(1e-8);
+        Ok(())
+    }
+
+    /// The dense composition the differentiable rotations replace (as the EquiformerV2 model
+    /// built it before): the block-diagonal matrix of `w`'s blocks, its kept rows (to the
+    /// edge frame) or its rescaled transpose (back), applied by batched matmuls; candle
+    /// differentiates it to any order.
+    fn dense_rotation(
+        w: &Tensor,
+        v: &Tensor,
+        layout: SphericalLayout,
+        to_edge: bool,
+    ) -> candle_core::Result<Tensor> {
+        let e = w.dim(0)?;
+        let blocks: Vec<Tensor> = (0..=layout.lmax())
+            .map(|l| {
+                let n = 2 * l + 1;
+                w.narrow(1, block_offset(l), n * n)?.reshape((e, n, n))
+            })
+            .collect::<candle_core::Result<_>>()?;
+        let dense =
+            crate::frames_diff::block_diagonal(&blocks).map_err(candle_core::Error::wrap)?;
+        let kept: Vec<u32> = layout
+            .m_major_to_l_major()
+            .iter()
+            .map(|&i| i as u32)
+            .collect();
+        let kept = Tensor::from_vec(kept.clone(), kept.len(), w.device())?;
+        if to_edge {
+            return dense.index_select(&kept, 1)?.matmul(v);
+        }
+        let scale: Vec<f64> = (0..=layout.lmax())
+            .flat_map(|l| std::iter::repeat_n(layout.rotate_inv_rescale(l), 2 * l + 1))
+            .collect();
+        let scale = Tensor::from_vec(scale, (1, layout.num_coefficients(), 1), w.device())?;
+        dense
+            .transpose(1, 2)?
+            .contiguous()?
+            .index_select(&kept, 2)?
+            .broadcast_mul(&scale)?
+            .matmul(v)
+    }
+
+    /// The rotations differentiable in their blocks agree with the dense composition (values,
+    /// the input's and the blocks' gradients), both directions, with truncated orders
+    /// (`mmax < lmax`) and fairchem's rescale; f64 to 1e-12. (Second derivatives:
+    /// `tests/higher_order.rs`, which needs candle's graph of the backward kept.)
+    #[test]
+    fn differentiable_rotations_match_the_dense_composition() -> TestResult {
+        use candle_core::Var;
+        let (edges, c) = (3, 4);
+        for (lmax, mmax) in [(3, 1), (2, 2)] {
+            let layout = SphericalLayout::new(lmax, mmax)?;
+            for to_edge in [true, false] {
+                let (rows_in, rows_out) = if to_edge {
+                    (layout.num_coefficients(), layout.num_truncated())
+                } else {
+                    (layout.num_truncated(), layout.num_coefficients())
+                };
+                let x = Var::from_tensor(&random_tensor(&[edges, rows_in, c], DType::F64, 61)?)?;
+                let w = Var::from_tensor(&random_tensor(
+                    &[edges, layout.wigner_len()],
+                    DType::F64,
+                    62,
+                )?)?;
+                let probe = random_tensor(&[edges, rows_out, c], DType::F64, 63)?;
+                let mut results = Vec::new();
+                for fused in [true, false] {
+                    let (xt, wt) = (x.as_tensor(), w.as_tensor());
+                    let out = match (fused, to_edge) {
+                        (true, true) => rotate_differentiable(xt, wt, layout)?,
+                        (true, false) => rotate_inv_differentiable(xt, wt, layout)?,
+                        (false, _) => dense_rotation(wt, xt, layout, to_edge)?,
+                    };
+                    let grads = (&out * &probe)?.sum_all()?.backward()?;
+                    let gx = grads.get(xt).expect("x gradient").clone();
+                    let gw = grads.get(wt).expect("blocks gradient").clone();
+                    results.push([out, gx, gw]);
+                }
+                for ((name, fused), dense) in ["output", "∂x", "∂blocks"]
+                    .iter()
+                    .zip(&results[0])
+                    .zip(&results[1])
+                {
+                    let err = (fused - dense)?.abs()?.max_all()?.to_scalar::<f64>()?;
+                    let size = dense.abs()?.max_all()?.to_scalar::<f64>()?;
+                    assert!(
+                        size > 1e-3 && err <= 1e-12 * size.max(1.0),
+                        "lmax {lmax} mmax {mmax} to_edge {to_edge}: {name} differs by {err:e}"
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The blocks' gradient of the differentiable rotations matches finite differences (f64).
+    #[test]
+    fn differentiable_rotation_block_gradients_match_finite_differences() -> TestResult {
+        let layout = SphericalLayout::new(3, 2)?;
+        let edges = 2;
+        let w = random_tensor(&[edges, layout.wigner_len()], DType::F64, 71)?;
+        let x = random_tensor(&[edges, 16, 3], DType::F64, 72)?;
+        let y = random_tensor(&[edges, layout.num_truncated(), 3], DType::F64, 73)?;
+        check_gradient(
+            |w| rotate_differentiable(&x, w, layout).map_err(candle_core::Error::wrap),
+            &w,
+            1e-6,
+        )?
+        .assert_within(1e-8);
+        check_gradient(
+            |w| rotate_inv_differentiable(&y, w, layout).map_err(candle_core::Error::wrap),
+            &w,
             1e-6,
         )?
         .assert_within(1e-8);

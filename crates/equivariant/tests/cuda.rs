@@ -250,6 +250,46 @@ fn rotations_match_cpu_with_gradients() -> TestResult {
 }
 
 /// Seeded parameters for a module built by `build` on `device` (same values on every device).
+/// The rotations differentiable in their blocks (conservative forces): values and the
+/// gradients of the input and of the blocks (`block_outer`) on the GPU against the CPU, both
+/// directions, channel counts below and above a warp.
+#[test]
+fn differentiable_rotations_match_cpu_with_block_gradients() -> TestResult {
+    use matscale_equivariant::so2::{rotate_differentiable, rotate_inv_differentiable};
+    let Some(dev) = gpu("differentiable_rotations_match_cpu_with_block_gradients") else {
+        return Ok(());
+    };
+    for dtype in [DType::F64, DType::F32] {
+        for (lmax, mmax, c) in [(4, 2, 8), (3, 3, 40), (6, 4, 3)] {
+            let layout = SphericalLayout::new(lmax, mmax)?;
+            let w = random(&[69, layout.wigner_len()], 8, dtype)?;
+            for to_edge in [true, false] {
+                let rows = if to_edge {
+                    layout.num_coefficients()
+                } else {
+                    layout.num_truncated()
+                };
+                let x = random(&[69, rows, c], 9, dtype)?;
+                let rot = |x: &Tensor, w: &Tensor| -> Result<Tensor, Box<dyn std::error::Error>> {
+                    Ok(if to_edge {
+                        rotate_differentiable(x, w, layout)?
+                    } else {
+                        rotate_inv_differentiable(x, w, layout)?
+                    })
+                };
+                let what = format!("differentiable rotation {lmax}/{mmax} c {c} to_edge {to_edge}");
+                compare_with_grad(&format!("{what} (x)"), &dev, &x, |t| {
+                    rot(t, &w.to_device(t.device())?)
+                })?;
+                compare_with_grad(&format!("{what} (blocks)"), &dev, &w, |t| {
+                    rot(&x.to_device(t.device())?, t)
+                })?;
+            }
+        }
+    }
+    Ok(())
+}
+
 fn seeded_varmap(
     dtype: DType,
     device: &Device,

@@ -237,3 +237,60 @@ fn differentiable_frames_have_second_derivatives() -> TestResult {
     assert!(err < 1e-6, "frames: {err:e}");
     Ok(())
 }
+
+/// The rotations differentiable in their blocks: the mixed second derivatives `∂²/∂x∂D` both
+/// ways and, through frames built from edge vectors (`zero_roll_wigner`), `∂²/∂r∂x` (what
+/// training on conservative forces differentiates), in both directions; and both mixed
+/// derivatives of a round trip into the frame, a square and back.
+#[test]
+fn differentiable_rotations_have_second_derivatives() -> TestResult {
+    use matscale_equivariant::so2::{rotate_differentiable, rotate_inv_differentiable};
+    enable();
+    let layout = SphericalLayout::new(3, 2)?;
+    let (edges, c) = (4, 3);
+    let len = layout.wigner_len();
+    let w = tensor(&[edges, len], 21);
+    let r = tensor(&[edges, 3], 22);
+    let flat = |r: &Tensor| -> Tensor {
+        let blocks = matscale_equivariant::frames_diff::zero_roll_wigner(r, 3).unwrap();
+        let flat: Vec<Tensor> = blocks.iter().map(|b| b.flatten_from(1).unwrap()).collect();
+        Tensor::cat(&flat, 1).unwrap()
+    };
+    for to_edge in [true, false] {
+        let rows = if to_edge {
+            layout.num_coefficients()
+        } else {
+            layout.num_truncated()
+        };
+        let x = tensor(&[edges, rows, c], 23);
+        let rot = |x: &Tensor, w: &Tensor| -> Tensor {
+            if to_edge {
+                rotate_differentiable(x, w, layout).unwrap()
+            } else {
+                rotate_inv_differentiable(x, w, layout).unwrap()
+            }
+        };
+        let entries_x = [0, 5, rows * c + 2, edges * rows * c - 1];
+        let entries_w = [0, 4, len + 10, edges * len - 1];
+        let what = |k: &str| format!("to_edge {to_edge}: {k}");
+        let err = check_second_derivative(|x, w| rot(x, w), &x, &w, &entries_w);
+        assert!(err < 1e-6, "{}: {err:e}", what("∂²/∂x∂D"));
+        let err = check_second_derivative(|w, x| rot(x, w), &w, &x, &entries_x);
+        assert!(err < 1e-6, "{}: {err:e}", what("∂²/∂D∂x"));
+        let err = check_second_derivative(|r, x| rot(x, &flat(r)), &r, &x, &entries_x);
+        assert!(err < 1e-6, "{}: {err:e}", what("∂²/∂r∂x"));
+        if to_edge {
+            // The round trip a message makes (into the frame, a nonlinearity, back).
+            let trip = |r: &Tensor, x: &Tensor| -> Tensor {
+                let d = flat(r);
+                let y = rotate_differentiable(x, &d, layout).unwrap();
+                rotate_inv_differentiable(&(&y * &y).unwrap(), &d, layout).unwrap()
+            };
+            let err = check_second_derivative(trip, &r, &x, &entries_x);
+            assert!(err < 1e-6, "{}: {err:e}", what("round trip ∂²/∂r∂x"));
+            let err = check_second_derivative(|x, r| trip(r, x), &x, &r, &[0, 4, 3 * edges - 1]);
+            assert!(err < 1e-6, "{}: {err:e}", what("round trip ∂²/∂x∂r"));
+        }
+    }
+    Ok(())
+}

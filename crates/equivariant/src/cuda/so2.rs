@@ -263,6 +263,75 @@ pub(crate) fn rotate(
     Ok((out, Shape::from((edges, rows_out, c))))
 }
 
+fn block_outer_typed<T: CudaFloat>(
+    a: (&CudaStorage, &Layout),
+    b: (&CudaStorage, &Layout),
+    layout: SphericalLayout,
+    rescale: bool,
+    (edges, c): (usize, usize),
+) -> candle_core::Result<CudaStorage> {
+    const NAME: &str = "matscale-rotate-block-outer";
+    let dev = &a.0.device;
+    let (av, bv) = (view::<T>(a.0, a.1, NAME)?, view::<T>(b.0, b.1, NAME)?);
+    let tables = RotateTables::<T>::new(dev, layout, rescale)?;
+    let wlen = layout.wigner_len();
+    let total = edges * wlen;
+    // SAFETY: one warp per output entry writes it.
+    let mut out = unsafe { super::uninit::<T>(dev, total) }?;
+    if total > 0 && c > 0 {
+        let func = kernel::<T>(dev, ROTATE, "block_outer")?;
+        let (t, ci, tr, fu, w) = (
+            long(total),
+            int(c, "channels")?,
+            int(layout.num_truncated(), "rows")?,
+            int(layout.num_coefficients(), "rows")?,
+            int(wlen, "block entries")?,
+        );
+        let mut l = func.builder();
+        l.arg(&t)
+            .arg(&ci)
+            .arg(&tr)
+            .arg(&fu)
+            .arg(&w)
+            .arg(&av)
+            .arg(&bv)
+            .arg(&tables.slot)
+            .arg(&tables.scale)
+            .arg(&mut out);
+        // SAFETY: a [edges, trunc, c], b [edges, full, c], slot (lmax+1)², scale lmax + 1,
+        // out [edges, wlen]; one warp per entry.
+        unsafe { l.launch(launch_cfg(total * 32)) }.w()?;
+    } else if total > 0 {
+        // No channels: every sum is empty.
+        out = zeros::<T>(dev, total)?;
+    }
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}
+
+/// `cuda_fwd` of `BlockOuterOp`: `(a [E, n_trunc, C] m-major, b [E, (lmax+1)², C] l-major)` →
+/// `[E, wigner_len]`, the gradient of a rotation with respect to its blocks.
+pub(crate) fn block_outer(
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+    layout: SphericalLayout,
+    rescale: bool,
+) -> candle_core::Result<CudaStorage> {
+    let (edges, _, c) = l1.shape().dims3()?;
+    match (s1.dtype(), s2.dtype()) {
+        (DType::F32, DType::F32) => {
+            block_outer_typed::<f32>((s1, l1), (s2, l2), layout, rescale, (edges, c))
+        }
+        (DType::F64, DType::F64) => {
+            block_outer_typed::<f64>((s1, l1), (s2, l2), layout, rescale, (edges, c))
+        }
+        _ => {
+            candle_core::bail!("matscale-rotate-block-outer: needs f32 or f64 inputs of one dtype")
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Fused SO(2) layer
 // ---------------------------------------------------------------------------------------------
