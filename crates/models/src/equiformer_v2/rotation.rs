@@ -3,15 +3,16 @@
 //! [`EdgeFrames::Detached`] holds fairchem's detached Wigner-D blocks, rotated by the fused
 //! kernels of [`matscale_equivariant::so2`] (direct forces: nothing differentiates the frames).
 //! [`EdgeFrames::Differentiable`] holds the blocks of
-//! [`matscale_equivariant::frames_diff::zero_roll_wigner`] as dense per-edge rotation matrices
-//! built from the edge vectors with plain candle ops, and rotates by batched matmuls, so that
-//! `−∂E/∂r` includes every path through the frames (conservative forces and stress). The
-//! blocks read the frames only through [`EdgeFrames`]' methods, which pick the path.
+//! [`matscale_equivariant::frames_diff::zero_roll_wigner`], built from the edge vectors with
+//! plain candle ops, and rotates with the same block-diagonal kernels in their form that is
+//! differentiable in the blocks ([`so2::rotate_differentiable`]), so that `−∂E/∂r` includes
+//! every path through the frames (conservative forces and stress) and training on those forces
+//! differentiates it again. The blocks read the frames only through [`EdgeFrames`]' methods,
+//! which pick the path.
 
-use candle_core::{Device, Tensor};
-use matscale_equivariant::frames_diff::{block_diagonal, zero_roll_wigner};
+use candle_core::Tensor;
+use matscale_equivariant::frames_diff::zero_roll_wigner;
 use matscale_equivariant::mapping::SphericalLayout;
-#[cfg(test)]
 use matscale_equivariant::so2;
 use matscale_equivariant::so2::So2Convolution;
 use matscale_equivariant::wigner::WignerBlocks;
@@ -23,14 +24,12 @@ use crate::error::Result;
 pub(crate) enum EdgeFrames {
     /// Detached blocks, fused rotations.
     Detached(WignerBlocks),
-    /// Differentiable rotation matrices.
+    /// Blocks with their graph back to the edge vectors.
     Differentiable {
-        /// The blocks `[E, blocks_len(lmax)]` with their graph.
-        flat: Tensor,
-        /// `[E, n_truncated, (lmax+1)²]`: l-major embedding → m-major edge-frame coefficients.
-        to_edge: Tensor,
-        /// `[E, (lmax+1)², n_truncated]`: back, with fairchem's `rotate_inv` rescale.
-        from_edge: Tensor,
+        /// The blocks `[E, blocks_len(lmax)]` ([`WignerBlocks`]' layout).
+        blocks: Tensor,
+        /// The layout the rotations map between.
+        layout: SphericalLayout,
     },
 }
 
@@ -38,8 +37,7 @@ impl EdgeFrames {
     /// Differentiable zero-roll frames of `edge_vectors` (`[E, 3]`, E ≥ 1, with their graph)
     /// for `layout`.
     pub(crate) fn differentiable(edge_vectors: &Tensor, layout: SphericalLayout) -> Result<Self> {
-        let lmax = layout.lmax();
-        let blocks = zero_roll_wigner(edge_vectors, lmax)?;
+        let blocks = zero_roll_wigner(edge_vectors, layout.lmax())?;
         let flat = Tensor::cat(
             &blocks
                 .iter()
@@ -47,41 +45,18 @@ impl EdgeFrames {
                 .collect::<candle_core::Result<Vec<_>>>()?,
             1,
         )?;
-        let dense = block_diagonal(&blocks)?;
-        let device = edge_vectors.device();
-        let kept = index(&layout.m_major_to_l_major(), device)?;
-        let to_edge = dense.index_select(&kept, 1)?.contiguous()?;
-        let scale: Vec<f64> = (0..=lmax)
-            .flat_map(|l| std::iter::repeat_n(layout.rotate_inv_rescale(l), 2 * l + 1))
-            .collect();
-        let scale = Tensor::from_vec(scale, (1, layout.num_coefficients(), 1), device)?
-            .to_dtype(edge_vectors.dtype())?;
-        let from_edge = dense
-            .transpose(1, 2)?
-            .contiguous()?
-            .index_select(&kept, 2)?
-            .broadcast_mul(&scale)?
-            .contiguous()?;
         Ok(Self::Differentiable {
-            flat,
-            to_edge,
-            from_edge,
+            blocks: flat,
+            layout,
         })
     }
-}
 
-fn index(values: &[usize], device: &Device) -> Result<Tensor> {
-    let v: Vec<u32> = values.iter().map(|&i| i as u32).collect();
-    Ok(Tensor::from_vec(v, values.len(), device)?)
-}
-
-impl EdgeFrames {
     /// The blocks `[E, blocks_len(lmax)]` (layout of [`WignerBlocks`]): detached, or with
     /// their graph back to the edge vectors.
     pub(crate) fn blocks(&self) -> &Tensor {
         match self {
             Self::Detached(blocks) => blocks.blocks(),
-            Self::Differentiable { flat, .. } => flat,
+            Self::Differentiable { blocks, .. } => blocks,
         }
     }
 
@@ -96,8 +71,8 @@ impl EdgeFrames {
     ) -> Result<(Tensor, Option<Tensor>)> {
         match self {
             Self::Detached(blocks) => Ok(conv.forward_rotate_in(x, blocks, radial)?),
-            Self::Differentiable { to_edge, .. } => {
-                Ok(conv.forward(&to_edge.matmul(&x.contiguous()?)?, radial)?)
+            Self::Differentiable { blocks, layout } => {
+                Ok(conv.forward(&so2::rotate_differentiable(x, blocks, *layout)?, radial)?)
             }
         }
     }
@@ -113,9 +88,12 @@ impl EdgeFrames {
     ) -> Result<(Tensor, Option<Tensor>)> {
         match self {
             Self::Detached(blocks) => Ok(conv.forward_rotate_out(y, blocks, radial)?),
-            Self::Differentiable { from_edge, .. } => {
+            Self::Differentiable { blocks, layout } => {
                 let (out, extra) = conv.forward(y, radial)?;
-                Ok((from_edge.matmul(&out.contiguous()?)?, extra))
+                Ok((
+                    so2::rotate_inv_differentiable(&out, blocks, *layout)?,
+                    extra,
+                ))
             }
         }
     }
@@ -125,7 +103,9 @@ impl EdgeFrames {
     fn rotate(&self, x: &Tensor, layout: SphericalLayout) -> Result<Tensor> {
         match self {
             Self::Detached(blocks) => Ok(so2::rotate(x, blocks, layout)?),
-            Self::Differentiable { to_edge, .. } => Ok(to_edge.matmul(&x.contiguous()?)?),
+            Self::Differentiable { blocks, .. } => {
+                Ok(so2::rotate_differentiable(x, blocks, layout)?)
+            }
         }
     }
 
@@ -134,7 +114,9 @@ impl EdgeFrames {
     fn rotate_inv(&self, y: &Tensor, layout: SphericalLayout) -> Result<Tensor> {
         match self {
             Self::Detached(blocks) => Ok(so2::rotate_inv(y, blocks, layout)?),
-            Self::Differentiable { from_edge, .. } => Ok(from_edge.matmul(&y.contiguous()?)?),
+            Self::Differentiable { blocks, .. } => {
+                Ok(so2::rotate_inv_differentiable(y, blocks, layout)?)
+            }
         }
     }
 }
@@ -142,7 +124,7 @@ impl EdgeFrames {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::DType;
+    use candle_core::{DType, Device};
     use matscale_equivariant::frames::{edge_wigner, Roll};
 
     fn host(t: &Tensor) -> Vec<f64> {
@@ -155,7 +137,7 @@ mod tests {
     }
 
     #[test]
-    fn composed_rotations_equal_the_fused_kernels() {
+    fn differentiable_frames_are_zero_roll_frames_and_rotate_as_the_detached_ones() {
         let v = [
             1.0f64, 2.0, -0.5, 0.3, -0.2, 2.2, -1.5, 0.4, 0.9, 2.0, 0.1, -0.3,
         ];
