@@ -68,9 +68,11 @@
 //! [`crate::AtomisticModel`] differentiates it. fairchem's frames are detached (its `−∂E/∂r`
 //! would miss the angular part), so here the edge frames are built differentiably from the
 //! edge vectors ([`matscale_equivariant::frames_diff::zero_roll_wigner`]: the zero-roll frame,
-//! with a second chart for edges within 45° of ±y) and messages are rotated by batched matmuls
-//! with those per-edge matrices (`rotation::EdgeFrames`); `frame_roll` is ignored. Forces and
-//! stress then equal finite differences of the energy to 1e-9 (f64).
+//! with a second chart for edges within 45° of ±y) and messages are rotated by the
+//! block-diagonal rotations differentiable in those blocks
+//! ([`matscale_equivariant::so2::rotate_differentiable`], through `rotation::EdgeFrames`);
+//! `frame_roll` is ignored. Forces and stress then equal finite differences of the energy to
+//! 1e-9 (f64).
 //!
 //! Training on conservative forces differentiates them again (weights ← forces ← energy).
 //! The fused CPU kernels have first-order backwards, so whenever higher-order gradients are
