@@ -987,22 +987,7 @@ impl BlockOuterOp {
 /// argument, [`EquivariantError::InvalidArgument`] if the blocks' `lmax` differs from the
 /// layout's; candle errors from the device.
 pub fn rotate(x: &Tensor, wigner: &WignerBlocks, layout: SphericalLayout) -> Result<Tensor> {
-    check_rotate_args(
-        x,
-        "x",
-        layout.num_coefficients(),
-        "(lmax+1)^2",
-        wigner,
-        layout,
-    )?;
-    let op = RotateOp {
-        layout,
-        direction: Direction::ToEdge,
-        rescale: false,
-        wigner_grad: false,
-    };
-    Ok(x.contiguous()?
-        .apply_op2(&wigner.blocks().detach().contiguous()?, op)?)
+    apply_rotation(x, wigner, None, layout, Direction::ToEdge)
 }
 
 /// Rotates m-major edge-frame coefficients back to l-major embeddings (fairchem's
@@ -1018,22 +1003,7 @@ pub fn rotate(x: &Tensor, wigner: &WignerBlocks, layout: SphericalLayout) -> Res
 /// # Errors
 /// As [`rotate`].
 pub fn rotate_inv(y: &Tensor, wigner: &WignerBlocks, layout: SphericalLayout) -> Result<Tensor> {
-    check_rotate_args(
-        y,
-        "y",
-        layout.num_truncated(),
-        "n_truncated",
-        wigner,
-        layout,
-    )?;
-    let op = RotateOp {
-        layout,
-        direction: Direction::FromEdge,
-        rescale: true,
-        wigner_grad: false,
-    };
-    Ok(y.contiguous()?
-        .apply_op2(&wigner.blocks().detach().contiguous()?, op)?)
+    apply_rotation(y, wigner, None, layout, Direction::FromEdge)
 }
 
 /// [`rotate`] differentiable with respect to the blocks too: `blocks` is `[E,
@@ -1052,21 +1022,7 @@ pub fn rotate_differentiable(
 ) -> Result<Tensor> {
     // The checks on a detached view; the op takes `blocks` with its graph.
     let view = WignerBlocks::new(blocks.clone(), layout.lmax())?;
-    check_rotate_args(
-        x,
-        "x",
-        layout.num_coefficients(),
-        "(lmax+1)^2",
-        &view,
-        layout,
-    )?;
-    let op = RotateOp {
-        layout,
-        direction: Direction::ToEdge,
-        rescale: false,
-        wigner_grad: true,
-    };
-    Ok(x.contiguous()?.apply_op2(&blocks.contiguous()?, op)?)
+    apply_rotation(x, &view, Some(blocks), layout, Direction::ToEdge)
 }
 
 /// [`rotate_inv`] differentiable with respect to the blocks too (see
@@ -1079,16 +1035,49 @@ pub fn rotate_inv_differentiable(
     blocks: &Tensor,
     layout: SphericalLayout,
 ) -> Result<Tensor> {
-    // The checks on a detached view; the op takes `blocks` with its graph.
     let view = WignerBlocks::new(blocks.clone(), layout.lmax())?;
-    check_rotate_args(y, "y", layout.num_truncated(), "n_truncated", &view, layout)?;
+    apply_rotation(y, &view, Some(blocks), layout, Direction::FromEdge)
+}
+
+/// The rotation `direction` of `v` by `wigner` (checked against `layout`): fairchem's rescale
+/// on the way back; differentiable in the blocks when `tracked` gives them with their graph
+/// (the same values as `wigner`'s), else they are detached.
+fn apply_rotation(
+    v: &Tensor,
+    wigner: &WignerBlocks,
+    tracked: Option<&Tensor>,
+    layout: SphericalLayout,
+    direction: Direction,
+) -> Result<Tensor> {
+    match direction {
+        Direction::ToEdge => check_rotate_args(
+            v,
+            "x",
+            layout.num_coefficients(),
+            "(lmax+1)^2",
+            wigner,
+            layout,
+        )?,
+        Direction::FromEdge => check_rotate_args(
+            v,
+            "y",
+            layout.num_truncated(),
+            "n_truncated",
+            wigner,
+            layout,
+        )?,
+    };
     let op = RotateOp {
         layout,
-        direction: Direction::FromEdge,
-        rescale: true,
-        wigner_grad: true,
+        direction,
+        rescale: direction == Direction::FromEdge,
+        wigner_grad: tracked.is_some(),
     };
-    Ok(y.contiguous()?.apply_op2(&blocks.contiguous()?, op)?)
+    let blocks = match tracked {
+        Some(b) => b.contiguous()?,
+        None => wigner.blocks().detach().contiguous()?,
+    };
+    Ok(v.contiguous()?.apply_op2(&blocks, op)?)
 }
 
 // ---------------------------------------------------------------------------------------------
