@@ -187,17 +187,17 @@ for (config, phase), builds in groups.items():
 PY
 }
 
-# The kernel-path switches (crates/equivariant/src/cuda/switch.rs, each off by default until
-# timed) A/B'd on one stage: the defaults, each switch alone, then all of them together,
-# through `ab` (AB_ROUNDS, AB_CONFIGS, AB_PHASES as there; AB_CONFIGS defaults to
-# "small eqv2-s" here). Keep SWITCHES in step with switch.rs `ALL`.
-SWITCHES="MATSCALE_S2_FUSED MATSCALE_WIGNER_TWO_PASS MATSCALE_LN_SH_CUDA"
+# The kernel-path switches (crates/equivariant/src/switch.rs) A/B'd on one stage: the
+# defaults, each switch flipped alone, then all of them on, through `ab` (AB_ROUNDS,
+# AB_CONFIGS, AB_PHASES as there; AB_CONFIGS defaults to "small eqv2-s" here). SWITCHES holds
+# `VARIABLE:default` (1 on, 0 off); keep it in step with switch.rs `ALL` (a unit test checks).
+SWITCHES="MATSCALE_S2_FUSED:1 MATSCALE_WIGNER_TWO_PASS:0 MATSCALE_LN_SH_CUDA:1"
 ab_switches() {
     local stages="$STAGE" envs="" all="" v
     for v in $SWITCHES; do
         stages="$stages,$STAGE"
-        envs="$envs,$v=1"
-        all="${all:+$all }$v=1"
+        envs="$envs,${v%%:*}=$((1 - ${v##*:}))"
+        all="${all:+$all }${v%%:*}=1"
     done
     AB_STAGES="$stages,$STAGE" AB_ENVS="$envs,$all" AB_CONFIGS="${AB_CONFIGS:-small eqv2-s}" ab "$@"
 }
@@ -310,9 +310,9 @@ PY
             --forces conservative --structures 2 --device cuda 2>&1 \
             | tee -a "$out/eqv2-check.log" || status=1
         # The whole model again with every off-by-default kernel path on (SWITCHES).
-        echo "== eqV2-S on the GPU with $SWITCHES on" | tee -a "$out/eqv2-check.log"
+        echo "== eqV2-S on the GPU with every switch on (defaults: $SWITCHES)" | tee -a "$out/eqv2-check.log"
         local v all=()
-        for v in $SWITCHES; do all+=("$v=1"); done
+        for v in $SWITCHES; do all+=("${v%%:*}=1"); done
         env "${all[@]}" timeout "${T_CHECK:-90}" "$bin/bin/equiformer-v2-bench" check \
             --config eqv2-s --device cuda 2>&1 | tee -a "$out/eqv2-check.log" || status=1
     fi
@@ -324,8 +324,9 @@ PY
     fi
     if want adamw || want bench; then
         echo "== AdamW step on the GPU: per-variable, in-place and multi-tensor (eqV2-S's 383 tensors)"
-        timeout 60 "$bin/bin/adamw-bench" --device cuda 2>&1 | tee "$out/adamw.log" || status=1
-        echo "== the same with the gradient norm as one launch too (MATSCALE_MULTI_TENSOR=1)"
+        MATSCALE_MULTI_TENSOR=0 timeout 60 "$bin/bin/adamw-bench" --device cuda 2>&1 \
+            | tee "$out/adamw.log" || status=1
+        echo "== the same with the gradient norm as one launch too (MATSCALE_MULTI_TENSOR=1, the default)"
         MATSCALE_MULTI_TENSOR=1 timeout 60 "$bin/bin/adamw-bench" --device cuda 2>&1 \
             | sed 's/"mode": "\([a-z_]*\)"/"mode": "\1+multi_norm"/' \
             | tee -a "$out/adamw.log" || status=1

@@ -670,6 +670,16 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         .with_context(|| format!("writing {}", path.display()))?;
     eprintln!("wrote {}", path.display());
     if args.reference {
+        // PyTorch runs in another process: give it the memory our pool keeps cached (on an
+        // H100 the reference ran out of memory beside 63 GB of cached buffers, session 19).
+        #[cfg(feature = "cuda")]
+        if let candle_core::Device::Cuda(dev) = &device {
+            if let Err(e) = matscale_equivariant::cuda::release_cached_memory(dev) {
+                eprintln!(
+                    "could not release the cached CUDA memory ({e}); the reference may run short"
+                );
+            }
+        }
         // From the current directory when it is a checkout (the GPU machine runs a carried
         // binary whose build-time workspace path does not exist there), else the workspace.
         const SCRIPT: &str = "crates/equivariant/benches/kernels_reference.py";

@@ -1,36 +1,43 @@
-//! Switches between two CUDA implementations of one op, for kernels that are correct (host
-//! emulation and `tests/cuda.rs` compare both paths with the CPU op) but whose speed has not
-//! yet been measured against the path they would replace. Each switch is off by default; its
-//! environment variable (`1` turns it on) lets `scripts/gpu-verify.sh ab-switches` time both
-//! paths of one build, and [`PathSwitch::set`] lets a benchmark or test run both in one
-//! process. They exist in every build (so a program can set them unconditionally) but change
+//! Switches between two CUDA implementations of one op, both correct (host emulation and
+//! `tests/cuda.rs` compare both paths with the CPU op), so that their speed can be compared in
+//! one build: the environment variable (`1` on, `0` off) lets `scripts/gpu-verify.sh
+//! ab-switches` time both paths, and [`PathSwitch::set`] lets a benchmark or test run both in
+//! one process. A new path starts off; once a GPU run shows it faster it becomes the default. They exist in every build (so a program can set them unconditionally) but change
 //! nothing without the `cuda` feature: the CPU kernels have one path each.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::OnceLock;
 
-/// One off-by-default choice of kernel path, read from the environment once per process
-/// unless a program overrides it.
+/// One choice of kernel path: its default, the environment variable that overrides it (read
+/// once per process), and a program's override of both.
 #[derive(Debug)]
 pub struct PathSwitch {
     env: &'static str,
+    default: bool,
     /// 0: the environment decides; 1: off; 2: on.
     choice: AtomicU8,
     from_env: OnceLock<bool>,
 }
 
 impl PathSwitch {
-    const fn new(env: &'static str) -> Self {
+    const fn new(env: &'static str, default: bool) -> Self {
         Self {
             env,
+            default,
             choice: AtomicU8::new(0),
             from_env: OnceLock::new(),
         }
     }
 
-    /// The environment variable that turns the path on (`1`; anything else, or unset: off).
+    /// The environment variable that chooses the path: `1` on, `0` off; unset or anything
+    /// else, the default.
     pub fn env_var(&self) -> &'static str {
         self.env
+    }
+
+    /// Whether the path is on when neither the environment nor the program chooses.
+    pub fn default_on(&self) -> bool {
+        self.default
     }
 
     /// Overrides the environment for this process: `Some(true)` on, `Some(false)` off, `None`
@@ -49,24 +56,33 @@ impl PathSwitch {
         match self.choice.load(Ordering::Relaxed) {
             1 => false,
             2 => true,
-            _ => *self
-                .from_env
-                .get_or_init(|| std::env::var(self.env).is_ok_and(|v| v.trim() == "1")),
+            _ => *self.from_env.get_or_init(|| {
+                match std::env::var(self.env).as_deref().map(str::trim) {
+                    Ok("1") => true,
+                    Ok("0") => false,
+                    _ => self.default,
+                }
+            }),
         }
     }
 }
 
 /// The fused S2 activation kernels (`kernels/s2fused.cu`) in place of the batched GEMMs,
-/// wherever they apply (separable grid, odd `2·mmax + 1 ≤ 13`): `MATSCALE_S2_FUSED`.
-pub static FUSED_S2_ACTIVATION: PathSwitch = PathSwitch::new("MATSCALE_S2_FUSED");
+/// wherever they apply (separable grid, odd `2·mmax + 1 ≤ 13`): on by default since session
+/// 19 (on an H100 1.4–3.2× faster than the GEMM path per op, eqV2-S's training step 1.10×);
+/// `MATSCALE_S2_FUSED=0` runs the GEMMs.
+pub static FUSED_S2_ACTIVATION: PathSwitch = PathSwitch::new("MATSCALE_S2_FUSED", true);
 
 /// The edge Wigner-D in two passes (one thread per edge for the angle tables, then one thread
-/// per entry) in place of one thread block per edge: `MATSCALE_WIGNER_TWO_PASS`.
-pub static WIGNER_TWO_PASS: PathSwitch = PathSwitch::new("MATSCALE_WIGNER_TWO_PASS");
+/// per entry) in place of one thread block per edge: off, `MATSCALE_WIGNER_TWO_PASS=1` turns
+/// it on. Timed on an H100 in session 19 it was no faster (3 % faster to 15 % slower per op,
+/// the same training step).
+pub static WIGNER_TWO_PASS: PathSwitch = PathSwitch::new("MATSCALE_WIGNER_TWO_PASS", false);
 
 /// EquiformerV2's `layer_norm_sh` as one CUDA op (`kernels/norm.cu` `ln_sh_*`) in place of
-/// the composed candle ops: `MATSCALE_LN_SH_CUDA`.
-pub static LAYER_NORM_SH: PathSwitch = PathSwitch::new("MATSCALE_LN_SH_CUDA");
+/// the composed candle ops: on by default since session 19 (eqV2-S's training step 1.05× on an
+/// H100); `MATSCALE_LN_SH_CUDA=0` composes it.
+pub static LAYER_NORM_SH: PathSwitch = PathSwitch::new("MATSCALE_LN_SH_CUDA", true);
 
 /// Every switch, for programs that report which paths they ran.
 pub static ALL: [&PathSwitch; 3] = [&FUSED_S2_ACTIVATION, &WIGNER_TWO_PASS, &LAYER_NORM_SH];
@@ -75,7 +91,8 @@ pub static ALL: [&PathSwitch; 3] = [&FUSED_S2_ACTIVATION, &WIGNER_TWO_PASS, &LAY
 mod tests {
     use super::*;
 
-    /// `scripts/gpu-verify.sh ab-switches` times every switch: its list must name each one.
+    /// `scripts/gpu-verify.sh ab-switches` times every switch: its list must name each one
+    /// with its default.
     #[test]
     fn the_gpu_ab_script_lists_every_switch() {
         let script = include_str!("../../../scripts/gpu-verify.sh");
@@ -83,21 +100,44 @@ mod tests {
             .lines()
             .find_map(|l| l.strip_prefix("SWITCHES=\""))
             .expect("a SWITCHES=\"...\" line in scripts/gpu-verify.sh");
-        let listed: Vec<&str> = line.trim_end_matches('"').split_whitespace().collect();
-        let ours: Vec<&str> = ALL.iter().map(|s| s.env_var()).collect();
+        let listed: Vec<String> = line
+            .trim_end_matches('"')
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect();
+        let ours: Vec<String> = ALL
+            .iter()
+            .map(|s| format!("{}:{}", s.env_var(), u8::from(s.default_on())))
+            .collect();
         assert_eq!(listed, ours);
     }
 
     #[test]
     fn an_override_wins_over_the_environment_and_none_returns_to_it() {
-        static S: PathSwitch = PathSwitch::new("MATSCALE_TEST_SWITCH_NEVER_SET");
-        assert!(!S.enabled(), "off when the variable is unset");
-        S.set(Some(true));
-        assert!(S.enabled());
-        S.set(Some(false));
-        assert!(!S.enabled());
-        S.set(None);
-        assert!(!S.enabled());
-        assert_eq!(S.env_var(), "MATSCALE_TEST_SWITCH_NEVER_SET");
+        for default in [false, true] {
+            let s = PathSwitch::new("MATSCALE_TEST_SWITCH_NEVER_SET", default);
+            assert_eq!(
+                s.enabled(),
+                default,
+                "the default when the variable is unset"
+            );
+            s.set(Some(!default));
+            assert_eq!(s.enabled(), !default);
+            s.set(Some(default));
+            assert_eq!(s.enabled(), default);
+            s.set(None);
+            assert_eq!(s.enabled(), default);
+            assert_eq!(s.env_var(), "MATSCALE_TEST_SWITCH_NEVER_SET");
+            assert_eq!(s.default_on(), default);
+        }
+    }
+
+    #[test]
+    fn the_variable_turns_a_path_on_and_off_whatever_its_default() {
+        // A variable that is not set anywhere else; set before the switch first reads it.
+        std::env::set_var("MATSCALE_TEST_SWITCH_OFF", "0");
+        std::env::set_var("MATSCALE_TEST_SWITCH_ON", " 1 ");
+        assert!(!PathSwitch::new("MATSCALE_TEST_SWITCH_OFF", true).enabled());
+        assert!(PathSwitch::new("MATSCALE_TEST_SWITCH_ON", false).enabled());
     }
 }

@@ -387,6 +387,21 @@ fn pool_attribute(
     .w()
 }
 
+/// Returns the freed memory that [`cache_freed_memory`] keeps in `device`'s pool to the system
+/// (after waiting for the device's queued work), for a program that hands the GPU to another
+/// process, as `bench kernels --reference` does to PyTorch. Memory still in use stays.
+///
+/// # Errors
+/// A driver error from synchronising or trimming the pool.
+pub fn release_cached_memory(device: &CudaDevice) -> candle_core::Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    device.cuda_stream().synchronize().w()?;
+    let pool = default_pool(device)?;
+    // SAFETY: `pool` is the device's live default pool; trimming to zero keeps every
+    // allocation that is still in use.
+    unsafe { sys::cuMemPoolTrimTo(pool, 0) }.result().w()
+}
+
 /// The most bytes in use at once in `device`'s default memory pool since
 /// [`reset_peak_pool_bytes`] (or since the pool was created): the peak of candle's tensors
 /// and matscale's kernel buffers, what `torch.cuda.max_memory_allocated` reports for PyTorch.
