@@ -995,8 +995,7 @@ impl So3LinearV2 {
 }
 
 /// Whether `layer_norm_sh` runs as one op on a CUDA device ([`crate::switch::LAYER_NORM_SH`],
-/// off by default until timed against the composed ops); always false without the `cuda`
-/// feature.
+/// on unless `MATSCALE_LN_SH_CUDA=0`); always false without the `cuda` feature.
 fn cuda_op_enabled() -> bool {
     cfg!(feature = "cuda") && crate::switch::LAYER_NORM_SH.enabled()
 }

@@ -1,6 +1,6 @@
 //! AdamW step time: per-variable, in-place and multi-tensor update (see
-//! `matscale_trainer::optim`; the multi-tensor one is the in-place one on the CPU, and with
-//! `MATSCALE_MULTI_TENSOR=1` every mode's gradient norm runs as one launch on a GPU).
+//! `matscale_trainer::optim`; the multi-tensor one is the in-place one on the CPU, and unless
+//! `MATSCALE_MULTI_TENSOR=0` every mode's gradient norm runs as one launch on a GPU).
 //!
 //! `cargo bench -p matscale-trainer --bench adamw [-- --device cpu|cuda] [--params N]
 //! [--tensors K] [--reps R]`: K variables (default 383, eqV2-S's count) holding N parameters

@@ -2,11 +2,11 @@
 //! matrices run as strided-batched cuBLAS GEMMs (the matrix shared by all rows, stride 0),
 //! SiLU and its derivative as elementwise kernels in between (`kernels/elementwise.cu`).
 //!
-//! With `MATSCALE_S2_FUSED=1` (or [`crate::switch::FUSED_S2_ACTIVATION`]) the S2 activations and their
-//! backward run instead as one kernel each on the grid matrices factored over β and α
-//! (`kernels/s2fused.cu`): one thread per (row, channel), the grid values kept in registers.
-//! Off by default until it has been measured against the GEMM path on a GPU; its arithmetic
-//! is tested on the host (`s2grid::tests::fused_cuda_s2_kernels_match_the_cpu_on_the_host`)
+//! By default ([`crate::switch::FUSED_S2_ACTIVATION`]; `MATSCALE_S2_FUSED=0` turns it off) the
+//! S2 activations and their backward run instead as one kernel each on the grid matrices
+//! factored over β and α (`kernels/s2fused.cu`): one thread per (row, channel), the grid
+//! values kept in registers; 1.4–3.2× faster than the GEMM path on an H100 (session 19). Its
+//! arithmetic is tested on the host (`s2grid::tests::fused_cuda_s2_kernels_match_the_cpu_on_the_host`)
 //! and on the GPU by `tests/cuda.rs`.
 
 use candle_core::backend::BackendStorage;
