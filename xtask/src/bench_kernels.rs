@@ -381,17 +381,9 @@ fn bench_config(
     if dev.is_cuda() {
         // Both CUDA launch shapes side by side: one thread block per edge ("edge_wigner") and
         // two passes, tables then entries ("edge_wigner_two_pass").
-        #[cfg(feature = "cuda")]
-        {
-            use matscale_equivariant::cuda::WIGNER_TWO_PASS;
-            WIGNER_TWO_PASS.set(Some(false));
-            let one = wigner_row(b, "edge_wigner");
-            WIGNER_TWO_PASS.set(Some(true));
-            let two = wigner_row(b, "edge_wigner_two_pass");
-            WIGNER_TWO_PASS.set(None);
-            one?;
-            two?;
-        }
+        use matscale_equivariant::switch::WIGNER_TWO_PASS;
+        WIGNER_TWO_PASS.with(false, || wigner_row(b, "edge_wigner"))?;
+        WIGNER_TWO_PASS.with(true, || wigner_row(b, "edge_wigner_two_pass"))?;
     } else {
         wigner_row(b, "edge_wigner")?;
     }
@@ -525,19 +517,15 @@ fn bench_config(
     if dev.is_cuda() {
         // Both CUDA paths side by side: the batched GEMMs with the dense matrices
         // ("s2_activation") and the fused kernels on the factored ones ("s2_activation_fused").
-        #[cfg(feature = "cuda")]
-        {
-            use matscale_equivariant::cuda::FUSED_S2_ACTIVATION;
-            FUSED_S2_ACTIVATION.set(Some(false));
-            let dense = (grid.num_points() * grid.num_coefficients()) as f64;
-            let gemm = bench_s2_activation(b, key, "s2_activation", &act, dense);
-            FUSED_S2_ACTIVATION.set(Some(true));
-            let factored = grid.cpu_transform_macs() as f64;
-            let fused = bench_s2_activation(b, key, "s2_activation_fused", &act, factored);
-            FUSED_S2_ACTIVATION.set(None);
-            gemm?;
-            fused?;
-        }
+        use matscale_equivariant::switch::FUSED_S2_ACTIVATION;
+        let dense = (grid.num_points() * grid.num_coefficients()) as f64;
+        FUSED_S2_ACTIVATION.with(false, || {
+            bench_s2_activation(b, key, "s2_activation", &act, dense)
+        })?;
+        let factored = grid.cpu_transform_macs() as f64;
+        FUSED_S2_ACTIVATION.with(true, || {
+            bench_s2_activation(b, key, "s2_activation_fused", &act, factored)
+        })?;
     } else {
         bench_s2_activation(
             b,

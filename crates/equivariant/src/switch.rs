@@ -51,6 +51,20 @@ impl PathSwitch {
         self.choice.store(v, Ordering::Relaxed);
     }
 
+    /// Runs `f` with the path set to `on` for this process, then hands the choice back to the
+    /// environment (also when `f` panics): how a benchmark or test runs both paths.
+    pub fn with<R>(&self, on: bool, f: impl FnOnce() -> R) -> R {
+        struct Restore<'a>(&'a PathSwitch);
+        impl Drop for Restore<'_> {
+            fn drop(&mut self) {
+                self.0.set(None);
+            }
+        }
+        self.set(Some(on));
+        let _restore = Restore(self);
+        f()
+    }
+
     /// Whether the path is on now.
     pub fn enabled(&self) -> bool {
         match self.choice.load(Ordering::Relaxed) {
@@ -127,6 +141,8 @@ mod tests {
             assert_eq!(s.enabled(), default);
             s.set(None);
             assert_eq!(s.enabled(), default);
+            assert_eq!(s.with(!default, || s.enabled()), !default);
+            assert_eq!(s.enabled(), default, "`with` hands the choice back");
             assert_eq!(s.env_var(), "MATSCALE_TEST_SWITCH_NEVER_SET");
             assert_eq!(s.default_on(), default);
         }

@@ -173,9 +173,8 @@ fn wigner_blocks_match_cpu_for_every_roll() -> TestResult {
     let Some(dev) = gpu("wigner_blocks_match_cpu_for_every_roll") else {
         return Ok(());
     };
-    let result = (|| -> TestResult {
-        for two_pass in [false, true] {
-            WIGNER_TWO_PASS.set(Some(two_pass));
+    for two_pass in [false, true] {
+        WIGNER_TWO_PASS.with(two_pass, || -> TestResult {
             for dtype in [DType::F64, DType::F32] {
                 let e = edges(dtype)?;
                 let helpers = (random(&[69, 3], 8, DType::F64)? * 0.5)?;
@@ -207,11 +206,10 @@ fn wigner_blocks_match_cpu_for_every_roll() -> TestResult {
                 }) => {}
                 other => panic!("two-pass {two_pass}: expected DegenerateEdge at 5, got {other:?}"),
             }
-        }
-        Ok(())
-    })();
-    WIGNER_TWO_PASS.set(None);
-    result
+            Ok(())
+        })?;
+    }
+    Ok(())
 }
 
 #[test]
@@ -545,42 +543,52 @@ fn layer_norm_sh_matches_cpu_with_gradients() -> TestResult {
             let x = random(&[n, k, c], 61, dtype)?;
             let probe = random(&[n, k, c], 62, dtype)?;
             for fused in [true, false] {
-                LAYER_NORM_SH.set(Some(fused));
-                let mut results = Vec::new();
-                for device in [Device::Cpu, dev.clone()] {
-                    let build = |vb: VarBuilder| -> Result<(), Box<dyn std::error::Error>> {
-                        EquivariantLayerNormArraySphericalHarmonics::new(lmax, c, config, vb)?;
-                        Ok(())
-                    };
-                    let varmap = seeded_varmap(dtype, &device, build)?;
-                    let vb = VarBuilder::from_varmap(&varmap, dtype, &device);
-                    let norm =
-                        EquivariantLayerNormArraySphericalHarmonics::new(lmax, c, config, vb)?;
-                    let xv = Var::from_tensor(&x.to_device(&device)?)?;
-                    let out = norm.forward(xv.as_tensor())?;
-                    let grads = (&out * &probe.to_device(&device)?)?.sum_all()?.backward()?;
-                    let mut named = vec![
-                        ("out".to_string(), out.clone()),
-                        (
-                            "x".to_string(),
-                            grads.get(xv.as_tensor()).ok_or("no x gradient")?.clone(),
-                        ),
-                    ];
-                    let mut vars: Vec<(String, Var)> = varmap
-                        .data()
-                        .lock()
-                        .map_err(|e| e.to_string())?
-                        .iter()
-                        .map(|(k, v)| (k.clone(), v.clone()))
-                        .collect();
-                    vars.sort_by(|a, b| a.0.cmp(&b.0));
-                    for (name, var) in vars {
-                        let g = grads.get(var.as_tensor()).ok_or("no parameter gradient")?;
-                        named.push((name, g.clone()));
-                    }
-                    results.push(named);
-                }
-                LAYER_NORM_SH.set(None);
+                type Named = Vec<(String, Tensor)>;
+                let results = LAYER_NORM_SH.with(
+                    fused,
+                    || -> Result<Vec<Named>, Box<dyn std::error::Error>> {
+                        let mut results = Vec::new();
+                        for device in [Device::Cpu, dev.clone()] {
+                            let build = |vb: VarBuilder| -> Result<(), Box<dyn std::error::Error>> {
+                                EquivariantLayerNormArraySphericalHarmonics::new(
+                                    lmax, c, config, vb,
+                                )?;
+                                Ok(())
+                            };
+                            let varmap = seeded_varmap(dtype, &device, build)?;
+                            let vb = VarBuilder::from_varmap(&varmap, dtype, &device);
+                            let norm = EquivariantLayerNormArraySphericalHarmonics::new(
+                                lmax, c, config, vb,
+                            )?;
+                            let xv = Var::from_tensor(&x.to_device(&device)?)?;
+                            let out = norm.forward(xv.as_tensor())?;
+                            let grads =
+                                (&out * &probe.to_device(&device)?)?.sum_all()?.backward()?;
+                            let mut named = vec![
+                                ("out".to_string(), out.clone()),
+                                (
+                                    "x".to_string(),
+                                    grads.get(xv.as_tensor()).ok_or("no x gradient")?.clone(),
+                                ),
+                            ];
+                            let mut vars: Vec<(String, Var)> = varmap
+                                .data()
+                                .lock()
+                                .map_err(|e| e.to_string())?
+                                .iter()
+                                .map(|(k, v)| (k.clone(), v.clone()))
+                                .collect();
+                            vars.sort_by(|a, b| a.0.cmp(&b.0));
+                            for (name, var) in vars {
+                                let g =
+                                    grads.get(var.as_tensor()).ok_or("no parameter gradient")?;
+                                named.push((name, g.clone()));
+                            }
+                            results.push(named);
+                        }
+                        Ok(results)
+                    },
+                )?;
                 for ((name, cpu), (_, gpu)) in results[0].iter().zip(&results[1]) {
                     let what = format!(
                     "layer_norm_sh {normalization:?} {balanced} {dtype:?} {name} (CUDA op {fused})"
@@ -611,25 +619,26 @@ fn s2_grid_ops_match_cpu_with_gradients() -> TestResult {
             // (the only test of this binary that runs S2 activations, so the process-wide
             // switch is this test's alone).
             for fused in [false, true] {
-                FUSED_S2_ACTIVATION.set(Some(fused));
                 let path = if fused { "fused" } else { "gemm" };
-                compare_with_grad(&format!("s2 activation ({path})"), &dev, &x, |t| {
-                    Ok(grid.s2_activation(t)?)
+                FUSED_S2_ACTIVATION.with(fused, || -> TestResult {
+                    compare_with_grad(&format!("s2 activation ({path})"), &dev, &x, |t| {
+                        Ok(grid.s2_activation(t)?)
+                    })?;
+                    compare_with_grad(
+                        &format!("separable s2 activation (x, {path})"),
+                        &dev,
+                        &x,
+                        |t| Ok(grid.separable_s2_activation(&scalars.to_device(t.device())?, t)?),
+                    )?;
+                    compare_with_grad(
+                        &format!("separable s2 activation (scalars, {path})"),
+                        &dev,
+                        &scalars,
+                        |t| Ok(grid.separable_s2_activation(t, &x.to_device(t.device())?)?),
+                    )?;
+                    Ok(())
                 })?;
-                compare_with_grad(
-                    &format!("separable s2 activation (x, {path})"),
-                    &dev,
-                    &x,
-                    |t| Ok(grid.separable_s2_activation(&scalars.to_device(t.device())?, t)?),
-                )?;
-                compare_with_grad(
-                    &format!("separable s2 activation (scalars, {path})"),
-                    &dev,
-                    &scalars,
-                    |t| Ok(grid.separable_s2_activation(t, &x.to_device(t.device())?)?),
-                )?;
             }
-            FUSED_S2_ACTIVATION.set(None);
         }
     }
     // EquiformerV2's attention grid as the model uses it: 18 × 18 points, coefficients in
@@ -639,12 +648,11 @@ fn s2_grid_ops_match_cpu_with_gradients() -> TestResult {
     for dtype in [DType::F64, DType::F32] {
         let x = random(&[37, grid.num_coefficients(), 130], 34, dtype)?;
         let scalars = random(&[37, 130], 35, dtype)?;
-        FUSED_S2_ACTIVATION.set(Some(true));
-        let result = compare_with_grad("separable s2 activation (m-major, fused)", &dev, &x, |t| {
-            Ok(grid.separable_s2_activation(&scalars.to_device(t.device())?, t)?)
-        });
-        FUSED_S2_ACTIVATION.set(None);
-        result?;
+        FUSED_S2_ACTIVATION.with(true, || {
+            compare_with_grad("separable s2 activation (m-major, fused)", &dev, &x, |t| {
+                Ok(grid.separable_s2_activation(&scalars.to_device(t.device())?, t)?)
+            })
+        })?;
     }
     Ok(())
 }
