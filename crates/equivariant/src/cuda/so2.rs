@@ -276,9 +276,9 @@ fn block_outer_typed<T: CudaFloat>(
     let tables = RotateTables::<T>::new(dev, layout, rescale)?;
     let wlen = layout.wigner_len();
     let total = edges * wlen;
-    // SAFETY: one warp per output entry writes it.
+    // SAFETY: one warp per output entry writes it (0 when there are no channels).
     let mut out = unsafe { super::uninit::<T>(dev, total) }?;
-    if total > 0 && c > 0 {
+    if total > 0 {
         let func = kernel::<T>(dev, ROTATE, "block_outer")?;
         let (t, ci, tr, fu, w) = (
             long(total),
@@ -301,9 +301,6 @@ fn block_outer_typed<T: CudaFloat>(
         // SAFETY: a [edges, trunc, c], b [edges, full, c], slot (lmax+1)², scale lmax + 1,
         // out [edges, wlen]; one warp per entry.
         unsafe { l.launch(launch_cfg(total * 32)) }.w()?;
-    } else if total > 0 {
-        // No channels: every sum is empty.
-        out = zeros::<T>(dev, total)?;
     }
     Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
 }

@@ -13,7 +13,7 @@ use candle_core::{CudaStorage, DType, Device, Layout, Shape, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::{kernel, launch_cfg, long, upload, view, zeros, CudaFloat, WIGNER};
+use super::{kernel, launch_cfg, long, upload, view, CudaFloat, WIGNER};
 use crate::error::{EquivariantError, Result};
 use crate::frames::Roll;
 use crate::wigner::{blocks_len, j_matrix, WignerBlocks, WIGNER_LMAX};
@@ -41,12 +41,10 @@ fn launch<T: CudaFloat>(
     let ev = view::<T>(edge.0, edge.1, NAME)?;
     let wlen = blocks_len(lmax);
     let two_pass = crate::switch::WIGNER_TWO_PASS.enabled();
-    let mut out = if two_pass {
-        // SAFETY: the entries kernel writes every output (zeros for a degenerate edge).
-        unsafe { super::uninit::<T>(dev, edges * wlen) }?
-    } else {
-        zeros::<T>(dev, edges * wlen)?
-    };
+    // SAFETY: either launch shape writes every output entry (zeros for a degenerate edge): the
+    // entries kernel one thread per entry, `edge_wigner` every entry of every edge of its
+    // edge-stride loop.
+    let mut out = unsafe { super::uninit::<T>(dev, edges * wlen) }?;
     let sentinel = i32::try_from(edges).map_err(candle_core::Error::wrap)?;
     let mut bad = upload(dev, &[sentinel])?;
     if edges > 0 {
