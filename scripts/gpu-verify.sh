@@ -8,7 +8,7 @@
 #   scripts/gpu-verify.sh ab [OUTDIR]    # there: matscale's EquiformerV2 step, staged builds
 #                                        # alternately (AB_STAGES; see `ab` below)
 #   scripts/gpu-verify.sh ab-switches [OUTDIR]  # there: the same for one stage with each
-#                                        # off-by-default kernel path turned on (`ab_switches`)
+#                                        # kernel-path switch flipped (`ab_switches`)
 #   scripts/gpu-verify.sh run [OUTDIR]   # there, from the repository root, with target/gpu-stage
 #                                        # carried: the CUDA kernel tests (every kernel against the
 #                                        # CPU, values and gradients), `bench kernels --device cuda`
@@ -192,14 +192,20 @@ PY
 # AB_CONFIGS, AB_PHASES as there; AB_CONFIGS defaults to "small eqv2-s" here). SWITCHES holds
 # `VARIABLE:default` (1 on, 0 off); keep it in step with switch.rs `ALL` (a unit test checks).
 SWITCHES="MATSCALE_S2_FUSED:1 MATSCALE_WIGNER_TWO_PASS:0 MATSCALE_LN_SH_CUDA:1"
+# `VARIABLE=1` for every switch, space-separated (an `env` prefix).
+all_switches_on() {
+    local v out=""
+    for v in $SWITCHES; do out="${out:+$out }${v%%:*}=1"; done
+    echo "$out"
+}
 ab_switches() {
-    local stages="$STAGE" envs="" all="" v
+    local stages="$STAGE" envs="" v
     for v in $SWITCHES; do
         stages="$stages,$STAGE"
         envs="$envs,${v%%:*}=$((1 - ${v##*:}))"
-        all="${all:+$all }${v%%:*}=1"
     done
-    AB_STAGES="$stages,$STAGE" AB_ENVS="$envs,$all" AB_CONFIGS="${AB_CONFIGS:-small eqv2-s}" ab "$@"
+    AB_STAGES="$stages,$STAGE" AB_ENVS="$envs,$(all_switches_on)" \
+        AB_CONFIGS="${AB_CONFIGS:-small eqv2-s}" ab "$@"
 }
 
 build() {
@@ -309,11 +315,10 @@ PY
         timeout "${T_CHECK:-90}" "$bin/bin/equiformer-v2-bench" check --config tiny \
             --forces conservative --structures 2 --device cuda 2>&1 \
             | tee -a "$out/eqv2-check.log" || status=1
-        # The whole model again with every off-by-default kernel path on (SWITCHES).
+        # The whole model again with every kernel-path switch on (SWITCHES).
         echo "== eqV2-S on the GPU with every switch on (defaults: $SWITCHES)" | tee -a "$out/eqv2-check.log"
-        local v all=()
-        for v in $SWITCHES; do all+=("${v%%:*}=1"); done
-        env "${all[@]}" timeout "${T_CHECK:-90}" "$bin/bin/equiformer-v2-bench" check \
+        # shellcheck disable=SC2046 # one word per VARIABLE=1
+        env $(all_switches_on) timeout "${T_CHECK:-90}" "$bin/bin/equiformer-v2-bench" check \
             --config eqv2-s --device cuda 2>&1 | tee -a "$out/eqv2-check.log" || status=1
     fi
     if want bench; then
